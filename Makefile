@@ -1,0 +1,43 @@
+# fracture-ops: `make demo` and `make test` are the README's two commands.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_ROOT ?= data/demo
+RUN_ID ?= demo
+export NO_ALBUMENTATIONS_UPDATE=1 GX_ANALYTICS_ENABLED=False MLFLOW_DISABLE_TELEMETRY=true \
+       HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+.PHONY: help install demo test lint bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# pinned install: constraints.txt holds the exact versions that work together (pip check clean)
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[all,dev]'
+	$(BIN)/pip check
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with all extras (pinned)
+
+demo: install  ## run the data steps end to end on the synthetic data set
+	@FRACTURE_OPS_ARTIFACT_ROOT=$(DEMO_ROOT)/artifacts FRACTURE_OPS_DEID_SECRET=$${FRACTURE_OPS_DEID_SECRET:-demo-secret-not-for-real-data} \
+	  $(BIN)/python -m fracture_ops.demo --root $(DEMO_ROOT) --run-id $(RUN_ID)
+
+test: install  ## run the whole test suite (unit, real data, integration)
+	$(BIN)/python -m pytest -q
+
+lint:  ## ruff
+	$(BIN)/ruff check fracture_ops dags tests benchmarks
+
+bench: install  ## run the benchmarks (prints ratios against their baselines)
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:  ## remove demo outputs (keeps .venv)
+	rm -rf $(DEMO_ROOT)

@@ -1,0 +1,89 @@
+"""``fracture-ops <step>``: one subcommand per pipeline step.
+
+The same command runs on a laptop, in tests, in the local runner and as a Kubernetes pod's command.
+Each subcommand lives in the module that implements the step, which exposes
+``configure_parser(parser)`` and ``run_cli(args) -> dict``; modules are imported only when their
+subcommand runs, so ``fracture-ops --help`` is fast.
+
+On success the step's small JSON summary is printed as the last line of stdout (and written to
+``$FRACTURE_OPS_XCOM_FILE`` when set, which is how pod runs hand it to Airflow).
+
+Exit codes: 0 success, 1 internal error (a retry may help), 2 bad command line or config,
+3 bad input data (fix the data; retrying will not help), 4 error budget exceeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+
+from fracture_ops import errors
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("fracture_ops.data.synthetic", "generate the synthetic radiograph data set"),
+    "ingest": ("fracture_ops.data.sources", "turn a data source layout into a canonical manifest"),
+    "validate": ("fracture_ops.data.validation", "validate a manifest and its images; quarantine bad rows"),
+    "deidentify": ("fracture_ops.data.deid", "de-identify DICOM (PS3.15 Annex E) in a folder or manifest"),
+    "split": ("fracture_ops.data.split", "patient-wise stratified train/val/test split"),
+}
+
+EPILOG = (
+    "exit codes: 0 ok, 1 internal error, 2 usage/config error, 3 bad input data, "
+    "4 error budget exceeded. Research and education only; not for clinical use."
+)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the parser; with ``only``, import and configure just that subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="fracture-ops",
+        description="Bone-fracture detection MLOps platform: one subcommand per pipeline step.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="<step>")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+        if name == only:
+            importlib.import_module(module).configure_parser(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fracture-ops`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return errors.EXIT_USAGE
+    from fracture_ops.cli_common import setup_logging
+
+    setup_logging(args.verbose)
+    log = logging.getLogger("fracture_ops.cli")
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        summary = module.run_cli(args)
+    except errors.FractureOpsError as exc:
+        log.error("%s failed: %s", args.command, exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    text = json.dumps(summary or {}, sort_keys=True, default=str)
+    xcom = os.environ.get("FRACTURE_OPS_XCOM_FILE")
+    if xcom:
+        os.makedirs(os.path.dirname(xcom) or ".", exist_ok=True)
+        with open(xcom, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    print(text)
+    return errors.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

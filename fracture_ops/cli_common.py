@@ -1,0 +1,60 @@
+"""Helpers shared by the CLI subcommands: common flags, config loading, logging, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Iterable, TypeVar
+
+from pydantic import BaseModel
+
+from fracture_ops.config import load_config
+
+C = TypeVar("C", bound=BaseModel)
+log = logging.getLogger("fracture_ops")
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config``, ``--set``, ``--run-id`` and ``--artifact-root`` to a step's parser."""
+    g = parser.add_argument_group("configuration")
+    g.add_argument("--config", metavar="YAML", help="config file (local path or s3://); its "
+                   "section named after the step is used when present")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field (repeatable), e.g. --set epochs=3")
+    g.add_argument("--run-id", help="run folder name under <artifact_root>/runs/ (default: manual)")
+    g.add_argument("--artifact-root", help="where outputs go (local folder or s3:// prefix; "
+                   "default $FRACTURE_OPS_ARTIFACT_ROOT or ./data/artifacts)")
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, **explicit) -> C:
+    """Build a step config: file < ``--set`` overrides < explicit flags (non-None only)."""
+    overrides = list(getattr(args, "overrides", []) or [])
+    extra = {k: v for k, v in explicit.items() if v is not None}
+    if getattr(args, "run_id", None):
+        extra["run_id"] = args.run_id
+    if getattr(args, "artifact_root", None):
+        extra["artifact_root"] = args.artifact_root
+    from fracture_ops.config import _deep_merge, parse_overrides
+
+    merged = _deep_merge(parse_overrides(overrides), extra)
+    return load_config(cls, getattr(args, "config", None), merged)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log to stderr with timestamps; stdout is kept for the step's JSON summary."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None):
+    """A tqdm progress bar on stderr; quiet when ``FRACTURE_OPS_NO_PROGRESS=1``."""
+    from tqdm.auto import tqdm
+
+    disable = os.environ.get("FRACTURE_OPS_NO_PROGRESS") == "1"
+    return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr,
+                mininterval=1.0, dynamic_ncols=True)

@@ -1,0 +1,115 @@
+"""Typed configuration for every step (pydantic), loaded as: defaults < YAML file < overrides.
+
+Overrides are ``key=value`` strings (from the CLI's ``--set`` or an Airflow trigger form); values
+are parsed as YAML scalars so ``epochs=3`` is an int and ``hflip=true`` a bool. Each step writes
+its resolved config beside its outputs (``config.resolved.yaml``) so a run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fracture_ops import storage
+from fracture_ops.errors import ConfigError
+
+DEFAULT_ARTIFACT_ROOT_ENV = "FRACTURE_OPS_ARTIFACT_ROOT"
+
+
+def default_artifact_root() -> str:
+    """``$FRACTURE_OPS_ARTIFACT_ROOT`` or ``./data/artifacts`` (the embedded default)."""
+    return os.environ.get(DEFAULT_ARTIFACT_ROOT_ENV, str(Path("data") / "artifacts"))
+
+
+class StepConfig(BaseModel):
+    """Fields every step shares. Unknown keys are errors, so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    artifact_root: str = ""
+    run_id: str = "manual"
+
+    def model_post_init(self, __context: Any) -> None:
+        if not self.artifact_root:
+            object.__setattr__(self, "artifact_root", default_artifact_root())
+
+    def output_dir(self, step: str) -> str:
+        """``<artifact_root>/runs/<run_id>/<step>``."""
+        return storage.step_dir(self.artifact_root, self.run_id, step)
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """Turn ``["a=1", "b.c=x"]`` into ``{"a": 1, "b": {"c": "x"}}``.
+
+    Raises:
+        ConfigError: an override is not of the form ``key=value``.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not of the form key=value")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _deep_merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_config(cls: type[C], path: str | None = None, overrides: Iterable[str] | dict = ()) -> C:
+    """Build a config of type ``cls`` from a YAML file and overrides.
+
+    Args:
+        cls: the step's config class.
+        path: optional YAML file (local or s3://); a ``<step>:`` section is used when present.
+        overrides: ``key=value`` strings or an already parsed dict; they win over the file.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys or invalid values (the message names the field).
+    """
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(storage.read_text(path)) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        section = getattr(cls, "section", None)
+        if section and isinstance(data.get(section), dict):
+            shared = {k: v for k, v in data.items() if k in ("artifact_root", "run_id")}
+            data = {**shared, **data[section]}
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    data = _deep_merge(data, extra)
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid {cls.__name__}: {problems}") from exc
+
+
+def write_resolved(cfg: BaseModel, folder: str) -> str:
+    """Write the resolved config as ``config.resolved.yaml`` in ``folder``."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True)
+    return storage.write_text(storage.join(folder, "config.resolved.yaml"), text)

@@ -1,0 +1,323 @@
+"""Data sources -> one canonical manifest (see :mod:`fracture_ops.data.manifest`).
+
+Adapters, one per layout; each returns ``(manifest, boxes, notes)`` and never writes:
+
+- ``csv``: a generic CSV manifest with the canonical column names (``image_uri`` may be relative
+  to the CSV's folder); an optional ``boxes.csv`` beside it with :data:`BOX_COLUMNS`.
+- ``folder``: ``<root>/<class>/**/<image>``; the class folder is the label. Patient ids come from
+  a regex over the file name when given, else each image is its own group.
+- ``fracatlas``: ``dataset.csv`` + ``images/{Fractured,Non_fractured}`` + ``Annotations/YOLO``.
+  FracAtlas has no patient ids: each image is its own group (said in the notes).
+- ``grazpedwri``: GRAZPEDWRI-DX ``dataset.csv`` (UTF-8 with BOM) + ``data/images/**`` +
+  ``data/labels/**`` YOLO boxes over 9 classes; patient id from the CSV or the file name.
+- ``mura``: ``.../XR_<REGION>/patientNNNNN/studyN_{positive,negative}/imageN.png``.
+  MURA labels abnormality (fractures, hardware, lesions...), not fracture: positives get the
+  label ``abnormal`` so nobody mistakes them for fracture labels.
+
+The ``ingest`` step runs an adapter and writes ``manifest.parquet``, ``boxes.parquet`` and
+``report.json`` under ``<artifact_root>/runs/<run_id>/ingest/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import re
+from pathlib import Path, PurePosixPath
+from typing import Callable, ClassVar, Literal
+
+import pandas as pd
+
+from fracture_ops import storage
+from fracture_ops.config import StepConfig, write_resolved
+from fracture_ops.data.manifest import BOX_COLUMNS, empty_boxes, manifest_hash, normalize_manifest
+from fracture_ops.errors import ManifestError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+GRAZ_CLASSES = ["boneanomaly", "bonelesion", "foreignbody", "fracture", "metal",
+                "periostealreaction", "pronatorsign", "softtissue", "text"]
+GRAZ_PROJECTIONS = {"1": "AP", "2": "LAT", "3": "OBL"}
+Adapter = Callable[..., tuple[pd.DataFrame, pd.DataFrame, list[str]]]
+
+
+def _read_csv(uri: str) -> pd.DataFrame:
+    # utf-8-sig: GRAZPEDWRI-DX's dataset.csv starts with a byte-order mark
+    return pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, encoding="utf-8-sig",
+                       keep_default_na=False)
+
+
+def _stem(uri: str) -> str:
+    return PurePosixPath(str(uri).replace("\\", "/")).stem
+
+
+def read_yolo_boxes(label_uri: str, image_uri: str, class_names: list[str], image_id: str) -> list[dict]:
+    """Read one YOLO label file (``cls cx cy w h`` normalised) into pixel boxes.
+
+    Raises:
+        ManifestError: a malformed line (names the file and line number).
+    """
+    from fracture_ops.data.images import read_image_size
+
+    text = storage.read_text(label_uri).strip()
+    if not text:
+        return []
+    width, height = read_image_size(image_uri)
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            cls = int(float(parts[0]))
+            cx, cy, w, h = (float(p) for p in parts[1:5])
+        except (ValueError, IndexError) as exc:
+            raise ManifestError(f"{label_uri}:{n}: malformed YOLO line {line!r}") from exc
+        if not 0 <= cls < len(class_names):
+            raise ManifestError(f"{label_uri}:{n}: class index {cls} outside 0..{len(class_names) - 1}")
+        rows.append({
+            "image_id": image_id, "class_name": class_names[cls],
+            "x_min": (cx - w / 2) * width, "y_min": (cy - h / 2) * height,
+            "x_max": (cx + w / 2) * width, "y_max": (cy + h / 2) * height,
+            "img_w": float(width), "img_h": float(height),
+        })
+    return rows
+
+
+def _boxes_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=BOX_COLUMNS) if rows else empty_boxes()
+
+
+def from_csv(uri: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Generic CSV manifest with canonical column names; relative ``image_uri`` resolved to the CSV."""
+    df = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, encoding="utf-8-sig")
+    base = str(uri).rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent)
+    if "image_uri" in df.columns:
+        df["image_uri"] = [
+            u if (storage.is_s3(u) or Path(u).is_absolute()) else storage.join(base, u)
+            for u in df["image_uri"].astype(str)
+        ]
+    if "source" not in df.columns:
+        df["source"] = "csv"
+    boxes_uri = storage.join(base, "boxes.csv")
+    boxes = empty_boxes()
+    if storage.exists(boxes_uri):
+        boxes = pd.read_csv(io.BytesIO(storage.read_bytes(boxes_uri)),
+                            dtype={"image_id": str, "class_name": str})
+    return df, boxes, [f"generic CSV manifest {uri}"]
+
+
+def from_folder(root: str, patient_regex: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """``<root>/<class>/**/<image>``: the first folder level is the label."""
+    files = storage.list_files(root, IMAGE_SUFFIXES)
+    if not files:
+        raise ManifestError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    pattern = re.compile(patient_regex) if patient_regex else None
+    rows, notes = [], []
+    for uri in files:
+        rel = PurePosixPath(str(uri)[len(str(root).rstrip("/")) + 1:].replace("\\", "/"))
+        if len(rel.parts) < 2:
+            raise ManifestError(f"{uri}: expected <root>/<class>/<image>, found an image at the top level")
+        label, image_id = rel.parts[0], "/".join(rel.with_suffix("").parts)
+        patient = image_id
+        if pattern:
+            m = pattern.search(rel.name)
+            if not m:
+                raise ManifestError(f"{uri}: file name does not match patient_regex {patient_regex!r}")
+            patient = m.group(1) if m.groups() else m.group(0)
+        rows.append({"image_id": image_id, "image_uri": uri, "patient_id": patient,
+                     "study_id": patient, "label": label, "source": "folder"})
+    if not pattern:
+        notes.append("folder layout: no patient ids; each image is its own group")
+    return pd.DataFrame(rows), empty_boxes(), notes
+
+
+def _fracatlas_view(row: pd.Series) -> str:
+    views = [v for v, col in (("FRONTAL", "frontal"), ("LAT", "lateral"), ("OBL", "oblique"))
+             if str(row.get(col, "0")) == "1"]
+    return views[0] if len(views) == 1 else "OTHER"
+
+
+def from_fracatlas(root: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """FracAtlas: dataset.csv + images/{Fractured,Non_fractured} + Annotations/YOLO (class 0)."""
+    meta = _read_csv(storage.join(root, "dataset.csv"))
+    files = {PurePosixPath(u.replace("\\", "/")).name: u
+             for u in storage.list_files(storage.join(root, "images"), (".jpg", ".jpeg", ".png"))}
+    if not files:
+        raise ManifestError(f"no images under {storage.join(root, 'images')}")
+    meta = meta[meta["image_id"].isin(files)]
+    regions = ["hand", "leg", "hip", "shoulder", "mixed"]
+    rows, box_rows = [], []
+    for _, r in meta.iterrows():
+        image_id = _stem(r["image_id"])
+        uri = files[r["image_id"]]
+        region = next((g for g in regions if str(r.get(g)) == "1"), "unknown")
+        rows.append({
+            "image_id": image_id, "image_uri": uri, "patient_id": image_id, "study_id": image_id,
+            "label": "fracture" if str(r["fractured"]) == "1" else "normal",
+            "view": _fracatlas_view(r), "laterality": "U", "body_region": region,
+            "source": "fracatlas", "lbl_hardware": int(str(r.get("hardware", "0")) == "1"),
+        })
+        label_uri = storage.join(root, "Annotations", "YOLO", f"{image_id}.txt")
+        if storage.exists(label_uri):
+            box_rows += read_yolo_boxes(label_uri, uri, ["fracture"], image_id)
+    notes = ["FracAtlas has no patient ids: each image is its own group (patient_id = image_id); "
+             "images of one person may fall into different splits",
+             f"{len(files) - len(rows)} image file(s) not in dataset.csv were ignored"]
+    return pd.DataFrame(rows), _boxes_frame(box_rows), notes
+
+
+def _graz_patient(row: pd.Series) -> str:
+    pid = str(row.get("patient_id") or "").strip()
+    if not pid or pid == "nan":
+        pid = str(row["filestem"]).split("_", 1)[0]
+    return f"GRAZ{int(pid):05d}" if pid.isdigit() else pid
+
+
+def from_grazpedwri(root: str, require_images: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """GRAZPEDWRI-DX: dataset.csv + data/images/** PNGs + data/labels/** YOLO boxes.
+
+    Args:
+        root: folder holding ``dataset.csv`` and ``data/``.
+        require_images: drop rows whose PNG is absent (default); with False, keep every CSV row
+            with the URI the image would have (useful to split the metadata alone).
+    """
+    meta = _read_csv(storage.join(root, "dataset.csv"))
+    if "filestem" not in meta.columns:
+        raise ManifestError(f"{root}/dataset.csv lacks the 'filestem' column")
+    images = {_stem(u): u for u in storage.list_files(storage.join(root, "data", "images"), (".png",))}
+    labels = {_stem(u): u for u in storage.list_files(storage.join(root, "data", "labels"), (".txt",))}
+    rows, box_rows, missing = [], [], 0
+    for _, r in meta.iterrows():
+        stem = str(r["filestem"])
+        uri = images.get(stem)
+        if uri is None:
+            missing += 1
+            if require_images:
+                continue
+            uri = storage.join(root, "data", "images", f"{stem}.png")
+        patient = _graz_patient(r)
+        fracture = str(r.get("fracture_visible", "")).strip() in ("1", "1.0")
+        rows.append({
+            "image_id": stem, "image_uri": uri, "patient_id": patient,
+            "study_id": f"{patient}-S{str(r.get('study_number', '1')).strip() or '1'}",
+            "label": "fracture" if fracture else "normal",
+            "view": GRAZ_PROJECTIONS.get(str(r.get("projection", "")).strip(), "UNKNOWN"),
+            "laterality": str(r.get("laterality", "U")).strip() or "U",
+            "body_region": "wrist", "source": "grazpedwri",
+        })
+        if stem in labels and stem in images:
+            box_rows += read_yolo_boxes(labels[stem], images[stem], GRAZ_CLASSES, stem)
+    boxes = _boxes_frame(box_rows)
+    df = pd.DataFrame(rows)
+    for cls in GRAZ_CLASSES:
+        present = set(boxes.loc[boxes["class_name"] == cls, "image_id"])
+        df[f"lbl_{cls}"] = df["image_id"].isin(present).astype(int)
+    notes = [f"{missing} of {len(meta)} dataset.csv rows have no image file"
+             + (" and were dropped" if require_images else " (kept: require_images=False)"),
+             "label = fracture_visible (1 -> fracture, blank -> normal); lbl_* from YOLO boxes"]
+    return df, boxes, notes
+
+
+MURA_PATH = re.compile(r"XR_(?P<region>[A-Z]+)/patient(?P<patient>\d+)/study(?P<study>\d+)_(?P<label>positive|negative)/")
+
+
+def from_mura(root: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """MURA: ``XR_<REGION>/patientNNNNN/studyN_{positive,negative}/imageN.png``."""
+    rows = []
+    for uri in storage.list_files(root, (".png", ".jpg", ".jpeg")):
+        norm = str(uri).replace("\\", "/")
+        m = MURA_PATH.search(norm)
+        if not m:
+            raise ManifestError(f"{uri}: not a MURA path (XR_<REGION>/patientN/studyN_<positive|negative>/)")
+        patient, study = f"MURA{m['patient']}", f"MURA{m['patient']}-S{m['study']}"
+        rows.append({
+            "image_id": f"{study}-{m['region'].lower()}-{_stem(norm)}", "image_uri": uri,
+            "patient_id": patient, "study_id": f"{study}-{m['region'].lower()}",
+            "label": "abnormal" if m["label"] == "positive" else "normal",
+            "body_region": m["region"].lower(), "source": "mura",
+        })
+    if not rows:
+        raise ManifestError(f"no MURA images under {root}")
+    notes = ["MURA labels abnormality, not fracture: positives are labelled 'abnormal'"]
+    return pd.DataFrame(rows), empty_boxes(), notes
+
+
+ADAPTERS: dict[str, Adapter] = {"csv": from_csv, "folder": from_folder, "fracatlas": from_fracatlas,
+                                "grazpedwri": from_grazpedwri, "mura": from_mura}
+Layout = Literal["csv", "folder", "fracatlas", "grazpedwri", "mura"]
+
+
+def load_source(uri: str, layout: Layout, **options) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Run the adapter for ``layout`` and normalise its manifest.
+
+    Raises:
+        ManifestError: unknown layout, or the source does not match the layout.
+    """
+    if layout not in ADAPTERS:
+        raise ManifestError(f"unknown layout {layout!r}; choose one of {', '.join(ADAPTERS)}")
+    if not storage.is_s3(uri) and not Path(uri).exists():
+        raise ManifestError(f"data source {uri} does not exist")
+    df, boxes, notes = ADAPTERS[layout](uri, **options)
+    if df.empty:
+        raise ManifestError(f"{layout} source {uri} yielded no images")
+    return normalize_manifest(df), boxes.reset_index(drop=True), notes
+
+
+class IngestConfig(StepConfig):
+    """Config of the ``ingest`` step."""
+
+    section: ClassVar[str] = "ingest"
+    source_uri: str = "data/synthetic"
+    layout: Layout = "csv"
+    patient_regex: str | None = None
+    require_images: bool = True
+
+
+def ingest_step(cfg: IngestConfig) -> dict:
+    """Turn a data source into ``manifest.parquet`` + ``boxes.parquet`` + ``report.json``."""
+    options: dict = {}
+    if cfg.layout == "folder" and cfg.patient_regex:
+        options["patient_regex"] = cfg.patient_regex
+    if cfg.layout == "grazpedwri":
+        options["require_images"] = cfg.require_images
+    df, boxes, notes = load_source(cfg.source_uri, cfg.layout, **options)
+    out = cfg.output_dir("ingest")
+    storage.reset_dir(out)
+    report = {
+        "layout": cfg.layout, "images": len(df), "patients": int(df["patient_id"].nunique()),
+        "boxes": len(boxes), "labels": df["label"].value_counts().sort_index().to_dict(),
+        "manifest_hash": manifest_hash(df), "notes": notes,
+    }
+    for note in notes:
+        log.info("ingest: %s", note)
+    storage.write_parquet(storage.join(out, "manifest.parquet"), df)
+    storage.write_parquet(storage.join(out, "boxes.parquet"), boxes)
+    storage.write_json(storage.join(out, "report.json"), report)
+    write_resolved(cfg, out)
+    summary = {"manifest_uri": storage.join(out, "manifest.parquet"),
+               "boxes_uri": storage.join(out, "boxes.parquet"),
+               "images": report["images"], "patients": report["patients"]}
+    storage.mark_success(out, summary)
+    return summary
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """CLI: ``fracture-ops ingest SOURCE --layout L``."""
+    from fracture_ops.cli_common import add_common_args
+
+    parser.add_argument("source", nargs="?", help="data source folder, CSV file or s3:// URI")
+    parser.add_argument("--layout", choices=list(ADAPTERS), help="layout of the source (default csv)")
+    parser.add_argument("--patient-regex", help="folder layout: regex whose first group is the patient id")
+    add_common_args(parser)
+
+
+def run_cli(args: argparse.Namespace) -> dict:
+    """Run the ingest step from parsed CLI arguments."""
+    from fracture_ops.cli_common import config_from_args
+
+    cfg = config_from_args(IngestConfig, args, source_uri=args.source, layout=args.layout,
+                           patient_regex=args.patient_regex)
+    return ingest_step(cfg)

@@ -1,0 +1,219 @@
+"""Artifact storage: one API over local paths and ``s3://bucket/key`` URIs.
+
+Writes are atomic (local: write to a temporary file in the same folder, then ``os.replace``;
+S3: a single PUT is atomic per object). A step writes its outputs first and its ``_SUCCESS``
+marker last, so a reader that sees ``_SUCCESS`` sees complete outputs.
+
+S3 access goes through boto3 with the standard credential chain; ``S3_ENDPOINT_URL`` or
+``MLFLOW_S3_ENDPOINT_URL`` points it at MinIO or a local S3-compatible server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+SUCCESS_MARKER = "_SUCCESS"
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    """Return True for ``s3://`` URIs."""
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key`` into ``(bucket, key)``."""
+    rest = str(uri)[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    return bucket, key
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join URI parts with ``/`` (S3) or the OS separator (local)."""
+    base = str(base)
+    if is_s3(base):
+        out = base.rstrip("/")
+        for p in parts:
+            out += "/" + str(p).strip("/")
+        return out
+    return str(Path(base, *parts))
+
+
+def step_dir(artifact_root: str, run_id: str, step: str) -> str:
+    """The folder of one step's outputs: ``<artifact_root>/runs/<run_id>/<step>``."""
+    return join(artifact_root, "runs", run_id, step)
+
+
+@lru_cache(maxsize=4)
+def _client(endpoint: str | None):
+    import boto3  # imported lazily: the DAG parser must not pay for it
+
+    return boto3.client("s3", endpoint_url=endpoint or None)
+
+
+def s3_client():
+    """A boto3 S3 client honouring ``S3_ENDPOINT_URL`` / ``MLFLOW_S3_ENDPOINT_URL``."""
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    return _client(endpoint)
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    """Read a whole object or file."""
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return Path(uri).read_bytes()
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> str:
+    """Write bytes atomically; create parent folders. Returns the URI."""
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        return uri
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return uri
+
+
+def write_text(uri: str | os.PathLike, text: str) -> str:
+    """Write UTF-8 text atomically."""
+    return write_bytes(uri, text.encode("utf-8"))
+
+
+def read_text(uri: str | os.PathLike) -> str:
+    """Read UTF-8 text."""
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_json(uri: str | os.PathLike, obj: Any) -> str:
+    """Write an object as indented, key-sorted JSON (stable across reruns)."""
+    return write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def read_json(uri: str | os.PathLike) -> Any:
+    """Read a JSON document."""
+    return json.loads(read_text(uri))
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_parquet(uri: str | os.PathLike, df) -> str:
+    """Write a DataFrame as Parquet (no index) atomically."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str | os.PathLike):
+    """Read a Parquet table into a DataFrame."""
+    import pandas as pd
+
+    if is_s3(uri):
+        return pd.read_parquet(io.BytesIO(read_bytes(uri)))
+    return pd.read_parquet(uri)
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    """True when the file or object exists."""
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception:  # botocore ClientError 404, kept generic to avoid importing botocore
+            return False
+    return Path(uri).exists()
+
+
+def list_files(uri: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """List files under a folder or prefix recursively, sorted, optionally by suffix (case-insensitive)."""
+    uri = str(uri)
+    out: list[str] = []
+    if is_s3(uri):
+        bucket, prefix = split_s3(uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            out.extend(f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []))
+    else:
+        root = Path(uri)
+        out = [str(p) for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    if suffixes:
+        low = tuple(s.lower() for s in suffixes)
+        out = [u for u in out if u.lower().endswith(low)]
+    return sorted(out)
+
+
+@contextlib.contextmanager
+def local_path(uri: str | os.PathLike) -> Iterator[Path]:
+    """Yield a local path for reading ``uri`` (downloads S3 objects to a temporary file)."""
+    if not is_s3(uri):
+        yield Path(uri)
+        return
+    suffix = Path(split_s3(str(uri))[1]).suffix
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"object{suffix}"
+        path.write_bytes(read_bytes(uri))
+        yield path
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
+    """Copy a local folder tree to ``uri`` (local folder or S3 prefix)."""
+    local_dir = Path(local_dir)
+    for p in sorted(local_dir.rglob("*")):
+        if p.is_file():
+            write_bytes(join(uri, *p.relative_to(local_dir).parts), p.read_bytes())
+
+
+def reset_dir(uri: str) -> None:
+    """Empty a step folder before a rerun writes it again (idempotent reruns)."""
+    if is_s3(uri):
+        bucket, _ = split_s3(uri)
+        keys = [split_s3(u)[1] for u in list_files(uri)]
+        for i in range(0, len(keys), 1000):
+            s3_client().delete_objects(
+                Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]}
+            )
+        return
+    shutil.rmtree(uri, ignore_errors=True)
+    Path(uri).mkdir(parents=True, exist_ok=True)
+
+
+def mark_success(folder: str, summary: dict | None = None) -> str:
+    """Write the ``_SUCCESS`` marker (last), optionally holding the step's summary JSON."""
+    return write_json(join(folder, SUCCESS_MARKER), summary or {})
+
+
+def is_complete(folder: str) -> bool:
+    """True when the folder's step finished (its ``_SUCCESS`` marker exists)."""
+    return exists(join(folder, SUCCESS_MARKER))

@@ -1,0 +1,37 @@
+"""Shared test settings and fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# offline and quiet: no update checks, no telemetry, no hub downloads, no progress bars in logs
+for _k, _v in {
+    "NO_ALBUMENTATIONS_UPDATE": "1", "GX_ANALYTICS_ENABLED": "False", "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "FRACTURE_OPS_NO_PROGRESS": "1",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = REPO.parent / "shared" / "realdata"
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    """The real radiographs in ../shared/realdata; skips (visibly) only where they are absent."""
+    if not REALDATA.is_dir():
+        pytest.skip(f"real data not found at {REALDATA} (a user's clone without ../shared)")
+    return REALDATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_small(tmp_path_factory):
+    """A small synthetic data set (24 patients x 2 views, 128 px), generated once per session."""
+    from fracture_ops.data.synthetic import SynthConfig, synth_step
+
+    out = tmp_path_factory.mktemp("synthetic")
+    cfg = SynthConfig(out_dir=str(out), n_patients=24, image_size=128, seed=7)
+    synth_step(cfg)
+    return cfg
