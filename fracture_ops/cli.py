@@ -30,6 +30,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("fracture_ops.data.validation", "validate a manifest and its images; quarantine bad rows"),
     "deidentify": ("fracture_ops.data.deid", "de-identify DICOM (PS3.15 Annex E) in a folder or manifest"),
     "split": ("fracture_ops.data.split", "patient-wise stratified train/val/test split"),
+    "train": ("fracture_ops.training.train", "train a classifier (timm backbone) on a split"),
+    "calibrate": ("fracture_ops.evaluation.calibration", "fit temperature/isotonic calibration on val"),
+    "tune-thresholds": ("fracture_ops.evaluation.thresholds", "tune per-class thresholds on val"),
+    "evaluate": ("fracture_ops.evaluation.evaluate", "metrics with patient bootstrap CIs, plots"),
+    "package": ("fracture_ops.training.package", "log the MLflow pyfunc model with calibration+thresholds"),
 }
 
 EPILOG = (

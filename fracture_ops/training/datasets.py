@@ -1,0 +1,142 @@
+"""A torch Dataset over the manifest, with an optional on-disk cache of decoded, resized images.
+
+Decoding a large JPEG or DICOM costs far more than a forward pass of a small network at 224 px,
+so the cache stores each image once, decoded and resized so its longer side is ``cache_size``
+(float16 ``.npy``), keyed by the image URI, its size/mtime (local) and the cache size. Epochs 2..n
+then skip decoding entirely. The cache is safe to share between runs and to delete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fracture_ops import storage
+from fracture_ops.data.images import read_image
+
+log = logging.getLogger(__name__)
+
+
+def targets_for(table: pd.DataFrame, task: str, class_names: list[str],
+                label_column: str = "label") -> np.ndarray:
+    """N x K float32 targets: binary = [label == positive], multiclass one-hot, multilabel lbl_*.
+
+    Raises:
+        ManifestError: a multiclass label outside class_names, or a missing lbl_ column.
+    """
+    from fracture_ops.errors import ManifestError
+
+    if task == "binary":
+        return (table[label_column].astype(str) == class_names[0]).to_numpy(np.float32)[:, None]
+    if task == "multiclass":
+        unknown = set(table[label_column].astype(str)) - set(class_names)
+        if unknown:
+            raise ManifestError(f"labels {sorted(unknown)} are not in class_names {class_names}")
+        idx = table[label_column].astype(str).map({c: i for i, c in enumerate(class_names)})
+        return np.eye(len(class_names), dtype=np.float32)[idx.to_numpy()]
+    cols = [f"lbl_{c}" for c in class_names]
+    missing = [c for c in cols if c not in table.columns]
+    if missing:
+        raise ManifestError(f"multilabel task needs columns {missing}")
+    return table[cols].to_numpy(np.float32)
+
+
+def _resize_longest(img: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    h, w = img.shape
+    scale = size / max(h, w)
+    if abs(scale - 1) < 1e-6:
+        return img
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp)
+
+
+class DecodeCache:
+    """On-disk cache of decoded, resized images (float16 .npy files)."""
+
+    def __init__(self, folder: str | os.PathLike, cache_size: int):
+        self.folder = Path(folder)
+        self.cache_size = cache_size
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _key(self, uri: str) -> Path:
+        stamp = ""
+        if not storage.is_s3(uri):
+            st = os.stat(uri)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        digest = hashlib.sha1(f"{uri}|{stamp}|{self.cache_size}".encode()).hexdigest()
+        return self.folder / digest[:2] / f"{digest}.npy"
+
+    def load(self, uri: str) -> np.ndarray:
+        """The decoded, resized image, from the cache when present."""
+        path = self._key(uri)
+        if path.exists():
+            try:
+                return np.load(path).astype(np.float32)
+            except (OSError, ValueError):  # a torn write from a killed worker: redo it
+                pass
+        img = _resize_longest(read_image(uri)[0], self.cache_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, img.astype(np.float16))
+        os.replace(tmp, path)
+        return img
+
+
+class ManifestDataset(Dataset):
+    """Images and targets of one split.
+
+    Args:
+        table: manifest rows (``image_uri`` used).
+        targets: N x K float32 targets (:func:`targets_for`).
+        transform: callable ``f(image=...) -> {"image": tensor}``.
+        cache: optional :class:`DecodeCache`; without it every access decodes the file.
+        pre_size: without a cache, resize the longest side to this first (saves augment time).
+    """
+
+    def __init__(self, table: pd.DataFrame, targets: np.ndarray, transform: Callable,
+                 cache: DecodeCache | None = None, pre_size: int | None = None):
+        self.uris = table["image_uri"].astype(str).tolist()
+        self.targets = torch.as_tensor(targets, dtype=torch.float32)
+        self.transform, self.cache, self.pre_size = transform, cache, pre_size
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def load(self, i: int) -> np.ndarray:
+        """The decoded image ``i`` (cached and resized when a cache is set)."""
+        if self.cache is not None:
+            return self.cache.load(self.uris[i])
+        img = read_image(self.uris[i])[0]
+        return _resize_longest(img, self.pre_size) if self.pre_size else img
+
+    def __getitem__(self, i: int):
+        return self.transform(self.load(i))["image"], self.targets[i]
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, device: str,
+                seed: int = 0) -> DataLoader:
+    """A DataLoader with worker processes, pinned memory on CUDA, and a seeded shuffle."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      pin_memory=device.startswith("cuda"), persistent_workers=workers > 0,
+                      generator=gen, drop_last=False,
+                      worker_init_fn=_seed_worker if workers > 0 else None)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)

@@ -1,0 +1,233 @@
+"""The training loop: AdamW, cosine-with-warm-up or ReduceLROnPlateau, AMP on CUDA, gradient
+clipping, early stopping on validation AUROC, best/last checkpoints with resume.
+
+The loop knows nothing about files or MLflow: :func:`fit` takes the model, loaders and a
+``on_epoch`` callback, and a :class:`Checkpointer` that saves and restores the full training state
+(model, optimiser, scheduler, scaler, epoch, best score, RNG states). The same code runs on CPU and
+CUDA; only the device string differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopConfig:
+    """What the loop needs (a slice of the step's TrainConfig)."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"  # cosine | plateau | none
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    patience: int = 5
+    task: str = "binary"
+
+
+@dataclass
+class LoopState:
+    """Mutable training state saved in checkpoints."""
+
+    epoch: int = 0  # epochs completed
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; ask torch for deterministic kernels (warn, not fail)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def amp_dtype(amp: str, device: str) -> torch.dtype | None:
+    """The autocast dtype: bf16 where supported, fp16 otherwise; CUDA only (CPU trains in fp32)."""
+    if amp == "off" or not device.startswith("cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def build_optimizer(model: nn.Module, cfg: LoopConfig, steps_per_epoch: int):
+    """AdamW (no weight decay on norms and biases) and the scheduler."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.scheduler == "cosine":
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / max(1, warm)
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor), "step"
+    if cfg.scheduler == "plateau":
+        return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5,
+                                                               patience=1), "epoch"
+    return opt, None, "none"
+
+
+class Checkpointer:
+    """Saves ``last.pt`` every epoch and ``best.pt`` on improvement, atomically."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, name: str, model, opt, sched, scaler, state: LoopState) -> None:
+        blob = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched else None,
+                "scaler": scaler.state_dict() if scaler else None,
+                "state": state.__dict__, "rng": _rng_state()}
+        tmp = self.folder / f".{name}.tmp"
+        torch.save(blob, tmp)
+        tmp.replace(self.folder / name)  # atomic: a kill never leaves a torn checkpoint
+
+    def restore(self, model, opt, sched, scaler) -> LoopState | None:
+        path = self.folder / "last.pt"
+        if not path.exists():
+            return None
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(blob["model"])
+        opt.load_state_dict(blob["optimizer"])
+        if sched is not None and blob["scheduler"]:
+            sched.load_state_dict(blob["scheduler"])
+        if scaler is not None and blob["scaler"]:
+            scaler.load_state_dict(blob["scaler"])
+        _set_rng_state(blob["rng"])
+        return LoopState(**blob["state"])
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+
+
+def predict_logits(model: nn.Module, loader, device: str, dtype: torch.dtype | None = None) -> np.ndarray:
+    """Logits for every sample of a loader (eval mode, no grad)."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for x, _ in loader:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                out.append(model(x).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
+
+
+def val_auroc(logits: np.ndarray, targets: np.ndarray, task: str) -> float:
+    """Macro AUROC over classes with both outcomes present (NaN when none)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = []
+    for k in range(targets.shape[1]):
+        if 0 < targets[:, k].sum() < len(targets):
+            scores.append(roc_auc_score(targets[:, k], logits[:, k]))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, device, dtype,
+                    grad_clip: float, progress: Callable) -> dict:
+    """One pass over the training loader; returns loss, images/s and lr."""
+    model.train()
+    total, n, t0 = 0.0, 0, time.perf_counter()
+    for x, y in progress(loader):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(model(x).float(), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if sched is not None and sched_mode == "step":
+            sched.step()
+        total += float(loss) * len(x)
+        n += len(x)
+    elapsed = time.perf_counter() - t0
+    return {"train_loss": total / max(n, 1), "images_per_s": n / max(elapsed, 1e-9),
+            "lr": opt.param_groups[0]["lr"]}
+
+
+def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: LoopConfig,
+        device: str, ckpt: Checkpointer, on_epoch: Callable[[dict], None],
+        progress: Callable = lambda it: it) -> LoopState:
+    """Train until ``cfg.epochs`` or early stopping; resume from ``last.pt`` when present."""
+    model.to(device).to(memory_format=torch.channels_last)
+    opt, sched, mode = build_optimizer(model, cfg, len(train_loader))
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    state = ckpt.restore(model, opt, sched, scaler) or LoopState()
+    if state.epoch:
+        log.info("resumed at epoch %d (best val AUROC %.4f)", state.epoch, state.best_score)
+    while state.epoch < cfg.epochs:
+        if state.epoch - state.best_epoch > cfg.patience and state.best_epoch >= 0:
+            log.info("early stopping: no val AUROC gain for %d epochs", cfg.patience)
+            break
+        stats = train_one_epoch(model, train_loader, loss_fn, opt, sched, mode, scaler, device,
+                                dtype, cfg.grad_clip, progress)
+        logits = predict_logits(model, val_loader, device, dtype)
+        score = val_auroc(logits, val_targets, cfg.task)
+        stats.update(epoch=state.epoch, val_auroc=score,
+                     val_loss=float(loss_fn(torch.from_numpy(logits), torch.from_numpy(val_targets))))
+        if sched is not None and mode == "epoch":
+            sched.step(score if not math.isnan(score) else 0.0)
+        state.epoch += 1
+        improved = not math.isnan(score) and score > state.best_score
+        if improved or state.best_epoch < 0:
+            state.best_score, state.best_epoch = (score if not math.isnan(score) else -math.inf,
+                                                  state.epoch - 1)
+        state.history.append(stats)
+        on_epoch(stats)
+        if improved or not (ckpt.folder / "best.pt").exists():
+            ckpt.save("best.pt", model, opt, sched, scaler, state)
+        ckpt.save("last.pt", model, opt, sched, scaler, state)
+        log.info("epoch %d/%d loss %.4f val AUROC %.4f %.1f img/s", state.epoch, cfg.epochs,
+                 stats["train_loss"], score, stats["images_per_s"])
+    return state

@@ -1,0 +1,218 @@
+"""The ``train`` step: split.parquet in; checkpoints, predictions and an MLflow run out.
+
+Outputs under ``<artifact_root>/runs/<run_id>/train/``: ``best.pt``/``last.pt`` (full state, for
+resume), ``model.pt`` (best weights + what is needed to rebuild the network), ``predictions.parquet``
+and ``model_info.json`` (the evaluation steps' input: logits on val and test), ``history.json``,
+``config.resolved.yaml``, ``mlflow_run.json`` and ``_SUCCESS``.
+
+Started again on a folder that holds ``last.pt`` but no ``_SUCCESS`` (the process was killed),
+the step resumes from the checkpoint and logs to the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from fracture_ops import storage
+from fracture_ops.config import StepConfig, write_resolved
+from fracture_ops.data.manifest import manifest_hash, table_hash
+from fracture_ops.errors import ManifestError
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(StepConfig):
+    """Config of the ``train`` step."""
+
+    section: ClassVar[str] = "train"
+    split_uri: str = ""
+    task: Literal["binary", "multiclass", "multilabel"] = "binary"
+    class_names: list[str] = ["fracture"]  # binary: the positive label
+    label_column: str = "label"
+    backbone: str = "resnet18"
+    pretrained_path: str | None = None
+    image_size: int = Field(224, ge=32, le=1024)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = 1e-4
+    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    patience: int = 5
+    loss: Literal["bce", "ce", "focal"] = "bce"
+    focal_gamma: float = 2.0
+    balanced: bool = False
+    drop_rate: float = 0.0
+    hflip: bool = False
+    clahe: bool = False
+    rotate_limit: float = Field(10.0, ge=0, le=10)
+    workers: int = 0
+    cache: bool = True
+    cache_dir: str | None = None  # default <artifact_root>/cache/decoded
+    device: str = "auto"
+    seed: int = 0
+    deterministic: bool = True
+    experiment: str = "fracture-classifier"
+
+
+def _split_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    if not cfg.split_uri:
+        raise ManifestError("train: split_uri is required (the split step's split.parquet)")
+    table = storage.read_parquet(cfg.split_uri)
+    parts = {s: table[table["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
+    for s in ("train", "val"):
+        if parts[s].empty:
+            raise ManifestError(f"train: the {s} split of {cfg.split_uri} is empty")
+    return table, parts
+
+
+def _datasets(cfg: TrainConfig, parts: dict[str, pd.DataFrame], targets: dict[str, np.ndarray]):
+    from fracture_ops.training.datasets import DecodeCache, ManifestDataset
+    from fracture_ops.training.transforms import build_transforms
+
+    pre = int(cfg.image_size * 1.15)
+    cache = None
+    if cfg.cache:
+        folder = cfg.cache_dir or str(Path(cfg.artifact_root) / "cache" / "decoded")
+        if storage.is_s3(folder):
+            raise ManifestError("cache_dir must be a local folder (a pod volume), not s3://")
+        cache = DecodeCache(folder, pre)
+    kw = dict(hflip=cfg.hflip, clahe=cfg.clahe, rotate_limit=cfg.rotate_limit)
+    train_tf = build_transforms(cfg.image_size, True, **kw)
+    eval_tf = build_transforms(cfg.image_size, False, **kw)
+    return {s: ManifestDataset(parts[s], targets[s], train_tf if s == "train" else eval_tf,
+                               cache=cache, pre_size=pre) for s in parts}
+
+
+def _predictions(parts, targets, logits, class_names) -> pd.DataFrame:
+    frames = []
+    for s, lg in logits.items():
+        df = parts[s][["image_id", "patient_id"]].copy()
+        df["split"] = s
+        for col in ("body_region", "view", "laterality"):
+            if col in parts[s].columns:
+                df[col] = parts[s][col].values
+        for k, c in enumerate(class_names):
+            df[f"y_{c}"] = targets[s][:, k].astype(int)
+            df[f"logit_{c}"] = lg[:, k].astype(np.float64)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def train_step(cfg: TrainConfig) -> dict:
+    """Train a classifier on the split; resume when a previous attempt was killed.
+
+    Returns:
+        Summary: MLflow run id, best epoch and val AUROC, output URIs.
+
+    Raises:
+        ManifestError: missing or empty splits, unknown labels.
+        ConfigError: unknown backbone, missing pretrained weights, loss/task mismatch.
+    """
+    import torch
+
+    from fracture_ops import tracking
+    from fracture_ops.cli_common import progress
+    from fracture_ops.training.datasets import make_loader, targets_for
+    from fracture_ops.training.loop import (
+        Checkpointer,
+        LoopConfig,
+        fit,
+        predict_logits,
+        resolve_device,
+        seed_everything,
+    )
+    from fracture_ops.training.losses import build_loss
+    from fracture_ops.training.models import build_model
+
+    out = cfg.output_dir("train")
+    local = Path(out)  # checkpoints need a local folder (the pod's volume); S3 gets the copies
+    if storage.is_s3(out):
+        raise ManifestError("train: artifact_root must be local for checkpoints; sync it to S3 after")
+    resuming = (local / "last.pt").exists() and not storage.is_complete(out)
+    if not resuming:
+        storage.reset_dir(out)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = resolve_device(cfg.device)
+    table, parts = _split_frames(cfg)
+    targets = {s: targets_for(parts[s], cfg.task, cfg.class_names, cfg.label_column) for s in parts}
+    ds = _datasets(cfg, parts, targets)
+    loaders = {s: make_loader(ds[s], cfg.batch_size, s == "train", cfg.workers, device, cfg.seed)
+               for s in ds if len(ds[s])}
+    model = build_model(cfg.backbone, cfg.task, len(cfg.class_names), cfg.pretrained_path, cfg.drop_rate)
+    loss_fn = build_loss(cfg.loss, cfg.task, targets["train"], cfg.balanced, cfg.focal_gamma)
+    write_resolved(cfg, out)
+    tags = {"manifest_hash": manifest_hash(table.drop(columns=["split"])),
+            "split_hash": table_hash(table, ["image_id", "patient_id", "split"]),
+            "backbone": cfg.backbone, "task": cfg.task, "fracture_ops.step": "train"}
+    mlflow, run, resumed = tracking.start_or_resume(out, cfg.experiment, f"train-{cfg.run_id}", tags)
+    with run:
+        if not resumed:
+            mlflow.log_params(tracking.flatten(cfg.model_dump(mode="json")))
+        loop_cfg = LoopConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              scheduler=cfg.scheduler, warmup_epochs=cfg.warmup_epochs,
+                              grad_clip=cfg.grad_clip, amp=cfg.amp, patience=cfg.patience, task=cfg.task)
+        t0 = time.perf_counter()
+        state = fit(model, loaders["train"], loaders["val"], targets["val"], loss_fn, loop_cfg,
+                    device, Checkpointer(local),
+                    lambda st: mlflow.log_metrics({k: v for k, v in st.items() if k != "epoch"},
+                                                  step=st["epoch"]),
+                    progress=lambda it: progress(it, "train", total=len(it)))
+        best = torch.load(local / "best.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(best["model"])
+        logits = {s: predict_logits(model, loaders[s], device) for s in ("val", "test") if s in loaders}
+        preds = _predictions(parts, targets, logits, cfg.class_names)
+        info = {"task": cfg.task, "class_names": cfg.class_names, "backbone": cfg.backbone,
+                "image_size": cfg.image_size, "best_epoch": state.best_epoch,
+                "best_val_auroc": state.best_score, "epochs_run": state.epoch,
+                "mlflow_run_id": run.info.run_id, "split_uri": cfg.split_uri,
+                "experiment": cfg.experiment, **tags}
+        torch.save({"state_dict": model.state_dict(), "info": info,
+                    "transform": {"image_size": cfg.image_size, "clahe": cfg.clahe}}, local / "model.pt")
+        storage.write_parquet(storage.join(out, "predictions.parquet"), preds)
+        storage.write_json(storage.join(out, "model_info.json"), info)
+        storage.write_json(storage.join(out, "history.json"), state.history)
+        mlflow.log_metrics({"best_val_auroc": state.best_score,
+                            "train_wall_s": time.perf_counter() - t0})
+        mlflow.log_artifact(str(local / "model.pt"), "checkpoint")
+        mlflow.log_artifact(str(local / "config.resolved.yaml"), "config")
+    summary = {"train_dir": out, "mlflow_run_id": run.info.run_id, "best_epoch": state.best_epoch,
+               "best_val_auroc": round(state.best_score, 4), "epochs_run": state.epoch,
+               "predictions_uri": storage.join(out, "predictions.parquet"), "resumed": resumed}
+    storage.mark_success(out, summary)
+    return summary
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """CLI: ``fracture-ops train SPLIT --backbone B --image-size S --epochs E``."""
+    from fracture_ops.cli_common import add_common_args
+
+    parser.add_argument("split", nargs="?", help="split.parquet from the split step")
+    parser.add_argument("--backbone", help="timm model name (default resnet18)")
+    parser.add_argument("--image-size", type=int, help="input side in pixels (default 224)")
+    parser.add_argument("--epochs", type=int, help="epochs (default 10)")
+    parser.add_argument("--batch-size", type=int, help="batch size (default 16)")
+    parser.add_argument("--loss", choices=["bce", "ce", "focal"], help="loss (default bce)")
+    parser.add_argument("--pretrained-path", help="local weights file or HF cache folder (never downloaded)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 (default auto)")
+    add_common_args(parser)
+
+
+def run_cli(args: argparse.Namespace) -> dict:
+    """Run the train step from parsed CLI arguments."""
+    from fracture_ops.cli_common import config_from_args
+
+    cfg = config_from_args(TrainConfig, args, split_uri=args.split, backbone=args.backbone,
+                           image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+                           loss=args.loss, pretrained_path=args.pretrained_path, device=args.device)
+    return train_step(cfg)

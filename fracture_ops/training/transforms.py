@@ -1,0 +1,66 @@
+"""Image transforms (albumentations) for training and evaluation.
+
+Inputs are 2-D float32 radiographs in [0, 1] from :func:`fracture_ops.data.images.read_image`.
+Outputs are 3xHxW float tensors: grayscale replicated to three channels, normalised with the
+ImageNet mean/std so ImageNet-pretrained backbones see what they expect.
+
+Train: random resized crop (mild: 85-100 % of the area), rotation of at most 10 degrees, mild
+brightness/contrast, optional CLAHE, and horizontal flip only when the config allows it
+(laterality markers and left/right anatomy matter on radiographs). Eval: deterministic
+longest-side resize and pad to a square, so nothing of the image is cropped away.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no PyPI update check at import
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe: bool = False,
+                     rotate_limit: float = 10.0):
+    """Build the albumentations pipeline.
+
+    Args:
+        image_size: output side in pixels (square).
+        train: random augmentation when True; deterministic resize/pad when False.
+        hflip: allow horizontal flips (train only).
+        clahe: apply CLAHE (contrast-limited adaptive histogram equalisation) in both modes.
+        rotate_limit: maximum rotation in degrees (capped at 10).
+
+    Returns:
+        A callable ``f(image=HxW float32) -> {"image": 3xHxW torch.Tensor}``.
+    """
+    import albumentations as A
+    import cv2
+    from albumentations.pytorch import ToTensorV2
+
+    ops: list = []
+    if clahe:
+        ops += [A.FromFloat(max_value=255, dtype="uint8"), A.CLAHE(clip_limit=2.0, p=1.0),
+                A.ToFloat(max_value=255)]
+    if train:
+        ops += [
+            A.RandomResizedCrop(size=(image_size, image_size), scale=(0.85, 1.0), ratio=(0.9, 1.1)),
+            A.Rotate(limit=min(float(rotate_limit), 10.0), border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.7),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+        ]
+        if hflip:
+            ops.append(A.HorizontalFlip(p=0.5))
+    else:
+        ops += [A.LongestMaxSize(max_size=image_size),
+                A.PadIfNeeded(min_height=image_size, min_width=image_size,
+                              border_mode=cv2.BORDER_CONSTANT, fill=0)]
+    ops += [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=1.0), ToTensorV2()]
+    pipeline = A.Compose(ops)
+
+    def apply(image: np.ndarray):
+        rgb = np.repeat(np.asarray(image, np.float32)[..., None], 3, axis=2)
+        return pipeline(image=rgb)
+
+    return apply
