@@ -28,7 +28,7 @@ install: $(STAMP)  ## create .venv and install the package with all extras (pinn
 
 demo: install  ## run the data steps end to end on the synthetic data set
 	@FRACTURE_OPS_ARTIFACT_ROOT=$(DEMO_ROOT)/artifacts FRACTURE_OPS_DEID_SECRET=$${FRACTURE_OPS_DEID_SECRET:-demo-secret-not-for-real-data} \
-	  $(BIN)/python -m fracture_ops.demo --root $(DEMO_ROOT) --run-id $(RUN_ID)
+	  $(BIN)/python -m fracture_ops.orchestration.demo --root $(DEMO_ROOT) --run-id $(RUN_ID)
 
 test: install  ## run the whole test suite (unit, real data, integration)
 	$(BIN)/python -m pytest -q

@@ -30,11 +30,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("fracture_ops.data.validation", "validate a manifest and its images; quarantine bad rows"),
     "deidentify": ("fracture_ops.data.deid", "de-identify DICOM (PS3.15 Annex E) in a folder or manifest"),
     "split": ("fracture_ops.data.split", "patient-wise stratified train/val/test split"),
+    "detect": ("fracture_ops.detection.cli", "YOLOv8 fracture localisation: train, val, predict"),
     "train": ("fracture_ops.training.train", "train a classifier (timm backbone) on a split"),
     "calibrate": ("fracture_ops.evaluation.calibration", "fit temperature/isotonic calibration on val"),
     "tune-thresholds": ("fracture_ops.evaluation.thresholds", "tune per-class thresholds on val"),
     "evaluate": ("fracture_ops.evaluation.evaluate", "metrics with patient bootstrap CIs, plots"),
+    "cam": ("fracture_ops.explain.step", "Grad-CAM report on the test split, or one --image"),
     "package": ("fracture_ops.training.package", "log the MLflow pyfunc model with calibration+thresholds"),
+    "register": ("fracture_ops.registry.register", "register the packaged model as the new challenger"),
 }
 
 EPILOG = (

@@ -123,7 +123,7 @@ def render_image(region: str, fracture: bool, laterality: str, size: int,
         if k == broken:
             uf = rng.uniform(-0.3, 0.3) * min(sh.length, size)
             tilt = rng.uniform(-0.6, 0.6)
-            gap = max(2.0, size * rng.uniform(0.02, 0.032))
+            gap = max(2.0, size * rng.uniform(0.025, 0.04))
             along = (u - uf) * math.cos(tilt) + v * math.sin(tilt)
             shift = rng.uniform(0.15, 0.5) * sh.radius * rng.choice([-1, 1])
             v = np.where(along > 0, v - shift, v)  # displaced distal fragment

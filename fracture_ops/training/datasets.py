@@ -2,7 +2,7 @@
 
 Decoding a large JPEG or DICOM costs far more than a forward pass of a small network at 224 px,
 so the cache stores each image once, decoded and resized so its longer side is ``cache_size``
-(float16 ``.npy``), keyed by the image URI, its size/mtime (local) and the cache size. Epochs 2..n
+(float16 ``.npy``; :func:`preprocess` rounds uncached images the same way), keyed by the image URI, its size/mtime (local) and the cache size. Epochs 2..n
 then skip decoding entirely. The cache is safe to share between runs and to delete.
 """
 
@@ -49,15 +49,24 @@ def targets_for(table: pd.DataFrame, task: str, class_names: list[str],
     return table[cols].to_numpy(np.float32)
 
 
-def _resize_longest(img: np.ndarray, size: int) -> np.ndarray:
+def preprocess(img: np.ndarray, pre_size: int | None) -> np.ndarray:
+    """What every image goes through before the transforms, in training, evaluation and serving:
+    shrink (never enlarge) so the longer side is at most ``pre_size``, and round to float16 (the
+    cache's precision), so cached and uncached paths give bit-identical inputs."""
+    if pre_size:
+        img = _shrink_longest(img, pre_size)
+    return img.astype(np.float16).astype(np.float32)
+
+
+def _shrink_longest(img: np.ndarray, size: int) -> np.ndarray:
     import cv2
 
     h, w = img.shape
     scale = size / max(h, w)
-    if abs(scale - 1) < 1e-6:
+    if scale >= 1:
         return img
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp)
+    return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))),
+                      interpolation=cv2.INTER_AREA)
 
 
 class DecodeCache:
@@ -84,7 +93,7 @@ class DecodeCache:
                 return np.load(path).astype(np.float32)
             except (OSError, ValueError):  # a torn write from a killed worker: redo it
                 pass
-        img = _resize_longest(read_image(uri)[0], self.cache_size)
+        img = preprocess(read_image(uri)[0], self.cache_size)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, img.astype(np.float16))
@@ -116,8 +125,7 @@ class ManifestDataset(Dataset):
         """The decoded image ``i`` (cached and resized when a cache is set)."""
         if self.cache is not None:
             return self.cache.load(self.uris[i])
-        img = read_image(self.uris[i])[0]
-        return _resize_longest(img, self.pre_size) if self.pre_size else img
+        return preprocess(read_image(self.uris[i])[0], self.pre_size)
 
     def __getitem__(self, i: int):
         return self.transform(self.load(i))["image"], self.targets[i]

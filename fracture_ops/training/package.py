@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
+
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError
@@ -108,19 +110,19 @@ def _log_reports(mlflow, cfg: PackageConfig, tmp: Path) -> None:
     eval_dir = cfg.resolved("evaluation_dir", "evaluate")
     for uri in storage.list_files(eval_dir, (".json", ".png", ".html")):
         mlflow.log_artifact(_local_copy(uri, tmp, Path(uri).name), "evaluation")
-    evaluation = storage.join(eval_dir, "evaluation.json")
-    if storage.exists(evaluation):
-        mlflow.log_metrics(_headline(storage.read_json(evaluation)))
+    done = storage.join(eval_dir, storage.SUCCESS_MARKER)  # holds the step summary with headline
+    if storage.exists(done):
+        mlflow.log_metrics(_headline(storage.read_json(done)))
     cam = cfg.resolved("cam_report_uri", "cam", "report.html")
     if storage.exists(cam):
         mlflow.log_artifact(_local_copy(cam, tmp, "gradcam_report.html"), "explain")
 
 
 def _headline(doc: dict) -> dict[str, float]:
-    """Numeric top-level metrics of evaluation.json, prefixed ``test_``."""
+    """The evaluate step's headline numbers (AUROC with CI, AP, ECE...), prefixed ``test_``."""
     out = {}
-    for key, value in (doc.get("headline") or doc.get("summary") or {}).items():
-        if isinstance(value, (int, float)) and value == value:
+    for key, value in (doc.get("headline") or {}).items():
+        if isinstance(value, (int, float)) and np.isfinite(value):
             out[f"test_{key}"] = float(value)
     return out
 

@@ -64,6 +64,7 @@ class FractureClassifier(PythonModel):
         self.model.load_state_dict(blob["state_dict"])
         self.model.eval()
         tf = blob["transform"]
+        self.pre_size = tf.get("pre_size")
         self.transform = build_transforms(tf["image_size"], False, clahe=tf.get("clahe", False))
         with open(context.artifacts["calibration"], encoding="utf-8") as fh:
             doc = json.load(fh)
@@ -88,7 +89,9 @@ class FractureClassifier(PythonModel):
         """Calibrated probabilities and decisions for every row of ``model_input``."""
         if "image" not in model_input.columns:
             raise ValueError("input needs a string column 'image' (URI or base64 file bytes)")
-        images = [decode_input(str(v)) for v in model_input["image"]]
+        from fracture_ops.training.datasets import preprocess
+
+        images = [preprocess(decode_input(str(v)), self.pre_size) for v in model_input["image"]]
         probs = self.calibrator.transform(self.logits(images))
         probs = probs.reshape(len(images), -1)
         out = pd.DataFrame(index=model_input.index)

@@ -76,11 +76,16 @@ def _split_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFram
     return table, parts
 
 
+def pre_size(cfg: TrainConfig) -> int:
+    """Longest side images are shrunk to before augmentation (room for the random crop)."""
+    return int(cfg.image_size * 1.15)
+
+
 def _datasets(cfg: TrainConfig, parts: dict[str, pd.DataFrame], targets: dict[str, np.ndarray]):
     from fracture_ops.training.datasets import DecodeCache, ManifestDataset
     from fracture_ops.training.transforms import build_transforms
 
-    pre = int(cfg.image_size * 1.15)
+    pre = pre_size(cfg)
     cache = None
     if cfg.cache:
         folder = cfg.cache_dir or str(Path(cfg.artifact_root) / "cache" / "decoded")
@@ -178,7 +183,8 @@ def train_step(cfg: TrainConfig) -> dict:
                 "mlflow_run_id": run.info.run_id, "split_uri": cfg.split_uri,
                 "experiment": cfg.experiment, **tags}
         torch.save({"state_dict": model.state_dict(), "info": info,
-                    "transform": {"image_size": cfg.image_size, "clahe": cfg.clahe}}, local / "model.pt")
+                    "transform": {"image_size": cfg.image_size, "clahe": cfg.clahe,
+                                  "pre_size": pre_size(cfg)}}, local / "model.pt")
         storage.write_parquet(storage.join(out, "predictions.parquet"), preds)
         storage.write_json(storage.join(out, "model_info.json"), info)
         storage.write_json(storage.join(out, "history.json"), state.history)

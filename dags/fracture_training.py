@@ -1,0 +1,61 @@
+"""Training pipeline DAG: wiring only; every task calls one fracture_ops step."""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+from fracture_ops.orchestration.airflow_tasks import default_args, step_task
+from fracture_ops.orchestration.assets import CANDIDATE_MODEL, CLEAN_MANIFEST, SPLIT
+from fracture_ops.orchestration.params import TRAINING_PARAMS
+
+DOC = """
+### fracture_training
+Validate -> de-identify -> split -> train (GPU pod) -> calibrate -> tune thresholds -> evaluate ->
+Grad-CAM report -> package the MLflow model -> register it as the `challenger` version of
+`fracture-classifier`. Optional YOLOv8 detection branch (`detection` param).
+
+Every task runs `fracture-ops <step>` (locally as a subprocess, or as a Kubernetes pod when
+`FRACTURE_OPS_RUNNER=kubernetes`). Outputs: `<artifact_root>/runs/<run id>/<step>/`.
+Bad data fails a task at once (no retries) and its log names the file and the reason;
+infrastructure failures are retried with back-off. Promotion to `champion` needs a person's
+approval in the MLflow registry (see the `fracture_promotion` DAG).
+
+*Research and education only; not for clinical use.*
+"""
+
+
+@dag(
+    dag_id="fracture_training",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(),
+    params={name: Param(**spec) for name, spec in TRAINING_PARAMS.items()},
+    doc_md=DOC,
+    tags=["fracture-ops", "training"],
+)
+def fracture_training():
+    ingest = step_task("ingest")
+    validate = step_task("validate", outlets=[CLEAN_MANIFEST])
+    deidentify = step_task("deidentify")
+    split = step_task("split", outlets=[SPLIT])
+    train = step_task("train")
+    calibrate = step_task("calibrate")
+    tune = step_task("tune_thresholds")
+    evaluate = step_task("evaluate")
+    cam = step_task("cam")
+    package = step_task("package")
+    register = step_task("register", outlets=[CANDIDATE_MODEL])
+
+    @task.short_circuit(task_id="detection_enabled", ignore_downstream_trigger_rules=False)
+    def detection_enabled(params=None) -> bool:
+        return bool(params["detection"])
+
+    detect = step_task("detect_train")
+    ingest >> validate >> deidentify >> split >> train >> calibrate >> tune >> evaluate >> cam >> package >> register
+    split >> detection_enabled() >> detect
+
+
+fracture_training()

@@ -1,0 +1,86 @@
+"""The ``local`` runner: the pod's exact command, run as a subprocess on the worker.
+
+Output is streamed line by line to the caller's logger (so it shows in the Airflow task log as it
+happens), the step's JSON summary comes back through ``$FRACTURE_OPS_XCOM_FILE`` like a pod's
+``/airflow/xcom/return.json``, and the exit code says whether a retry can help.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from fracture_ops.errors import EXIT_BAD_INPUT, EXIT_BUDGET_EXCEEDED, EXIT_USAGE
+from fracture_ops.orchestration.specs import StepSpec, render_args
+
+log = logging.getLogger(__name__)
+NOT_RETRYABLE = {EXIT_USAGE, EXIT_BAD_INPUT, EXIT_BUDGET_EXCEEDED}
+
+
+class StepFailed(RuntimeError):
+    """A step's process exited non-zero.
+
+    Attributes:
+        exit_code: the process's exit status.
+        retryable: False for bad input, bad config or an exceeded error budget.
+        tail: the last lines of its output (they name the bad file and the reason).
+    """
+
+    def __init__(self, step: str, exit_code: int, tail: list[str]):
+        self.step, self.exit_code, self.tail = step, exit_code, tail
+        self.retryable = exit_code not in NOT_RETRYABLE
+        kind = "infrastructure/internal error (retryable)" if self.retryable else "bad input (not retried)"
+        last = "\n".join(tail[-15:])
+        super().__init__(f"step {step} exited {exit_code}: {kind}\n{last}")
+
+
+def cli_executable() -> list[str]:
+    """The ``fracture-ops`` console script of this interpreter's environment (the pod's entrypoint)."""
+    beside = Path(sys.executable).parent / "fracture-ops"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("fracture-ops")
+    return [found] if found else [sys.executable, "-m", "fracture_ops.cli"]
+
+
+def command_for(spec: StepSpec, context: dict[str, Any]) -> list[str]:
+    """The full command line: entrypoint + rendered arguments."""
+    return cli_executable() + render_args(spec, context)
+
+
+def run_step(spec: StepSpec, context: dict[str, Any], *, env: dict[str, str] | None = None,
+             emit: Callable[[str], None] | None = None, timeout_s: int | None = None) -> dict:
+    """Run one step as a subprocess and return its JSON summary.
+
+    Raises:
+        StepFailed: non-zero exit (``retryable`` tells whether to retry).
+    """
+    emit = emit or (lambda line: log.info("%s", line))
+    cmd = command_for(spec, context)
+    emit("$ " + " ".join(cmd))
+    with tempfile.TemporaryDirectory() as tmp:
+        xcom = Path(tmp) / "return.json"
+        proc_env = {**os.environ, **(env or {}), "FRACTURE_OPS_XCOM_FILE": str(xcom),
+                    "FRACTURE_OPS_NO_PROGRESS": os.environ.get("FRACTURE_OPS_NO_PROGRESS", "1")}
+        tail: list[str] = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=proc_env, bufsize=1) as proc:
+            try:
+                for line in proc.stdout:  # stream as it comes
+                    line = line.rstrip("\n")
+                    emit(line)
+                    tail = (tail + [line])[-200:]
+                code = proc.wait(timeout=timeout_s or spec.timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise StepFailed(spec.name, 124, tail + ["timed out"]) from None
+        if code != 0:
+            raise StepFailed(spec.name, code, tail)
+        return json.loads(xcom.read_text()) if xcom.exists() else {}

@@ -1,0 +1,105 @@
+"""Declarative step specs: one per pipeline step, the single source of both runners' commands.
+
+A spec names the CLI arguments (after ``fracture-ops``) as Jinja templates over the Airflow task
+context (``params`` from the trigger form, ``run_id``), plus what the step needs from the cluster
+(CPU, memory, GPUs, image), its retry policy and timeout. The ``kubernetes`` runner passes the
+rendered arguments to the pod; the ``local`` runner runs the identical command as a subprocess.
+This module imports neither Airflow nor Kubernetes, so it is cheap to import at DAG parse time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# the run folder of a DAG run; Airflow run ids carry ':' and '+', which we keep out of paths
+RUN_KEY = "{{ run_id | replace(':', '-') | replace('+', '-') }}"
+RUN = "{{ params.artifact_root }}/runs/" + RUN_KEY
+COMMON = ["--artifact-root", "{{ params.artifact_root }}", "--run-id", RUN_KEY]
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One pipeline step as both runners see it.
+
+    Attributes:
+        name: task id in the DAG and the step's folder name.
+        args: CLI arguments after ``fracture-ops`` (Jinja templates).
+        cpu, memory: Kubernetes requests (and memory limit).
+        gpu: number of ``nvidia.com/gpu`` to request (0 = CPU pool).
+        image: which image the pod runs: ``training`` (CUDA) or ``platform`` (CPU).
+        retries: retries on infrastructure failures (bad-data exits are never retried).
+        retry_delay_s: first retry delay; doubles each retry (exponential back-off).
+        timeout_s: execution timeout of the task.
+        outputs: files the step writes, relative to the run folder (for assets and docs).
+    """
+
+    name: str
+    args: tuple[str, ...]
+    cpu: str = "1"
+    memory: str = "2Gi"
+    gpu: int = 0
+    image: str = "platform"
+    retries: int = 2
+    retry_delay_s: int = 30
+    timeout_s: int = 3600
+    outputs: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _spec(name: str, *args: str, **kw: Any) -> StepSpec:
+    return StepSpec(name=name, args=tuple(args) + tuple(COMMON), **kw)
+
+
+TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
+    _spec("ingest", "ingest", "{{ params.source_uri }}", "--layout", "{{ params.layout }}",
+          outputs=("ingest/manifest.parquet", "ingest/boxes.parquet")),
+    _spec("validate", "validate", f"{RUN}/ingest/manifest.parquet", "--boxes", f"{RUN}/ingest/boxes.parquet",
+          "--max-bad-fraction", "{{ params.max_bad_fraction }}",
+          outputs=("validate/manifest.clean.parquet", "validate/report.html")),
+    _spec("deidentify", "deidentify", "--manifest", f"{RUN}/validate/manifest.clean.parquet",
+          "--set", f"boxes_uri={RUN}/validate/boxes.clean.parquet",
+          outputs=("deidentify/manifest.deid.parquet", "deidentify/boxes.deid.parquet")),
+    _spec("split", "split", f"{RUN}/deidentify/manifest.deid.parquet", "--seed", "{{ params.seed }}",
+          outputs=("split/split.parquet",)),
+    _spec("train", "train", f"{RUN}/split/split.parquet", "--backbone", "{{ params.backbone }}",
+          "--image-size", "{{ params.image_size }}", "--epochs", "{{ params.epochs }}",
+          "--batch-size", "{{ params.batch_size }}", "--loss", "{{ params.loss }}",
+          "--set", "seed={{ params.seed }}", "--set", "lr={{ params.lr }}",
+          cpu="4", memory="16Gi", gpu=1, image="training", timeout_s=6 * 3600,
+          outputs=("train/model.pt", "train/predictions.parquet")),
+    _spec("calibrate", "calibrate", "--predictions", f"{RUN}/train",
+          outputs=("calibrate/calibration.json",)),
+    _spec("tune_thresholds", "tune-thresholds", "--predictions", f"{RUN}/train",
+          "--calibration", f"{RUN}/calibrate/calibration.json",
+          outputs=("tune_thresholds/thresholds.json",)),
+    _spec("evaluate", "evaluate", "--predictions", f"{RUN}/train",
+          "--calibration", f"{RUN}/calibrate/calibration.json",
+          "--thresholds", f"{RUN}/tune_thresholds/thresholds.json",
+          outputs=("evaluate/evaluation.json",)),
+    _spec("cam", "cam", "--calibration", f"{RUN}/calibrate/calibration.json",
+          "--thresholds", f"{RUN}/tune_thresholds/thresholds.json", image="training",
+          outputs=("cam/report.html",)),
+    _spec("package", "package", outputs=("package/package.json",)),
+    _spec("register", "register", outputs=("register/registered.json",)),
+    _spec("detect_train", "detect", "train", "--split-uri", f"{RUN}/split/split.parquet",
+          "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet", "--set", "epochs={{ params.detect_epochs }}",
+          cpu="4", memory="16Gi", gpu=1, image="training", timeout_s=6 * 3600,
+          outputs=("detect_train/metrics.json",)),
+]}
+
+
+def render_args(spec: StepSpec, context: dict[str, Any]) -> list[str]:
+    """Render a spec's arguments against a task context (``params``, ``run_id``, ...).
+
+    Uses the same Jinja semantics as Airflow's template rendering, so the local runner and the
+    pod get identical commands.
+    """
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    return [env.from_string(a).render(**context) for a in spec.args]
+
+
+def run_folder(params: dict[str, Any], run_id: str) -> str:
+    """The run folder a DAG run writes to (same rule as the templates)."""
+    return f"{params['artifact_root']}/runs/{run_id.replace(':', '-').replace('+', '-')}"

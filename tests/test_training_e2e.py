@@ -1,0 +1,174 @@
+"""Classification track end to end on synthetic data: train -> calibrate -> tune -> evaluate ->
+package, resume after a kill, and the MLflow pyfunc model in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fracture_ops import storage
+
+# CPU budget for CI: timm's small ResNet (test_resnet, 0.37 M parameters) at 128 px separates the
+# synthetic classes in well under ten epochs from scratch.
+BACKBONE, SIZE, EPOCHS = "test_resnet", 128, 10
+
+
+def _env(tmp: Path) -> dict:
+    env = dict(os.environ)
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", FRACTURE_OPS_NO_PROGRESS="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Synthetic data -> split -> train -> calibrate -> tune -> evaluate -> package."""
+    from fracture_ops.data.split import SplitConfig, split_step
+    from fracture_ops.data.synthetic import SynthConfig, synth_step
+    from fracture_ops.evaluation.calibration import CalibrateConfig, calibrate_step
+    from fracture_ops.evaluation.evaluate import EvaluateConfig, evaluate_step
+    from fracture_ops.evaluation.thresholds import TuneThresholdsConfig, tune_thresholds_step
+    from fracture_ops.training.package import PackageConfig, package_step
+    from fracture_ops.training.train import TrainConfig, train_step
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    root = dict(artifact_root=str(tmp / "art"), run_id="e2e")
+    synth_step(SynthConfig(out_dir=str(tmp / "syn"), n_patients=200, image_size=SIZE, seed=0))
+    split = split_step(SplitConfig(manifest_uri=str(tmp / "syn" / "manifest.parquet"), **root))
+    t0 = time.perf_counter()
+    train = train_step(TrainConfig(split_uri=split["split_uri"], backbone=BACKBONE, image_size=SIZE,
+                                   epochs=EPOCHS, batch_size=32, lr=3e-3, **root))
+    wall = time.perf_counter() - t0
+    train_dir = train["train_dir"]
+    cal = calibrate_step(CalibrateConfig(predictions_uri=train_dir, **root))
+    th = tune_thresholds_step(TuneThresholdsConfig(predictions_uri=train_dir,
+                                                   calibration_uri=cal["calibration_uri"], **root))
+    ev = evaluate_step(EvaluateConfig(predictions_uri=train_dir, calibration_uri=cal["calibration_uri"],
+                                      thresholds_uri=th["thresholds_uri"], n_bootstrap=200, **root))
+    pkg = package_step(PackageConfig(**root))
+    yield dict(tmp=tmp, train=train, cal=cal, th=th, ev=ev, pkg=pkg, wall=wall, root=root)
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.mark.slow
+def test_synthetic_test_auroc_from_scratch_on_cpu(pipeline):
+    from sklearn.metrics import roc_auc_score
+
+    preds = storage.read_parquet(storage.join(pipeline["train"]["train_dir"], "predictions.parquet"))
+    test = preds[preds["split"] == "test"]
+    auroc = roc_auc_score(test["y_fracture"], test["logit_fracture"])
+    print(f"\n{BACKBONE} @ {SIZE}px, {EPOCHS} epochs: test AUROC {auroc:.4f}, "
+          f"train wall {pipeline['wall']:.0f} s")
+    assert auroc >= 0.95
+    doc = storage.read_json(storage.join(pipeline["ev"]["evaluation_uri"]))
+    assert "fracture" in json.dumps(doc) and doc  # the evaluation report covers the class
+
+
+@pytest.mark.slow
+def test_every_artifact_and_mlflow_run(pipeline):
+    import mlflow
+
+    train_dir = Path(pipeline["train"]["train_dir"])
+    for name in ("best.pt", "last.pt", "model.pt", "predictions.parquet", "model_info.json",
+                 "config.resolved.yaml", "_SUCCESS"):
+        assert (train_dir / name).exists(), name
+    eval_dir = Path(pipeline["root"]["artifact_root"]) / "runs" / "e2e" / "evaluate"
+    for name in ("evaluation.json", "roc.png", "pr.png", "confusion.png", "reliability.png"):
+        assert (eval_dir / name).exists(), name
+    client = mlflow.MlflowClient()
+    run = client.get_run(pipeline["train"]["mlflow_run_id"])
+    assert run.data.params["backbone"] == BACKBONE and run.data.params["image_size"] == str(SIZE)
+    assert len(run.data.tags["manifest_hash"]) == 16 and len(run.data.tags["split_hash"]) == 16
+    history = client.get_metric_history(run.info.run_id, "val_auroc")
+    assert sorted(m.step for m in history) == list(range(EPOCHS))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "evaluation"} <= artifacts
+
+
+@pytest.mark.slow
+def test_thresholds_and_calibration_fitted_on_val_only(pipeline):
+    th = storage.read_json(pipeline["th"]["thresholds_uri"])
+    cal = storage.read_json(pipeline["cal"]["calibration_uri"])
+    assert th["fitted_on"] == "val" and cal["fitted_on"] == "val"
+
+
+@pytest.mark.slow
+def test_pyfunc_model_reproduces_evaluation_in_fresh_process(pipeline, tmp_path):
+    """mlflow.pyfunc.load_model in a new interpreter gives the evaluation's probabilities (1e-5)."""
+    from fracture_ops.evaluation.calibrators import Calibrator
+
+    train_dir = pipeline["train"]["train_dir"]
+    preds = storage.read_parquet(storage.join(train_dir, "predictions.parquet"))
+    test = preds[preds["split"] == "test"].head(12)
+    split = storage.read_parquet(storage.read_json(storage.join(train_dir, "model_info.json"))["split_uri"])
+    uris = split.set_index("image_id").loc[test["image_id"], "image_uri"].tolist()
+    cal = Calibrator.from_dict(storage.read_json(pipeline["cal"]["calibration_uri"])["calibrator"])
+    expected = cal.transform(test[["logit_fracture"]].to_numpy()).ravel()
+    script = textwrap.dedent(f"""
+        import json, sys, mlflow, pandas as pd
+        model = mlflow.pyfunc.load_model({pipeline['pkg']['model_uri']!r})
+        out = model.predict(pd.DataFrame({{"image": {uris!r}}}))
+        print(json.dumps({{"p": out["prob_fracture"].tolist(), "d": out["decision_fracture"].tolist(),
+                          "cols": list(out.columns)}}))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=_env(pipeline["tmp"]), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["cols"] == ["prob_fracture", "decision_fracture"]
+    np.testing.assert_allclose(out["p"], expected, atol=1e-5)
+    threshold = storage.read_json(pipeline["th"]["thresholds_uri"])["thresholds"]["fracture"]
+    assert out["d"] == [int(p >= threshold) for p in out["p"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_training_resumes_same_mlflow_run(tmp_path, sig):
+    from fracture_ops.data.split import SplitConfig, split_step
+    from fracture_ops.data.synthetic import SynthConfig, synth_step
+
+    synth_step(SynthConfig(out_dir=str(tmp_path / "syn"), n_patients=40, image_size=64, seed=2))
+    root = ["--artifact-root", str(tmp_path / "art"), "--run-id", "k"]
+    split = split_step(SplitConfig(manifest_uri=str(tmp_path / "syn" / "manifest.parquet"),
+                                   artifact_root=str(tmp_path / "art"), run_id="k"))
+    cmd = [sys.executable, "-m", "fracture_ops.cli", "train", split["split_uri"], "--backbone",
+           BACKBONE, "--image-size", "64", "--epochs", "4", "--batch-size", "8", *root]
+    env = _env(tmp_path)
+    train_dir = tmp_path / "art" / "runs" / "k" / "train"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (train_dir / "last.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.2)
+    time.sleep(1.0)  # now inside epoch 2
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert not (train_dir / "_SUCCESS").exists()
+    first_run = json.loads((train_dir / "mlflow_run.json").read_text())["run_id"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["resumed"] is True and summary["epochs_run"] == 4
+    assert summary["mlflow_run_id"] == first_run
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    steps = {m.step for m in client.get_metric_history(first_run, "val_auroc")}
+    assert steps == {0, 1, 2, 3}
+    exp = client.get_experiment_by_name("fracture-classifier")
+    assert len(client.search_runs([exp.experiment_id])) == 1  # no second run was created
