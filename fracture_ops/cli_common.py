@@ -6,7 +6,8 @@ import argparse
 import logging
 import os
 import sys
-from typing import Iterable, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 from pydantic import BaseModel
 

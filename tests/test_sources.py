@@ -9,8 +9,13 @@ from PIL import Image
 
 from fracture_ops import storage
 from fracture_ops.data.manifest import MANIFEST_COLUMNS
-from fracture_ops.data.sources import (IngestConfig, from_grazpedwri, ingest_step, load_source,
-                                       read_yolo_boxes)
+from fracture_ops.data.sources import (
+    IngestConfig,
+    from_grazpedwri,
+    ingest_step,
+    load_source,
+    read_yolo_boxes,
+)
 from fracture_ops.errors import ManifestError
 
 GRAZ = "grazpedwri_dx/GRAZPEDWRI-DX"

@@ -7,7 +7,12 @@ import pytest
 
 from fracture_ops import storage
 from fracture_ops.data.manifest import normalize_manifest
-from fracture_ops.data.split import SplitConfig, assert_patient_disjoint, split_by_patient, split_step
+from fracture_ops.data.split import (
+    SplitConfig,
+    assert_patient_disjoint,
+    split_by_patient,
+    split_step,
+)
 from fracture_ops.errors import LeakageError, ManifestError
 
 

@@ -47,7 +47,7 @@ def pipeline(tmp_path_factory):
     split = split_step(SplitConfig(manifest_uri=str(tmp / "syn" / "manifest.parquet"), **root))
     t0 = time.perf_counter()
     train = train_step(TrainConfig(split_uri=split["split_uri"], backbone=BACKBONE, image_size=SIZE,
-                                   epochs=EPOCHS, batch_size=32, lr=3e-3, **root))
+                                   epochs=EPOCHS, batch_size=16, lr=3e-3, **root))
     wall = time.perf_counter() - t0
     train_dir = train["train_dir"]
     cal = calibrate_step(CalibrateConfig(predictions_uri=train_dir, **root))

@@ -24,8 +24,9 @@ import argparse
 import io
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Callable, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import pandas as pd
 

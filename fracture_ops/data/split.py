@@ -40,7 +40,7 @@ class SplitConfig(StepConfig):
     fixed_test_uri: str | None = None  # a previous split.parquet whose test patients stay in test
 
     @model_validator(mode="after")
-    def _fractions(self) -> "SplitConfig":
+    def _fractions(self) -> SplitConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
         return self
@@ -126,7 +126,7 @@ def split_report(table: pd.DataFrame, label_col: str = "label", fixed_rows: int 
     """Per-split counts of images and patients and label prevalence, plus the whole's."""
     def stats(df: pd.DataFrame) -> dict:
         prev = df[label_col].astype(str).value_counts(normalize=True).sort_index()
-        return {"images": int(len(df)), "patients": int(df["patient_id"].nunique()),
+        return {"images": len(df), "patients": int(df["patient_id"].nunique()),
                 "prevalence": {k: round(float(v), 4) for k, v in prev.items()}}
 
     report = {s: stats(table[table["split"] == s]) for s in SPLITS}

@@ -1,0 +1,382 @@
+"""Offline checks of the deployment under infra/: Kubernetes manifests and the Airflow Helm values.
+
+The manifests are validated against the Kubernetes OpenAPI schema shipped with kubernetes-validate
+(strict: unknown fields fail), so no cluster is needed. The names the step pods rely on (namespace,
+ServiceAccount, GPU label and taint, Secrets, cache PVC) are checked against infra/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra"
+VALUES_FILE = INFRA / "airflow" / "values.yaml"
+README = (INFRA / "README.md").read_text()
+K8S_VERSION = "1.34.0"  # a recent release whose schema kubernetes-validate ships
+NAMESPACE = "fracture-ops"
+LAUNCHER = "fracture-ops-launcher"
+GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
+GPU_NODE_LABEL = {"fracture-ops/pool": "gpu"}
+CLUSTER_SCOPED = {"Namespace", "RuntimeClass", "ClusterRole", "ClusterRoleBinding", "StorageClass"}
+CLIENT_SECRETS = {
+    "fracture-ops-mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+    "fracture-ops-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"},
+}
+
+
+def manifest_files() -> list[Path]:
+    """Every Kubernetes manifest under infra/ (not the kustomization, not the Helm values)."""
+    return sorted(p for p in INFRA.rglob("*.yaml")
+                  if p.name != "kustomization.yaml" and "airflow" not in p.relative_to(INFRA).parts)
+
+
+def resources() -> list[tuple[str, dict]]:
+    """(file relative to infra/, document) for every non-empty YAML document of the manifests."""
+    found = []
+    for path in manifest_files():
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                found.append((path.relative_to(INFRA).as_posix(), doc))
+    return found
+
+
+def by_kind(kind: str) -> list[dict]:
+    return [doc for _, doc in resources() if doc["kind"] == kind]
+
+
+def one(kind: str, name: str) -> dict:
+    matches = [d for d in by_kind(kind) if d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """(workload name, pod template spec) of every Deployment, StatefulSet and Job."""
+    return [(d["metadata"]["name"], d["spec"]["template"]["spec"])
+            for _, d in resources() if d["kind"] in ("Deployment", "StatefulSet", "Job")]
+
+
+def secret_value_problems(doc: dict) -> list[str]:
+    """Non-empty values in a Secret's data/stringData (a template must carry none)."""
+    problems = []
+    for field in ("data", "stringData"):
+        for key, value in (doc.get(field) or {}).items():
+            if value not in ("", None):
+                problems.append(f"{doc['metadata']['name']}.{field}.{key} is not empty")
+    return problems
+
+
+def granted_verbs(role: dict, resource: str) -> set[str]:
+    """Verbs a Role grants on a core-group resource."""
+    verbs: set[str] = set()
+    for rule in role.get("rules", []):
+        if "" in rule.get("apiGroups", []) and resource in rule.get("resources", []):
+            verbs |= set(rule.get("verbs", []))
+    return verbs
+
+
+def values() -> dict:
+    return yaml.safe_load(VALUES_FILE.read_text())
+
+
+def values_env() -> dict[str, str]:
+    return {item["name"]: item["value"] for item in values()["env"]}
+
+
+# ------------------------------------------------------------------ Kubernetes schema
+
+
+def test_manifests_cover_the_platform():
+    kinds = {doc["kind"] for _, doc in resources()}
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "Deployment",
+            "Service", "StatefulSet", "RuntimeClass", "Secret", "Job"} <= kinds
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: p.relative_to(INFRA).as_posix())
+def test_manifest_validates_against_kubernetes_schema(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs, f"{path} holds no document"
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_schema_validation_rejects_broken_manifests():
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+               "spec": {"ports": [{"port": "http-port"}]}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(service, K8S_VERSION, strict=True)
+    typo = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "x"},
+            "spec": {"accessMode": ["ReadWriteOnce"]}}  # strict mode: unknown field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, K8S_VERSION, strict=True)
+
+
+def test_namespaced_resources_live_in_fracture_ops():
+    for path, doc in resources():
+        if doc["kind"] not in CLUSTER_SCOPED:
+            assert doc["metadata"].get("namespace") == NAMESPACE, f"{path}: {doc['kind']}"
+    assert one("Namespace", NAMESPACE)
+
+
+def test_container_images_have_pinned_tags():
+    for name, spec in pod_specs():
+        for container in spec["containers"] + spec.get("initContainers", []):
+            image = container["image"]
+            tag = image.rsplit("/", 1)[-1].partition(":")[2]
+            assert tag and tag != "latest", f"{name}: {image}"
+
+
+def test_kustomization_applies_every_manifest_but_no_secret_template():
+    kustomization = yaml.safe_load((INFRA / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    expected = {p.relative_to(INFRA).as_posix() for p in manifest_files() if "secrets" not in p.parts}
+    assert listed == expected
+    images = {i["name"]: i.get("newTag") for i in kustomization["images"]}
+    for name, spec in pod_specs():
+        for container in spec["containers"]:
+            repo, _, tag = container["image"].rpartition(":")
+            assert images.get(repo) == tag, f"{name}: kustomization tag for {repo} differs from {tag}"
+
+
+# ------------------------------------------------------------------ Secrets
+
+
+def test_secret_value_check_flags_values():
+    doc = {"metadata": {"name": "s"}, "stringData": {"A": "", "B": "x"}, "data": {"C": "eA=="}}
+    assert secret_value_problems(doc) == ["s.data.C is not empty", "s.stringData.B is not empty"]
+
+
+def test_secrets_are_templates_without_values():
+    secrets = [(path, doc) for path, doc in resources() if doc["kind"] == "Secret"]
+    assert secrets
+    for path, doc in secrets:
+        assert re.fullmatch(r"secrets/[\w-]+\.template\.yaml", path), f"Secret outside templates: {path}"
+        assert doc.get("stringData") or doc.get("data"), f"{path}: template names no keys"
+        assert secret_value_problems(doc) == []
+
+
+def test_client_secrets_name_the_keys_step_pods_read():
+    for name, keys in CLIENT_SECRETS.items():
+        assert set(one("Secret", name)["stringData"]) == keys
+        assert name in README and all(k in README for k in keys)
+
+
+def _referenced_secrets() -> dict[str, set[str]]:
+    """Secret name -> keys referenced by the manifests and the Helm values ({} = whole Secret)."""
+    refs: dict[str, set[str]] = {}
+    for _, spec in pod_specs():
+        for container in spec["containers"]:
+            for source in container.get("envFrom", []):
+                refs.setdefault(source["secretRef"]["name"], set())
+            for var in container.get("env", []):
+                ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    refs.setdefault(ref["name"], set()).add(ref["key"])
+    v = values()
+    chart_keys = {"data.metadataSecretName": "connection", "fernetKeySecretName": "fernet-key",
+                  "apiSecretKeySecretName": "api-secret-key", "jwtSecretName": "jwt-secret"}
+    for dotted, key in chart_keys.items():
+        node = v
+        for part in dotted.split("."):
+            node = node[part]
+        refs.setdefault(node, set()).add(key)
+    for item in v.get("secret", []):
+        refs.setdefault(item["secretName"], set()).add(item["secretKey"])
+    for source in yaml.safe_load(v.get("extraEnvFrom") or "[]"):
+        refs.setdefault(source["secretRef"]["name"], set())
+    return refs
+
+
+def test_every_referenced_secret_has_a_template_with_its_keys():
+    templates = {d["metadata"]["name"]: set(d.get("stringData") or d.get("data")) for d in by_kind("Secret")}
+    refs = _referenced_secrets()
+    assert set(CLIENT_SECRETS) <= set(refs)
+    for name, keys in refs.items():
+        assert name in templates, f"Secret {name} is referenced but has no template"
+        assert keys <= templates[name], f"{name}: keys {keys - templates[name]} missing in template"
+
+
+# ------------------------------------------------------------------ RBAC, GPU pool, cache
+
+
+def test_launcher_role_grants_pod_lifecycle_in_namespace_only():
+    assert one("ServiceAccount", LAUNCHER)["metadata"]["namespace"] == NAMESPACE
+    assert not by_kind("ClusterRole") and not by_kind("ClusterRoleBinding")
+    bindings = [b for b in by_kind("RoleBinding")
+                if {"kind": "ServiceAccount", "name": LAUNCHER, "namespace": NAMESPACE} in b["subjects"]]
+    assert len(bindings) == 1 and bindings[0]["roleRef"]["kind"] == "Role"
+    role = one("Role", bindings[0]["roleRef"]["name"])
+    assert {"create", "delete", "get", "list", "watch"} <= granted_verbs(role, "pods")
+    assert "get" in granted_verbs(role, "pods/log")
+    assert "create" in granted_verbs(role, "pods/exec")  # xcom sidecar read-out
+    assert {"get", "list", "watch"} <= granted_verbs(role, "events")
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+        assert "secrets" not in rule["resources"], "the launcher must not read Secrets"
+
+
+def test_gpu_taint_and_label_match_the_readme():
+    runtime = one("RuntimeClass", "fracture-ops-gpu")
+    assert runtime["scheduling"]["nodeSelector"] == GPU_NODE_LABEL
+    assert runtime["scheduling"]["tolerations"] == [GPU_TAINT]
+    taint = f"{GPU_TAINT['key']}={GPU_TAINT['value']}:{GPU_TAINT['effect']}"
+    assert f"kubectl taint nodes <gpu-node> {taint}" in README
+    assert "kubectl label nodes <gpu-node> fracture-ops/pool=gpu" in README
+    assert "nvidia.com/gpu: 1" in README and "fracture-ops-gpu" in README
+
+
+def test_platform_services_stay_off_gpu_nodes():
+    for name, spec in pod_specs():
+        assert all(t.get("key") != GPU_TAINT["key"] for t in spec.get("tolerations", [])), name
+        assert "nvidia.com/gpu" not in json.dumps(spec.get("containers")), name
+
+
+def test_cache_pvc_matches_the_readme():
+    pvc = one("PersistentVolumeClaim", "fracture-ops-cache")
+    assert pvc["spec"]["resources"]["requests"]["storage"]
+    assert "`fracture-ops-cache` at `/cache`, `FRACTURE_OPS_CACHE_DIR=/cache`" in README
+
+
+# ------------------------------------------------------------------ MLflow and MinIO
+
+
+def _container(workload: str) -> dict:
+    return next(spec for name, spec in pod_specs() if name == workload)["containers"][0]
+
+
+def test_mlflow_deployment_runs_basic_auth_with_probes_and_resources():
+    container = _container("mlflow")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLFLOW_APP_NAME"] == "basic-auth" and env["MLFLOW_HOST"] == "0.0.0.0"
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://fracture-ops-mlflow"
+    assert "mlflow.fracture-ops.svc" in env["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    assert {s["secretRef"]["name"] for s in container["envFrom"]} == {"fracture-ops-mlflow-server", "fracture-ops-s3"}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health"
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    server_keys = set(one("Secret", "fracture-ops-mlflow-server")["stringData"])
+    script = (REPO / "mlflow" / "start-server.sh").read_text()
+    assert all(key in script for key in server_keys), "start script must document every server key"
+
+
+def test_services_route_to_declared_container_ports():
+    pods = [(d["spec"]["template"]["metadata"]["labels"], d["spec"]["template"]["spec"])
+            for d in by_kind("Deployment") + by_kind("StatefulSet")]
+    for service in by_kind("Service"):
+        selector = service["spec"]["selector"]
+        matched = [spec for labels, spec in pods if selector.items() <= labels.items()]
+        assert matched, f"Service {service['metadata']['name']} selects no pod"
+        port_names = {p["name"] for c in matched[0]["containers"] for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in port_names, (service["metadata"]["name"], port)
+
+
+def test_minio_statefulset_and_buckets_match_the_platform():
+    minio = one("StatefulSet", "minio")
+    assert minio["spec"]["volumeClaimTemplates"], "MinIO needs a PVC"
+    assert _container("minio")["envFrom"] == [{"secretRef": {"name": "fracture-ops-minio"}}]
+    script = " ".join(_container("minio-create-buckets")["args"])
+    created = set(re.findall(r"fracture-ops-[a-z-]+", script.split("for bucket in")[1].split(";")[0]))
+    cfg = values()["config"]["logging"]
+    needed = {values_env()["FRACTURE_OPS_ARTIFACT_ROOT"], cfg["remote_base_log_folder"],
+              dict((e["name"], e.get("value")) for e in _container("mlflow")["env"])["MLFLOW_ARTIFACTS_DESTINATION"]}
+    assert {re.match(r"s3://([^/]+)", uri).group(1) for uri in needed} == created
+
+
+# ------------------------------------------------------------------ Airflow Helm values
+
+# Top-level keys of the official chart's values.yaml (apache/airflow chart/, the releases for
+# Airflow 3.x); a key outside this set is ignored by the chart, i.e. almost surely a typo.
+CHART_TOP_LEVEL_KEYS = frozenset("""
+fullnameOverride nameOverride useStandardNaming revisionHistoryLimit uid gid securityContext
+securityContexts containerLifecycleHooks airflowHome defaultAirflowRepository defaultAirflowTag
+defaultAirflowDigest airflowVersion images nodeSelector affinity tolerations topologySpreadConstraints
+schedulerName labels imagePullSecrets ingress networkPolicies airflowPodAnnotations
+airflowConfigAnnotations airflowLocalSettings rbac executor allowPodLaunching allowJobLaunching env
+volumes volumeMounts secret enableBuiltInSecretEnvVars priorityClasses extraSecrets extraConfigMaps
+extraEnv extraEnvFrom data fernetKey fernetKeySecretName fernetKeySecretAnnotations apiSecretKey
+apiSecretAnnotations apiSecretKeySecretName jwtSecret jwtSecretAnnotations jwtSecretName
+webserverSecretKey webserverSecretAnnotations webserverSecretKeySecretName kerberos workers scheduler
+createUserJob migrateDatabaseJob apiServer webserver triggerer dagProcessor flower statsd pgbouncer
+redis registry elasticsearch opensearch ports quotas limits cleanup databaseCleanup postgresql config
+multiNamespaceMode podTemplate dags logs devMode
+""".split())
+
+
+def test_values_choose_executor_and_images():
+    v = values()
+    assert v["executor"] in ("KubernetesExecutor", "CeleryExecutor")
+    if v["executor"] == "KubernetesExecutor":
+        assert v["redis"]["enabled"] is False, "no broker needed without Celery"
+    assert v["airflowVersion"] == next(
+        line.split("==")[1] for line in (REPO / "constraints.txt").read_text().splitlines()
+        if line.startswith("apache-airflow=="))
+    for image in (f"{v['images']['airflow']['repository']}:{v['images']['airflow']['tag']}",
+                  values_env()["FRACTURE_OPS_TRAINING_IMAGE"], values_env()["FRACTURE_OPS_PLATFORM_IMAGE"]):
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), image
+
+
+def test_values_set_platform_env():
+    env = values_env()
+    assert env["FRACTURE_OPS_RUNNER"] == "kubernetes"
+    assert env["FRACTURE_OPS_ARTIFACT_ROOT"] == "s3://fracture-ops-artifacts"
+    assert values()["workers"]["serviceAccount"] == {"create": False, "name": LAUNCHER}
+
+
+def test_values_log_remotely_to_s3_with_a_provided_connection():
+    logging_cfg = values()["config"]["logging"]
+    assert logging_cfg["remote_logging"] == "True"
+    assert logging_cfg["remote_base_log_folder"].startswith("s3://")
+    conn_env = f"AIRFLOW_CONN_{logging_cfg['remote_log_conn_id'].upper()}"
+    assert conn_env in {item["envName"] for item in values()["secret"]}
+    assert values()["logs"]["persistence"]["enabled"] is False
+
+
+def test_values_take_database_and_keys_from_secrets():
+    v = values()
+    assert v["postgresql"]["enabled"] is False and v["data"]["metadataSecretName"]
+    assert v["apiSecretKeySecretName"] and v["jwtSecretName"] and v["fernetKeySecretName"]
+    for inline in ("fernetKey", "apiSecretKey", "jwtSecret", "webserverSecretKey"):
+        assert not v.get(inline), f"{inline} must come from a Secret"
+    assert "metadataConnection" not in v["data"]
+
+
+def test_values_bake_dags_into_the_image():
+    dags = values()["dags"]
+    assert dags["gitSync"]["enabled"] is False and dags["persistence"]["enabled"] is False
+    assert "COPY --chown=airflow:0 dags/ /opt/airflow/dags/" in (REPO / "docker/airflow/Dockerfile").read_text()
+
+
+def test_values_use_keys_the_chart_knows():
+    unknown = set(values()) - CHART_TOP_LEVEL_KEYS
+    assert not unknown, f"keys the official chart does not define: {unknown}"
+
+
+def test_values_config_options_exist_in_airflow(tmp_path):
+    pytest.importorskip("airflow", reason="apache-airflow not installed (extra [airflow])")
+    pairs = [[section, key] for section, opts in values()["config"].items() for key in opts]
+    code = ("import json, sys; from airflow.configuration import conf; "
+            "print(json.dumps([p for p in json.loads(sys.argv[1]) if not conf.has_option(*p)]))")
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(pairs)], capture_output=True,
+                         text=True, env=env, timeout=120, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_values_match_the_chart_schema_when_available():
+    schema_path = os.environ.get("AIRFLOW_CHART_SCHEMA")
+    if not schema_path:
+        pytest.skip("set AIRFLOW_CHART_SCHEMA to the chart's values.schema.json (helm pull --untar)")
+    import jsonschema
+
+    jsonschema.validate(values(), json.loads(Path(schema_path).read_text()))
