@@ -9,7 +9,7 @@ RUN_ID ?= demo
 export NO_ALBUMENTATIONS_UPDATE=1 GX_ANALYTICS_ENABLED=False MLFLOW_DISABLE_TELEMETRY=true \
        HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: help install demo test lint bench clean
+.PHONY: help install demo test lint bench clean up down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,12 @@ demo: install  ## run the data steps end to end on the synthetic data set
 
 test: install  ## run the whole test suite (unit, real data, integration)
 	$(BIN)/python -m pytest -q
+
+up: install  ## start Airflow (standalone) and the MLflow UI on loopback, DAGs loaded
+	@$(BIN)/python -m fracture_ops.orchestration.devstack up
+
+down:  ## stop what `make up` started
+	@$(BIN)/python -m fracture_ops.orchestration.devstack down
 
 lint:  ## ruff
 	$(BIN)/ruff check fracture_ops dags tests benchmarks
