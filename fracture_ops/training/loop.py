@@ -101,9 +101,10 @@ def build_optimizer(model: nn.Module, cfg: LoopConfig, steps_per_epoch: int):
 class Checkpointer:
     """Saves ``last.pt`` every epoch and ``best.pt`` on improvement, atomically."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, on_save: Callable[[Path], None] | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.on_save = on_save  # e.g. copy the checkpoint to S3 so another pod can resume
 
     def save(self, name: str, model, opt, sched, scaler, state: LoopState) -> None:
         blob = {"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -113,6 +114,8 @@ class Checkpointer:
         tmp = self.folder / f".{name}.tmp"
         torch.save(blob, tmp)
         tmp.replace(self.folder / name)  # atomic: a kill never leaves a torn checkpoint
+        if self.on_save is not None:
+            self.on_save(self.folder / name)
 
     def restore(self, model, opt, sched, scaler) -> LoopState | None:
         path = self.folder / "last.pt"
@@ -188,7 +191,7 @@ def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, devi
             opt.step()
         if sched is not None and sched_mode == "step":
             sched.step()
-        total += float(loss) * len(x)
+        total += float(loss.detach()) * len(x)
         n += len(x)
     elapsed = time.perf_counter() - t0
     return {"train_loss": total / max(n, 1), "images_per_s": n / max(elapsed, 1e-9),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -76,6 +78,16 @@ def _split_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFram
     return table, parts
 
 
+def _default_cache_dir(cfg: TrainConfig) -> str:
+    """``$FRACTURE_OPS_CACHE_DIR/decoded`` (the pod's cache volume) or ``<artifact_root>/cache``."""
+    env = os.environ.get("FRACTURE_OPS_CACHE_DIR")
+    if env:
+        return str(Path(env) / "decoded")
+    if storage.is_s3(cfg.artifact_root):
+        return str(Path(tempfile.gettempdir()) / "fracture-ops-cache" / "decoded")
+    return str(Path(cfg.artifact_root) / "cache" / "decoded")
+
+
 def pre_size(cfg: TrainConfig) -> int:
     """Longest side images are shrunk to before augmentation (room for the random crop)."""
     return int(cfg.image_size * 1.15)
@@ -88,7 +100,7 @@ def _datasets(cfg: TrainConfig, parts: dict[str, pd.DataFrame], targets: dict[st
     pre = pre_size(cfg)
     cache = None
     if cfg.cache:
-        folder = cfg.cache_dir or str(Path(cfg.artifact_root) / "cache" / "decoded")
+        folder = cfg.cache_dir or _default_cache_dir(cfg)
         if storage.is_s3(folder):
             raise ManifestError("cache_dir must be a local folder (a pod volume), not s3://")
         cache = DecodeCache(folder, pre)
@@ -112,6 +124,25 @@ def _predictions(parts, targets, logits, class_names) -> pd.DataFrame:
             df[f"logit_{c}"] = lg[:, k].astype(np.float64)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def _local_folder(cfg: TrainConfig, out: str) -> Path:
+    """Where checkpoints are written: the run folder itself, or (for s3:// artifact roots) a
+    work folder on the pod's volume (``$FRACTURE_OPS_CACHE_DIR``), mirrored to S3 on every save."""
+    if not storage.is_s3(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return Path(out)
+    base = Path(os.environ.get("FRACTURE_OPS_CACHE_DIR") or tempfile.gettempdir())
+    folder = base / "work" / cfg.run_id / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _uploader(out: str):
+    def upload(path: Path) -> None:
+        storage.write_bytes(storage.join(out, path.name), path.read_bytes())
+
+    return upload
 
 
 def train_step(cfg: TrainConfig) -> dict:
@@ -141,12 +172,16 @@ def train_step(cfg: TrainConfig) -> dict:
     from fracture_ops.training.models import build_model
 
     out = cfg.output_dir("train")
-    local = Path(out)  # checkpoints need a local folder (the pod's volume); S3 gets the copies
-    if storage.is_s3(out):
-        raise ManifestError("train: artifact_root must be local for checkpoints; sync it to S3 after")
-    resuming = (local / "last.pt").exists() and not storage.is_complete(out)
+    local, remote = _local_folder(cfg, out), storage.is_s3(out)
+    resuming = storage.exists(storage.join(out, "last.pt")) and not storage.is_complete(out)
     if not resuming:
         storage.reset_dir(out)
+        if remote:
+            storage.reset_dir(str(local))
+    elif remote:  # another pod was killed: fetch its checkpoints
+        for name in ("last.pt", "best.pt"):
+            if storage.exists(storage.join(out, name)):
+                (local / name).write_bytes(storage.read_bytes(storage.join(out, name)))
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
     table, parts = _split_frames(cfg)
@@ -169,7 +204,7 @@ def train_step(cfg: TrainConfig) -> dict:
                               grad_clip=cfg.grad_clip, amp=cfg.amp, patience=cfg.patience, task=cfg.task)
         t0 = time.perf_counter()
         state = fit(model, loaders["train"], loaders["val"], targets["val"], loss_fn, loop_cfg,
-                    device, Checkpointer(local),
+                    device, Checkpointer(local, on_save=_uploader(out) if remote else None),
                     lambda st: mlflow.log_metrics({k: v for k, v in st.items() if k != "epoch"},
                                                   step=st["epoch"]),
                     progress=lambda it: progress(it, "train", total=len(it)))
@@ -190,8 +225,11 @@ def train_step(cfg: TrainConfig) -> dict:
         storage.write_json(storage.join(out, "history.json"), state.history)
         mlflow.log_metrics({"best_val_auroc": state.best_score,
                             "train_wall_s": time.perf_counter() - t0})
+        if remote:
+            storage.write_bytes(storage.join(out, "model.pt"), (local / "model.pt").read_bytes())
         mlflow.log_artifact(str(local / "model.pt"), "checkpoint")
-        mlflow.log_artifact(str(local / "config.resolved.yaml"), "config")
+        mlflow.log_text(storage.read_text(storage.join(out, "config.resolved.yaml")),
+                        "config/config.resolved.yaml")
     summary = {"train_dir": out, "mlflow_run_id": run.info.run_id, "best_epoch": state.best_epoch,
                "best_val_auroc": round(state.best_score, 4), "epochs_run": state.epoch,
                "predictions_uri": storage.join(out, "predictions.parquet"), "resumed": resumed}
