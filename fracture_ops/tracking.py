@@ -30,9 +30,11 @@ def tracking_uri() -> str:
 
 
 def _artifact_location(name: str) -> str | None:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return None  # the server decides (e.g. --artifacts-destination s3://...)
-    folder = Path(os.environ.get("FRACTURE_OPS_MLFLOW_DIR", "data/mlflow")).resolve()
+    """Artifacts beside a local SQLite store; a server decides its own (None)."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None  # e.g. a server with --artifacts-destination s3://...
+    folder = Path(uri[len("sqlite:///"):]).resolve().parent
     return (folder / "artifacts" / name).as_uri()
 
 
@@ -41,10 +43,13 @@ def setup(experiment: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
+    # decide the artifact location before set_tracking_uri: mlflow 3 exports the URI to the
+    # environment, which would make every store look like a server's
+    location = _artifact_location(experiment)
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_experiment_by_name(experiment) is None:
         try:
-            mlflow.create_experiment(experiment, artifact_location=_artifact_location(experiment))
+            mlflow.create_experiment(experiment, artifact_location=location)
         except Exception:  # created concurrently by another step: fine
             if mlflow.get_experiment_by_name(experiment) is None:
                 raise

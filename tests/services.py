@@ -85,7 +85,8 @@ class MlflowServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **S3_CREDS, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
-                    "MLFLOW_DISABLE_TELEMETRY": "true", **(extra_env or {})}
+                    "MLFLOW_DISABLE_TELEMETRY": "true",
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})}
         cmd = [str(Path(sys.executable).parent / "mlflow"), "server",
                "--backend-store-uri", backend_url, "--artifacts-destination", "s3://fracture-ops-mlflow",
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]

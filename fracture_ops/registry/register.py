@@ -74,7 +74,8 @@ def register_model_version(model_uri: str, run_id: str, name: str, tags: dict[st
         client.create_registered_model(name, description="Bone-fracture classifier (research use only).")
     version = find_version(client, name, run_id)
     if version is None:
-        version = client.create_model_version(name, model_uri, run_id=run_id)
+        # mlflow.register_model resolves MLflow 3 logged-model URIs (models:/m-...) to their source
+        version = mlflow.register_model(model_uri, name)
         log.info("registered %s version %s", name, version.version)
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
