@@ -13,7 +13,8 @@ DOC = """
 ### fracture_training
 Validate -> de-identify -> split -> train (GPU pod) -> calibrate -> tune thresholds -> evaluate ->
 Grad-CAM report -> package the MLflow model -> register it as the `challenger` version of
-`fracture-classifier`. Optional YOLOv8 detection branch (`detection` param).
+`fracture-classifier` -> gate it against the `champion` on the same test set (never promotes).
+Optional YOLOv8 detection branch (`detection` param).
 
 Every task runs `fracture-ops <step>` (locally as a subprocess, or as a Kubernetes pod when
 `FRACTURE_OPS_RUNNER=kubernetes`). Outputs: `<artifact_root>/runs/<run id>/<step>/`.
@@ -47,14 +48,15 @@ def fracture_training():
     evaluate = step_task("evaluate")
     cam = step_task("cam")
     package = step_task("package")
-    register = step_task("register", outlets=[CANDIDATE_MODEL])
+    register = step_task("register")
+    gate = step_task("gate", outlets=[CANDIDATE_MODEL])
 
     @task.short_circuit(task_id="detection_enabled", ignore_downstream_trigger_rules=False)
     def detection_enabled(params=None) -> bool:
         return bool(params["detection"])
 
     detect = step_task("detect_train")
-    ingest >> validate >> deidentify >> split >> train >> calibrate >> tune >> evaluate >> cam >> package >> register
+    ingest >> validate >> deidentify >> split >> train >> calibrate >> tune >> evaluate >> cam >> package >> register >> gate
     split >> detection_enabled() >> detect
 
 

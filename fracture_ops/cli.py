@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cam": ("fracture_ops.explain.step", "Grad-CAM report on the test split, or one --image"),
     "package": ("fracture_ops.training.package", "log the MLflow pyfunc model with calibration+thresholds"),
     "register": ("fracture_ops.registry.register", "register the packaged model as the new challenger"),
+    "gate": ("fracture_ops.registry.gates", "challenger vs champion on the same test set (never promotes)"),
+    "registry": ("fracture_ops.registry.promotion", "promote an approved challenger, roll back, status"),
 }
 
 EPILOG = (

@@ -67,7 +67,7 @@ def test_training_dag_green_on_postgres_mlflow_s3(services, tmp_path):
     failed = [t for t, (s, _) in states.items() if s == "failed"]
     assert res.returncode == 0, f"failed tasks {failed}; log {tmp_path / 'dags_test.log'}\n{out[-3000:]}"
     expected = {"ingest", "validate", "deidentify", "split", "train", "calibrate", "tune_thresholds",
-                "evaluate", "cam", "package", "register"}
+                "evaluate", "cam", "package", "register", "gate"}
     assert {t for t, (s, _) in states.items() if s == "success"} >= expected, states
     assert states["detect_train"][0] == "skipped"
     # MLflow: the run, the registered challenger, and the artifacts in S3
@@ -78,6 +78,7 @@ def test_training_dag_green_on_postgres_mlflow_s3(services, tmp_path):
     run = client.get_run(version.run_id)
     assert run.data.params["backbone"] == "test_resnet" and "best_val_auroc" in run.data.metrics
     assert version.tags["approval"] == "pending" and "metric.auroc" in version.tags
+    assert version.tags["gate"] in ("passed", "failed") and version.tags["gate.champion_version"] == "none"
     keys = services["s3"].keys("fracture-ops-mlflow")
     assert any(k.endswith("evaluation/evaluation.json") for k in keys), keys[:20]
     assert any(k.endswith("explain/gradcam_report.html") for k in keys)

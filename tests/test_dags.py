@@ -17,7 +17,7 @@ HEAVY = ["torch", "pandas", "pydicom", "mlflow", "evidently", "timm", "albumenta
 TRAINING_EDGES = {
     ("ingest", "validate"), ("validate", "deidentify"), ("deidentify", "split"), ("split", "train"),
     ("train", "calibrate"), ("calibrate", "tune_thresholds"), ("tune_thresholds", "evaluate"),
-    ("evaluate", "cam"), ("cam", "package"), ("package", "register"),
+    ("evaluate", "cam"), ("cam", "package"), ("package", "register"), ("register", "gate"),
     ("split", "detection_enabled"), ("detection_enabled", "detect_train"),
 }
 EXPECTED_EDGES = {"fracture_training": TRAINING_EDGES}

@@ -19,7 +19,7 @@ from fracture_ops import storage
 
 # CPU budget for CI: timm's small ResNet (test_resnet, 0.37 M parameters) at 128 px separates the
 # synthetic classes in well under ten epochs from scratch.
-BACKBONE, SIZE, EPOCHS = "test_resnet", 128, 10
+BACKBONE, SIZE, EPOCHS = "test_resnet", 128, 12
 
 
 def _env(tmp: Path) -> dict:

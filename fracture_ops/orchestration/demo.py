@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                            image_size=128, dicom_fraction=0.25, seed=0))
     params = defaults(source_uri=str(root / "synthetic" / "manifest.csv"), layout="csv",
                       artifact_root=str(root / "artifacts"), backbone="test_resnet",
-                      image_size=128, epochs=10, batch_size=16, lr=0.003)
+                      image_size=128, epochs=12, batch_size=16, lr=0.003)
     context = {"params": params, "run_id": args.run_id}
     steps = DATA_STEPS + ([] if args.data_only else MODEL_STEPS)
     summaries = {}

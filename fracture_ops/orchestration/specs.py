@@ -81,6 +81,7 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           outputs=("cam/report.html",)),
     _spec("package", "package", outputs=("package/package.json",)),
     _spec("register", "register", outputs=("register/registered.json",)),
+    _spec("gate", "gate", image="training", outputs=("gate/gate.json",)),
     _spec("detect_train", "detect", "train", "--split-uri", f"{RUN}/split/split.parquet",
           "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet", "--set", "epochs={{ params.detect_epochs }}",
           cpu="4", memory="16Gi", gpu=1, image="training", timeout_s=6 * 3600,

@@ -83,6 +83,22 @@ def register_model_version(model_uri: str, run_id: str, name: str, tags: dict[st
     return version
 
 
+def attach_model_card(run_folder: str, out: str, name: str, version, run_id: str) -> str:
+    """Write the model card, log it with the run, and make it the version's description."""
+    import mlflow
+
+    from fracture_ops.registry.model_card import write_model_card
+
+    md, md_uri, html_uri = write_model_card(run_folder, out, name, str(version.version), run_id,
+                                            git_revision())
+    client = mlflow.MlflowClient()
+    client.log_text(run_id, md, "model_card/model_card.md")
+    client.log_text(run_id, storage.read_text(html_uri), "model_card/model_card.html")
+    client.update_model_version(name, version.version, description=md[:60000])
+    client.set_model_version_tag(name, version.version, "model_card", f"runs:/{run_id}/model_card/model_card.html")
+    return html_uri
+
+
 def register_step(cfg: RegisterConfig) -> dict:
     """Register the packaged model as the new challenger.
 
@@ -106,7 +122,8 @@ def register_step(cfg: RegisterConfig) -> dict:
                                      version_tags(headline, info, run_folder))
     out = cfg.output_dir("register")
     storage.reset_dir(out)
-    summary = {"model_name": cfg.model_name, "version": str(version.version), "alias": CHALLENGER,
+    card_uri = attach_model_card(run_folder, out, cfg.model_name, version, package["mlflow_run_id"])
+    summary = {"model_card": card_uri, "model_name": cfg.model_name, "version": str(version.version), "alias": CHALLENGER,
                "model_uri": f"models:/{cfg.model_name}/{version.version}",
                "mlflow_run_id": package["mlflow_run_id"]}
     write_resolved(cfg, out)

@@ -1,0 +1,205 @@
+"""Promotion a person approves, against a real MLflow server with basic auth (PostgreSQL backend,
+S3 artifacts): gate, approval tags, approvers list, audit log, rollback, idempotence."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+
+from fracture_ops import storage
+from tests.services import MlflowServer, S3Server, create_database, drop_database
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+MODEL = "fracture-classifier"
+APPROVERS = ["alice"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("auth")
+    admin_pw = secrets.token_urlsafe(16)
+    ini = work / "basic_auth.ini"
+    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{work / 'auth.db'}\n"
+                   f"admin_username = admin\nadmin_password = {admin_pw}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    s3, db = S3Server(), create_database("fo_promo")
+    srv = MlflowServer(db, s3, work, app_name="basic-auth",
+                       extra_env={"MLFLOW_AUTH_CONFIG_PATH": str(ini),
+                                  "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
+    env = {"MLFLOW_TRACKING_URI": srv.url, "MLFLOW_TRACKING_USERNAME": "admin",
+           "MLFLOW_TRACKING_PASSWORD": admin_pw}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield {"url": srv.url, "admin_pw": admin_pw, "work": work}
+    for k, v in old.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    srv.stop()
+    s3.stop()
+    drop_database(db)
+
+
+@pytest.fixture(scope="module")
+def versions(server, tmp_path_factory):
+    """Three registered versions from three training runs on the same fixed test split."""
+    from fracture_ops.data.split import SplitConfig, split_step
+    from fracture_ops.data.synthetic import SynthConfig, synth_step
+    from fracture_ops.evaluation.calibration import CalibrateConfig, calibrate_step
+    from fracture_ops.evaluation.evaluate import EvaluateConfig, evaluate_step
+    from fracture_ops.evaluation.thresholds import TuneThresholdsConfig, tune_thresholds_step
+    from fracture_ops.registry.register import RegisterConfig, register_step
+    from fracture_ops.training.package import PackageConfig, package_step
+    from fracture_ops.training.train import TrainConfig, train_step
+
+    tmp = tmp_path_factory.mktemp("runs")
+    synth_step(SynthConfig(out_dir=str(tmp / "syn"), n_patients=40, image_size=64, seed=4))
+    art = str(tmp / "art")
+    split = split_step(SplitConfig(manifest_uri=str(tmp / "syn" / "manifest.parquet"), artifact_root=art,
+                                   run_id="data"))
+    out = []
+    for i, run in enumerate(("a", "b", "c")):
+        root = dict(artifact_root=art, run_id=run)
+        # the test split is shared (copied into each run folder), as a fixed test set would be
+        split_dir = storage.join(art, "runs", run, "split")
+        for name in ("split.parquet", "report.json"):
+            storage.write_bytes(storage.join(split_dir, name),
+                                storage.read_bytes(storage.join(art, "runs", "data", "split", name)))
+        train_step(TrainConfig(split_uri=split["split_uri"], backbone="test_resnet", image_size=64,
+                               epochs=2, batch_size=16, seed=i, **root))
+        calibrate_step(CalibrateConfig(**root))
+        tune_thresholds_step(TuneThresholdsConfig(calibration_uri=storage.join(art, "runs", run, "calibrate"),
+                                                  **root))
+        evaluate_step(EvaluateConfig(n_bootstrap=50, **root))
+        package_step(PackageConfig(**root))
+        out.append(register_step(RegisterConfig(**root))["version"])
+    return {"versions": out, "art": art}
+
+
+def _gate(run: str, art: str, **rules):
+    from fracture_ops.registry.gates import GateConfig, gate_step
+
+    loose = dict(min_auroc=0.0, min_sensitivity=0.0, auroc_margin=1.0, sensitivity_tolerance=1.0,
+                 ece_tolerance=1.0)
+    return gate_step(GateConfig(artifact_root=art, run_id=run, **{**loose, **rules}))
+
+
+def _promote(art: str):
+    from fracture_ops.registry.promotion import PromotionConfig, promote_if_approved
+
+    return promote_if_approved(PromotionConfig(artifact_root=art, approvers=APPROVERS))
+
+
+def _audit(art: str) -> list[dict]:
+    from fracture_ops.registry.promotion import read_audit
+
+    return read_audit(storage.join(art, "registry", "audit.jsonl"))
+
+
+def test_approval_gate_promotion_rollback_and_auth(server, versions):
+    import mlflow
+    from mlflow.server import get_app_client
+
+    v1, v2, v3 = versions["versions"]
+    art = versions["art"]
+    client = mlflow.MlflowClient()
+    assert [v1, v2, v3] == ["1", "2", "3"]
+    # v1 is today's champion (set up by an administrator before this story starts)
+    client.set_registered_model_alias(MODEL, "champion", v1)
+    # the training run of v2: registered as challenger, gated against the champion on one test set
+    client.set_registered_model_alias(MODEL, "challenger", v2)
+    gate = _gate("b", art)
+    assert gate["gate"] == "passed" and gate["champion_version"] == v1
+    evidence = storage.read_json(gate["evidence_uri"])
+    assert evidence["champion"]["version"] == v1 and evidence["n_test"] > 0
+    # no approval yet: several promotion passes change nothing
+    for _ in range(3):
+        assert _promote(art)["action"] == "none"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v1
+    assert _audit(art) == []
+    # basic auth: a READ-only user cannot set the approval tag; alice (MANAGE) can
+    auth = get_app_client("basic-auth", tracking_uri=server["url"])
+    auth.create_user("reader", "reader-pw-123")
+    auth.create_user("alice", "alice-pw-123")
+    auth.create_user("mallory", "mallory-pw-12")
+    auth.grant_user_permission("alice", "registered_model", MODEL, "MANAGE")
+    auth.grant_user_permission("mallory", "registered_model", MODEL, "MANAGE")
+    reader = _as("reader", "reader-pw-123", server["url"])
+    with pytest.raises(mlflow.exceptions.MlflowException, match="(?i)permission"):
+        reader.set_model_version_tag(MODEL, v2, "approval", "approved")
+    assert client.get_model_version(MODEL, v2).tags.get("approval") == "pending"
+    # an approval naming someone outside the approvers list is not honoured (and audited once)
+    mallory = _as("mallory", "mallory-pw-12", server["url"])
+    mallory.set_model_version_tag(MODEL, v2, "approval", "approved")
+    mallory.set_model_version_tag(MODEL, v2, "approved_by", "mallory")
+    for _ in range(2):
+        assert "not on the approvers list" in _promote(art)["reason"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v1
+    refusals = [r for r in _audit(art) if r["action"] == "refused"]
+    assert len(refusals) == 1 and refusals[0]["approved_by"] == "mallory"
+    # alice approves: v2 becomes champion, v1 is tagged, one promotion record
+    alice = _as("alice", "alice-pw-123", server["url"])
+    alice.set_model_version_tag(MODEL, v2, "approved_by", "alice")
+    result = _promote(art)
+    assert result == {"action": "promoted", "version": v2, "previous_version": v1, "approved_by": "alice"}
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v2
+    old = client.get_model_version(MODEL, v1).tags
+    assert old["superseded_by"] == v2 and "retired_at" in old
+    promoted = [r for r in _audit(art) if r["action"] == "promoted"]
+    assert len(promoted) == 1 and promoted[0]["version"] == v2 and promoted[0]["previous_version"] == v1
+    # idempotent: running again changes nothing
+    before = (_audit(art), client.get_model_version(MODEL, v2).tags)
+    assert _promote(art)["action"] == "none"
+    assert (_audit(art), client.get_model_version(MODEL, v2).tags) == before
+    # a gate-failed version with an approval tag is refused
+    client.set_registered_model_alias(MODEL, "challenger", v3)
+    assert _gate("c", art, min_auroc=1.01)["gate"] == "failed"
+    alice.set_model_version_tag(MODEL, v3, "approval", "approved")
+    alice.set_model_version_tag(MODEL, v3, "approved_by", "alice")
+    assert "gate verdict" in _promote(art)["reason"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v2
+    # rollback restores the previous champion, with an audit record
+    from fracture_ops.registry.promotion import PromotionConfig, rollback
+
+    assert rollback(PromotionConfig(artifact_root=art))["version"] == v1
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v1
+    assert _audit(art)[-1]["action"] == "rolled_back"
+
+
+def test_model_card_attached_to_version(server, versions):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    v = client.get_model_version(MODEL, versions["versions"][0])
+    assert "Research and education only" in v.description and "Patient-wise split" in v.description
+    html = client.download_artifacts(v.run_id, "model_card/model_card.html", str(versions["art"]))
+    text = open(html).read()
+    for heading in ("Intended use", "Data sources and licences", "Test metrics", "Thresholds",
+                    "Calibration", "Known limitations"):
+        assert heading in text
+
+
+def _as(user: str, password: str, url: str):
+    """An MlflowClient that authenticates as ``user`` (basic auth reads these from the env)."""
+    import mlflow
+
+    return _EnvClient(mlflow.MlflowClient(tracking_uri=url), user, password)
+
+
+class _EnvClient:
+    """Runs each call with this user's credentials, then restores the admin's."""
+
+    def __init__(self, client, user, password):
+        self.client, self.user, self.password = client, user, password
+
+    def __getattr__(self, name):
+        fn = getattr(self.client, name)
+
+        def call(*a, **k):
+            saved = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = self.user, self.password
+            try:
+                return fn(*a, **k)
+            finally:
+                os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = saved
+        return call
