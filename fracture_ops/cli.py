@@ -38,6 +38,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cam": ("fracture_ops.explain.step", "Grad-CAM report on the test split, or one --image"),
     "package": ("fracture_ops.training.package", "log the MLflow pyfunc model with calibration+thresholds"),
     "register": ("fracture_ops.registry.register", "register the packaged model as the new challenger"),
+    "infer": ("fracture_ops.inference.step", "score new studies with the champion model into the prediction log"),
+    "reference": ("fracture_ops.inference.reference", "score the champion's validation split into its drift reference table"),
+    "drift": ("fracture_ops.monitoring.step", "Evidently drift report of the latest prediction-log window vs the reference"),
     "gate": ("fracture_ops.registry.gates", "challenger vs champion on the same test set (never promotes)"),
     "registry": ("fracture_ops.registry.promotion", "promote an approved challenger, roll back, status"),
 }

@@ -20,7 +20,13 @@ TRAINING_EDGES = {
     ("evaluate", "cam"), ("cam", "package"), ("package", "register"), ("register", "gate"),
     ("split", "detection_enabled"), ("detection_enabled", "detect_train"),
 }
-EXPECTED_EDGES = {"fracture_training": TRAINING_EDGES}
+EXPECTED_EDGES = {
+    "fracture_training": TRAINING_EDGES,
+    "fracture_promotion": set(),
+    "fracture_inference": {("reference", "infer")},
+    "fracture_drift": {("drift", "drift_detected"), ("drift", "retraining_signal"),
+                       ("drift_detected", "retraining_signal")},
+}
 
 
 def _dagbag(env: dict | None = None):

@@ -1,14 +1,18 @@
 """``make demo``: the training pipeline end to end on synthetic data, on this machine.
 
 Generates the synthetic data set (a quarter of the patients as DICOM with fake PHI, so the
-de-identification step has work), then runs every step of the training pipeline with the local
-runner, exactly the commands the Airflow DAG runs, and prints where the outputs are.
+de-identification step has work), then runs the ``fracture_training`` DAG with
+``airflow dags test`` on an embedded SQLite Airflow (local runner, local MLflow store) and prints
+where the outputs are. It starts no server. ``--no-airflow`` runs the same step commands directly.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="data/demo", help="demo folder (default data/demo)")
     ap.add_argument("--run-id", default="demo")
     ap.add_argument("--patients", type=int, default=160)
-    ap.add_argument("--data-only", action="store_true", help="stop after the split")
+    ap.add_argument("--data-only", action="store_true", help="stop after the split (no Airflow)")
+    ap.add_argument("--no-airflow", action="store_true", help="run the steps without Airflow")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = Path(args.root).resolve()
@@ -38,30 +43,78 @@ def main(argv: list[str] | None = None) -> int:
     params = defaults(source_uri=str(root / "synthetic" / "manifest.csv"), layout="csv",
                       artifact_root=str(root / "artifacts"), backbone="test_resnet",
                       image_size=128, epochs=12, batch_size=16, lr=0.003)
-    context = {"params": params, "run_id": args.run_id}
     steps = DATA_STEPS + ([] if args.data_only else MODEL_STEPS)
-    summaries = {}
+    if args.no_airflow or args.data_only:
+        run_id = args.run_id
+        if not _run_directly(params, run_id, steps):
+            return 1
+    else:
+        run_id = _run_with_airflow(params, root)
+        if run_id is None:
+            return 1
+        steps += ["register", "gate"]
+    _print_outputs(params, run_id, steps)
+    return 0
+
+
+def _run_directly(params: dict, run_id: str, steps: list[str]) -> bool:
+    context = {"params": params, "run_id": run_id}
     for name in steps:
         print(f"== {name}", flush=True)
         try:
-            summaries[name] = run_step(TRAINING_STEPS[name], context, emit=lambda s: print("   " + s))
+            run_step(TRAINING_STEPS[name], context, emit=lambda s: print("   " + s))
         except StepFailed as exc:
             print(f"demo failed at {name}: {exc}", file=sys.stderr)
-            return 1
-    run = run_folder(params, args.run_id)
+            return False
+    return True
+
+
+def _run_with_airflow(params: dict, root: Path) -> str | None:
+    """``airflow dags test fracture_training`` on an embedded SQLite Airflow; returns the run id."""
+    home = root / "airflow"
+    env = {**os.environ, "AIRFLOW_HOME": str(home),
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(Path(__file__).resolve().parents[2] / "dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "FRACTURE_OPS_RUNNER": "local",
+           "FRACTURE_OPS_APPROVERS": os.environ.get("FRACTURE_OPS_APPROVERS", "")}
+    airflow = str(Path(sys.executable).parent / "airflow")
+    print(f"== airflow db migrate (SQLite, {home})", flush=True)
+    if subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True).returncode:
+        print("airflow db migrate failed", file=sys.stderr)
+        return None
+    print("== airflow dags test fracture_training (local runner; task logs follow)", flush=True)
+    proc = subprocess.run([airflow, "dags", "test", "fracture_training", "-c", json.dumps(params)],
+                          env=env, capture_output=True, text=True)
+    log_file = root / "airflow_dags_test.log"
+    log_file.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        print(proc.stdout[-4000:] + proc.stderr[-2000:], file=sys.stderr)
+        print(f"demo failed: the DAG run failed; full log {log_file}", file=sys.stderr)
+        return None
+    runs = sorted((Path(params["artifact_root"]) / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    print(f"   DAG run succeeded (log: {log_file})")
+    return runs[-1].name
+
+
+def _print_outputs(params: dict, run_id: str, steps: list[str]) -> None:
+    run = run_folder(params, run_id)
     print("\n== outputs")
     for name in steps:
         print(f"  {name:16s} {run}/{name.replace('-', '_')}/")
-    if "validate" in summaries:
-        print(f"  validation report  {run}/validate/report.html")
-    if "evaluate" in summaries:
+    print(f"  validation report  {run}/validate/report.html")
+    if "evaluate" in steps:
         print(f"  evaluation report  {run}/evaluate/evaluation.json")
         print(f"  Grad-CAM report    {run}/cam/report.html")
-        print(f"  MLflow model       {summaries['package'].get('model_uri')} "
-              f"(run {summaries['package'].get('mlflow_run_id')}; `mlflow ui --backend-store-uri "
-              f"sqlite:///{Path('data/mlflow/mlflow.db').resolve()}`)")
+        package = json.loads(Path(run, "package", "package.json").read_text())
+        print(f"  MLflow run         {package['mlflow_run_id']} (model {package['model_uri']})")
+    if "register" in steps:
+        reg = json.loads(Path(run, "register", "registered.json").read_text())
+        gate = json.loads(Path(run, "gate", "gate.json").read_text())
+        print(f"  registered         {reg['model_uri']} alias challenger, gate "
+              f"{'passed' if gate['passed'] else 'failed'}; model card {reg['model_card']}")
+    print(f"  MLflow UI          make up, or: mlflow ui --backend-store-uri "
+          f"sqlite:///{Path('data/mlflow/mlflow.db').resolve()}")
     print("Research and education only; not for clinical use.")
-    return 0
 
 
 if __name__ == "__main__":

@@ -89,6 +89,23 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
 ]}
 
 
+PROMOTION_STEPS: dict[str, StepSpec] = {s.name: s for s in [
+    _spec("promote", "registry", "promote", retries=3, timeout_s=900),
+]}
+
+
+INFERENCE_STEPS: dict[str, StepSpec] = {s.name: s for s in [
+    _spec("reference", "reference", image="training", outputs=()),
+    _spec("infer", "infer", "{{ params.incoming_uri }}", "--date", "{{ ds }}", image="training",
+          cpu="2", memory="8Gi", timeout_s=4 * 3600),
+]}
+
+DRIFT_STEPS: dict[str, StepSpec] = {s.name: s for s in [
+    _spec("drift", "drift", "--date", "{{ ds }}", "--window-days", "{{ params.window_days }}",
+          "--drift-share-threshold", "{{ params.drift_share_threshold }}", memory="4Gi"),
+]}
+
+
 def render_args(spec: StepSpec, context: dict[str, Any]) -> list[str]:
     """Render a spec's arguments against a task context (``params``, ``run_id``, ...).
 

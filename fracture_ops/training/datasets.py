@@ -143,8 +143,14 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, devic
 
 
 def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
+    """Distinct, reproducible streams per worker: torch derives each worker's seed from the
+    loader's seeded generator; the albumentations pipeline has its own generator to reseed."""
     import random
 
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
     random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    pipeline = getattr(getattr(info.dataset, "transform", None), "pipeline", None) if info else None
+    if pipeline is not None:
+        pipeline.set_random_seed(seed)

@@ -81,8 +81,8 @@ def cam_target_layer(model, backbone: str):
     """The module Grad-CAM should hook for this backbone family."""
     family = next((f for f in CAM_LAYERS if backbone.startswith(f)), None)
     if family is None:
-        # fall back to the last module that has 4-D output: timm's final feature norm/conv
-        return list(model.modules())[-3]
+        # timm records its feature stages: the last one is the right resolution for Grad-CAM
+        return model.get_submodule(model.feature_info[-1]["module"])
     node = model
     for part in CAM_LAYERS[family].split("."):
         node = node[int(part)] if part.lstrip("-").isdigit() else getattr(node, part)

@@ -105,7 +105,7 @@ def _datasets(cfg: TrainConfig, parts: dict[str, pd.DataFrame], targets: dict[st
             raise ManifestError("cache_dir must be a local folder (a pod volume), not s3://")
         cache = DecodeCache(folder, pre)
     kw = dict(hflip=cfg.hflip, clahe=cfg.clahe, rotate_limit=cfg.rotate_limit)
-    train_tf = build_transforms(cfg.image_size, True, **kw)
+    train_tf = build_transforms(cfg.image_size, True, seed=cfg.seed, **kw)
     eval_tf = build_transforms(cfg.image_size, False, **kw)
     return {s: ManifestDataset(parts[s], targets[s], train_tf if s == "train" else eval_tf,
                                cache=cache, pre_size=pre) for s in parts}

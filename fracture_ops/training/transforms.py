@@ -23,7 +23,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe: bool = False,
-                     rotate_limit: float = 10.0):
+                     rotate_limit: float = 10.0, seed: int | None = None):
     """Build the albumentations pipeline.
 
     Args:
@@ -32,6 +32,8 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
         hflip: allow horizontal flips (train only).
         clahe: apply CLAHE (contrast-limited adaptive histogram equalisation) in both modes.
         rotate_limit: maximum rotation in degrees (capped at 10).
+        seed: seed of the pipeline's own random generator (albumentations 2 ignores global seeds);
+            DataLoader workers reseed it per worker (see ``datasets._seed_worker``).
 
     Returns:
         A callable ``f(image=HxW float32) -> {"image": 3xHxW torch.Tensor}``.
@@ -57,10 +59,11 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
                 A.PadIfNeeded(min_height=image_size, min_width=image_size,
                               border_mode=cv2.BORDER_CONSTANT, fill=0)]
     ops += [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=1.0), ToTensorV2()]
-    pipeline = A.Compose(ops)
+    pipeline = A.Compose(ops, seed=seed)
 
     def apply(image: np.ndarray):
         rgb = np.repeat(np.asarray(image, np.float32)[..., None], 3, axis=2)
         return pipeline(image=rgb)
 
+    apply.pipeline = pipeline  # lets loader workers reseed it
     return apply

@@ -1,0 +1,46 @@
+"""Batch inference DAG: wiring only; scores new studies with the champion model."""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag
+
+from fracture_ops.orchestration.airflow_tasks import default_args, step_task
+from fracture_ops.orchestration.assets import PREDICTION_LOG
+from fracture_ops.orchestration.params import TRAINING_PARAMS
+from fracture_ops.orchestration.specs import INFERENCE_STEPS
+
+DOC = """
+### fracture_inference
+Daily (or when triggered): make sure the champion's drift reference exists (its validation split
+scored once per model version), then score the studies under `incoming_uri` (a folder or an s3://
+prefix; DICOM is de-identified first) with `models:/fracture-classifier@champion`. Predictions
+(calibrated probability, decision, model version) and per-image features go to
+`<artifact_root>/prediction_log/date=<ds>/`; re-running a date replaces its rows, never duplicates.
+
+*Research and education only; not for clinical use.*
+"""
+
+
+@dag(
+    dag_id="fracture_inference",
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(),
+    params={
+        "incoming_uri": Param("data/incoming", type="string",
+                              description="Folder or s3:// prefix of new studies (searched recursively)."),
+        "artifact_root": Param(**TRAINING_PARAMS["artifact_root"]),
+    },
+    doc_md=DOC,
+    tags=["fracture-ops", "inference"],
+)
+def fracture_inference():
+    reference = step_task("reference", steps=INFERENCE_STEPS)
+    infer = step_task("infer", outlets=[PREDICTION_LOG], steps=INFERENCE_STEPS)
+    reference >> infer
+
+
+fracture_inference()

@@ -1,0 +1,1 @@
+"""fracture_ops.inference."""

@@ -1,0 +1,362 @@
+"""The scoring core shared by the ``infer`` and ``reference`` steps.
+
+1. :func:`resolve_model` turns a registry URI (``models:/name@alias`` or ``models:/name/3``) into
+   the concrete version, once, so what is loaded is what gets recorded even if the alias moves
+   during the run.
+2. :func:`load_scorer` loads that version's pyfunc model (the same network, eval transform,
+   calibrator and thresholds the model server uses).
+3. :func:`load_input` reads one file: DICOM is de-identified first (PS3.15 Annex E, through
+   :func:`fracture_ops.data.deid.deidentify_dicom_bytes`) and only the de-identified bytes are
+   decoded and inspected; then the per-image features and the model's preprocessing.
+4. :func:`score_inputs` decodes files in a small thread pool (Pillow, OpenCV and zlib release the
+   GIL while decoding), scores them in batches and quarantines every file that fails with a
+   PHI-free reason instead of stopping; it stops early once the error budget cannot be met.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from itertools import islice
+from dataclasses import dataclass, field
+from datetime import datetime, UTC
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fracture_ops import storage
+from fracture_ops.errors import BadInputError, ConfigError, ImageDecodeError
+from fracture_ops.inference import features as F
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A concrete registered model version (what every prediction row records)."""
+
+    name: str
+    version: str
+    alias: str | None = None
+    created_date: str = ""  # YYYY-MM-DD (UTC) the version was registered
+
+    @property
+    def uri(self) -> str:
+        """``models:/<name>/<version>``: pinned, unlike an alias."""
+        return f"models:/{self.name}/{self.version}"
+
+
+def resolve_model(model_uri: str) -> ModelRef:
+    """Resolve ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` to a concrete version.
+
+    Raises:
+        ConfigError: the URI is not a registry URI of one of those two forms.
+        BadInputError: the registered model, version or alias does not exist.
+    """
+    match = _REGISTRY_URI.match(model_uri.strip())
+    if not match:
+        raise ConfigError(f"model_uri must be models:/<name>@<alias> or models:/<name>/<version> "
+                          f"(the version is recorded with every prediction), got {model_uri!r}")
+    import mlflow
+
+    from fracture_ops import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = mlflow.MlflowClient()
+    name, alias = match["name"], match["alias"]
+    try:
+        mv = (client.get_model_version_by_alias(name, alias) if alias
+              else client.get_model_version(name, match["version"]))
+    except mlflow.exceptions.MlflowException as exc:
+        # a missing model/alias is a state the user must fix (promote a model); server errors
+        # (unavailable, internal) may heal on retry and propagate as internal errors
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise BadInputError(f"{model_uri}: {exc.message}") from exc
+        raise
+    log.info("scoring with %s version %s%s", name, mv.version, f" (@{alias})" if alias else "")
+    created = datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, UTC)
+    return ModelRef(name=name, version=str(mv.version), alias=alias,
+                    created_date=created.date().isoformat())
+
+
+class Scorer:
+    """A loaded model version: batched forward pass, calibration, decisions, embeddings.
+
+    Args:
+        ref: the concrete version.
+        model_dir: local folder of the downloaded pyfunc model.
+        device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available).
+    """
+
+    def __init__(self, ref: ModelRef, model_dir: str, device: str = "auto"):
+        import mlflow
+        import torch
+
+        self.ref = ref
+        self.clf = mlflow.pyfunc.load_model(model_dir).unwrap_python_model()
+        self.model_pt = str(Path(model_dir) / "artifacts" / "model.pt")
+        if not Path(self.model_pt).exists():
+            raise BadInputError(f"{ref.uri} is not a fracture-ops classifier (no model.pt)")
+        self.info = torch.load(self.model_pt, map_location="cpu", weights_only=False)["info"]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.model = self.clf.model.to(device).eval()
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.clf.class_names)
+
+    @property
+    def pre_size(self) -> int | None:
+        return self.clf.pre_size
+
+    def score(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Score preprocessed images (see :func:`load_input`) in one forward pass.
+
+        Returns:
+            ``probs`` (N x K, calibrated), ``decisions`` (N x K, 0/1) and the embedding summary
+            columns of :func:`features.embedding_features`.
+        """
+        import torch
+
+        x = torch.stack([self.clf.transform(im)["image"] for im in images]).to(self.device)
+        with torch.inference_mode():
+            feats = self.model.forward_features(x.contiguous(memory_format=torch.channels_last))
+            emb = self.model.forward_head(feats, pre_logits=True)
+            logits = self.model.forward_head(feats)  # == model(x): timm's forward is these two
+        probs = self.clf.calibrator.transform(logits.float().cpu().numpy()).reshape(len(images), -1)
+        out = {"probs": probs, "decisions": decide(probs, self.clf.task, self.clf.thresholds)}
+        out.update(F.embedding_features(emb.float().cpu().numpy()))
+        return out
+
+
+def decide(probs: np.ndarray, task: str, thresholds: np.ndarray) -> np.ndarray:
+    """0/1 decisions exactly as the pyfunc model makes them: arg-max for multi-class, else
+    ``prob >= threshold`` per class."""
+    if task == "multiclass":
+        return (probs.argmax(1)[:, None] == np.arange(probs.shape[1])[None]).astype(np.int64)
+    return (probs >= np.asarray(thresholds)[None, :]).astype(np.int64)
+
+
+def load_scorer(ref: ModelRef, device: str = "auto") -> Scorer:
+    """Download (or find in the local store) and load one registered version."""
+    import mlflow
+
+    return Scorer(ref, mlflow.artifacts.download_artifacts(artifact_uri=ref.uri), device)
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """One file to score: its PHI-free id, where it is, and its label when known."""
+
+    image_id: str
+    uri: str
+    label: str | None = None
+
+
+@dataclass
+class LoadedImage:
+    """A decoded input: the model's preprocessed image and the recorded features."""
+
+    item: ScoreInput
+    image: np.ndarray
+    features: dict
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class Quarantined:
+    """A file that could not be scored, with a reason that names no path or PHI."""
+
+    item: ScoreInput
+    reason: str
+
+
+def _read(uri: str) -> bytes:
+    """File bytes; a missing file is bad input, other storage failures are internal errors."""
+    try:
+        return storage.read_bytes(uri)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise ImageDecodeError(uri, "file not found or unreadable") from exc
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise ImageDecodeError(uri, "file not found") from exc
+        raise
+
+
+def _decode(data: bytes, fmt: str):
+    """Decode bytes with :func:`read_image` (through a temporary file: it reads URIs)."""
+    from fracture_ops.data.images import read_image
+
+    with tempfile.NamedTemporaryFile(suffix=".dcm" if fmt == "dicom" else f".{fmt}") as fh:
+        fh.write(data)
+        fh.flush()
+        return read_image(fh.name)
+
+
+def load_input(item: ScoreInput, pre_size: int | None, keys, deid_cfg) -> LoadedImage:
+    """Read, de-identify (DICOM), decode and describe one file.
+
+    Args:
+        item: the file.
+        pre_size: the model's pre-transform size (``Scorer.pre_size``).
+        keys: :class:`~fracture_ops.data.deid_profile.DeidKeys`.
+        deid_cfg: :class:`~fracture_ops.data.deid.DeidConfig` (profile options, blank regions).
+
+    Raises:
+        ImageDecodeError: missing, unreadable or undecodable file.
+        Exception: de-identification or decoder errors (callers quarantine them).
+    """
+    return decode_input(item, _read(item.uri), pre_size, keys, deid_cfg)
+
+
+def decode_input(item: ScoreInput, data: bytes, pre_size: int | None, keys,
+                 deid_cfg) -> LoadedImage:
+    """:func:`load_input` for bytes already read."""
+    from fracture_ops.data.images import sniff_format
+    from fracture_ops.training.datasets import preprocess
+
+    fmt = sniff_format(data, item.uri)
+    cats = F.unknown_categoricals()
+    if fmt == "dicom":
+        import pydicom
+
+        from fracture_ops.data.deid import deidentify_dicom_bytes
+
+        data, _ = deidentify_dicom_bytes(data, keys, deid_cfg)  # the original bytes go no further
+        cats = F.dicom_categoricals(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))
+    img, meta = _decode(data, fmt)
+    feats = {**F.intensity_features(img), **cats, "source_format": fmt,
+             **F.size_features(meta.height, meta.width, meta.bit_depth)}
+    return LoadedImage(item, preprocess(img, pre_size), feats, meta.warnings)
+
+
+def quarantine_reason(exc: Exception) -> str:
+    """A reason for the report that names neither the file nor any header value."""
+    from fracture_ops.data.deid import FileRejected
+
+    if isinstance(exc, ImageDecodeError):
+        return exc.cause
+    if isinstance(exc, FileRejected):
+        return f"de-identification: {exc}"
+    return f"unreadable: {type(exc).__name__}"
+
+
+def _safe_load(item: ScoreInput, pre_size, keys, deid_cfg) -> LoadedImage | Quarantined:
+    try:
+        data = _read(item.uri)  # storage outages propagate (a retry may help), missing files not
+    except ImageDecodeError as exc:
+        return Quarantined(item, quarantine_reason(exc))
+    try:
+        return decode_input(item, data, pre_size, keys, deid_cfg)
+    except Exception as exc:  # noqa: BLE001 - one bad file never stops the batch
+        return Quarantined(item, quarantine_reason(exc))
+
+
+def _prefetch(items: list[ScoreInput], load: Callable, workers: int,
+              window: int) -> Iterator[LoadedImage | Quarantined]:
+    """Load items in a thread pool, in order, holding at most ``window`` results in memory."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        it = iter(items)
+        pending = deque(pool.submit(load, x) for x in islice(it, window))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(load, nxt))
+                yield result
+        finally:
+            for fut in pending:  # stopped early: do not decode the rest
+                fut.cancel()
+
+
+@dataclass
+class ScoreResult:
+    """Rows scored, files quarantined, and whether the error budget stopped the run early."""
+
+    rows: pd.DataFrame
+    quarantined: list[Quarantined] = field(default_factory=list)
+    warnings: int = 0
+    stopped_early: bool = False
+
+
+def score_inputs(items: list[ScoreInput], scorer: Scorer, keys, deid_cfg, *, batch_size: int = 32,
+                 workers: int = 2, max_bad: int | None = None, desc: str = "score",
+                 on_batch: Callable[[list[LoadedImage], dict], None] | None = None) -> ScoreResult:
+    """Score every item; quarantine the ones that fail.
+
+    Args:
+        items: files to score (ids unique).
+        scorer: the loaded model.
+        keys, deid_cfg: de-identification keys and options for DICOM inputs.
+        batch_size: images per forward pass.
+        workers: decoding threads.
+        max_bad: stop as soon as more than this many files are quarantined (None: never).
+        desc: progress bar label.
+        on_batch: called with each batch's loaded images and its :meth:`Scorer.score` output
+            (used for CAM overlays of positives).
+
+    Returns:
+        A :class:`ScoreResult`; ``rows`` has ``image_id``, ``prob_*``, ``decision_*``, the
+        ``feat_*`` and categorical columns and ``label``, sorted by ``image_id``.
+    """
+    from fracture_ops.cli_common import progress
+
+    def load(item: ScoreInput):
+        return _safe_load(item, scorer.pre_size, keys, deid_cfg)
+
+    result, batch, frames = ScoreResult(rows=pd.DataFrame()), [], []
+    window = max(2 * batch_size, 2 * workers)
+    with closing(_prefetch(items, load, workers, window)) as stream:
+        for loaded in progress(stream, desc=desc, total=len(items)):
+            if isinstance(loaded, Quarantined):
+                result.quarantined.append(loaded)
+                if max_bad is not None and len(result.quarantined) > max_bad:
+                    result.stopped_early = True
+                    break
+                continue
+            result.warnings += bool(loaded.warnings)
+            batch.append(loaded)
+            if len(batch) >= batch_size:
+                frames.append(_score_batch(batch, scorer, on_batch))
+                batch = []
+    if batch and not result.stopped_early:
+        frames.append(_score_batch(batch, scorer, on_batch))
+    result.rows = _rows(frames, scorer.class_names)
+    return result
+
+
+def _score_batch(batch: list[LoadedImage], scorer: Scorer, on_batch) -> pd.DataFrame:
+    out = scorer.score([b.image for b in batch])
+    frame = pd.DataFrame([{"image_id": b.item.image_id, **b.features, "label": b.item.label}
+                          for b in batch])
+    for k, c in enumerate(scorer.class_names):
+        frame[f"prob_{c}"] = out["probs"][:, k].astype(np.float64)
+        frame[f"decision_{c}"] = out["decisions"][:, k]
+    for col in ("feat_emb_mean", "feat_emb_std", "feat_emb_norm"):
+        frame[col] = out[col]
+    if on_batch is not None:
+        on_batch(batch, out)
+    return frame
+
+
+def _rows(frames: list[pd.DataFrame], class_names: list[str]) -> pd.DataFrame:
+    from fracture_ops.inference.layout import ID_COLUMNS, log_columns
+
+    cols = [c for c in log_columns(class_names) if c not in ID_COLUMNS[1:]]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
+    rows = pd.concat(frames, ignore_index=True)[cols]
+    return rows.sort_values("image_id", kind="stable").reset_index(drop=True)
