@@ -51,7 +51,7 @@ def fracture_drift():
 
     @task(task_id="retraining_signal", outlets=[DRIFT_DETECTED])
     def retraining_signal(summary: dict) -> dict:
-        return {k: summary.get(k) for k in ("date", "drift_share", "drifted_features", "report_uri")}
+        return {k: summary.get(k) for k in ("report_date", "drift_share", "drifted_features", "report_uri")}
 
     flagged = drift_detected(report)
     flagged >> retraining_signal(report)

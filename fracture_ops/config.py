@@ -7,6 +7,7 @@ its resolved config beside its outputs (``config.resolved.yaml``) so a run can b
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,13 +58,25 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r} is not of the form key=value")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _scalar(raw)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return out
+
+
+def _scalar(raw: str) -> Any:
+    """A YAML scalar (``3`` -> int, ``true`` -> bool), but dates stay strings and anything YAML
+    cannot read (``2026-13-45``) stays the raw string for the config's own validation."""
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError):
+        return raw
+    return raw if isinstance(value, (datetime.date, datetime.datetime)) else value
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

@@ -1,0 +1,48 @@
+"""Config loading and the CLI surface: overrides, errors naming the field, --help, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fracture_ops.cli import COMMANDS, main
+from fracture_ops.config import load_config, parse_overrides
+from fracture_ops.data.split import SplitConfig
+from fracture_ops.errors import ConfigError
+
+
+def test_overrides_are_typed_but_dates_stay_strings():
+    assert parse_overrides(["a=3", "b=true", "c.d=x", "date=2026-11-05", "bad=2026-13-45"]) == {
+        "a": 3, "b": True, "c": {"d": "x"}, "date": "2026-11-05", "bad": "2026-13-45"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["novalue"])
+
+
+def test_config_file_section_and_errors_name_the_field(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run_id: r9\nsplit:\n  val_fraction: 0.2\n")
+    cfg = load_config(SplitConfig, str(f), ["seed=4"])
+    assert (cfg.run_id, cfg.val_fraction, cfg.seed) == ("r9", 0.2, 4)
+    with pytest.raises(ConfigError, match="val_fractoin"):
+        load_config(SplitConfig, None, ["val_fractoin=0.1"])
+    with pytest.raises(ConfigError, match="test_fraction"):
+        load_config(SplitConfig, None, ["test_fraction=2"])
+
+
+def test_every_subcommand_has_help():
+    for name in COMMANDS:
+        res = subprocess.run([sys.executable, "-m", "fracture_ops.cli", name, "--help"],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, (name, res.stderr[-500:])
+        assert "usage: fracture-ops" in res.stdout
+
+
+def test_exit_codes_distinguish_usage_and_bad_input(tmp_path, caplog):
+    assert main(["split", str(tmp_path / "missing.parquet"), "--set", "seed=notanint",
+                 "--artifact-root", str(tmp_path)]) == 2
+    (tmp_path / "m.csv").write_text("image_id,label\na,fracture\n")
+    assert main(["ingest", str(tmp_path / "m.csv"), "--layout", "csv",
+                 "--artifact-root", str(tmp_path)]) == 3
+    assert "patient_id" in caplog.text  # the error names the missing column
