@@ -135,3 +135,45 @@ def test_retry_policy_infra_retried_bad_data_not(services, tmp_path):
     assert "step bad_data exited 4: bad input (not retried)" in out
     assert "validate/report.html" in out  # where the full report with the file list is
     assert "step infra_failure exited 1: infrastructure/internal error (retryable)" in out
+
+
+def test_promotion_inference_and_drift_dags_green(services, tmp_path):
+    """After a training run: the promotion DAG leaves an unapproved challenger alone; with a
+    champion in place the inference DAG fills the prediction log (no duplicates on rerun) and
+    the drift DAG writes its report and index."""
+    import mlflow
+
+    from fracture_ops.data.synthetic import SynthConfig, synth_step
+
+    env = _airflow_home(services, REPO / "dags", "airflow_ops")
+    client = mlflow.MlflowClient(tracking_uri=services["mlflow"].url)
+    challenger = client.get_model_version_by_alias("fracture-classifier", "challenger")
+    art = tmp_path / "art"
+    env["FRACTURE_OPS_APPROVERS"] = "alice"
+    res = airflow(["dags", "test", "fracture_promotion", "-c", json.dumps({"artifact_root": str(art)})], env)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert _task_states(services["airflow_db"], "fracture_promotion")["promote"][0] == "success"
+    versions = client.search_model_versions("name = 'fracture-classifier'")
+    assert not any("champion" in v.aliases for v in versions)  # not approved: not promoted
+    # an administrator names today's champion (promotion itself is covered in test_promotion.py)
+    client.set_registered_model_alias("fracture-classifier", "champion", challenger.version)
+    synth_step(SynthConfig(out_dir=str(tmp_path / "incoming"), n_patients=20, image_size=96,
+                           dicom_fraction=0.3, seed=11))
+    n_images = len(list((tmp_path / "incoming" / "images").iterdir()))
+    conf = {"incoming_uri": str(tmp_path / "incoming" / "images"), "artifact_root": str(art)}
+    for _ in range(2):  # the second run of the same date must not duplicate rows
+        res = airflow(["dags", "test", "fracture_inference", "2026-11-20", "-c", json.dumps(conf)], env)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        import pandas as pd
+
+        part = pd.concat(pd.read_parquet(p) for p in (art / "prediction_log" / "date=2026-11-20").glob("part-*.parquet"))
+        assert len(part) == n_images and part["image_id"].is_unique
+        assert set(part["model_version"].astype(str)) == {challenger.version}
+    res = airflow(["dags", "test", "fracture_drift", "2026-11-20", "-c",
+                   json.dumps({"artifact_root": str(art), "window_days": 1, "drift_share_threshold": 0.3})], env)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    states = _task_states(services["airflow_db"], "fracture_drift")
+    assert states["drift"][0] == "success"
+    assert states["drift_detected"][0] in ("success", "skipped")
+    drift_dir = art / "monitoring" / "drift"
+    assert (drift_dir / "2026-11-20" / "report.html").exists() and (drift_dir / "index.html").exists()
