@@ -35,3 +35,20 @@ def synthetic_small(tmp_path_factory):
     cfg = SynthConfig(out_dir=str(out), n_patients=24, image_size=128, seed=7)
     synth_step(cfg)
     return cfg
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A local S3-compatible server (moto) with test buckets; storage.* talks to it via
+    ``S3_ENDPOINT_URL`` for the duration of the module."""
+    from tests.services import S3Server
+
+    server = S3Server(buckets=("fo-test", "fo-infer"))
+    old = os.environ.get("S3_ENDPOINT_URL")
+    os.environ["S3_ENDPOINT_URL"] = server.endpoint
+    yield server
+    if old is None:
+        os.environ.pop("S3_ENDPOINT_URL", None)
+    else:
+        os.environ["S3_ENDPOINT_URL"] = old
+    server.stop()

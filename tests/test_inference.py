@@ -431,21 +431,6 @@ def test_real_dicom_with_names_in_file_names_leaks_nothing(champion, realdata):
     assert (rows.loc[rows["source_format"] == "dicom", "body_region"] == "chest").all()
 
 
-@pytest.fixture(scope="module")
-def s3():
-    from tests.services import S3Server
-
-    server = S3Server(buckets=("fo-infer",))
-    old = os.environ.get("S3_ENDPOINT_URL")
-    os.environ["S3_ENDPOINT_URL"] = server.endpoint
-    yield server
-    if old is None:
-        os.environ.pop("S3_ENDPOINT_URL", None)
-    else:
-        os.environ["S3_ENDPOINT_URL"] = old
-    server.stop()
-
-
 @pytest.mark.integration
 def test_s3_incoming_and_s3_prediction_log(champion, incoming, s3):
     files = sorted(incoming["folder"].glob("syn*.png"))[:3] + sorted(

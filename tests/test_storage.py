@@ -3,28 +3,12 @@ run whose artifact root is in S3 (checkpoints mirrored, resumable from another m
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pandas as pd
 import pytest
 
 from fracture_ops import storage
-
-
-@pytest.fixture(scope="module")
-def s3():
-    from tests.services import S3Server
-
-    server = S3Server(buckets=("fo-test",))
-    old = os.environ.get("S3_ENDPOINT_URL")
-    os.environ["S3_ENDPOINT_URL"] = server.endpoint
-    yield server
-    if old is None:
-        os.environ.pop("S3_ENDPOINT_URL", None)
-    else:
-        os.environ["S3_ENDPOINT_URL"] = old
-    server.stop()
 
 
 def test_local_atomic_write_list_and_reset(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from fracture_ops.data.manifest import LATERALITIES
+from fracture_ops.training.datasets import shrink_longest
 
 STATS_SIZE = 256
 UNKNOWN_VIEW, UNKNOWN_LATERALITY, UNKNOWN_REGION = "UNKNOWN", "U", "unknown"
@@ -26,17 +27,6 @@ UNKNOWN_VIEW, UNKNOWN_LATERALITY, UNKNOWN_REGION = "UNKNOWN", "U", "unknown"
 # DICOM PS3.3 C.8.11.5 View Position defined terms (plus common free text) -> manifest views
 _VIEWS = {"AP": "AP", "PA": "PA", "LL": "LAT", "RL": "LAT", "LAT": "LAT", "LATERAL": "LAT",
           "RLD": "LAT", "LLD": "LAT", "RLO": "OBL", "LLO": "OBL", "OBL": "OBL", "OBLIQUE": "OBL"}
-
-
-def _shrink(img: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-
-    h, w = img.shape
-    scale = size / max(h, w)
-    if scale >= 1:
-        return img
-    return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))),
-                      interpolation=cv2.INTER_AREA)
 
 
 def intensity_features(img: np.ndarray) -> dict[str, float]:
@@ -48,7 +38,7 @@ def intensity_features(img: np.ndarray) -> dict[str, float]:
     Returns:
         ``feat_mean``, ``feat_std``, ``feat_p01``, ``feat_p99``.
     """
-    small = _shrink(np.asarray(img, dtype=np.float32), STATS_SIZE).astype(np.float64)
+    small = shrink_longest(np.asarray(img, dtype=np.float32), STATS_SIZE).astype(np.float64)
     p01, p99 = np.percentile(small, (1.0, 99.0))
     return {"feat_mean": float(small.mean()), "feat_std": float(small.std()),
             "feat_p01": float(p01), "feat_p99": float(p99)}

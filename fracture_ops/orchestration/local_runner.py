@@ -15,7 +15,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from fracture_ops.errors import EXIT_BAD_INPUT, EXIT_BUDGET_EXCEEDED, EXIT_USAGE
 from fracture_ops.orchestration.specs import StepSpec, render_args

@@ -20,7 +20,7 @@ import argparse
 import json
 import logging
 import os
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import ClassVar
 
 from pydantic import Field
@@ -48,7 +48,7 @@ class PromotionConfig(StepConfig):
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def read_audit(uri: str) -> list[dict]:

@@ -54,11 +54,12 @@ def preprocess(img: np.ndarray, pre_size: int | None) -> np.ndarray:
     shrink (never enlarge) so the longer side is at most ``pre_size``, and round to float16 (the
     cache's precision), so cached and uncached paths give bit-identical inputs."""
     if pre_size:
-        img = _shrink_longest(img, pre_size)
+        img = shrink_longest(img, pre_size)
     return img.astype(np.float16).astype(np.float32)
 
 
-def _shrink_longest(img: np.ndarray, size: int) -> np.ndarray:
+def shrink_longest(img: np.ndarray, size: int) -> np.ndarray:
+    """Shrink (never enlarge) a 2-D image so its longer side is at most ``size`` (area filter)."""
     import cv2
 
     h, w = img.shape
