@@ -91,7 +91,14 @@ class FractureClassifier(PythonModel):
             raise ValueError("input needs a string column 'image' (URI or base64 file bytes)")
         from fracture_ops.training.datasets import preprocess
 
-        images = [preprocess(decode_input(str(v)), self.pre_size) for v in model_input["image"]]
+        from concurrent.futures import ThreadPoolExecutor
+
+        def load(value) -> np.ndarray:
+            return preprocess(decode_input(str(value)), self.pre_size)
+
+        # decoding (PIL/pydicom release the GIL) overlaps across threads; order is kept
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(load, model_input["image"]))
         probs = self.calibrator.transform(self.logits(images))
         probs = probs.reshape(len(images), -1)
         out = pd.DataFrame(index=model_input.index)
