@@ -279,20 +279,33 @@ def test_dicom_without_pixel_data(tmp_path):
 def test_dicom_unsupported_transfer_syntax_is_named(tmp_path):
     import pydicom
     from pydicom.encaps import encapsulate
-    from pydicom.pixels import get_decoder
-    from pydicom.uid import JPEGLSLossless
+    from pydicom.uid import MPEG2MPML
 
-    if get_decoder(JPEGLSLossless).is_available:
-        pytest.skip("a JPEG-LS decoder plugin is installed here; nothing unsupported to test")
-    path = make_dicom(tmp_path / "ls.dcm", ramp(4, 4))
+    path = make_dicom(tmp_path / "mpeg.dcm", ramp(4, 4))
     ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
     ds.PixelData = encapsulate([b"\x00" * 64])
     ds["PixelData"].VR = "OB"
     ds.save_as(path)
     with pytest.raises(ImageDecodeError) as err:
         read_image(str(path))
-    assert "unsupported transfer syntax" in err.value.cause and "JPEG-LS" in err.value.cause
+    assert "unsupported transfer syntax" in err.value.cause and "MPEG2" in err.value.cause
+
+
+def test_compressed_dicom_decodes_losslessly(tmp_path):
+    """JPEG 2000 lossless (decoders from the pylibjpeg plugins, core dependencies) round-trips."""
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    values = ramp(32, 48) * 80  # 0..3760 in 16-bit storage
+    path = make_dicom(tmp_path / "plain.dcm", values)
+    plain, _ = read_image(str(path))
+    ds = pydicom.dcmread(path)
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    ds.save_as(tmp_path / "j2k.dcm")
+    j2k, meta = read_image(str(tmp_path / "j2k.dcm"))
+    assert meta.format == "dicom"
+    np.testing.assert_array_equal(plain, j2k)
 
 
 def test_reads_s3_uris(tmp_path, monkeypatch):

@@ -312,7 +312,7 @@ def _dicom_pixels(ds, uri: str) -> np.ndarray:
         try:
             decoder = get_decoder(ts)
         except NotImplementedError as exc:
-            raise ImageDecodeError(uri, f"unsupported transfer syntax {ts}") from exc
+            raise ImageDecodeError(uri, f"unsupported transfer syntax {ts.name} ({ts}): no decoder exists") from exc
         if not decoder.is_available:
             missing = "; ".join(decoder.missing_dependencies)
             raise ImageDecodeError(uri, f"unsupported transfer syntax {ts.name} ({ts}): no "
