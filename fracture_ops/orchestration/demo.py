@@ -82,18 +82,39 @@ def _run_with_airflow(params: dict, root: Path) -> str | None:
     if subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True).returncode:
         print("airflow db migrate failed", file=sys.stderr)
         return None
-    print("== airflow dags test fracture_training (local runner; task logs follow)", flush=True)
-    proc = subprocess.run([airflow, "dags", "test", "fracture_training", "-c", json.dumps(params)],
-                          env=env, capture_output=True, text=True)
     log_file = root / "airflow_dags_test.log"
-    log_file.write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        print(proc.stdout[-4000:] + proc.stderr[-2000:], file=sys.stderr)
-        print(f"demo failed: the DAG run failed; full log {log_file}", file=sys.stderr)
+    print(f"== airflow dags test fracture_training (local runner; full log {log_file})", flush=True)
+    with open(log_file, "w") as log, subprocess.Popen(
+            [airflow, "dags", "test", "fracture_training", "-c", json.dumps(params)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        state = "done"
+        for line in proc.stdout:
+            log.write(line)
+            state = _state(line) or state
+            if "[DAG TEST] end task" in line:
+                print(f"   {_task_id(line)}: {state}", flush=True)
+        code = proc.wait()
+    if code:
+        print(f"demo failed: the DAG run failed; see {log_file}", file=sys.stderr)
         return None
     runs = sorted((Path(params["artifact_root"]) / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     print(f"   DAG run succeeded (log: {log_file})")
     return runs[-1].name
+
+
+def _task_id(line: str) -> str:
+    import re
+
+    m = re.search(r"task_id=(\S+)", line)
+    return m.group(1) if m else "?"
+
+
+def _state(line: str) -> str | None:
+    """The new task state an Airflow log line reports, if any."""
+    import re
+
+    m = re.search(r"new_state=(\w+)", line)
+    return m.group(1) if m else None
 
 
 def _print_outputs(params: dict, run_id: str, steps: list[str]) -> None:
