@@ -152,3 +152,22 @@ def test_cpu_steps_do_not_request_gpus():
 
     gpu_steps = {n for n, s in TRAINING_STEPS.items() if s.gpu}
     assert gpu_steps == {"train", "detect_train"}
+
+
+def test_every_step_spec_renders_to_a_valid_cli_command():
+    """Each spec's rendered arguments parse with the real CLI (catches drift between the two)."""
+    from fracture_ops.cli import build_parser
+    from fracture_ops.orchestration.params import defaults
+    from fracture_ops.orchestration.specs import (DRIFT_STEPS, INFERENCE_STEPS, PROMOTION_STEPS,
+                                                  TRAINING_STEPS, render_args)
+
+    params = defaults(artifact_root="/data/art") | {"incoming_uri": "/data/incoming", "window_days": 1,
+                                                     "drift_share_threshold": 0.3}
+    context = {"params": params, "run_id": "scheduled__2026-11-20T00:00:00+00:00", "ds": "2026-11-20"}
+    for steps in (TRAINING_STEPS, PROMOTION_STEPS, INFERENCE_STEPS, DRIFT_STEPS):
+        for spec in steps.values():
+            args = render_args(spec, context)
+            parsed = build_parser(only=args[0]).parse_args(args)
+            assert parsed.command == args[0]
+            assert parsed.run_id == "scheduled__2026-11-20T00-00-00-00-00", spec.name
+            assert parsed.artifact_root == "/data/art"
