@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from fracture_ops import storage
 from fracture_ops.errors import ConfigError
 
 DEFAULT_ARTIFACT_ROOT_ENV = "FRACTURE_OPS_ARTIFACT_ROOT"
+RUN_ID = re.compile(r"[A-Za-z0-9_.:+-]{1,250}")
 
 
 def default_artifact_root() -> str:
@@ -34,6 +36,14 @@ class StepConfig(BaseModel):
 
     artifact_root: str = ""
     run_id: str = "manual"
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, value: str) -> str:
+        # run ids become folder names that reruns empty: no path separators, no '.'/'..'
+        if not RUN_ID.fullmatch(value) or value in (".", ".."):
+            raise ValueError(f"run_id {value!r} may hold only letters, digits and . _ : + -")
+        return value
 
     def model_post_init(self, __context: Any) -> None:
         if not self.artifact_root:

@@ -148,11 +148,16 @@ def exists(uri: str | os.PathLike) -> bool:
     """True when the file or object exists."""
     if is_s3(uri):
         bucket, key = split_s3(str(uri))
+        from botocore.exceptions import ClientError
+
         try:
             s3_client().head_object(Bucket=bucket, Key=key)
             return True
-        except Exception:  # botocore ClientError 404, kept generic to avoid importing botocore
-            return False
+        except ClientError as exc:
+            # only "not there" means False; throttling or bad credentials must not look like absence
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
     return Path(uri).exists()
 
 

@@ -169,7 +169,8 @@ def test_promotion_inference_and_drift_dags_green(services, tmp_path):
         part = pd.concat(pd.read_parquet(p) for p in (art / "prediction_log" / "date=2026-11-20").glob("part-*.parquet"))
         assert len(part) == n_images and part["image_id"].is_unique
         assert set(part["model_version"].astype(str)) == {challenger.version}
-    res = airflow(["dags", "test", "fracture_drift", "2026-11-20", "-c",
+    # the drift run of 2026-11-21 reports on the complete day before: 2026-11-20
+    res = airflow(["dags", "test", "fracture_drift", "2026-11-21", "-c",
                    json.dumps({"artifact_root": str(art), "window_days": 1, "drift_share_threshold": 0.3})], env)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     states = _task_states(services["airflow_db"], "fracture_drift")

@@ -132,7 +132,9 @@ def test_rendered_training_pod(tmp_path):
     claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"fracture-ops-cache"}
     # secrets by reference only: envFrom secretRef, no literal credentials in env
-    assert {e["secretRef"]["name"] for e in c["envFrom"]} == {"fracture-ops-mlflow", "fracture-ops-s3"}
+    assert {e["secretRef"]["name"] for e in c["envFrom"]} == {"fracture-ops-mlflow", "fracture-ops-s3",
+                                                              "fracture-ops-deid"}
+    assert spec["serviceAccountName"] == "fracture-ops-step" and spec["automountServiceAccountToken"] is False
     for e in c.get("env", []):
         assert not any(w in e["name"].upper() for w in ("SECRET", "PASSWORD", "TOKEN", "KEY")), e
     # the same command as the local runner
@@ -163,7 +165,13 @@ def test_every_step_spec_renders_to_a_valid_cli_command():
 
     params = defaults(artifact_root="/data/art") | {"incoming_uri": "/data/incoming", "window_days": 1,
                                                      "drift_share_threshold": 0.3}
-    context = {"params": params, "run_id": "scheduled__2026-11-20T00:00:00+00:00", "ds": "2026-11-20"}
+    from types import SimpleNamespace
+
+    from airflow.sdk.execution_time import macros
+
+    ti = SimpleNamespace(xcom_pull=lambda task_ids: {"model_version": "3"})
+    context = {"params": params, "run_id": "scheduled__2026-11-20T00:00:00+00:00", "ds": "2026-11-20",
+               "macros": macros, "ti": ti}
     for steps in (TRAINING_STEPS, PROMOTION_STEPS, INFERENCE_STEPS, DRIFT_STEPS):
         for spec in steps.values():
             args = render_args(spec, context)
@@ -171,3 +179,7 @@ def test_every_step_spec_renders_to_a_valid_cli_command():
             assert parsed.command == args[0]
             assert parsed.run_id == "scheduled__2026-11-20T00-00-00-00-00", spec.name
             assert parsed.artifact_root == "/data/art"
+            if spec.name == "drift":
+                assert parsed.date == "2026-11-19"  # the complete day before the logical date
+            if spec.name == "infer":
+                assert (parsed.date, parsed.model_uri) == ("2026-11-20", "models:/fracture-classifier/3")

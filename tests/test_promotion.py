@@ -158,6 +158,11 @@ def test_approval_gate_promotion_rollback_and_auth(server, versions):
     alice.set_model_version_tag(MODEL, v3, "approved_by", "alice")
     assert "gate verdict" in _promote(art)["reason"]
     assert client.get_model_version_by_alias(MODEL, "champion").version == v2
+    # typing gate=passed by hand is not enough: the gate's evidence artifact is re-read
+    alice.set_model_version_tag(MODEL, v3, "gate", "passed")
+    alice.set_model_version_tag(MODEL, v3, "gate.champion_version", v2)
+    assert "evidence does not show" in _promote(art)["reason"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v2
     # rollback restores the previous champion, with an audit record
     from fracture_ops.registry.promotion import PromotionConfig, rollback
 
@@ -203,3 +208,16 @@ class _EnvClient:
             finally:
                 os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = saved
         return call
+
+
+def test_decide_rules_are_pure_and_strict():
+    from fracture_ops.registry.promotion import decide
+
+    ok = {"approval": "approved", "approved_by": "alice", "gate": "passed", "gate.champion_version": "1"}
+    assert decide(ok, ["alice"], "1") == (True, "approved and gate passed")
+    assert not decide(ok, ["alice"], "2")[0]  # gated against a champion that is gone
+    assert not decide({**ok, "gate.champion_version": "none"}, ["alice"], "1")[0]
+    assert not decide(ok, ["bob"], "1")[0]
+    assert not decide({**ok, "approval": "rejected"}, ["alice"], "1")[0]
+    assert not decide({**ok, "rolled_back_at": "t"}, ["alice"], "1")[0]
+    assert not decide({**ok, "approved_by": ""}, ["alice"], "1")[0]

@@ -118,7 +118,8 @@ def from_folder(root: str, patient_regex: str | None = None) -> tuple[pd.DataFra
     pattern = re.compile(patient_regex) if patient_regex else None
     rows, notes = [], []
     for uri in files:
-        rel = PurePosixPath(str(uri)[len(str(root).rstrip("/")) + 1:].replace("\\", "/"))
+        rel = (PurePosixPath(str(uri).removeprefix(str(root).rstrip("/") + "/")) if storage.is_s3(uri)
+               else PurePosixPath(Path(uri).relative_to(Path(root)).as_posix()))
         if len(rel.parts) < 2:
             raise ManifestError(f"{uri}: expected <root>/<class>/<image>, found an image at the top level")
         label, image_id = rel.parts[0], "/".join(rel.with_suffix("").parts)
@@ -271,7 +272,7 @@ class IngestConfig(StepConfig):
     """Config of the ``ingest`` step."""
 
     section: ClassVar[str] = "ingest"
-    source_uri: str = "data/synthetic"
+    source_uri: str = "data/synthetic/manifest.csv"
     layout: Layout = "csv"
     patient_regex: str | None = None
     require_images: bool = True

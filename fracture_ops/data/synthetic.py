@@ -242,9 +242,20 @@ class _LocalTarget:
             self.dir.cleanup()
 
 
+def _refuse_foreign_folder(out_dir: str) -> None:
+    """A rerun replaces an earlier synthetic data set, but never wipes any other folder."""
+    folder = Path(out_dir)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "manifest.csv").exists():
+        from fracture_ops.errors import ConfigError
+
+        raise ConfigError(f"synth: {out_dir} is not empty and holds no earlier synthetic data set; "
+                          "choose an empty or new folder")
+
+
 def synth_step(cfg: SynthConfig) -> dict:
     """Write images, ``manifest.csv`` (generic-CSV layout), ``manifest.parquet`` and boxes."""
     if not storage.is_s3(cfg.out_dir):
+        _refuse_foreign_folder(cfg.out_dir)
         storage.reset_dir(cfg.out_dir)
     manifest, boxes = generate(cfg)
     csv_rows = manifest.copy()

@@ -97,6 +97,7 @@ def calibrate_step(cfg: CalibrateConfig) -> dict:
     doc = {
         "calibrator": cal.to_dict(),
         "class_names": preds.class_names,
+        "fallback_classes": [preds.class_names[k] for k in cal.fallback_classes],
         "fitted_on": FIT_SPLIT,
         "n_images": len(val),
         "n_patients": int(val["patient_id"].nunique()),

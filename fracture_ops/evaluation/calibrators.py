@@ -21,6 +21,8 @@ pyfunc model can apply them with numpy alone.
 
 from __future__ import annotations
 
+import logging
+
 from typing import Literal
 
 import numpy as np
@@ -34,6 +36,8 @@ Method = Literal["none", "temperature", "isotonic"]
 METHODS = ("none", "temperature", "isotonic")
 _LOG_T_BOUNDS = (-5.0, 5.0)
 
+
+log = logging.getLogger(__name__)
 
 def nll(y: np.ndarray, logit_values: np.ndarray, task: str, temperature=1.0) -> float:
     """Mean negative log-likelihood of labels under ``logits / T``.
@@ -84,6 +88,7 @@ class Calibrator:
         self.temperature: list[float] | None = None
         self.isotonic: list[dict[str, list[float]]] | None = None
         self.fitted = method == "none"
+        self.fallback_classes: list[int] = []
 
     def fit(self, logit_values: np.ndarray, y: np.ndarray) -> Calibrator:
         """Fit on validation logits ``(n, C)`` and labels ``(n, C)``; returns ``self``.
@@ -96,6 +101,12 @@ class Calibrator:
             raise BadInputError(
                 f"calibration needs matching non-empty (n, C) arrays, got {z.shape} and {y.shape}"
             )
+        # a class whose validation labels are all 0 or all 1 cannot be calibrated: fitting would
+        # collapse its probabilities to a constant; keep it uncalibrated and say so
+        self.fallback_classes = [k for k in range(y.shape[1]) if y[:, k].min() == y[:, k].max()]
+        if self.fallback_classes:
+            log.warning("calibration: class column(s) %s have a single label in validation; "
+                        "left uncalibrated", self.fallback_classes)
         if self.method == "temperature":
             self.temperature = self._fit_temperatures(z, y)
         elif self.method == "isotonic":
@@ -105,10 +116,13 @@ class Calibrator:
 
     def _fit_temperatures(self, z: np.ndarray, y: np.ndarray) -> list[float]:
         if self.task == "multiclass" or self.shared_temperature:
+            if len(self.fallback_classes) == z.shape[1]:
+                return [1.0] * (1 if self.task == "multiclass" else z.shape[1])
             return [fit_temperature(y, z, self.task)] * (
                 1 if self.task == "multiclass" else z.shape[1]
             )
-        return [fit_temperature(y[:, [k]], z[:, [k]], self.task) for k in range(z.shape[1])]
+        return [1.0 if k in self.fallback_classes else fit_temperature(y[:, [k]], z[:, [k]], self.task)
+                for k in range(z.shape[1])]
 
     def _fit_isotonic(self, z: np.ndarray, y: np.ndarray) -> list[dict[str, list[float]]]:
         from sklearn.isotonic import IsotonicRegression
@@ -116,6 +130,9 @@ class Calibrator:
         p = probabilities(z, self.task)
         steps = []
         for k in range(p.shape[1]):
+            if k in self.fallback_classes:  # identity map
+                steps.append({"x": [0.0, 1.0], "y": [0.0, 1.0]})
+                continue
             iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(
                 p[:, k], y[:, k]
             )

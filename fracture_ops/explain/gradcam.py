@@ -182,6 +182,7 @@ class LoadedModel:
     info: dict
     image_size: int
     clahe: bool
+    pre_size: int | None = None  # the shrink every served/evaluated image goes through first
 
 
 def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
@@ -205,7 +206,8 @@ def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
     model.load_state_dict(blob["state_dict"])
     model.to(device).eval()
     tf = blob["transform"]
-    return LoadedModel(model, info, int(tf["image_size"]), bool(tf.get("clahe", False)))
+    return LoadedModel(model, info, int(tf["image_size"]), bool(tf.get("clahe", False)),
+                       tf.get("pre_size"))
 
 
 @dataclass
@@ -253,12 +255,25 @@ class GradCamExplainer:
         self.cam = GradCAM(model=loaded.model, target_layers=[layer])
 
     def explain(self, image: np.ndarray) -> CamResult:
-        """Grad-CAM of one ``H x W`` [0, 1] image, mapped to its ``H x W`` pixels."""
-        tensor = self.transform(image)["image"][None].to(self.cam.device)
+        """Grad-CAM of one ``H x W`` [0, 1] image, mapped to its ``H x W`` pixels.
+
+        The image goes through the same preprocessing as in evaluation and serving (shrink to
+        ``pre_size``, float16 rounding), so the explained forward pass is the one that is scored.
+        """
+        import cv2
+
+        from fracture_ops.training.datasets import preprocess
+
+        small = preprocess(image, self.loaded.pre_size)
+        tensor = self.transform(small)["image"][None].to(self.cam.device)
         maps = self.cam(input_tensor=tensor, targets=[self.target])
         logits = self.cam.outputs.detach().float().cpu().numpy()[0]
-        geom = letterbox_geometry(image.shape[0], image.shape[1], self.loaded.image_size)
-        return CamResult(cam_to_original(maps[0], geom), logits)
+        geom = letterbox_geometry(small.shape[0], small.shape[1], self.loaded.image_size)
+        cam = cam_to_original(maps[0], geom)
+        if cam.shape != image.shape:
+            cam = np.clip(cv2.resize(cam, (image.shape[1], image.shape[0]),
+                                     interpolation=cv2.INTER_LINEAR), 0, 1).astype(np.float32)
+        return CamResult(cam, logits)
 
     def close(self) -> None:
         """Remove the hooks from the model and drop the GradCAM object now.

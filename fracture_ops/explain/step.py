@@ -70,6 +70,17 @@ def _sibling(train_dir: str, step: str, filename: str) -> str:
     return uri if storage.is_complete(folder) and storage.exists(uri) else ""
 
 
+def _run_boxes(train_dir: str) -> str:
+    """This run's boxes keyed like the predictions: after de-identification image ids change, so
+    the de-identified table comes first, then the validated one, then the ingested one."""
+    for step, name in (("deidentify", "boxes.deid.parquet"), ("validate", "boxes.clean.parquet"),
+                       ("ingest", "boxes.parquet")):
+        uri = _sibling(train_dir, step, name)
+        if uri:
+            return uri
+    return ""
+
+
 def _resolve(value: str | None, train_dir: str, step: str, filename: str) -> str:
     return _sibling(train_dir, step, filename) if value is None else value
 
@@ -260,7 +271,7 @@ def cam_step(cfg: CamConfig) -> dict:
                               explainer.class_name)
         sections = select_cases(scores[0], scores[1], scores[2], cfg.top_k, cfg.max_errors)
         info = explainer.loaded.info
-        boxes = _boxes_by_image(_resolve(cfg.boxes_uri, train_dir, "ingest", "boxes.parquet"))
+        boxes = _boxes_by_image(cfg.boxes_uri if cfg.boxes_uri is not None else _run_boxes(train_dir))
         cases, quarantined = _explain_all(explainer, rows, sections, scores, _image_uris(info),
                                           boxes, cfg)
     finally:

@@ -343,6 +343,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from fracture_ops.cli_common import add_common_args
 
     parser.add_argument("--date", help="report date YYYY-MM-DD (default: newest log partition)")
+    parser.add_argument("--newest", action="store_true",
+                        help="report on the newest log partition (the default without --date)")
     parser.add_argument("--window-days", type=int, help="days of the log up to --date (default 1)")
     parser.add_argument("--model-name", help="registered model (default fracture-classifier)")
     parser.add_argument("--model-version", help="version to compare (default: most common in window)")

@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -70,18 +72,39 @@ def run_step(spec: StepSpec, context: dict[str, Any], *, env: dict[str, str] | N
         xcom = Path(tmp) / "return.json"
         proc_env = {**os.environ, **(env or {}), "FRACTURE_OPS_XCOM_FILE": str(xcom),
                     "FRACTURE_OPS_NO_PROGRESS": os.environ.get("FRACTURE_OPS_NO_PROGRESS", "1")}
+        # its own process group, so a timeout or a killed task takes the whole step down with it
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=proc_env, bufsize=1, start_new_session=True)
         tail: list[str] = []
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=proc_env, bufsize=1) as proc:
-            try:
-                for line in proc.stdout:  # stream as it comes
-                    line = line.rstrip("\n")
-                    emit(line)
-                    tail = (tail + [line])[-200:]
-                code = proc.wait(timeout=timeout_s or spec.timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise StepFailed(spec.name, 124, tail + ["timed out"]) from None
+        reader = threading.Thread(target=_pump, args=(proc, emit, tail), daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=timeout_s or spec.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            reader.join(timeout=5)
+            raise StepFailed(spec.name, 124, tail + ["timed out"]) from None
+        except BaseException:  # e.g. Airflow's execution timeout or a SIGTERM of the task
+            _kill_group(proc)
+            raise
+        reader.join(timeout=30)
         if code != 0:
             raise StepFailed(spec.name, code, tail)
         return json.loads(xcom.read_text()) if xcom.exists() else {}
+
+
+def _pump(proc: subprocess.Popen, emit: Callable[[str], None], tail: list[str]) -> None:
+    """Stream the step's output line by line, keeping the last lines for the error message."""
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        emit(line)
+        tail.append(line)
+        del tail[:-200]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

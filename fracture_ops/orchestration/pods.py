@@ -22,23 +22,55 @@ class PodSettings:
     """Cluster-side names, from the environment (see infra/README.md)."""
 
     namespace: str = field(default_factory=lambda: os.environ.get("FRACTURE_OPS_K8S_NAMESPACE", "fracture-ops"))
+    # step pods parse untrusted images: they run under an account with no API rights and no token
     service_account: str = field(default_factory=lambda: os.environ.get(
-        "FRACTURE_OPS_K8S_SERVICE_ACCOUNT", "fracture-ops-launcher"))
+        "FRACTURE_OPS_K8S_STEP_SERVICE_ACCOUNT", "fracture-ops-step"))
     training_image: str = field(default_factory=lambda: os.environ.get(
         "FRACTURE_OPS_TRAINING_IMAGE", "ghcr.io/fracture-ops/training:0.1.0"))
     platform_image: str = field(default_factory=lambda: os.environ.get(
         "FRACTURE_OPS_PLATFORM_IMAGE", "ghcr.io/fracture-ops/training:0.1.0"))
     gpu_taint_key: str = "nvidia.com/gpu"
     gpu_node_selector: tuple[tuple[str, str], ...] = (("fracture-ops/pool", "gpu"),)
-    secrets: tuple[str, ...] = ("fracture-ops-mlflow", "fracture-ops-s3")
+    secrets: tuple[str, ...] = ("fracture-ops-mlflow", "fracture-ops-s3", "fracture-ops-deid")
+    # passed through from the scheduler/worker environment (configuration, not secrets)
+    passthrough_env: tuple[str, ...] = ("FRACTURE_OPS_APPROVERS",)
     cache_claim: str = "fracture-ops-cache"
     cache_mount: str = "/cache"
     startup_timeout_s: int = 1800  # GPU node scale-up can take many minutes
 
 
-def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwargs):
-    """Build the KubernetesPodOperator for a spec (same task kwargs as the local runner's task)."""
+def _exit_code(remote_pod, container: str) -> int | None:
+    statuses = (remote_pod.status.container_statuses if remote_pod and remote_pod.status else None) or []
+    status = next((x for x in statuses if x.name == container), None)
+    term = status.state.terminated if status and status.state else None
+    return term.exit_code if term else None
+
+
+def _operator_class():
+    """KubernetesPodOperator that fails without retries when the step exits with a bad-input code
+    (2, 3, 4), like the local runner; the provider itself would retry every failure."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from fracture_ops.orchestration.local_runner import NOT_RETRYABLE
+
+    class StepPodOperator(KubernetesPodOperator):
+        def cleanup(self, pod, remote_pod):
+            code = _exit_code(remote_pod, self.base_container_name)
+            try:
+                return super().cleanup(pod, remote_pod)
+            except AirflowFailException:
+                raise
+            except Exception as exc:
+                if code in NOT_RETRYABLE:
+                    raise AirflowFailException(f"step exited {code}: bad input (not retried): {exc}") from exc
+                raise
+
+    return StepPodOperator
+
+
+def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwargs):
+    """Build the pod operator for a spec (same task kwargs as the local runner's task)."""
     from airflow.providers.cncf.kubernetes.secret import Secret
     from kubernetes.client import models as k8s
 
@@ -54,10 +86,12 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwa
     volume = k8s.V1Volume(name="dataset-cache", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
         claim_name=s.cache_claim))
     mount = k8s.V1VolumeMount(name="dataset-cache", mount_path=s.cache_mount)
-    return KubernetesPodOperator(
+    passthrough = [k8s.V1EnvVar(name=k, value=os.environ[k]) for k in s.passthrough_env if k in os.environ]
+    return _operator_class()(
         name=f"fracture-ops-{spec.name.replace('_', '-')}",
         namespace=s.namespace,
         service_account_name=s.service_account,
+        automount_service_account_token=False,
         image=s.training_image if spec.image == "training" else s.platform_image,
         cmds=["fracture-ops"],
         arguments=list(spec.args),  # Airflow renders the same Jinja templates as the local runner
@@ -65,7 +99,7 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwa
                   k8s.V1EnvVar(name="FRACTURE_OPS_XCOM_FILE", value="/airflow/xcom/return.json"),
                   k8s.V1EnvVar(name="FRACTURE_OPS_NO_PROGRESS", value="1"),
                   k8s.V1EnvVar(name="HF_HUB_OFFLINE", value="1"),
-                  k8s.V1EnvVar(name="YOLO_OFFLINE", value="1")],
+                  k8s.V1EnvVar(name="YOLO_OFFLINE", value="1"), *passthrough],
         secrets=[Secret("env", None, name) for name in s.secrets],
         container_resources=k8s.V1ResourceRequirements(requests=requests, limits=limits),
         tolerations=tolerations,

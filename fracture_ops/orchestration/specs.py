@@ -79,8 +79,8 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     _spec("cam", "cam", "--calibration", f"{RUN}/calibrate/calibration.json",
           "--thresholds", f"{RUN}/tune_thresholds/thresholds.json", image="training",
           outputs=("cam/report.html",)),
-    _spec("package", "package", outputs=("package/package.json",)),
-    _spec("register", "register", outputs=("register/registered.json",)),
+    _spec("package", "package", image="training", outputs=("package/package.json",)),
+    _spec("register", "register", image="training", outputs=("register/registered.json",)),
     _spec("gate", "gate", image="training", outputs=("gate/gate.json",)),
     _spec("detect_train", "detect", "train", "--split-uri", f"{RUN}/split/split.parquet",
           "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet", "--set", "epochs={{ params.detect_epochs }}",
@@ -90,19 +90,26 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
 
 
 PROMOTION_STEPS: dict[str, StepSpec] = {s.name: s for s in [
-    _spec("promote", "registry", "promote", retries=3, timeout_s=900),
+    _spec("promote", "registry", "promote", image="training", retries=3, timeout_s=900),
 ]}
 
 
 INFERENCE_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     _spec("reference", "reference", image="training", outputs=()),
-    _spec("infer", "infer", "{{ params.incoming_uri }}", "--date", "{{ ds }}", image="training",
+    # score with the version the reference was built for (a promotion may land in between);
+    # runs without a logical date score into today's partition
+    _spec("infer", "infer", "{{ params.incoming_uri }}", "--date", "{{ ds if ds is defined else '' }}",
+          "--model-uri", "models:/fracture-classifier/{{ ti.xcom_pull(task_ids='reference')['model_version'] }}",
+          image="training",
           cpu="2", memory="8Gi", timeout_s=4 * 3600),
 ]}
 
 DRIFT_STEPS: dict[str, StepSpec] = {s.name: s for s in [
-    _spec("drift", "drift", "--date", "{{ ds }}", "--window-days", "{{ params.window_days }}",
-          "--drift-share-threshold", "{{ params.drift_share_threshold }}", memory="4Gi"),
+    # report on the day before the logical date: that partition is complete (inference for the
+    # logical date may still be writing); without a logical date, the newest partition
+    _spec("drift", "drift", "{{ '--date=' ~ macros.ds_add(ds, -1) if ds is defined else '--newest' }}",
+          "--window-days", "{{ params.window_days }}",
+          "--drift-share-threshold", "{{ params.drift_share_threshold }}", image="training", memory="4Gi"),
 ]}
 
 

@@ -4,10 +4,11 @@ How a person approves (in the MLflow UI, on the model version page, "Tags"):
 
 - ``approval`` = ``approved`` and ``approved_by`` = their user name (to reject: ``rejected``).
 
-With the MLflow server's basic-auth app only users with MANAGE permission on the registered model
-can set these tags. The promotion step then moves the ``champion`` alias to the ``challenger``
+With the MLflow server's basic-auth app only users with EDIT or MANAGE permission on the registered
+model can set these tags: give reviewers that permission and everyone else READ. The promotion step then moves the ``champion`` alias to the ``challenger``
 version only when all of these hold: ``approval=approved``, ``approved_by`` is on the configured
-approvers list, and ``gate=passed``. Anything else is never promoted, whatever other tags say; a
+approvers list, ``gate=passed`` for the current champion, and the gate's evidence artifact
+confirms it (the tag alone is not trusted). Anything else is never promoted, whatever other tags say; a
 refusal is written to the audit log once per version and reason. The previous champion is tagged
 (``retired_at``, ``superseded_by``), the new one records ``promoted_from``, and each promotion or
 rollback appends one JSON line to ``<artifact_root>/registry/audit.jsonl``. Re-running changes
@@ -66,8 +67,13 @@ def append_audit(uri: str, record: dict) -> dict:
     return record
 
 
-def decide(version_tags: dict[str, str], approvers: list[str]) -> tuple[bool, str]:
-    """Whether a challenger may be promoted, and why not (pure)."""
+def decide(version_tags: dict[str, str], approvers: list[str],
+           champion_version: str | None = None) -> tuple[bool, str]:
+    """Whether a challenger may be promoted, and why not (pure).
+
+    The gate verdict must be about today's champion: a version gated against an earlier
+    champion (since replaced or rolled back) has to be gated again.
+    """
     approval = version_tags.get("approval", "pending")
     who = version_tags.get("approved_by", "")
     if approval == "rejected":
@@ -82,7 +88,31 @@ def decide(version_tags: dict[str, str], approvers: list[str]) -> tuple[bool, st
         return False, f"approver {who!r} is not on the approvers list"
     if version_tags.get("gate") != "passed":
         return False, f"gate verdict is {version_tags.get('gate', 'missing')!r}, not 'passed'"
+    gated_against = version_tags.get("gate.champion_version", "")
+    if gated_against != (champion_version or "none"):
+        return False, (f"gate compared against champion {gated_against or '?'}, but the champion is "
+                       f"{champion_version or 'none'}: run the gate again")
     return True, "approved and gate passed"
+
+
+def verify_gate_evidence(version: str, tags: dict[str, str]) -> str | None:
+    """Re-read the gate's evidence artifact; a ``gate=passed`` tag alone is not trusted.
+
+    Returns:
+        None when the evidence says this version passed, else the reason.
+    """
+    import mlflow
+
+    uri = tags.get("gate.evidence", "")
+    if not uri:
+        return "no gate evidence recorded"
+    try:
+        evidence = mlflow.artifacts.load_dict(uri)
+    except Exception as exc:  # missing artifact, unreadable store: refuse rather than promote
+        return f"gate evidence unreadable ({type(exc).__name__})"
+    if evidence.get("passed") is not True or str(evidence.get("challenger", {}).get("version")) != version:
+        return "gate evidence does not show this version passing"
+    return None
 
 
 def _alias_version(client, name: str, alias: str):
@@ -103,10 +133,14 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
     champion = _alias_version(client, cfg.model_name, CHAMPION)
     if challenger is None:
         return {"action": "none", "reason": "no challenger"}
-    if champion is not None and champion.version == challenger.version:
-        return {"action": "none", "reason": f"version {challenger.version} is already champion"}
-    ok, reason = decide(challenger.tags, cfg.approvers)
     audit = cfg.audit_path()
+    if champion is not None and champion.version == challenger.version:
+        _repair_promotion_record(cfg, audit, champion)
+        return {"action": "none", "reason": f"version {challenger.version} is already champion"}
+    ok, reason = decide(challenger.tags, cfg.approvers, champion.version if champion else None)
+    if ok:
+        reason = verify_gate_evidence(challenger.version, challenger.tags) or reason
+        ok = reason == "approved and gate passed"
     if not ok:
         if reason != "awaiting approval" and not _already_recorded(audit, challenger.version, reason):
             append_audit(audit, {"ts": now(), "action": "refused", "model": cfg.model_name,
@@ -115,9 +149,10 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
         return {"action": "none", "version": challenger.version, "reason": reason}
     previous = champion.version if champion is not None else None
     ts = now()
-    client.set_registered_model_alias(cfg.model_name, CHAMPION, challenger.version)
+    # provenance first, alias last but one: a failure after the alias moved is repaired on retry
     client.set_model_version_tag(cfg.model_name, challenger.version, "promoted_at", ts)
     client.set_model_version_tag(cfg.model_name, challenger.version, "promoted_from", previous or "none")
+    client.set_registered_model_alias(cfg.model_name, CHAMPION, challenger.version)
     if previous is not None:
         client.set_model_version_tag(cfg.model_name, previous, "retired_at", ts)
         client.set_model_version_tag(cfg.model_name, previous, "superseded_by", challenger.version)
@@ -126,6 +161,19 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
         "previous_version": previous, "approved_by": challenger.tags.get("approved_by"),
         "actor": cfg.actor, "evidence": challenger.tags.get("gate.evidence", "")})
     return {"action": "promoted", **{k: record[k] for k in ("version", "previous_version", "approved_by")}}
+
+
+def _repair_promotion_record(cfg: PromotionConfig, audit: str, champion) -> None:
+    """A promotion interrupted after the alias moved: write its missing audit record once."""
+    if "promoted_at" not in champion.tags:
+        return  # made champion by hand (or before this tool): nothing of ours to repair
+    if any(r.get("action") == "promoted" and r.get("version") == champion.version for r in read_audit(audit)):
+        return
+    previous = champion.tags.get("promoted_from", "none")
+    append_audit(audit, {"ts": champion.tags["promoted_at"], "action": "promoted", "model": cfg.model_name,
+                         "version": champion.version, "previous_version": None if previous == "none" else previous,
+                         "approved_by": champion.tags.get("approved_by"), "actor": cfg.actor,
+                         "evidence": champion.tags.get("gate.evidence", ""), "repaired": True})
 
 
 def _already_recorded(audit_uri: str, version: str, reason: str) -> bool:

@@ -78,6 +78,29 @@ def _split_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFram
     return table, parts
 
 
+def _check_both_outcomes(targets: dict[str, np.ndarray], cfg: TrainConfig) -> None:
+    """Model selection needs a defined validation AUROC: each class needs positives and negatives
+    in train and val (for binary: some images labelled ``class_names[0]`` and some not)."""
+    for s in ("train", "val"):
+        y = targets[s]
+        pos = y.sum(0)
+        bad = [cfg.class_names[k] for k in range(y.shape[1]) if pos[k] == 0 or pos[k] == len(y)]
+        if bad and (cfg.task != "multiclass" or len(bad) == y.shape[1]):
+            raise ManifestError(f"train: the {s} split has no positives or no negatives for {bad} "
+                                f"(labels in {cfg.label_column!r} must include {cfg.class_names})")
+
+
+def resume_key(cfg: TrainConfig) -> str:
+    """What a resumed run must share with the killed one (else it starts afresh)."""
+    import hashlib
+    import json
+
+    keep = cfg.model_dump(include={"split_uri", "task", "class_names", "label_column", "backbone",
+                                   "image_size", "batch_size", "epochs", "lr", "weight_decay",
+                                   "scheduler", "warmup_epochs", "loss", "balanced", "seed"})
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _default_cache_dir(cfg: TrainConfig) -> str:
     """``$FRACTURE_OPS_CACHE_DIR/decoded`` (the pod's cache volume) or ``<artifact_root>/cache``."""
     env = os.environ.get("FRACTURE_OPS_CACHE_DIR")
@@ -138,6 +161,15 @@ def _local_folder(cfg: TrainConfig, out: str) -> Path:
     return folder
 
 
+def _reseed(loader, seed: int) -> None:
+    """Shuffle and augment epoch ``e`` from ``seed + e``, so a resumed run replays the same
+    epochs an uninterrupted one would (workers reseed the augmentation from the generator)."""
+    loader.generator.manual_seed(seed)
+    pipeline = getattr(loader.dataset.transform, "pipeline", None)
+    if pipeline is not None and loader.num_workers == 0:
+        pipeline.set_random_seed(seed)
+
+
 def _uploader(out: str):
     def upload(path: Path) -> None:
         storage.write_bytes(storage.join(out, path.name), path.read_bytes())
@@ -173,7 +205,9 @@ def train_step(cfg: TrainConfig) -> dict:
 
     out = cfg.output_dir("train")
     local, remote = _local_folder(cfg, out), storage.is_s3(out)
-    resuming = storage.exists(storage.join(out, "last.pt")) and not storage.is_complete(out)
+    key_uri = storage.join(out, "resume_key.txt")
+    resuming = (storage.exists(storage.join(out, "last.pt")) and not storage.is_complete(out)
+                and storage.exists(key_uri) and storage.read_text(key_uri).strip() == resume_key(cfg))
     if not resuming:
         storage.reset_dir(out)
         if remote:
@@ -182,10 +216,12 @@ def train_step(cfg: TrainConfig) -> dict:
         for name in ("last.pt", "best.pt"):
             if storage.exists(storage.join(out, name)):
                 (local / name).write_bytes(storage.read_bytes(storage.join(out, name)))
+    storage.write_text(key_uri, resume_key(cfg))
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
     table, parts = _split_frames(cfg)
     targets = {s: targets_for(parts[s], cfg.task, cfg.class_names, cfg.label_column) for s in parts}
+    _check_both_outcomes(targets, cfg)
     ds = _datasets(cfg, parts, targets)
     loaders = {s: make_loader(ds[s], cfg.batch_size, s == "train", cfg.workers, device, cfg.seed)
                for s in ds if len(ds[s])}
@@ -207,7 +243,8 @@ def train_step(cfg: TrainConfig) -> dict:
                     device, Checkpointer(local, on_save=_uploader(out) if remote else None),
                     lambda st: mlflow.log_metrics({k: v for k, v in st.items() if k != "epoch"},
                                                   step=st["epoch"]),
-                    progress=lambda it: progress(it, "train", total=len(it)))
+                    progress=lambda it: progress(it, "train", total=len(it)),
+                    on_epoch_start=lambda epoch: _reseed(loaders["train"], cfg.seed + epoch))
         best = torch.load(local / "best.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(best["model"])
         logits = {s: predict_logits(model, loaders[s], device) for s in ("val", "test") if s in loaders}
@@ -231,7 +268,8 @@ def train_step(cfg: TrainConfig) -> dict:
         mlflow.log_text(storage.read_text(storage.join(out, "config.resolved.yaml")),
                         "config/config.resolved.yaml")
     summary = {"train_dir": out, "mlflow_run_id": run.info.run_id, "best_epoch": state.best_epoch,
-               "best_val_auroc": round(state.best_score, 4), "epochs_run": state.epoch,
+               "best_val_auroc": round(state.best_score, 4) if np.isfinite(state.best_score) else None,
+               "epochs_run": state.epoch,
                "predictions_uri": storage.join(out, "predictions.parquet"), "resumed": resumed}
     storage.mark_success(out, summary)
     return summary
