@@ -17,9 +17,10 @@ person approved it and the automatic gate passed:
 
 1. In the MLflow UI, open the model version and set the tags `approval` = `approved` and
    `approved_by` = your user name (to reject: `approval` = `rejected`). With the server's
-   basic-auth app only users with MANAGE permission on the model can do this.
+   basic-auth app only users with EDIT or MANAGE permission on the model can do this.
 2. `approved_by` must be on the approvers list (`FRACTURE_OPS_APPROVERS` on the workers).
-3. The version's `gate` tag must be `passed` (written by the training DAG).
+3. The version's gate must have passed against today's champion (written by the training DAG;
+   the evidence artifact is re-read, the tag alone is not trusted).
 
 Every promotion, refusal and rollback (`fracture-ops registry rollback`) is appended to
 `<artifact_root>/registry/audit.jsonl`. Running it again changes nothing.

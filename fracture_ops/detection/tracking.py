@@ -98,9 +98,10 @@ def register(cfg, run_id: str, weights: Path, metrics: dict, example_image: str 
 
     client = MlflowClient()
     ensure_registered_model(client, cfg.registered_model)
-    existing = client.search_model_versions(f"name='{cfg.registered_model}' and run_id='{run_id}'")
-    if existing:
-        return str(existing[0].version)
+    # once per pipeline run: a retried task (new MLflow run, same run folder) reuses its version
+    for v in client.search_model_versions(f"name='{cfg.registered_model}'"):
+        if v.run_id == run_id or v.tags.get("pipeline_run_id") == cfg.run_id:
+            return str(v.version)
     model_config = {"imgsz": cfg.imgsz, "conf": cfg.conf, "iou": cfg.iou,
                     "class_names": list(cfg.class_names or [])}
     info = mlflow.pyfunc.log_model(
