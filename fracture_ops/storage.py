@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 SUCCESS_MARKER = "_SUCCESS"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: files get the usual 0644-style mode, not mkstemp's private 0600
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -86,6 +88,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> str:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
