@@ -45,7 +45,14 @@ from fracture_ops.data.deid_profile import (
     apply_profile,
     method_codes,
 )
-from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded, ManifestError
+from fracture_ops.data.deid_images import (  # noqa: F401  (re-exported: public API)
+    PNG_SIGNATURE,
+    FileRejected,
+    strip_image_metadata,
+    strip_jpeg,
+    strip_png,
+)
+from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +144,6 @@ class DeidConfig(StepConfig):
     keep_columns: list[str] = Field(
         default_factory=list, description="extra manifest columns to keep (others are dropped)")
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
-
-
-class FileRejected(BadInputError):
-    """One file cannot be de-identified; the message is PHI-free and goes into the report."""
 
 
 def load_keys(cfg: DeidConfig) -> DeidKeys:
@@ -304,92 +307,6 @@ def _deidentify_dicom(data: bytes, keys: DeidKeys, cfg: DeidConfig, patient_key:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue(), result
-
-
-# ---- PNG / JPEG: drop metadata losslessly (pixels stay byte-identical) ----
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_KEEP = {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"sBIT",
-             b"pHYs", b"bKGD"}  # drops tEXt/zTXt/iTXt/eXIf/tIME/iCCP and unknown chunks
-
-
-def strip_png(data: bytes) -> bytes:
-    """Keep only the chunks that define the pixels; raise ValueError when malformed."""
-    out, i = [PNG_SIGNATURE], len(PNG_SIGNATURE)
-    while i + 12 <= len(data):
-        length, ctype = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
-        end = i + 12 + length
-        if end > len(data):
-            break
-        if ctype in _PNG_KEEP:
-            out.append(data[i:end])
-        if ctype == b"IEND":
-            return b"".join(out)
-        i = end
-    raise ValueError("truncated PNG")
-
-
-def _jpeg_scan_end(data: bytes, j: int) -> int:
-    """Index of the first marker after entropy-coded data starting at ``j``."""
-    n = len(data)
-    while j < n - 1:
-        if data[j] == 0xFF and data[j + 1] != 0x00 and not 0xD0 <= data[j + 1] <= 0xD7 \
-                and data[j + 1] != 0xFF:
-            return j
-        j += 1
-    return n
-
-
-def strip_jpeg(data: bytes) -> bytes:
-    """Drop APP1-APP13/APP15 (EXIF, XMP, ICC, IPTC...) and COM segments; keep a bare JFIF APP0.
-
-    The compressed scans are copied as they are, so decoded pixels do not change.
-    """
-    if data[:2] != b"\xff\xd8":
-        raise ValueError("not a JPEG")
-    out, i, n = [b"\xff\xd8"], 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            raise ValueError("corrupt JPEG marker stream")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0xD9:
-            break
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        segment = data[i:i + 2 + length]
-        if marker == 0xE0 and segment[4:9] == b"JFIF\x00":
-            out.append(b"\xff\xe0\x00\x10" + segment[4:16] + b"\x00\x00")  # no thumbnail
-        elif marker == 0xEE or not (0xE0 <= marker <= 0xEF or marker == 0xFE):
-            out.append(segment)  # tables, frame/scan headers, Adobe APP14 (colour transform)
-        i += 2 + length
-        if marker == 0xDA:  # entropy-coded data follows the scan header
-            end = _jpeg_scan_end(data, i)
-            out.append(data[i:end])
-            i = end
-    out.append(b"\xff\xd9")
-    return b"".join(out)
-
-
-def strip_image_metadata(data: bytes) -> tuple[bytes, str]:
-    """Strip PNG/JPEG metadata; return the new bytes and the file extension.
-
-    Raises:
-        FileRejected: not a PNG/JPEG, or the stripped image does not decode.
-    """
-    from PIL import Image
-
-    try:
-        if data.startswith(PNG_SIGNATURE):
-            out, ext = strip_png(data), ".png"
-        else:
-            out, ext = strip_jpeg(data), ".jpg"
-        with Image.open(io.BytesIO(out)) as img:
-            img.load()
-    except Exception as exc:
-        raise FileRejected(f"image does not decode: {type(exc).__name__}") from exc
-    return out, ext
 
 
 def _kind(data: bytes, suffix: str) -> str | None:
@@ -558,100 +475,6 @@ def _finish(out_dir: str, records: list[dict], cfg: DeidConfig, keys: DeidKeys, 
     return summary
 
 
-# ---- manifest mode ----
-
-def _sibling(uri: str, name: str) -> str:
-    parent = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent)
-    return storage.join(parent, name)
-
-
-def _manifest_row(row: dict, keys: DeidKeys, cfg: DeidConfig,
-                  out_dir: str) -> tuple[dict, dict | None]:
-    import pandas as pd
-
-    new_id = keys.image_id(str(row["image_id"]))
-    rec = {"input": keys.path_hash(str(row["image_uri"])), "image_id": new_id}
-    pid = None if pd.isna(row["patient_id"]) else str(row["patient_id"])
-    study = None if pd.isna(row["study_id"]) else str(row["study_id"])
-    try:
-        data = storage.read_bytes(row["image_uri"])
-        suffix = Path(str(row["image_uri"])).suffix.lower()
-        kind, out, result, ext = _process(data, suffix, keys, cfg, pid, study)
-    except Exception as exc:  # noqa: BLE001 - quarantined rows are listed in the report
-        _quarantine(rec, exc)
-        return rec, None
-    name = f"images/{new_id}{ext}"
-    uri = storage.write_bytes(storage.join(out_dir, *name.split("/")), out)
-    _fill_record(rec, kind, result, name)
-    new_row = dict(row, image_id=new_id, image_uri=uri,
-                   patient_id=keys.patient(pid) if pid is not None else None,
-                   study_id=keys.uid(study) if study is not None else None)
-    return rec, new_row
-
-
-def _pass_boxes(cfg: DeidConfig, id_map: dict[str, str], out_dir: str) -> str | None:
-    from fracture_ops.data.manifest import BOX_COLUMNS
-
-    uri = cfg.boxes_uri or _sibling(cfg.manifest_uri, "boxes.parquet")
-    if not storage.exists(uri):
-        if cfg.boxes_uri:
-            raise ManifestError("deidentify: boxes_uri does not exist")
-        return None
-    boxes = storage.read_parquet(uri)
-    boxes = boxes[boxes["image_id"].astype(str).isin(id_map)].copy()
-    boxes["image_id"] = boxes["image_id"].astype(str).map(id_map)
-    boxes = boxes[[c for c in BOX_COLUMNS if c in boxes.columns]]
-    boxes = boxes.sort_values(list(boxes.columns), kind="stable").reset_index(drop=True)
-    return storage.write_parquet(storage.join(out_dir, "boxes.deid.parquet"), boxes)
-
-
-def deidentify_manifest_step(cfg: DeidConfig) -> dict:
-    """Manifest mode: de-identify every row's image and pseudonymise the manifest's ids.
-
-    Writes ``images/``, ``manifest.deid.parquet``, ``boxes.deid.parquet`` (when a box table
-    exists), ``report.json``, ``audit.jsonl``, ``config.resolved.yaml`` and ``_SUCCESS`` (last)
-    under ``cfg.output_dir("deidentify")``. Extra columns not in ``keep_columns`` are dropped
-    (they may carry names); ``lbl_*`` columns are kept.
-
-    Returns:
-        The summary, including ``manifest_uri`` of the de-identified manifest.
-
-    Raises:
-        ConfigError: ``manifest_uri`` unset or no secret.
-        ManifestError: unreadable manifest or missing columns.
-        ErrorBudgetExceeded: too many rows quarantined.
-    """
-    import pandas as pd
-
-    from fracture_ops.cli_common import progress
-    from fracture_ops.data.manifest import MANIFEST_COLUMNS, MULTILABEL_PREFIX, normalize_manifest
-
-    if not cfg.manifest_uri:
-        raise ConfigError("deidentify: manifest_uri is not set")
-    try:
-        manifest = normalize_manifest(storage.read_parquet(cfg.manifest_uri))
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"deidentify: cannot read the manifest: {type(exc).__name__}") from exc
-    keys = load_keys(cfg)
-    out_dir = cfg.output_dir(STEP)
-    storage.reset_dir(out_dir)
-    records, rows, id_map = [], [], {}
-    for row in progress(manifest.to_dict("records"), desc="deidentify", total=len(manifest)):
-        rec, new_row = _manifest_row(row, keys, cfg, out_dir)
-        records.append(rec)
-        if new_row is not None:
-            rows.append(new_row)
-            id_map[str(row["image_id"])] = new_row["image_id"]
-    keep = [c for c in manifest.columns if c in MANIFEST_COLUMNS or c in cfg.keep_columns
-            or c.startswith(MULTILABEL_PREFIX)]
-    out = normalize_manifest(pd.DataFrame(rows, columns=list(manifest.columns))[keep])
-    manifest_out = storage.write_parquet(storage.join(out_dir, "manifest.deid.parquet"), out)
-    boxes_out = _pass_boxes(cfg, id_map, out_dir)
-    extra = {"manifest_uri": manifest_out, "boxes_uri": boxes_out, "output_dir": out_dir,
-             "rows": len(out), "dropped_columns": sorted(set(manifest.columns) - set(keep))}
-    return _finish(out_dir, records, cfg, keys, "manifest", extra)
-
-
 # ---- CLI ----
 
 def configure_parser(parser) -> None:
@@ -667,6 +490,15 @@ def configure_parser(parser) -> None:
                         help=f"demos only: built-in secret when ${SECRET_ENV} is unset")
 
 
+def __getattr__(name: str):
+    # manifest mode lives in its own module (it imports this one); keep the old import path
+    if name == "deidentify_manifest_step":
+        from fracture_ops.data.deid_manifest import deidentify_manifest_step
+
+        return deidentify_manifest_step
+    raise AttributeError(name)
+
+
 def run_cli(args) -> dict:
     """Run folder mode (INPUT OUTPUT) or manifest mode (--manifest or manifest_uri in config)."""
     from fracture_ops import cli_common
@@ -680,5 +512,7 @@ def run_cli(args) -> dict:
             raise ConfigError("folder mode needs both INPUT and OUTPUT")
         return deidentify_folder(args.input, args.output, cfg)
     if cfg.manifest_uri:
+        from fracture_ops.data.deid_manifest import deidentify_manifest_step
+
         return deidentify_manifest_step(cfg)
     raise ConfigError("nothing to do: give INPUT OUTPUT (folder mode) or --manifest URI")

@@ -1,0 +1,115 @@
+"""De-identification in manifest mode: the pipeline's ``deidentify`` step.
+
+Each DICOM row is de-identified into the step folder, PNG/JPEG rows lose their metadata, and the
+manifest's ``patient_id``/``study_id``/``image_id`` are replaced by the same keyed pseudonyms the
+DICOM headers get, so patient-wise splits still work after de-identification.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fracture_ops import storage
+from fracture_ops.data.deid import (
+    STEP,
+    DeidConfig,
+    DeidKeys,
+    _fill_record,
+    _finish,
+    _process,
+    _quarantine,
+    load_keys,
+)
+from fracture_ops.errors import ConfigError, ManifestError
+
+
+def _sibling(uri: str, name: str) -> str:
+    parent = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent)
+    return storage.join(parent, name)
+
+
+def _manifest_row(row: dict, keys: DeidKeys, cfg: DeidConfig,
+                  out_dir: str) -> tuple[dict, dict | None]:
+    import pandas as pd
+
+    new_id = keys.image_id(str(row["image_id"]))
+    rec = {"input": keys.path_hash(str(row["image_uri"])), "image_id": new_id}
+    pid = None if pd.isna(row["patient_id"]) else str(row["patient_id"])
+    study = None if pd.isna(row["study_id"]) else str(row["study_id"])
+    try:
+        data = storage.read_bytes(row["image_uri"])
+        suffix = Path(str(row["image_uri"])).suffix.lower()
+        kind, out, result, ext = _process(data, suffix, keys, cfg, pid, study)
+    except Exception as exc:  # noqa: BLE001 - quarantined rows are listed in the report
+        _quarantine(rec, exc)
+        return rec, None
+    name = f"images/{new_id}{ext}"
+    uri = storage.write_bytes(storage.join(out_dir, *name.split("/")), out)
+    _fill_record(rec, kind, result, name)
+    new_row = dict(row, image_id=new_id, image_uri=uri,
+                   patient_id=keys.patient(pid) if pid is not None else None,
+                   study_id=keys.uid(study) if study is not None else None)
+    return rec, new_row
+
+
+def _pass_boxes(cfg: DeidConfig, id_map: dict[str, str], out_dir: str) -> str | None:
+    from fracture_ops.data.manifest import BOX_COLUMNS
+
+    uri = cfg.boxes_uri or _sibling(cfg.manifest_uri, "boxes.parquet")
+    if not storage.exists(uri):
+        if cfg.boxes_uri:
+            raise ManifestError("deidentify: boxes_uri does not exist")
+        return None
+    boxes = storage.read_parquet(uri)
+    boxes = boxes[boxes["image_id"].astype(str).isin(id_map)].copy()
+    boxes["image_id"] = boxes["image_id"].astype(str).map(id_map)
+    boxes = boxes[[c for c in BOX_COLUMNS if c in boxes.columns]]
+    boxes = boxes.sort_values(list(boxes.columns), kind="stable").reset_index(drop=True)
+    return storage.write_parquet(storage.join(out_dir, "boxes.deid.parquet"), boxes)
+
+
+def deidentify_manifest_step(cfg: DeidConfig) -> dict:
+    """Manifest mode: de-identify every row's image and pseudonymise the manifest's ids.
+
+    Writes ``images/``, ``manifest.deid.parquet``, ``boxes.deid.parquet`` (when a box table
+    exists), ``report.json``, ``audit.jsonl``, ``config.resolved.yaml`` and ``_SUCCESS`` (last)
+    under ``cfg.output_dir("deidentify")``. Extra columns not in ``keep_columns`` are dropped
+    (they may carry names); ``lbl_*`` columns are kept.
+
+    Returns:
+        The summary, including ``manifest_uri`` of the de-identified manifest.
+
+    Raises:
+        ConfigError: ``manifest_uri`` unset or no secret.
+        ManifestError: unreadable manifest or missing columns.
+        ErrorBudgetExceeded: too many rows quarantined.
+    """
+    import pandas as pd
+
+    from fracture_ops.cli_common import progress
+    from fracture_ops.data.manifest import MANIFEST_COLUMNS, MULTILABEL_PREFIX, normalize_manifest
+
+    if not cfg.manifest_uri:
+        raise ConfigError("deidentify: manifest_uri is not set")
+    try:
+        manifest = normalize_manifest(storage.read_parquet(cfg.manifest_uri))
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"deidentify: cannot read the manifest: {type(exc).__name__}") from exc
+    keys = load_keys(cfg)
+    out_dir = cfg.output_dir(STEP)
+    storage.reset_dir(out_dir)
+    records, rows, id_map = [], [], {}
+    for row in progress(manifest.to_dict("records"), desc="deidentify", total=len(manifest)):
+        rec, new_row = _manifest_row(row, keys, cfg, out_dir)
+        records.append(rec)
+        if new_row is not None:
+            rows.append(new_row)
+            id_map[str(row["image_id"])] = new_row["image_id"]
+    keep = [c for c in manifest.columns if c in MANIFEST_COLUMNS or c in cfg.keep_columns
+            or c.startswith(MULTILABEL_PREFIX)]
+    out = normalize_manifest(pd.DataFrame(rows, columns=list(manifest.columns))[keep])
+    manifest_out = storage.write_parquet(storage.join(out_dir, "manifest.deid.parquet"), out)
+    boxes_out = _pass_boxes(cfg, id_map, out_dir)
+    extra = {"manifest_uri": manifest_out, "boxes_uri": boxes_out, "output_dir": out_dir,
+             "rows": len(out), "dropped_columns": sorted(set(manifest.columns) - set(keep))}
+    return _finish(out_dir, records, cfg, keys, "manifest", extra)
