@@ -183,3 +183,29 @@ def test_every_step_spec_renders_to_a_valid_cli_command():
                 assert parsed.date == "2026-11-19"  # the complete day before the logical date
             if spec.name == "infer":
                 assert (parsed.date, parsed.model_uri) == ("2026-11-20", "models:/fracture-classifier/3")
+
+
+@pytest.mark.parametrize("exit_code,fails_fast", [(3, True), (4, True), (2, True), (1, False), (137, False)])
+def test_pod_bad_input_exit_codes_fail_without_retry(monkeypatch, exit_code, fails_fast):
+    """In Kubernetes mode too, exit codes 2/3/4 fail the task at once; others stay retryable."""
+    from types import SimpleNamespace
+
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    from fracture_ops.orchestration.airflow_tasks import task_kwargs
+    from fracture_ops.orchestration.pods import pod_operator
+    from fracture_ops.orchestration.specs import TRAINING_STEPS
+
+    def provider_cleanup(self, pod, remote_pod):
+        raise AirflowException("Pod fracture-ops-split returned a failure.")
+
+    monkeypatch.setattr(KubernetesPodOperator, "cleanup", provider_cleanup)
+    spec = TRAINING_STEPS["split"]
+    op = pod_operator(spec, **task_kwargs(spec))
+    terminated = SimpleNamespace(exit_code=exit_code)
+    status = SimpleNamespace(name="base", state=SimpleNamespace(terminated=terminated))
+    remote = SimpleNamespace(status=SimpleNamespace(container_statuses=[status]))
+    with pytest.raises(AirflowException) as err:
+        op.cleanup(SimpleNamespace(metadata=SimpleNamespace(name="p")), remote)
+    assert isinstance(err.value, AirflowFailException) is fails_fast
