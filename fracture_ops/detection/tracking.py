@@ -26,16 +26,10 @@ MODEL_DESCRIPTION = ("YOLOv8 fracture localisation (boxes + image-level score). 
 
 
 def ensure_registered_model(client, name: str) -> None:
-    """Create the registered model only when it does not exist yet."""
-    from mlflow.exceptions import MlflowException
+    """Create the detector's registered model only when it does not exist yet."""
+    from fracture_ops.registry.register import ensure_registered_model as ensure
 
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        client.create_registered_model(name, description=MODEL_DESCRIPTION,
-                                       tags={"task": "detection", "framework": "ultralytics"})
+    ensure(client, name, MODEL_DESCRIPTION, {"task": "detection", "framework": "ultralytics"})
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:

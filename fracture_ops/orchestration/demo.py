@@ -121,7 +121,7 @@ def _print_outputs(params: dict, run_id: str, steps: list[str]) -> None:
     run = run_folder(params, run_id)
     print("\n== outputs")
     for name in steps:
-        print(f"  {name:16s} {run}/{name.replace('-', '_')}/")
+        print(f"  {name:16s} {run}/{name}/")
     print(f"  validation report  {run}/validate/report.html")
     if "evaluate" in steps:
         print(f"  evaluation report  {run}/evaluate/evaluation.json")

@@ -25,6 +25,7 @@ import numpy as np
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError
+from fracture_ops.registry.register import alias_version
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,7 @@ def gate_step(cfg: GateConfig) -> dict:
     prob, dec = score_version(f"models:/{cfg.model_name}/{version_no}", images, cls)
     challenger = model_scores(y, prob, dec, cfg.ece_bins) | {"version": version_no}
     champion = None
-    try:
-        champ = client.get_model_version_by_alias(cfg.model_name, "champion")
-    except mlflow.exceptions.MlflowException:
-        champ = None
+    champ = alias_version(client, cfg.model_name, "champion")
     if champ is not None and champ.version != version_no:
         prob_c, dec_c = score_version(f"models:/{cfg.model_name}/{champ.version}", images, cls)
         champion = model_scores(y, prob_c, dec_c, cfg.ece_bins) | {"version": champ.version}

@@ -29,6 +29,7 @@ from pydantic import Field
 from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.errors import BadInputError
+from fracture_ops.registry.register import alias_version
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -115,22 +116,13 @@ def verify_gate_evidence(version: str, tags: dict[str, str]) -> str | None:
     return None
 
 
-def _alias_version(client, name: str, alias: str):
-    import mlflow
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        return None
-
-
 def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
     """One promotion pass: promote the approved, gate-passed challenger, or record why not."""
     import mlflow
 
     client = client or mlflow.MlflowClient()
-    challenger = _alias_version(client, cfg.model_name, CHALLENGER)
-    champion = _alias_version(client, cfg.model_name, CHAMPION)
+    challenger = alias_version(client, cfg.model_name, CHALLENGER)
+    champion = alias_version(client, cfg.model_name, CHAMPION)
     if challenger is None:
         return {"action": "none", "reason": "no challenger"}
     audit = cfg.audit_path()
@@ -190,7 +182,7 @@ def rollback(cfg: PromotionConfig, client=None) -> dict:
     import mlflow
 
     client = client or mlflow.MlflowClient()
-    champion = _alias_version(client, cfg.model_name, CHAMPION)
+    champion = alias_version(client, cfg.model_name, CHAMPION)
     if champion is None:
         raise BadInputError(f"rollback: {cfg.model_name} has no champion")
     previous = champion.tags.get("promoted_from", "none")
@@ -214,7 +206,7 @@ def status(cfg: PromotionConfig, client=None) -> dict:
     client = client or mlflow.MlflowClient()
     out = {}
     for alias in (CHAMPION, CHALLENGER):
-        v = _alias_version(client, cfg.model_name, alias)
+        v = alias_version(client, cfg.model_name, alias)
         out[alias] = None if v is None else {"version": v.version, "approval": v.tags.get("approval"),
                                              "approved_by": v.tags.get("approved_by"), "gate": v.tags.get("gate")}
     return out

@@ -55,6 +55,28 @@ def version_tags(headline: dict, info: dict, run_folder: str) -> dict[str, str]:
     return tags
 
 
+def ensure_registered_model(client, name: str, description: str, tags: dict[str, str] | None = None) -> None:
+    """Create the registered model only when it does not exist yet (check before create)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(name, description=description, tags=tags)
+
+
+def alias_version(client, name: str, alias: str):
+    """The version ``name@alias`` points at, or None when the alias (or model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
 def find_version(client, name: str, run_id: str):
     """The existing version of ``name`` made from MLflow run ``run_id``, if any."""
     for v in client.search_model_versions(f"name = '{name}'"):
@@ -68,10 +90,7 @@ def register_model_version(model_uri: str, run_id: str, name: str, tags: dict[st
     import mlflow
 
     client = mlflow.MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description="Bone-fracture classifier (research use only).")
+    ensure_registered_model(client, name, "Bone-fracture classifier (research use only).")
     version = find_version(client, name, run_id)
     if version is None:
         # mlflow.register_model resolves MLflow 3 logged-model URIs (models:/m-...) to their source
