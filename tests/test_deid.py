@@ -1,4 +1,4 @@
-"""Tests for DICOM de-identification (PS3.15 Annex E): fracture_ops.data.deid, deid_profile and
+"""Tests for DICOM de-identification (PS3.15 Annex E): fracture_ops.deid (header profile and
 synthetic_dicom, on synthetic PHI files and on the real pseudo-PHI DICOMs in ../shared/realdata."""
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ from PIL import Image
 
 from fracture_ops import storage
 from fracture_ops.cli import main as cli_main
-from fracture_ops.data import deid
-from fracture_ops.data.deid import (
+from fracture_ops.deid import config as deid_config
+from fracture_ops.deid import dicom as deid
+from fracture_ops.deid.config import (
     SECRET_ENV,
     BlankRegion,
     DeidConfig,
     SafePrivateTag,
-    deidentify_folder,
-    deidentify_manifest_step,
     load_keys,
-    strip_image_metadata,
 )
-from fracture_ops.data.deid_profile import DeidKeys, shift_date, shift_datetime
+from fracture_ops.deid.folder import deidentify_folder
+from fracture_ops.deid.images import strip_image_metadata
+from fracture_ops.deid.manifest import deidentify_manifest_step
+from fracture_ops.deid.profile import DeidKeys, shift_date, shift_datetime
 from fracture_ops.data.synthetic_dicom import fake_patient, write_phi_dicom
 from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded
 
@@ -200,7 +201,7 @@ def test_missing_secret_is_a_clear_error_and_dev_secret_warns(monkeypatch, tmp_p
     monkeypatch.delenv(SECRET_ENV)
     with pytest.raises(ConfigError, match=SECRET_ENV):
         load_keys(_cfg(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="fracture_ops.data.deid"):
+    with caplog.at_level(logging.WARNING, logger="fracture_ops.deid"):
         keys = load_keys(_cfg(tmp_path, allow_dev_secret=True))
     assert "DEV secret" in caplog.text and keys.fingerprint != KEYS.fingerprint
 
@@ -220,7 +221,7 @@ def test_no_phi_left_in_outputs_reports_or_names(synthetic, folder_run):
         _assert_elements_phi_free(res, phi)
         assert not [e for e in res.iterall() if e.tag.is_private], key
         assert "SourceApplicationEntityTitle" not in res.file_meta
-        assert res.file_meta.ImplementationClassUID == deid.IMPLEMENTATION_UID
+        assert res.file_meta.ImplementationClassUID == deid_config.IMPLEMENTATION_UID
         assert not any(res.get(k) for k in ("OtherPatientNames", "RequestAttributesSequence",
                                              "ReferencedPatientSequence", "PatientBirthDate"))
 
@@ -233,7 +234,8 @@ def test_pixels_identity_markers_and_nested_sequences(synthetic, folder_run):
         assert res.PatientIdentityRemoved == "YES"
         assert res.PatientID == res.PatientName == KEYS.patient(src.PatientID)
         codes = [item.CodeValue for item in res.DeidentificationMethodCodeSequence]
-        assert codes == ["113100", "113107"]
+        assert codes == ["113100", "113101", "113107"]  # basic, clean pixel data, dates
+        assert res.BurnedInAnnotation == "NO"
         assert res.LongitudinalTemporalInformationModified == "MODIFIED"
         equipment = res.ContributingEquipmentSequence[0]  # kept sequence, cleaned inside
         assert equipment.Manufacturer == "ACME Relay" and not equipment.get("InstitutionName")
@@ -352,7 +354,7 @@ def test_safe_private_and_patient_characteristics_options(synthetic, tmp_path):
     assert res.PatientSex == src.PatientSex
     assert res.StudyDate == "" and res.SeriesDate == "19000101"  # no shift: Z empty, X/D dummy
     codes = [i.CodeValue for i in res.DeidentificationMethodCodeSequence]
-    assert codes == ["113100", "113108", "113111"]
+    assert codes == ["113100", "113101", "113108", "113111"]
     assert res.LongitudinalTemporalInformationModified == "REMOVED"
     out, result = deid.deidentify_dicom_bytes(synthetic["files"]["a"].read_bytes(), KEYS,
                                               _cfg(tmp_path), patient_key="MANIFEST-7",
@@ -464,6 +466,8 @@ def test_real_dicoms_lose_all_phi_and_keep_pixels(real_run):
     src, out = real_run
     name_parts = {"Douglas", "Davidson", "Scott", "Kaufman"}  # in the input file names
     outputs = [p for p in out.rglob("*") if p.is_file()]
+    audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    blanked = {r["output"]: r["pixels"]["boxes"][0] for r in audit if r.get("output")}
     for path in src.glob("*.dcm"):
         ds = pydicom.dcmread(path)
         phi = _phi_values(ds) | name_parts
@@ -471,7 +475,15 @@ def test_real_dicoms_lose_all_phi_and_keep_pixels(real_run):
         _assert_phi_free(res_path.read_bytes(), phi, res_path.name)
         res = pydicom.dcmread(res_path)
         _assert_elements_phi_free(res, phi)
-        assert res.PixelData == ds.PixelData
+        boxes = blanked[str(res_path.relative_to(out))]
+        assert boxes, "burned-in text was found and blanked in every real file"
+        before, after = ds.pixel_array, res.pixel_array.copy()
+        for x0, y0, x1, y1 in boxes:
+            assert (after[y0:y1, x0:x1] == before.min()).all()
+        for x0, y0, x1, y1 in boxes:  # outside the blanked boxes: bit-identical
+            after[y0:y1, x0:x1] = before[y0:y1, x0:x1]
+        assert (after == before).all()
+        assert res.BurnedInAnnotation == "NO"
         assert res.PatientID == KEYS.patient(ds.PatientID)
         for report in ("report.json", "audit.jsonl"):
             _assert_phi_free((out / report).read_bytes(), phi, report)
@@ -506,7 +518,7 @@ def test_real_dicom_burned_in_text_region_is_blanked(realdata, tmp_path):
     src = pydicom.dcmread(path)
     region = BlankRegion(box=(x0, y0, x1, y1), manufacturer=src.Manufacturer, rows=src.Rows,
                          columns=src.Columns)
-    cfg = _cfg(tmp_path, blank_regions=[region])
+    cfg = _cfg(tmp_path, blank_regions=[region], pixels={"enabled": False})
     out, _ = deid.deidentify_dicom_bytes(path.read_bytes(), KEYS, cfg)
     before, after = src.pixel_array, pydicom.dcmread(io.BytesIO(out)).pixel_array
     assert (before[y0:y1, x0:x1] != before.min()).any()  # the text was there

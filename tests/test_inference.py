@@ -31,7 +31,7 @@ FRACATLAS_TRUNCATED = ("IMG0004084", "IMG0004189", "IMG0004255", "IMG0004278")
 
 
 def _keys():
-    from fracture_ops.data.deid_profile import DeidKeys
+    from fracture_ops.deid.profile import DeidKeys
 
     return DeidKeys(SECRET.encode())
 

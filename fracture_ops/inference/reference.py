@@ -80,7 +80,7 @@ def build_reference_step(cfg: ReferenceConfig) -> dict:
         BadInputError: no such model/alias, or its split table is missing/empty.
         ErrorBudgetExceeded: too many validation images could not be scored.
     """
-    from fracture_ops.data.deid import load_keys
+    from fracture_ops.deid.config import load_keys
 
     ref = resolve_model(cfg.model_uri)
     out_dir = layout.reference_dir(cfg.artifact_root, ref.name, ref.version)

@@ -6,7 +6,7 @@
 2. :func:`load_scorer` loads that version's pyfunc model (the same network, eval transform,
    calibrator and thresholds the model server uses).
 3. :func:`load_input` reads one file: DICOM is de-identified first (PS3.15 Annex E, through
-   :func:`fracture_ops.data.deid.deidentify_dicom_bytes`) and only the de-identified bytes are
+   :func:`fracture_ops.deid.dicom.deidentify_dicom_bytes`) and only the de-identified bytes are
    decoded and inspected; then the per-image features and the model's preprocessing.
 4. :func:`score_inputs` decodes files in a small thread pool (Pillow, OpenCV and zlib release the
    GIL while decoding), scores them in batches and quarantines every file that fails with a
@@ -211,8 +211,8 @@ def load_input(item: ScoreInput, pre_size: int | None, keys, deid_cfg) -> Loaded
     Args:
         item: the file.
         pre_size: the model's pre-transform size (``Scorer.pre_size``).
-        keys: :class:`~fracture_ops.data.deid_profile.DeidKeys`.
-        deid_cfg: :class:`~fracture_ops.data.deid.DeidConfig` (profile options, blank regions).
+        keys: :class:`~fracture_ops.deid.profile.DeidKeys`.
+        deid_cfg: :class:`~fracture_ops.deid.config.DeidConfig` (profile options, blank regions).
 
     Raises:
         ImageDecodeError: missing, unreadable or undecodable file.
@@ -232,7 +232,7 @@ def decode_input(item: ScoreInput, data: bytes, pre_size: int | None, keys,
     if fmt == "dicom":
         import pydicom
 
-        from fracture_ops.data.deid import deidentify_dicom_bytes
+        from fracture_ops.deid.dicom import deidentify_dicom_bytes
 
         data, _ = deidentify_dicom_bytes(data, keys, deid_cfg)  # the original bytes go no further
         cats = F.dicom_categoricals(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))
@@ -244,7 +244,7 @@ def decode_input(item: ScoreInput, data: bytes, pre_size: int | None, keys,
 
 def quarantine_reason(exc: Exception) -> str:
     """A reason for the report that names neither the file nor any header value."""
-    from fracture_ops.data.deid import FileRejected
+    from fracture_ops.deid.images import FileRejected
 
     if isinstance(exc, ImageDecodeError):
         return exc.cause

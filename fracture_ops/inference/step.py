@@ -5,7 +5,7 @@ prefix) for ``.png``/``.jpg``/``.jpeg``/``.dcm`` files, resolves ``models:/fract
 @champion`` to its version, and writes one Parquet part per batch into
 ``<artifact_root>/prediction_log/date=<date>/`` (layout: :mod:`fracture_ops.inference.layout`).
 
-Privacy: DICOM files are de-identified (PS3.15 Annex E, :mod:`fracture_ops.data.deid`) before
+Privacy: DICOM files are de-identified (PS3.15 Annex E, :mod:`fracture_ops.deid`) before
 anything reads them; rows are keyed by ``image_id`` = a keyed hash (HMAC with the de-id secret)
 of the file's URI, since real file names carry patient names. Nothing here logs a path.
 
@@ -97,14 +97,14 @@ class InferConfig(ScoringConfig):
 
 
 def deid_config(cfg: ScoringConfig):
-    """The :class:`~fracture_ops.data.deid.DeidConfig` applied to DICOM inputs.
+    """The :class:`~fracture_ops.deid.config.DeidConfig` applied to DICOM inputs.
 
     Raises:
         ConfigError: ``cfg.deid`` holds an unknown or invalid option.
     """
     from pydantic import ValidationError
 
-    from fracture_ops.data.deid import DeidConfig
+    from fracture_ops.deid.config import DeidConfig
 
     try:
         return DeidConfig(artifact_root=cfg.artifact_root, run_id=cfg.run_id,
@@ -257,7 +257,7 @@ def infer_step(cfg: InferConfig) -> dict:
         ErrorBudgetExceeded: more than ``max_bad_fraction`` of the inputs quarantined (the
             partition is then left unchanged; the run folder holds ``quarantine.json``).
     """
-    from fracture_ops.data.deid import load_keys
+    from fracture_ops.deid.config import load_keys
 
     if not cfg.incoming_uri:
         raise ConfigError("infer: incoming_uri is not set")

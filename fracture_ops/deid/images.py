@@ -2,7 +2,7 @@
 
 PNG keeps only its critical chunks (IHDR, PLTE, IDAT, IEND) and the transparency/colour chunks a
 decoder needs; JPEG keeps only the segments that decode the image (no APPn/COM: no EXIF, XMP,
-ICC notes or comments). Text burned into pixels stays: see the de-identification report's notes.
+ICC notes or comments). Burned-in text is scrubbed by :func:`scrub_image_bytes`.
 """
 
 from __future__ import annotations
@@ -98,3 +98,48 @@ def strip_image_metadata(data: bytes) -> tuple[bytes, str]:
     except Exception as exc:
         raise FileRejected(f"image does not decode: {type(exc).__name__}") from exc
     return out, ext
+
+
+def _png_bytes(arr) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")  # uint16 -> I;16, uint8 -> L/RGB, int32 -> I
+    return buf.getvalue()
+
+
+def scrub_image_bytes(data: bytes, pixcfg, phi: dict[str, list[str]]) -> tuple[bytes, str, dict]:
+    """Strip metadata, then scrub burned-in text from a PNG/JPEG.
+
+    Nothing blanked: the stripped bytes are returned as they are. Something blanked: the decoded
+    pixels, blanked, are written as PNG (lossless), so every pixel outside the boxes keeps the
+    decoded input's value (a JPEG is not re-compressed).
+
+    Returns:
+        (bytes, extension, the scrub's audit entry).
+
+    Raises:
+        FileRejected: not a PNG/JPEG or does not decode.
+        PixelTextRemains: text remains after the last round.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from fracture_ops.deid.scrub import scrub_array, scrub_report
+
+    out, ext = strip_image_metadata(data)
+    with Image.open(io.BytesIO(out)) as img:
+        mode = img.mode
+        if mode not in ("L", "I;16", "RGB", "I", "LA", "RGBA", "P", "1", "CMYK"):
+            raise FileRejected(f"image mode {mode} is not supported")
+        if mode in ("P", "1", "CMYK", "LA", "RGBA"):
+            img = img.convert("RGB" if mode != "LA" else "L")
+            mode = img.mode
+        arr = np.array(img)
+    if mode == "I":
+        arr = arr.astype(np.int32)
+    frames = arr[None].copy()
+    result = scrub_array(frames, pixcfg, phi)
+    if result.regions:
+        out, ext = _png_bytes(frames[0]), ".png"
+    return out, ext, scrub_report(result, pixcfg)

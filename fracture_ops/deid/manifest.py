@@ -10,16 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from fracture_ops import storage
-from fracture_ops.data.deid import (
-    STEP,
-    DeidConfig,
-    DeidKeys,
-    _fill_record,
-    _finish,
-    _process,
-    _quarantine,
-    load_keys,
-)
+from fracture_ops.deid.config import STEP, DeidConfig, load_keys
+from fracture_ops.deid.folder import Processed, fill_record, parallel_map, process_bytes, quarantine
+from fracture_ops.deid.profile import DeidKeys
+from fracture_ops.deid.report import finish
 from fracture_ops.errors import ConfigError, ManifestError
 
 
@@ -28,28 +22,36 @@ def _sibling(uri: str, name: str) -> str:
     return storage.join(parent, name)
 
 
-def _manifest_row(row: dict, keys: DeidKeys, cfg: DeidConfig,
-                  out_dir: str) -> tuple[dict, dict | None]:
+def _ids(row: dict) -> tuple[str | None, str | None]:
     import pandas as pd
 
-    new_id = keys.image_id(str(row["image_id"]))
-    rec = {"input": keys.path_hash(str(row["image_uri"])), "image_id": new_id}
     pid = None if pd.isna(row["patient_id"]) else str(row["patient_id"])
     study = None if pd.isna(row["study_id"]) else str(row["study_id"])
+    return pid, study
+
+
+def _process_row(row: dict, keys: DeidKeys, cfg: DeidConfig) -> tuple[dict, Processed | None]:
+    """De-identify one row's image (in a worker): its audit record and output, or None."""
+    new_id = keys.image_id(str(row["image_id"]))
+    rec = {"input": keys.path_hash(str(row["image_uri"])), "image_id": new_id}
+    pid, study = _ids(row)
     try:
         data = storage.read_bytes(row["image_uri"])
         suffix = Path(str(row["image_uri"])).suffix.lower()
-        kind, out, result, ext = _process(data, suffix, keys, cfg, pid, study)
+        return rec, process_bytes(data, suffix, keys, cfg, pid, study)
     except Exception as exc:  # noqa: BLE001 - quarantined rows are listed in the report
-        _quarantine(rec, exc)
+        quarantine(rec, exc)
         return rec, None
-    name = f"images/{new_id}{ext}"
-    uri = storage.write_bytes(storage.join(out_dir, *name.split("/")), out)
-    _fill_record(rec, kind, result, name)
-    new_row = dict(row, image_id=new_id, image_uri=uri,
-                   patient_id=keys.patient(pid) if pid is not None else None,
-                   study_id=keys.uid(study) if study is not None else None)
-    return rec, new_row
+
+
+def _write_row(row: dict, rec: dict, done: Processed, keys: DeidKeys, out_dir: str) -> dict:
+    name = f"images/{rec['image_id']}{done.ext}"
+    uri = storage.write_bytes(storage.join(out_dir, *name.split("/")), done.data)
+    fill_record(rec, done, name)
+    pid, study = _ids(row)
+    return dict(row, image_id=rec["image_id"], image_uri=uri,
+                patient_id=keys.patient(pid) if pid is not None else None,
+                study_id=keys.uid(study) if study is not None else None)
 
 
 def _pass_boxes(cfg: DeidConfig, id_map: dict[str, str], out_dir: str) -> str | None:
@@ -86,7 +88,6 @@ def deidentify_manifest_step(cfg: DeidConfig) -> dict:
     """
     import pandas as pd
 
-    from fracture_ops.cli_common import progress
     from fracture_ops.data.manifest import MANIFEST_COLUMNS, MULTILABEL_PREFIX, normalize_manifest
 
     if not cfg.manifest_uri:
@@ -99,10 +100,12 @@ def deidentify_manifest_step(cfg: DeidConfig) -> dict:
     out_dir = cfg.output_dir(STEP)
     storage.reset_dir(out_dir)
     records, rows, id_map = [], [], {}
-    for row in progress(manifest.to_dict("records"), desc="deidentify", total=len(manifest)):
-        rec, new_row = _manifest_row(row, keys, cfg, out_dir)
+    inputs = manifest.to_dict("records")
+    for row, (rec, done) in zip(inputs, parallel_map(_process_row, inputs, keys, cfg,
+                                                     "deidentify")):
         records.append(rec)
-        if new_row is not None:
+        if done is not None:
+            new_row = _write_row(row, rec, done, keys, out_dir)
             rows.append(new_row)
             id_map[str(row["image_id"])] = new_row["image_id"]
     keep = [c for c in manifest.columns if c in MANIFEST_COLUMNS or c in cfg.keep_columns
@@ -112,4 +115,4 @@ def deidentify_manifest_step(cfg: DeidConfig) -> dict:
     boxes_out = _pass_boxes(cfg, id_map, out_dir)
     extra = {"manifest_uri": manifest_out, "boxes_uri": boxes_out, "output_dir": out_dir,
              "rows": len(out), "dropped_columns": sorted(set(manifest.columns) - set(keep))}
-    return _finish(out_dir, records, cfg, keys, "manifest", extra)
+    return finish(out_dir, records, cfg, keys, "manifest", extra)

@@ -349,6 +349,7 @@ class ProfileResult:
     sop_uid: str
     counts: Counter = field(default_factory=Counter)
     flags: list[str] = field(default_factory=list)
+    pixels: dict | None = None  # the burned-in text scrub's audit entry, when it ran
 
 
 def shift_date(value: str, days: int) -> str | None:

@@ -1,0 +1,208 @@
+"""Folder mode (``fracture-ops deidentify INPUT OUTPUT``) and the per-file work both modes share.
+
+Every DICOM under INPUT is de-identified into ``OUTPUT/dicom/<patient pseudonym>/<new SOP
+UID>.dcm``; PNG/JPEG files lose their metadata (and burned-in text) into ``OUTPUT/images/<path
+hash>.<ext>``; ``report.json``, ``report.html`` and ``audit.jsonl`` go beside them. Files are
+processed by a pool of worker processes (``workers``; OCR dominates the time). Files that cannot
+be read, or whose burned-in text cannot be removed, are listed with a reason and never copied.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+from fracture_ops import storage
+from fracture_ops.deid.config import CANDIDATE_SUFFIXES, DICOM_SUFFIXES, DeidConfig, load_keys
+from fracture_ops.deid.dicom import deidentify_dicom_bytes
+from fracture_ops.deid.images import PNG_SIGNATURE, FileRejected, scrub_image_bytes, \
+    strip_image_metadata
+from fracture_ops.deid.profile import DeidKeys, ProfileResult
+from fracture_ops.errors import BadInputError
+
+OWN_MARKER = ".fracture-ops-deid"  # written into every folder-mode output this step creates
+
+
+class Processed(NamedTuple):
+    kind: str
+    data: bytes
+    result: ProfileResult | None
+    ext: str
+    pixels: dict | None
+
+
+def _kind(data: bytes, suffix: str) -> str | None:
+    if data[128:132] == b"DICM" or suffix in DICOM_SUFFIXES:
+        return "dicom"
+    if data.startswith(PNG_SIGNATURE) or data[:2] == b"\xff\xd8":
+        return "image"
+    return None
+
+
+def process_bytes(data: bytes, suffix: str, keys: DeidKeys, cfg: DeidConfig,
+                  patient_key: str | None = None, study_key: str | None = None) -> Processed:
+    """Classify and de-identify one file (header, pixels, metadata).
+
+    Raises:
+        FileRejected: not DICOM/PNG/JPEG, undecodable, or burned-in text that remains.
+        Exception: pydicom's own errors for unreadable files (callers quarantine them).
+    """
+    kind = _kind(data, suffix)
+    if kind == "dicom":
+        out, result = deidentify_dicom_bytes(data, keys, cfg, patient_key, study_key)
+        return Processed(kind, out, result, ".dcm", result.pixels)
+    if kind == "image":
+        if cfg.pixels.enabled:
+            ids = [patient_key] if patient_key else []
+            out, ext, pixels = scrub_image_bytes(data, cfg.pixels, {"ids": ids})
+            return Processed(kind, out, None, ext, pixels)
+        out, ext = strip_image_metadata(data)
+        return Processed(kind, out, None, ext, None)
+    raise FileRejected("not DICOM, PNG or JPEG")
+
+
+def fill_record(rec: dict, done: Processed, output: str) -> None:
+    """Complete an audit record (PHI-free) for a file that was written."""
+    rec.update(status="deidentified" if done.kind == "dicom" else "stripped", kind=done.kind,
+               output=output)
+    if done.result is not None:
+        rec.update(patient=done.result.patient, study=done.result.study_uid,
+                   counts=dict(sorted(done.result.counts.items())), flags=done.result.flags)
+    if done.pixels is not None:
+        rec["pixels"] = done.pixels
+
+
+def quarantine(rec: dict, exc: Exception) -> None:
+    """Mark a record quarantined with a reason that names neither the file nor a header value."""
+    reason = str(exc) if isinstance(exc, FileRejected) else f"unreadable: {type(exc).__name__}"
+    rec.update(status="quarantined", reason=reason)
+    scrub = getattr(exc, "result", None)
+    if scrub is not None:
+        rec["pixels"] = {"passed": False, "regions": scrub.regions,
+                         "residual": [[list(b) for b in f.residual] for f in scrub.frames]}
+
+
+# ---- a pool of worker processes ----
+
+_WORKER: dict = {}
+
+
+def _init_worker(keys: DeidKeys, cfg: DeidConfig) -> None:
+    from fracture_ops.deid import scrub
+
+    scrub._CACHE.clear()  # engines inherited from the parent hold ONNX thread pools: rebuild
+    _WORKER.update(keys=keys, cfg=cfg)
+
+
+def worker_count(cfg: DeidConfig, n_items: int) -> int:
+    """Processes to use: ``cfg.workers`` (0: CPU cores), never more than the items."""
+    want = cfg.workers or (os.cpu_count() or 1)
+    return max(1, min(want, n_items))
+
+
+def parallel_map(fn, items: list, keys: DeidKeys, cfg: DeidConfig, desc: str):
+    """Yield ``fn(item, keys, cfg)`` in order, from a process pool when it pays off."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from fracture_ops.cli_common import progress
+
+    workers = worker_count(cfg, len(items))
+    if workers == 1 or len(items) < 4:
+        for item in progress(items, desc=desc, total=len(items)):
+            yield fn(item, keys, cfg)
+        return
+    # fork: works from any caller (no importable __main__ needed); the initializer drops the
+    # parent's OCR engines so each worker builds its own ONNX Runtime sessions
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork"),
+                             initializer=_init_worker, initargs=(keys, cfg)) as pool:
+        results = pool.map(_call, [(fn, item) for item in items], chunksize=1)
+        yield from progress(results, desc=desc, total=len(items))
+
+
+def _call(job):
+    fn, item = job
+    return fn(item, _WORKER["keys"], _WORKER["cfg"])
+
+
+# ---- folder mode ----
+
+def _check_folders(input_uri: str, output_uri: str) -> list[str]:
+    if not storage.is_s3(input_uri) and not Path(input_uri).is_dir():
+        raise BadInputError("deidentify: the INPUT folder does not exist")
+    if not storage.is_s3(input_uri) and not storage.is_s3(output_uri):
+        inp, out = Path(input_uri).resolve(), Path(output_uri).resolve()
+        if inp == out or inp in out.parents or out in inp.parents:
+            raise BadInputError("deidentify: OUTPUT must not be INPUT, inside it, or contain it")
+    existing = storage.list_files(output_uri)
+    if existing and not storage.exists(storage.join(output_uri, "report.json")):
+        raise BadInputError("deidentify: OUTPUT is not empty and is not an earlier de-id output; "
+                            "refusing to overwrite it")
+    files = storage.list_files(input_uri)
+    if not files:
+        raise BadInputError("deidentify: the INPUT folder holds no files")
+    return files
+
+
+def _one_file(item: tuple[str, str], keys: DeidKeys, cfg: DeidConfig) -> tuple[dict, Processed | None]:
+    """De-identify one input (in a worker): its audit record and, when it succeeded, the output."""
+    uri, rel = item
+    rec = {"input": keys.path_hash(rel)}
+    suffix = Path(rel).suffix.lower()
+    try:
+        return rec, process_bytes(storage.read_bytes(uri), suffix, keys, cfg)
+    except Exception as exc:  # noqa: BLE001 - one bad file never stops the run
+        if suffix not in CANDIDATE_SUFFIXES and isinstance(exc, FileRejected):
+            rec.update(status="skipped", reason=str(exc))
+        else:
+            quarantine(rec, exc)
+        return rec, None
+
+
+def _write(rec: dict, done: Processed, out_dir: str, used: set[str]) -> None:
+    if done.result is not None:
+        name = f"dicom/{done.result.patient}/{done.result.sop_uid}{done.ext}"
+    else:
+        name = f"images/{rec['input'][:16]}{done.ext}"
+    if name in used:  # the same SOP Instance twice: keep both, say so
+        name = name[:-len(done.ext)] + f"-{rec['input'][:8]}{done.ext}"
+        if done.result is not None:
+            done.result.flags.append("duplicate_sop_instance")
+    used.add(name)
+    storage.write_bytes(storage.join(out_dir, *name.split("/")), done.data)
+    fill_record(rec, done, name)
+
+
+def deidentify_folder(input_uri: str, output_uri: str, cfg: DeidConfig) -> dict:
+    """Folder mode: de-identify every file under ``input_uri`` into ``output_uri``.
+
+    Args:
+        input_uri: folder (or s3 prefix) walked recursively.
+        output_uri: where de-identified files, ``report.json``, ``report.html``, ``audit.jsonl``
+            and ``_SUCCESS`` go; it must be empty or an earlier output of this function (it is
+            emptied first).
+        cfg: the step config.
+
+    Returns:
+        The summary also stored in ``_SUCCESS``.
+
+    Raises:
+        BadInputError: missing/empty input, overlapping folders, or a foreign non-empty output.
+        ConfigError: no secret (see :func:`load_keys`).
+        ErrorBudgetExceeded: more than ``cfg.max_bad_fraction`` of candidate files failed.
+    """
+    from fracture_ops.deid.report import finish
+
+    files = _check_folders(input_uri, output_uri)
+    keys = load_keys(cfg)
+    storage.reset_dir(output_uri)
+    items = [(uri, uri[len(input_uri.rstrip("/")):].lstrip("/") if storage.is_s3(input_uri)
+              else os.path.relpath(uri, input_uri)) for uri in files]
+    records: list[dict] = []
+    used: set[str] = set()
+    for rec, done in parallel_map(_one_file, items, keys, cfg, "deidentify"):
+        if done is not None:
+            _write(rec, done, output_uri, used)
+        records.append(rec)
+    return finish(output_uri, records, cfg, keys, "folder", {"output_dir": output_uri})

@@ -1,0 +1,361 @@
+"""Burned-in text scrubbing: find text in the pixels, blank it, read the result again.
+
+The pure core of pixel de-identification (no file I/O): it works on numpy frames and returns the
+boxes it blanked and what the verification read found. DICOM and PNG/JPEG callers
+(:mod:`fracture_ops.deid.dicom`, :mod:`fracture_ops.deid.images`) decode, call
+:func:`scrub_frames`, and write back.
+
+Policy (``PixelConfig.policy``):
+- ``default``: every detected text region is blanked except short radiographic markers on the
+  keep-list (laterality ``L``/``R``, ``AP``, ``PA``, ``LAT``...); a region is read only when its
+  shape could hold such a marker (wide regions are blanked unread). A region whose text matches
+  one of the file's own header values (names, ids, dates in common formats, institution,
+  accession) is always blanked, keep-list or not.
+- ``all-text``: every detected region is blanked, nothing is read before blanking.
+
+Geometry: each region is padded by ``pad_fraction`` of its height; a line that sits under another
+and starts inside it (a wrapped value such as a long institution name) is widened to the line it
+continues. Verification runs the detector again on the blanked image at another scale (and
+Tesseract, where installed, looking for header values); what it finds off the keep-list is blanked
+in another round, and text still present after the last round fails the file (callers quarantine
+it). Blanked pixels take the frame's minimum value; every other pixel is left bit-identical.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fracture_ops.deid.ocr import Box, TextEngine
+
+_CONFUSABLE = str.maketrans({"O": "0", "Q": "0", "D": "0", "I": "1", "L": "1", "|": "1",
+                             "S": "5", "B": "8", "Z": "2", "G": "6"})
+_MONTHS = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
+
+
+def normalise(text: str) -> str:
+    """Upper-case alphanumerics only, with look-alike characters folded (O->0, I/L->1, S->5...).
+
+    OCR confuses these pairs; folding both sides lets ``D0B`` match ``DOB``.
+    """
+    return re.sub(r"[^0-9A-Z]", "", text.upper()).translate(_CONFUSABLE)
+
+
+def date_variants(value: str) -> set[str]:
+    """Ways a DICOM date ``YYYYMMDD`` is commonly printed, normalised (see :func:`normalise`)."""
+    m = re.fullmatch(r"\s*(\d{4})\.?(\d{2})\.?(\d{2}).*", str(value))
+    if not m:
+        return set()
+    y, mo, d = m[1], m[2], m[3]
+    if not 1 <= int(mo) <= 12:
+        return set()
+    mon = _MONTHS[int(mo) - 1]
+    forms = {y + mo + d, mo + d + y, d + mo + y, y[2:] + mo + d, mo + d + y[2:], d + mo + y[2:],
+             y + mon + d, d + mon + y, mon + d + y, y + mon + str(int(d)), str(int(d)) + mon + y,
+             mon + str(int(d)) + y}
+    return {normalise(f) for f in forms}
+
+
+def phi_tokens_from_values(names: list[str] = (), ids: list[str] = (), dates: list[str] = (),
+                           texts: list[str] = ()) -> set[str]:
+    """Normalised tokens to hunt for in the pixels.
+
+    Args:
+        names: person names (DICOM ``^`` separated or free text): each part of 3+ characters.
+        ids: identifiers (patient id, accession...): the whole value when 3+ characters.
+        dates: DICOM DA values: every common printed form (see :func:`date_variants`).
+        texts: free text such as an institution name: each word of 4+ characters and the whole.
+    """
+    tokens: set[str] = set()
+    for name in names:
+        tokens.update(p for p in (normalise(x) for x in re.split(r"[\^\s,]+", str(name)))
+                      if len(p) >= 3)
+    for value in ids:
+        n = normalise(str(value))
+        if len(n) >= 3:
+            tokens.add(n)
+    for value in dates:
+        tokens.update(date_variants(str(value)))
+    for text in texts:
+        whole = normalise(str(text))
+        if len(whole) >= 4:
+            tokens.add(whole)
+        tokens.update(w for w in (normalise(x) for x in str(text).split()) if len(w) >= 4)
+    return tokens
+
+
+def contains_phi(text: str, tokens: set[str]) -> bool:
+    """True when the read text holds one of the tokens (one character may differ for 6+)."""
+    norm = normalise(text)
+    for tok in tokens:
+        if tok in norm:
+            return True
+        if len(tok) >= 6 and len(norm) >= len(tok):
+            for i in range(len(norm) - len(tok) + 1):
+                if sum(a != b for a, b in zip(norm[i:i + len(tok)], tok)) <= 1:
+                    return True
+    return False
+
+
+@dataclass(frozen=True)
+class ScrubOptions:
+    """The knobs of :func:`scrub_frames` (built from ``PixelConfig``)."""
+
+    policy: str = "default"
+    keep_tokens: frozenset[str] = frozenset()
+    pad_fraction: float = 0.15
+    min_pad: int = 2
+    marker_aspect: float = 6.0
+    rounds: int = 2
+    min_score: float = 0.5
+    verify_scale: float = 0.8
+    max_line_height: float = 0.1  # of the shorter image side
+
+
+@dataclass
+class FrameScrub:
+    """What was done to one frame."""
+
+    blanked: list[Box] = field(default_factory=list)
+    kept: list[Box] = field(default_factory=list)
+    residual: list[Box] = field(default_factory=list)
+    phi_hits: int = 0
+    area_fraction: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.residual
+
+
+@dataclass
+class ScrubResult:
+    """What :func:`scrub_frames` did, frame by frame; ``passed`` when nothing was left."""
+
+    frames: list[FrameScrub]
+    engines: dict[str, str]
+
+    @property
+    def passed(self) -> bool:
+        return all(f.passed for f in self.frames)
+
+    @property
+    def regions(self) -> int:
+        return sum(len(f.blanked) for f in self.frames)
+
+    @property
+    def blanked_fraction(self) -> float:
+        return max((f.area_fraction for f in self.frames), default=0.0)
+
+
+def to_gray8(frame: np.ndarray) -> np.ndarray:
+    """Stored values -> 8 bits by min-max (burned-in text sits at an extreme of the range)."""
+    a = frame.astype(np.float32)
+    if a.ndim == 3:
+        a = a.mean(axis=-1)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.ascontiguousarray(((a - lo) * (255.0 / (hi - lo))).round().astype(np.uint8))
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    """Same line: the boxes intersect and share at least half the smaller one's height."""
+    shared = min(a[3], b[3]) - max(a[1], b[1])
+    return (a[0] < b[2] and b[0] < a[2]
+            and shared >= 0.5 * min(a[3] - a[1], b[3] - b[1]))
+
+
+def merge_boxes(boxes: list[Box]) -> list[Box]:
+    """Union boxes of the same line that overlap (both polarities find a line twice)."""
+    out = [tuple(b) for b in boxes]
+    changed = True
+    while changed:
+        changed = False
+        merged: list[Box] = []
+        for b in out:
+            for i, m in enumerate(merged):
+                if _overlap(b, m):
+                    merged[i] = (min(b[0], m[0]), min(b[1], m[1]), max(b[2], m[2]),
+                                 max(b[3], m[3]))
+                    changed = True
+                    break
+            else:
+                merged.append(b)
+        out = merged
+    return sorted(out, key=lambda b: (b[1], b[0]))
+
+
+def widen_continuations(boxes: list[Box]) -> list[Box]:
+    """Widen a wrapped line to the right edge of the line it continues.
+
+    A line directly under another (gap under one line height, similar height) that starts
+    inside it, indented, holds the rest of that line's value: a value box drawn for the whole
+    value spans that width.
+    """
+    out = list(boxes)
+    for i, (x0, y0, x1, y1) in enumerate(out):
+        h = y1 - y0
+        for ax0, ay0, ax1, ay1 in boxes:
+            ah = ay1 - ay0
+            if (0.5 * h <= ah <= 2 * h and -0.5 * h <= y0 - ay1 <= h
+                    and ax0 + h < x0 < ax1 and ax1 > x1):
+                out[i] = (x0, y0, ax1, y1)
+    return out
+
+
+def pad_box(box: Box, shape, opts: ScrubOptions) -> Box:
+    """Pad by ``pad_fraction`` of the height above/below and three times that left/right
+    (line detectors clip the first and last character more often than the line's height)."""
+    x0, y0, x1, y1 = box
+    p = max(opts.min_pad, int(round(opts.pad_fraction * (y1 - y0))))
+    return max(x0 - 3 * p, 0), max(y0 - p, 0), min(x1 + 3 * p, shape[1]), min(y1 + p, shape[0])
+
+
+def _near(box: Box, others: list[Box]) -> bool:
+    """Touching or within one line height of a blanked box: a fragment of blanked text."""
+    h, w = box[3] - box[1], box[2] - box[0]
+    return w <= 3 * h and any(
+        h <= (o[3] - o[1]) and box[0] < o[2] + h and o[0] < box[2] + h
+        and box[1] < o[3] + h // 2 and o[1] < box[3] + h // 2 for o in others)
+
+
+def _is_marker(text: str, opts: ScrubOptions, tokens: set[str]) -> bool:
+    word = re.sub(r"[^0-9A-Z]", "", text.upper())
+    return bool(word) and word in opts.keep_tokens and not contains_phi(text, tokens)
+
+
+def _plausible(boxes: list[Box], shape, opts: ScrubOptions) -> list[Box]:
+    """Drop boxes too tall to be a line of annotation text (anatomy the detector mistook)."""
+    limit = opts.max_line_height * min(shape[:2])
+    return [b for b in boxes if (b[3] - b[1]) <= limit]
+
+
+def _is_tall(box: Box) -> bool:
+    return (box[3] - box[1]) >= 1.5 * (box[2] - box[0]) and (box[3] - box[1]) >= 24
+
+
+def _read(gray: np.ndarray, boxes: list[Box], engine: TextEngine) -> dict[Box, tuple[str, float]]:
+    """Read boxes; a tall box is read turned a quarter both ways (vertical text), best kept."""
+    flat = [b for b in boxes if not _is_tall(b)]
+    out = dict(zip(flat, engine.read(gray, flat))) if flat else {}
+    for b in (b for b in boxes if _is_tall(b)):
+        crop = np.ascontiguousarray(gray[b[1]:b[3], b[0]:b[2]])
+        best = ("", 0.0)
+        for turned in (np.rot90(crop, 1), np.rot90(crop, -1)):
+            turned = np.ascontiguousarray(turned)
+            got = engine.read(turned, [(0, 0, turned.shape[1], turned.shape[0])])[0]
+            best = max(best, got, key=lambda r: r[1])
+        out[b] = best
+    return out
+
+
+def _is_text(text: str, score: float, opts: ScrubOptions) -> bool:
+    return score >= opts.min_score and len(re.sub(r"[^0-9A-Za-z]", "", text)) >= 2
+
+
+def _decide(gray: np.ndarray, boxes: list[Box], engine: TextEngine, opts: ScrubOptions,
+            tokens: set[str], frame: FrameScrub) -> list[Box]:
+    """Which boxes to blank; keep-list markers go to ``frame.kept``.
+
+    Tall boxes (taller than wide, e.g. wires and leads the detector mistakes for text) are
+    blanked only when they read as text; line-shaped boxes too wide for a marker are blanked
+    unread under the default policy; every box is blanked unread under ``all-text``.
+    """
+    if opts.policy == "all-text":
+        return boxes
+    ask = [b for b in boxes if (b[2] - b[0]) <= opts.marker_aspect * (b[3] - b[1])]
+    texts = _read(gray, ask, engine) if ask else {}
+    blank = []
+    for b in boxes:
+        text, score = texts.get(b, ("", 0.0))
+        if b in texts and _is_marker(text, opts, tokens):
+            frame.kept.append(b)
+        elif _is_tall(b) and not (_is_text(text, score, opts) or contains_phi(text, tokens)):
+            continue
+        else:
+            frame.phi_hits += bool(text) and contains_phi(text, tokens)
+            blank.append(b)
+    # the other polarity's box around a kept marker is the same marker
+    return [b for b in blank if not _inside(b, frame.kept) or _area(b) > 2 * min(
+        (_area(k) for k in frame.kept), default=0)]
+
+
+def _area(box: Box) -> int:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def _inside(box: Box, kept: list[Box]) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return any(k[0] <= cx <= k[2] and k[1] <= cy <= k[3] for k in kept)
+
+
+def _residual(gray: np.ndarray, engine: TextEngine, verifiers: list[TextEngine],
+              opts: ScrubOptions, tokens: set[str], frame: FrameScrub) -> list[Box]:
+    """Text the verification read still finds: off the keep-list, or holding a header value.
+
+    The engine looks again at another scale (``verify_scale``) where it supports one; each
+    verifier engine reads the whole frame and reports header values it finds.
+    """
+    try:
+        boxes = engine.locate(gray, opts.verify_scale)
+    except TypeError:  # a site's engine without a scale argument
+        boxes = engine.locate(gray)
+    boxes = [b for b in _plausible(merge_boxes(boxes), gray.shape, opts)
+             if not _inside(b, frame.kept)]
+    found = []
+    found = []
+    for b, (text, score) in _read(gray, boxes, engine).items():
+        if _is_marker(text, opts, tokens) and (b[2] - b[0]) <= opts.marker_aspect * (b[3] - b[1]):
+            frame.kept.append(b)  # a marker the first look missed stays
+        elif contains_phi(text, tokens) or _is_text(text, score, opts):
+            found.append(b)
+        elif _near(b, frame.blanked) and not _is_tall(b):
+            found.append(b)  # a fragment of blanked text (a clipped first or last letter)
+    for verifier in verifiers:
+        for tb in verifier.detect(gray):
+            if tb.text and contains_phi(tb.text, tokens):
+                found.append(tb.box)
+    return found
+
+
+def blank(frame: np.ndarray, boxes: list[Box], fill) -> None:
+    """Fill boxes (x0, y0, x1, y1; exclusive ends) of a (rows, cols[, samples]) frame in place."""
+    for x0, y0, x1, y1 in boxes:
+        frame[y0:y1, x0:x1, ...] = fill
+
+
+def scrub_frame(frame: np.ndarray, engine: TextEngine, verifiers: list[TextEngine],
+                opts: ScrubOptions, tokens: set[str], fill=None) -> FrameScrub:
+    """Find, blank (in place) and verify one frame; see the module docstring."""
+    result = FrameScrub()
+    fill = frame.min() if fill is None else fill
+    gray = to_gray8(frame)
+    boxes = widen_continuations(_plausible(merge_boxes(engine.locate(gray)), gray.shape, opts))
+    todo = _decide(gray, boxes, engine, opts, tokens, result)
+    for attempt in range(opts.rounds + 1):
+        padded = [pad_box(b, frame.shape, opts) for b in todo]
+        blank(frame, padded, fill)
+        result.blanked.extend(padded)
+        if padded or attempt == 0:
+            gray = to_gray8(frame)
+        found = _residual(gray, engine, verifiers, opts, tokens, result)
+        if not found:
+            result.residual = []
+            break
+        result.residual = found
+        todo = widen_continuations(merge_boxes(found))
+    mask = np.zeros(frame.shape[:2], bool)
+    for x0, y0, x1, y1 in result.blanked:
+        mask[y0:y1, x0:x1] = True
+    result.area_fraction = float(mask.mean())
+    return result
+
+
+def scrub_frames(frames: np.ndarray, engine: TextEngine, verifiers: list[TextEngine],
+                 opts: ScrubOptions, tokens: set[str], fill=None) -> ScrubResult:
+    """Scrub every frame of a (frames, rows, cols[, samples]) array in place."""
+    engines = {engine.name: engine.version, **{v.name: v.version for v in verifiers}}
+    return ScrubResult([scrub_frame(f, engine, verifiers, opts, tokens, fill) for f in frames],
+                       engines)
