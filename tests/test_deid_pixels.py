@@ -20,14 +20,13 @@ from fracture_ops.deid.dicom import deidentify_dicom_bytes, header_phi_values
 from fracture_ops.deid.folder import deidentify_folder
 from fracture_ops.deid.images import scrub_image_bytes
 from fracture_ops.deid.ocr import RapidOcrEngine, engine_available, get_engine
-from fracture_ops.deid.pixels import (
+from fracture_ops.deid.phi_text import (
     contains_phi,
     date_variants,
-    merge_boxes,
     normalise,
     phi_tokens_from_values,
-    widen_continuations,
 )
+from fracture_ops.deid.pixels import merge_boxes, widen_continuations
 from fracture_ops.deid.profile import DeidKeys
 from fracture_ops.errors import ErrorBudgetExceeded
 
@@ -150,10 +149,11 @@ def test_real_dicoms_burned_in_values_are_blanked(real_scrubbed):
             if key in ("Name", "Patient ID", "DOB", "Study Date"):  # identifying: always
                 assert cov >= 0.9, f"{key} box only {cov:.2f} blanked in {path.name[:12]}"
         assert pixels["passed"] and res.BurnedInAnnotation == "NO"
-        # Measured here: at most 6.9% of an image blanked (target < 5%, see the issue note)
-        assert _blanked_fraction(boxes, res.pixel_array.shape) < 0.08
-    # Measured here: 30 of 32 value boxes (misses: a two-digit age, a one-letter sex)
-    assert covered / total >= 0.93, (covered, total, misses)
+        # Measured here: 0.8-6.1% of an image blanked (4 of 7 under 5%; whole lines, labels
+        # included, are blanked, and one file's lines touch each other)
+        assert _blanked_fraction(boxes, res.pixel_array.shape) < 0.065
+    # Measured here: 31 of 32 value boxes (the miss: a two-digit age, 67% covered)
+    assert covered / total >= 0.95, (covered, total, misses)
 
 
 @pytest.mark.realdata

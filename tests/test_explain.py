@@ -305,3 +305,58 @@ def test_cli_single_image_writes_overlay_png(trained, capsys):
     assert png.shape == (128, 96, 3) and png.dtype == np.uint8
     assert cli.main(["cam", "--image", str(trained["tmp"] / "missing.png"), "--model-dir",
                      trained["train"]["train_dir"], "--out", str(out)]) == 3
+
+
+# ---------------------------------------------------------------- burned-in PHI end to end
+
+def _phi_read(png_path, tokens) -> list[str]:
+    """Header values that OCR (both engines where installed) reads in a rendered image."""
+    from PIL import Image
+
+    from fracture_ops.deid.ocr import engine_available, get_engine
+    from fracture_ops.deid.phi_text import contains_phi
+
+    gray = np.asarray(Image.open(png_path).convert("L"))
+    engines = [get_engine("rapidocr")] + ([get_engine("tesseract")]
+                                          if engine_available("tesseract") else [])
+    words = [t.text for engine in engines for t in engine.detect(gray) if t.text]
+    return [w for w in words if contains_phi(w, tokens)]
+
+
+@pytest.mark.realdata
+def test_gradcam_overlays_and_inference_inputs_of_real_dicoms_carry_no_burned_in_phi(
+        trained, realdata, monkeypatch):
+    """The real pseudo-PHI DICOMs through de-identification, then Grad-CAM (the overlays the
+    report and the model card embed) and the inference loader: OCR finds no header value. The
+    same overlays drawn from the raw files do show them (so the check can fail)."""
+    import pydicom
+
+    from fracture_ops import cli
+    from fracture_ops.deid.config import SECRET_ENV, DeidConfig
+    from fracture_ops.deid.dicom import deidentify_dicom_bytes, header_phi_values
+    from fracture_ops.deid.phi_text import phi_tokens_from_values
+    from fracture_ops.deid.profile import DeidKeys
+    from fracture_ops.inference.score import ScoreInput, decode_input
+
+    monkeypatch.setenv(SECRET_ENV, "e2e-secret-0123456789abcdef0123456789")
+    keys, cfg = DeidKeys(b"e2e-secret-0123456789abcdef0123456789"), DeidConfig(artifact_root="x")
+    out = trained["tmp"] / "phi_e2e"
+    out.mkdir()
+    raw_hits = 0
+    for i, path in enumerate(sorted((realdata / "dicom" / "dicom_files").glob("*.dcm"))):
+        tokens = phi_tokens_from_values(**header_phi_values(pydicom.dcmread(path)))
+        clean = out / f"clean_{i}.dcm"
+        clean.write_bytes(deidentify_dicom_bytes(path.read_bytes(), keys, cfg)[0])
+        for src, name in ((clean, f"cam_clean_{i}.png"), (path, f"cam_raw_{i}.png")):
+            assert cli.main(["cam", "--image", str(src), "--model-dir",
+                             trained["train"]["train_dir"], "--out", str(out / name),
+                             "--artifact-root", trained["root"], "--run-id", RUN]) == 0
+        assert _phi_read(out / f"cam_clean_{i}.png", tokens) == [], path.name[:12]
+        raw_hits += bool(_phi_read(out / f"cam_raw_{i}.png", tokens))
+        # batch inference decodes what de-identification leaves, never the raw pixels
+        loaded = decode_input(ScoreInput("x", str(path)), path.read_bytes(), None, keys, cfg)
+        scrubbed = decode_input(ScoreInput("x", str(clean)), clean.read_bytes(), None, keys,
+                                cfg.model_copy(update={"pixels": cfg.pixels.model_copy(
+                                    update={"enabled": False})}))
+        assert np.array_equal(loaded.image, scrubbed.image)
+    assert raw_hits >= 5  # the control: without scrubbing the overlays show header values

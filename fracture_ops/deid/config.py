@@ -90,9 +90,9 @@ class PixelConfig(BaseModel):
         "every text region")
     keep_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_KEEP_TOKENS),
                                    description="markers kept under the default policy")
-    pad_fraction: float = Field(0.15, ge=0.0, le=2.0,
+    pad_fraction: float = Field(0.1, ge=0.0, le=2.0,
                                 description="padding above/below a region, as a fraction of "
-                                "its height (three times that left/right)")
+                                "its height (twice that left/right)")
     engine: str = Field("rapidocr", description="text detector: rapidocr, tesseract or "
                         "module:Class of a site's own engine")
     verifiers: list[str] = Field(default_factory=lambda: ["tesseract"],

@@ -13,9 +13,12 @@ Policy (``PixelConfig.policy``):
   accession) is always blanked, keep-list or not.
 - ``all-text``: every detected region is blanked, nothing is read before blanking.
 
-Geometry: each region is padded by ``pad_fraction`` of its height; a line that sits under another
-and starts inside it (a wrapped value such as a long institution name) is widened to the line it
-continues. Verification runs the detector again on the blanked image at another scale (and
+Geometry: a line that sits under another and starts inside it (a wrapped value such as a long
+institution name) is widened to the line it continues; where the text is drawn in one value (as
+burned-in annotations are), each line box is fitted to its letters of that value, growing along
+the row over letters the detector dropped (a one-letter sex, a two-digit age) and shrinking to the
+letters' rows; then it is padded by ``pad_fraction`` of its height (twice that left/right).
+Boxes taller than a tenth of the image are not text lines (anatomy, wires) and are never blanked. Verification runs the detector again on the blanked image at another scale (and
 Tesseract, where installed, looking for header values); what it finds off the keep-list is blanked
 in another round, and text still present after the last round fails the file (callers quarantine
 it). Blanked pixels take the frame's minimum value; every other pixel is left bit-identical.
@@ -29,75 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fracture_ops.deid.ocr import Box, TextEngine
-
-_CONFUSABLE = str.maketrans({"O": "0", "Q": "0", "D": "0", "I": "1", "L": "1", "|": "1",
-                             "S": "5", "B": "8", "Z": "2", "G": "6"})
-_MONTHS = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
-
-
-def normalise(text: str) -> str:
-    """Upper-case alphanumerics only, with look-alike characters folded (O->0, I/L->1, S->5...).
-
-    OCR confuses these pairs; folding both sides lets ``D0B`` match ``DOB``.
-    """
-    return re.sub(r"[^0-9A-Z]", "", text.upper()).translate(_CONFUSABLE)
-
-
-def date_variants(value: str) -> set[str]:
-    """Ways a DICOM date ``YYYYMMDD`` is commonly printed, normalised (see :func:`normalise`)."""
-    m = re.fullmatch(r"\s*(\d{4})\.?(\d{2})\.?(\d{2}).*", str(value))
-    if not m:
-        return set()
-    y, mo, d = m[1], m[2], m[3]
-    if not 1 <= int(mo) <= 12:
-        return set()
-    mon = _MONTHS[int(mo) - 1]
-    forms = {y + mo + d, mo + d + y, d + mo + y, y[2:] + mo + d, mo + d + y[2:], d + mo + y[2:],
-             y + mon + d, d + mon + y, mon + d + y, y + mon + str(int(d)), str(int(d)) + mon + y,
-             mon + str(int(d)) + y}
-    return {normalise(f) for f in forms}
-
-
-def phi_tokens_from_values(names: list[str] = (), ids: list[str] = (), dates: list[str] = (),
-                           texts: list[str] = ()) -> set[str]:
-    """Normalised tokens to hunt for in the pixels.
-
-    Args:
-        names: person names (DICOM ``^`` separated or free text): each part of 3+ characters.
-        ids: identifiers (patient id, accession...): the whole value when 3+ characters.
-        dates: DICOM DA values: every common printed form (see :func:`date_variants`).
-        texts: free text such as an institution name: each word of 4+ characters and the whole.
-    """
-    tokens: set[str] = set()
-    for name in names:
-        tokens.update(p for p in (normalise(x) for x in re.split(r"[\^\s,]+", str(name)))
-                      if len(p) >= 3)
-    for value in ids:
-        n = normalise(str(value))
-        if len(n) >= 3:
-            tokens.add(n)
-    for value in dates:
-        tokens.update(date_variants(str(value)))
-    for text in texts:
-        whole = normalise(str(text))
-        if len(whole) >= 4:
-            tokens.add(whole)
-        tokens.update(w for w in (normalise(x) for x in str(text).split()) if len(w) >= 4)
-    return tokens
-
-
-def contains_phi(text: str, tokens: set[str]) -> bool:
-    """True when the read text holds one of the tokens (one character may differ for 6+)."""
-    norm = normalise(text)
-    for tok in tokens:
-        if tok in norm:
-            return True
-        if len(tok) >= 6 and len(norm) >= len(tok):
-            for i in range(len(norm) - len(tok) + 1):
-                if sum(a != b for a, b in zip(norm[i:i + len(tok)], tok)) <= 1:
-                    return True
-    return False
-
+from fracture_ops.deid.phi_text import contains_phi, phi_tokens_from_values  # noqa: F401
 
 @dataclass(frozen=True)
 class ScrubOptions:
@@ -105,13 +40,14 @@ class ScrubOptions:
 
     policy: str = "default"
     keep_tokens: frozenset[str] = frozenset()
-    pad_fraction: float = 0.15
+    pad_fraction: float = 0.1
     min_pad: int = 2
     marker_aspect: float = 6.0
     rounds: int = 2
     min_score: float = 0.5
     verify_scale: float = 0.8
     max_line_height: float = 0.1  # of the shorter image side
+    pad_x_factor: float = 2.0  # left/right padding as a multiple of the vertical padding
 
 
 @dataclass
@@ -205,12 +141,86 @@ def widen_continuations(boxes: list[Box]) -> list[Box]:
     return out
 
 
+def _text_colour(gray: np.ndarray, boxes: list[Box]) -> int | None:
+    """0 or 255 when burned-in text sits at that extreme (it is drawn in one value): the one
+    far more frequent inside the text boxes than in the whole image; None when neither is."""
+    if not boxes:
+        return None
+    inside = np.concatenate([gray[y0:y1, x0:x1].ravel() for x0, y0, x1, y1 in boxes])
+    best, ratio = None, 2.0
+    for value in (0, 255):
+        frac_in = float((inside == value).mean())
+        frac_all = float((gray == value).mean()) + 1e-6
+        if frac_in >= 0.05 and frac_in / frac_all > ratio:
+            best, ratio = value, frac_in / frac_all
+    return best
+
+
+def _glyphs(gray: np.ndarray, colour: int) -> np.ndarray:
+    """Connected components of exactly the text colour: rows of (x, y, w, h, area)."""
+    import cv2
+
+    _, _, stats, _ = cv2.connectedComponentsWithStats((gray == colour).astype(np.uint8), 8)
+    return stats[1:]
+
+
+def _in_band(comps: np.ndarray, box: Box, height: float) -> np.ndarray:
+    """Glyph-sized components inside a line's row band."""
+    _, y0, _, y1 = box
+    h = height
+    return comps[(comps[:, 3] >= 0.25 * h) & (comps[:, 3] <= 1.1 * h) & (comps[:, 4] >= 4)
+                 & (comps[:, 1] >= y0 - 0.2 * h) & (comps[:, 1] + comps[:, 3] <= y1 + 0.2 * h)]
+
+
+def fit_to_glyphs(gray: np.ndarray, boxes: list[Box], max_reach: float = 8.0) -> list[Box]:
+    """Fit each line box to the glyphs drawn in the text's own colour.
+
+    Burned-in text is drawn in one value. Where that value is found (:func:`_text_colour`),
+    connected components of exactly it, glyph-sized and inside a line's row band, are the
+    line's letters: the box grows along the row over letters within one and a half line
+    heights of its ends (line detectors drop short trailing tokens such as a one-letter sex or a
+    two-digit age, and clip first/last letters; at most ``max_reach`` line heights each way),
+    and its top and bottom shrink to the letters' rows when the letters span most of the box
+    (detector boxes are about twice the letter height). Boxes without such letters stay as
+    they are.
+    """
+    colour = _text_colour(gray, boxes)
+    if colour is None:
+        return boxes
+    comps = _glyphs(gray, colour)
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        h = y1 - y0
+        band = _in_band(comps, (x0, y0, x1, y1), h)
+        band = band[band[:, 2] <= 1.5 * h]
+        lo, hi, grew = x0, x1, True
+        while grew:  # one letter at a time, each way; stops when nothing new is reached
+            grew = False
+            ends = band[:, 0] + band[:, 2]
+            right = ends[(band[:, 0] >= hi - 1) & (band[:, 0] <= hi + 1.5 * h)
+                         & (ends <= x1 + max_reach * h) & (ends > hi)]
+            left = band[(ends <= lo + 1) & (ends >= lo - 1.5 * h)
+                        & (band[:, 0] >= x0 - max_reach * h) & (band[:, 0] < lo), 0]
+            if len(right):
+                hi, grew = int(right.max()), True
+            if len(left):
+                lo, grew = int(left.min()), True
+        inside = band[(band[:, 0] >= lo) & (band[:, 0] + band[:, 2] <= hi)]
+        top, bottom = y0, y1
+        if len(inside) and inside[:, 2].sum() >= 0.5 * (hi - lo):
+            top = max(y0, int(inside[:, 1].min()) - 1)
+            bottom = min(y1, int((inside[:, 1] + inside[:, 3]).max()) + 1)
+        out.append((lo, top, hi, bottom))
+    return out
+
+
 def pad_box(box: Box, shape, opts: ScrubOptions) -> Box:
-    """Pad by ``pad_fraction`` of the height above/below and three times that left/right
-    (line detectors clip the first and last character more often than the line's height)."""
+    """Pad by ``pad_fraction`` of the height above/below and ``pad_x_factor`` times that
+    left/right (line detectors clip first and last letters more often than tops and bottoms)."""
     x0, y0, x1, y1 = box
     p = max(opts.min_pad, int(round(opts.pad_fraction * (y1 - y0))))
-    return max(x0 - 3 * p, 0), max(y0 - p, 0), min(x1 + 3 * p, shape[1]), min(y1 + p, shape[0])
+    px = int(round(opts.pad_x_factor * p))
+    return max(x0 - px, 0), max(y0 - p, 0), min(x1 + px, shape[1]), min(y1 + p, shape[0])
 
 
 def _near(box: Box, others: list[Box]) -> bool:
@@ -333,7 +343,7 @@ def scrub_frame(frame: np.ndarray, engine: TextEngine, verifiers: list[TextEngin
     fill = frame.min() if fill is None else fill
     gray = to_gray8(frame)
     boxes = widen_continuations(_plausible(merge_boxes(engine.locate(gray)), gray.shape, opts))
-    todo = _decide(gray, boxes, engine, opts, tokens, result)
+    todo = fit_to_glyphs(gray, _decide(gray, boxes, engine, opts, tokens, result))
     for attempt in range(opts.rounds + 1):
         padded = [pad_box(b, frame.shape, opts) for b in todo]
         blank(frame, padded, fill)
@@ -345,7 +355,7 @@ def scrub_frame(frame: np.ndarray, engine: TextEngine, verifiers: list[TextEngin
             result.residual = []
             break
         result.residual = found
-        todo = widen_continuations(merge_boxes(found))
+        todo = fit_to_glyphs(gray, widen_continuations(merge_boxes(found)))
     mask = np.zeros(frame.shape[:2], bool)
     for x0, y0, x1, y1 in result.blanked:
         mask[y0:y1, x0:x1] = True
