@@ -83,6 +83,8 @@ class RapidOcrEngine:
         target_side: detection runs on a copy whose shorter side is this many pixels (text of a
             2-3 megapixel radiograph shrinks, that of a small image grows into range).
         max_side: cap on the longer side of the detection copy (bounds time and memory).
+        max_upscale: small images are enlarged at most this much (a thumbnail's text, if any,
+            is already large relative to the image).
         both_polarities: also detect on the inverted image.
         threads: ONNX Runtime intra-op threads (1 when a process pool runs files in parallel).
         box_thresh / unclip_ratio: DB post-processing; lower/larger finds fainter text and
@@ -91,6 +93,7 @@ class RapidOcrEngine:
 
     target_side: int = 800
     max_side: int = 1600
+    max_upscale: float = 2.5
     both_polarities: bool = True
     threads: int = 1
     box_thresh: float = 0.3
@@ -132,7 +135,7 @@ class RapidOcrEngine:
     def scale_for(self, shape) -> float:
         """The detection scale for an image of this shape."""
         h, w = shape[:2]
-        scale = self.target_side / max(min(h, w), 1)
+        scale = min(self.target_side / max(min(h, w), 1), self.max_upscale)
         return min(scale, self.max_side / max(h, w, 1))
 
     def locate(self, gray: np.ndarray, scale: float | None = None,
