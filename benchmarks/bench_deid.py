@@ -69,8 +69,12 @@ def run_ours(files: list[Path], out: Path) -> None:
 
 
 def run_ours_folder(files: list[Path], out: Path) -> None:
-    deidentify_folder(str(files[0].parent), str(out / "folder"), DeidConfig(
+    summary = deidentify_folder(str(files[0].parent), str(out / "folder"), DeidConfig(
         allow_dev_secret=True, artifact_root=str(out), pixels=HEADER_ONLY))
+    written = list((out / "folder" / "dicom").rglob("*.dcm"))
+    inputs = list(files[0].parent.glob("*.dcm"))  # folder mode takes the whole folder
+    if summary["deidentified"] != len(inputs) or len(written) != len(inputs):
+        sys.exit("folder mode: not every file was de-identified and written")
 
 
 def run_dicognito(files: list[Path], out: Path) -> None:

@@ -19,6 +19,7 @@ from fracture_ops.deid.dicom import deidentify_dicom_bytes
 from fracture_ops.deid.images import PNG_SIGNATURE, FileRejected, scrub_image_bytes, \
     strip_image_metadata
 from fracture_ops.deid.profile import DeidKeys, ProfileResult
+from fracture_ops.deid.report import THUMBNAILS
 from fracture_ops.errors import BadInputError
 
 OWN_MARKER = ".fracture-ops-deid"  # written into every folder-mode output this step creates
@@ -30,6 +31,17 @@ class Processed(NamedTuple):
     result: ProfileResult | None
     ext: str
     pixels: dict | None
+    thumbnail: str | None = None  # base64 PNG of the output for report.html (pixel path only)
+    staged: str | None = None  # where a worker wrote the output, relative to the output folder
+
+
+def with_thumbnail(done: Processed) -> Processed:
+    """Add the report thumbnail, drawn from the output bytes (never from the input)."""
+    from fracture_ops.deid.report import thumbnail
+
+    if done.pixels is None:
+        return done
+    return done._replace(thumbnail=thumbnail(done.data, done.pixels.get("boxes", [])))
 
 
 def _kind(data: bytes, suffix: str) -> str | None:
@@ -145,32 +157,56 @@ def _check_folders(input_uri: str, output_uri: str) -> list[str]:
     return files
 
 
-def _one_file(item: tuple[str, str], keys: DeidKeys, cfg: DeidConfig) -> tuple[dict, Processed | None]:
-    """De-identify one input (in a worker): its audit record and, when it succeeded, the output."""
-    uri, rel = item
+def _output_name(rec: dict, done: Processed) -> str:
+    if done.result is not None:
+        return f"dicom/{done.result.patient}/{done.result.sop_uid}{done.ext}"
+    return f"images/{rec['input'][:16]}{done.ext}"
+
+
+def _dedup_name(rec: dict, done: Processed, name: str) -> str:
+    """The same SOP Instance twice: keep both, say so."""
+    if done.result is not None:
+        done.result.flags.append("duplicate_sop_instance")
+    return name[:-len(done.ext)] + f"-{rec['input'][:8]}{done.ext}"
+
+
+def _one_file(item: tuple[str, str, str], keys: DeidKeys,
+              cfg: DeidConfig) -> tuple[dict, Processed | None]:
+    """De-identify one input (in a worker): its audit record and, when it succeeded, the output.
+
+    Local outputs are written here, in the worker, to a staging name beside their final place
+    (the data then stays out of the pipe back); the parent, in input order, moves them to their
+    final names, so duplicate names resolve the same way in every run. S3 outputs come back to
+    the parent, which writes them.
+    """
+    uri, rel, out_dir = item
     rec = {"input": keys.path_hash(rel)}
     suffix = Path(rel).suffix.lower()
     try:
-        return rec, process_bytes(storage.read_bytes(uri), suffix, keys, cfg)
+        done = with_thumbnail(process_bytes(storage.read_bytes(uri), suffix, keys, cfg))
     except Exception as exc:  # noqa: BLE001 - one bad file never stops the run
         if suffix not in CANDIDATE_SUFFIXES and isinstance(exc, FileRejected):
             rec.update(status="skipped", reason=str(exc))
         else:
             quarantine(rec, exc)
         return rec, None
+    if not storage.is_s3(out_dir):
+        staged = f"{_output_name(rec, done)}.{rec['input'][:16]}.part"
+        storage.write_bytes(storage.join(out_dir, *staged.split("/")), done.data)
+        done = done._replace(data=b"", staged=staged)
+    return rec, done
 
 
 def _write(rec: dict, done: Processed, out_dir: str, used: set[str]) -> None:
-    if done.result is not None:
-        name = f"dicom/{done.result.patient}/{done.result.sop_uid}{done.ext}"
-    else:
-        name = f"images/{rec['input'][:16]}{done.ext}"
-    if name in used:  # the same SOP Instance twice: keep both, say so
-        name = name[:-len(done.ext)] + f"-{rec['input'][:8]}{done.ext}"
-        if done.result is not None:
-            done.result.flags.append("duplicate_sop_instance")
+    name = _output_name(rec, done)
+    if name in used:
+        name = _dedup_name(rec, done, name)
     used.add(name)
-    storage.write_bytes(storage.join(out_dir, *name.split("/")), done.data)
+    target = storage.join(out_dir, *name.split("/"))
+    if done.staged:  # written by the worker: move it into place
+        os.replace(storage.join(out_dir, *done.staged.split("/")), target)
+    else:
+        storage.write_bytes(target, done.data)
     fill_record(rec, done, name)
 
 
@@ -198,11 +234,14 @@ def deidentify_folder(input_uri: str, output_uri: str, cfg: DeidConfig) -> dict:
     keys = load_keys(cfg)
     storage.reset_dir(output_uri)
     items = [(uri, uri[len(input_uri.rstrip("/")):].lstrip("/") if storage.is_s3(input_uri)
-              else os.path.relpath(uri, input_uri)) for uri in files]
+              else os.path.relpath(uri, input_uri), output_uri) for uri in files]
     records: list[dict] = []
+    thumbs: dict[str, str] = {}
     used: set[str] = set()
     for rec, done in parallel_map(_one_file, items, keys, cfg, "deidentify"):
         if done is not None:
             _write(rec, done, output_uri, used)
+            if done.thumbnail and len(thumbs) < THUMBNAILS:
+                thumbs[rec["output"]] = done.thumbnail
         records.append(rec)
-    return finish(output_uri, records, cfg, keys, "folder", {"output_dir": output_uri})
+    return finish(output_uri, records, cfg, keys, "folder", {"output_dir": output_uri}, thumbs)

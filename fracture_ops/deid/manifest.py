@@ -11,9 +11,16 @@ from pathlib import Path
 
 from fracture_ops import storage
 from fracture_ops.deid.config import STEP, DeidConfig, load_keys
-from fracture_ops.deid.folder import Processed, fill_record, parallel_map, process_bytes, quarantine
+from fracture_ops.deid.folder import (
+    Processed,
+    fill_record,
+    parallel_map,
+    process_bytes,
+    quarantine,
+    with_thumbnail,
+)
 from fracture_ops.deid.profile import DeidKeys
-from fracture_ops.deid.report import finish
+from fracture_ops.deid.report import THUMBNAILS, finish
 from fracture_ops.errors import ConfigError, ManifestError
 
 
@@ -38,7 +45,7 @@ def _process_row(row: dict, keys: DeidKeys, cfg: DeidConfig) -> tuple[dict, Proc
     try:
         data = storage.read_bytes(row["image_uri"])
         suffix = Path(str(row["image_uri"])).suffix.lower()
-        return rec, process_bytes(data, suffix, keys, cfg, pid, study)
+        return rec, with_thumbnail(process_bytes(data, suffix, keys, cfg, pid, study))
     except Exception as exc:  # noqa: BLE001 - quarantined rows are listed in the report
         quarantine(rec, exc)
         return rec, None
@@ -99,13 +106,15 @@ def deidentify_manifest_step(cfg: DeidConfig) -> dict:
     keys = load_keys(cfg)
     out_dir = cfg.output_dir(STEP)
     storage.reset_dir(out_dir)
-    records, rows, id_map = [], [], {}
+    records, rows, id_map, thumbs = [], [], {}, {}
     inputs = manifest.to_dict("records")
     for row, (rec, done) in zip(inputs, parallel_map(_process_row, inputs, keys, cfg,
                                                      "deidentify")):
         records.append(rec)
         if done is not None:
             new_row = _write_row(row, rec, done, keys, out_dir)
+            if done.thumbnail and len(thumbs) < THUMBNAILS:
+                thumbs[rec["output"]] = done.thumbnail
             rows.append(new_row)
             id_map[str(row["image_id"])] = new_row["image_id"]
     keep = [c for c in manifest.columns if c in MANIFEST_COLUMNS or c in cfg.keep_columns
@@ -115,4 +124,4 @@ def deidentify_manifest_step(cfg: DeidConfig) -> dict:
     boxes_out = _pass_boxes(cfg, id_map, out_dir)
     extra = {"manifest_uri": manifest_out, "boxes_uri": boxes_out, "output_dir": out_dir,
              "rows": len(out), "dropped_columns": sorted(set(manifest.columns) - set(keep))}
-    return finish(out_dir, records, cfg, keys, "manifest", extra)
+    return finish(out_dir, records, cfg, keys, "manifest", extra, thumbs)

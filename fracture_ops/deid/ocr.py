@@ -182,10 +182,15 @@ class TesseractEngine:
     Args:
         min_conf: words below this confidence (0-100) are ignored.
         psm: page segmentation mode; 11 (sparse text) suits annotations scattered on an image.
+        max_side: larger images are read from a copy shrunk to this longer side (Tesseract's
+            time grows with pixels; annotation text stays legible), boxes mapped back.
+        threads: OpenMP threads of the tesseract process (1 when a process pool runs files).
     """
 
     min_conf: float = 40.0
     psm: int = 11
+    max_side: int = 800
+    threads: int = 1
     name: str = "tesseract"
 
     def __post_init__(self) -> None:
@@ -200,16 +205,23 @@ class TesseractEngine:
         self.version = str(pytesseract.get_tesseract_version())
 
     def _words(self, gray: np.ndarray, psm: int) -> list[TextBox]:
+        import os
+
         from PIL import Image
 
-        data = self._tess.image_to_data(Image.fromarray(gray), config=f"--psm {psm}",
+        scale = min(1.0, self.max_side / max(gray.shape[:2]))
+        small = _resize(gray, scale)
+        os.environ.setdefault("OMP_THREAD_LIMIT", str(self.threads))  # read by the subprocess
+        data = self._tess.image_to_data(Image.fromarray(small), config=f"--psm {psm}",
                                         output_type=self._tess.Output.DICT)
         out = []
         for i, text in enumerate(data["text"]):
             conf = float(data["conf"][i])
             if text.strip() and conf >= self.min_conf:
-                x, y, w, h = (int(data[k][i]) for k in ("left", "top", "width", "height"))
-                out.append(TextBox((x, y, x + w, y + h), text.strip(), conf / 100.0))
+                x, y, w, h = (int(data[k][i]) / scale for k in ("left", "top", "width", "height"))
+                box = _clip((x, y, x + w, y + h), gray.shape)
+                if box is not None:
+                    out.append(TextBox(box, text.strip(), conf / 100.0))
         return out
 
     def locate(self, gray: np.ndarray) -> list[Box]:

@@ -93,7 +93,7 @@ def _pixel_summary(records: list[dict]) -> dict:
             "quarantined_text_remains": len(failed), "engines": engines}
 
 
-def _thumbnail(data: bytes, boxes: list[list[list[int]]]) -> str | None:
+def thumbnail(data: bytes, boxes: list[list[list[int]]]) -> str | None:
     """A base64 PNG thumbnail of an output file's first frame with blanked boxes outlined."""
     from PIL import Image, ImageDraw
 
@@ -121,8 +121,12 @@ def _thumbnail(data: bytes, boxes: list[list[list[int]]]) -> str | None:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def render_html(report: dict, records: list[dict], out_dir: str) -> str:
-    """The HTML report (thumbnails of outputs with blanked boxes, counts, quarantined inputs)."""
+def render_html(report: dict, records: list[dict], thumbs: dict[str, str]) -> str:
+    """The HTML report (thumbnails of outputs with blanked boxes, counts, quarantined inputs).
+
+    ``thumbs`` maps output names to base64 PNG thumbnails drawn from the written outputs (the
+    pixel path makes them in its workers; with pixel scrubbing off there are none).
+    """
     e = html.escape
     counts = "".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in report["counts"].items())
     pix = "".join(f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>"
@@ -136,10 +140,9 @@ def render_html(report: dict, records: list[dict], out_dir: str) -> str:
     written = [r for r in records if r.get("output")]
     for rec in written[:THUMBNAILS]:
         pixels = rec.get("pixels") or {}
-        thumb = _thumbnail(storage.read_bytes(storage.join(out_dir, *rec["output"].split("/"))),
-                           pixels.get("boxes", []))
+        thumb = thumbs.get(rec["output"])
         img = f'<img src="data:image/png;base64,{thumb}" alt="output thumbnail">' if thumb \
-            else "<em>no preview</em>"
+            else "<em>no preview (pixel scrubbing off)</em>"
         cards.append(f'<figure class="card">{img}<figcaption><code>{e(rec["output"][-28:])}'
                      f'</code><br>{pixels.get("regions", 0)} region(s) blanked, '
                      f'{pixels.get("kept_markers", 0)} marker(s) kept</figcaption></figure>')
@@ -164,7 +167,7 @@ Thumbnails are drawn from the written outputs; red outlines mark blanked regions
 
 
 def finish(out_dir: str, records: list[dict], cfg: DeidConfig, keys: DeidKeys, mode: str,
-           extra: dict) -> dict:
+           extra: dict, thumbs: dict[str, str] | None = None) -> dict:
     """Write the audit log and reports, log the totals, apply the error budget, mark success.
 
     Raises:
@@ -175,7 +178,7 @@ def finish(out_dir: str, records: list[dict], cfg: DeidConfig, keys: DeidKeys, m
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
     storage.write_text(storage.join(out_dir, "audit.jsonl"), lines)
     storage.write_json(storage.join(out_dir, "report.json"), report)
-    storage.write_text(storage.join(out_dir, "report.html"), render_html(report, records, out_dir))
+    storage.write_text(storage.join(out_dir, "report.html"), render_html(report, records, thumbs or {}))
     write_resolved(cfg, out_dir)
     counts, pixels = report["counts"], report["pixels"]
     log.info("deidentify: %d de-identified, %d stripped, %d quarantined, %d skipped, %d flagged",

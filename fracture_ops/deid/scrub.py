@@ -30,6 +30,8 @@ class PixelTextRemains(FileRejected):
 def _engine_options(name: str, pixcfg) -> dict:
     if name == "rapidocr":
         return {"target_side": pixcfg.target_side, "threads": pixcfg.threads}
+    if name == "tesseract":
+        return {"threads": pixcfg.threads}
     return {}
 
 

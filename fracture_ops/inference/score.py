@@ -206,7 +206,7 @@ def _decode(data: bytes, fmt: str):
 
 
 def load_input(item: ScoreInput, pre_size: int | None, keys, deid_cfg) -> LoadedImage:
-    """Read, de-identify (DICOM header; burned-in text in every format), decode and describe.
+    """Read, de-identify (DICOM: header and burned-in text), decode and describe one file.
 
     Args:
         item: the file.
@@ -236,11 +236,7 @@ def decode_input(item: ScoreInput, data: bytes, pre_size: int | None, keys,
 
         data, _ = deidentify_dicom_bytes(data, keys, deid_cfg)  # the original bytes go no further
         cats = F.dicom_categoricals(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))
-    elif fmt in ("png", "jpeg") and deid_cfg.pixels.enabled:
-        from fracture_ops.deid.images import scrub_image_bytes
-
-        data, ext, _ = scrub_image_bytes(data, deid_cfg.pixels, {})  # burned-in text blanked
-    img, meta = _decode(data, sniff_format(data, item.uri) if fmt != "dicom" else fmt)
+    img, meta = _decode(data, fmt)
     feats = {**F.intensity_features(img), **cats, "source_format": fmt,
              **F.size_features(meta.height, meta.width, meta.bit_depth)}
     return LoadedImage(item, preprocess(img, pre_size), feats, meta.warnings)
