@@ -434,3 +434,53 @@ def test_task_log_states_the_pixel_totals(tmp_path, caplog):
                for r in caplog.records)
     audit = [json.loads(x) for x in (tmp_path / "out" / "audit.jsonl").read_text().splitlines()]
     assert audit[0]["pixels"]["engines"]["rapidocr"] and audit[0]["pixels"]["policy"] == "default"
+
+
+def test_cli_pixel_policy_flags(tmp_path, capsys):
+    from fracture_ops.cli import main as cli_main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    path = _synthetic_text_dicom(src, "a.dcm")
+    before = pydicom.dcmread(path).pixel_array
+    results = {}
+    for policy in ("off", "all-text"):
+        out = tmp_path / policy
+        assert cli_main(["deidentify", str(src), str(out), "--pixel-policy", policy,
+                         "--workers", "1"]) == 0
+        results[policy] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        after = pydicom.dcmread(next(out.glob("dicom/*/*.dcm"))).pixel_array
+        assert (after == before).all() == (policy == "off")
+    assert results["off"]["text_regions_blanked"] == 0
+    assert results["all-text"]["text_regions_blanked"] >= 3
+    with pytest.raises(SystemExit) as exc:  # argparse names the allowed choices
+        cli_main(["deidentify", str(src), str(tmp_path / "x"), "--pixel-policy", "bad"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.realdata
+def test_header_values_collected_whole_from_real_files(realdata):
+    ds = pydicom.dcmread(_real_files(realdata)[0])
+    phi = header_phi_values(ds, ["MANIFEST-ID-7"])
+    assert str(ds.PatientName) in phi["names"] and all(len(n) > 1 for n in phi["names"])
+    assert ds.PatientID in phi["ids"] and "MANIFEST-ID-7" in phi["ids"]
+    assert ds.PatientBirthDate in phi["dates"] and ds.InstitutionName in phi["texts"]
+    tokens = phi_tokens_from_values(**phi)
+    last, first = str(ds.PatientName).split("^")[:2]
+    assert contains_phi(f"Name: {last} {first}", tokens)
+
+
+@pytest.mark.skipif(not engine_available("tesseract"), reason="tesseract-ocr is not installed")
+def test_tesseract_thread_limit_stays_out_of_this_process(monkeypatch):
+    """OMP_THREAD_LIMIT is for the tesseract child: set in this process it would pin torch's
+    OpenMP pool (initialised later) to one thread."""
+    monkeypatch.delenv("OMP_THREAD_LIMIT", raising=False)
+    img = np.full((120, 400), 20, np.uint8)
+    pil = Image.fromarray(img)
+    ImageDraw.Draw(pil).text((10, 40), "ID 7361647728", fill=240,
+                             font=ImageFont.load_default(size=30))
+    words = get_engine("tesseract").detect(np.asarray(pil))
+    assert any("7361647728" in w.text for w in words)
+    import os
+
+    assert "OMP_THREAD_LIMIT" not in os.environ

@@ -47,8 +47,9 @@ def header_phi_values(ds, extra_ids: list[str] = ()) -> dict[str, list[str]]:
         v = ds.get(keyword)
         if v is None or v == "":
             return []
-        return [str(x) for x in (v if isinstance(v, (list, tuple)) or hasattr(v, "__iter__")
-                                 and not isinstance(v, (str, bytes)) else [v])]
+        from pydicom.multival import MultiValue
+
+        return [str(x) for x in (v if isinstance(v, (list, tuple, MultiValue)) else [v])]
 
     def collect(keywords):
         out = []

@@ -32,6 +32,9 @@ import numpy as np
 Box = tuple[int, int, int, int]
 
 
+_TESS_ENV_LOCK = threading.Lock()
+
+
 class TextBox(NamedTuple):
     """One text region: its box, what it says (None: not read) and the engine's confidence."""
 
@@ -211,9 +214,17 @@ class TesseractEngine:
 
         scale = min(1.0, self.max_side / max(gray.shape[:2]))
         small = _resize(gray, scale)
-        os.environ.setdefault("OMP_THREAD_LIMIT", str(self.threads))  # read by the subprocess
-        data = self._tess.image_to_data(Image.fromarray(small), config=f"--psm {psm}",
-                                        output_type=self._tess.Output.DICT)
+        with _TESS_ENV_LOCK:  # the thread limit is for the tesseract child process only
+            before = os.environ.get("OMP_THREAD_LIMIT")
+            os.environ["OMP_THREAD_LIMIT"] = str(self.threads)
+            try:
+                data = self._tess.image_to_data(Image.fromarray(small), config=f"--psm {psm}",
+                                                output_type=self._tess.Output.DICT)
+            finally:
+                if before is None:
+                    os.environ.pop("OMP_THREAD_LIMIT", None)
+                else:
+                    os.environ["OMP_THREAD_LIMIT"] = before
         out = []
         for i, text in enumerate(data["text"]):
             conf = float(data["conf"][i])

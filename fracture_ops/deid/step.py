@@ -17,14 +17,29 @@ def configure_parser(parser) -> None:
     parser.add_argument("--manifest", metavar="URI", help="manifest mode: canonical manifest")
     parser.add_argument("--allow-dev-secret", action="store_true", default=None,
                         help=f"demos only: built-in secret when ${SECRET_ENV} is unset")
+    parser.add_argument("--pixel-policy", choices=["default", "all-text", "off"], default=None,
+                        help="burned-in text: default blanks all text but laterality/projection "
+                        "markers, all-text blanks every text region, off leaves pixels alone "
+                        "(config: pixels.policy / pixels.enabled)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes across files (default: one per CPU core)")
+    parser.epilog = ("Outputs: de-identified files, report.json, report.html (thumbnails with the "
+                     "blanked boxes), audit.jsonl. A file whose burned-in text cannot be removed "
+                     "is quarantined (listed in the report, never written). Other options: "
+                     "--set pixels.keep_tokens=[L,R] --set pixels.verifiers=[] ...")
 
 
 def run_cli(args) -> dict:
     """Run folder mode (INPUT OUTPUT) or manifest mode (--manifest or manifest_uri in config)."""
     from fracture_ops import cli_common
 
+    pixels = None
+    if args.pixel_policy:
+        pixels = ({"enabled": False} if args.pixel_policy == "off"
+                  else {"enabled": True, "policy": args.pixel_policy})
     cfg = cli_common.config_from_args(DeidConfig, args, manifest_uri=args.manifest,
-                                      allow_dev_secret=args.allow_dev_secret)
+                                      allow_dev_secret=args.allow_dev_secret,
+                                      workers=args.workers, pixels=pixels)
     if args.input or args.output:
         if args.manifest:
             raise ConfigError("give either INPUT OUTPUT (folder mode) or --manifest, not both")
