@@ -124,7 +124,7 @@ class DeidConfig(StepConfig):
     blank_regions: list[BlankRegion] = Field(default_factory=list)
     pixels: PixelConfig = Field(default_factory=PixelConfig)
     workers: int = Field(0, ge=0, le=256,
-                         description="processes across files (0: one per CPU core)")
+                         description="processes across files (0: one per usable CPU, at most 8)")
     watch_modalities: list[str] = Field(
         default_factory=lambda: ["US", "SC", "OT", "XA", "RF", "ES", "XC"],
         description="modalities whose files are flagged for possible burned-in text")

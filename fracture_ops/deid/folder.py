@@ -107,9 +107,13 @@ def _init_worker(keys: DeidKeys, cfg: DeidConfig) -> None:
     _WORKER.update(keys=keys, cfg=cfg)
 
 
+MAX_AUTO_WORKERS = 8  # each worker holds its own OCR models (~200 MB): set workers to go higher
+
+
 def worker_count(cfg: DeidConfig, n_items: int) -> int:
-    """Processes to use: ``cfg.workers`` (0: CPU cores), never more than the items."""
-    want = cfg.workers or (os.cpu_count() or 1)
+    """Processes to use: ``cfg.workers``, or the CPUs this process may run on (at most
+    ``MAX_AUTO_WORKERS``); never more than the items."""
+    want = cfg.workers or min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS)
     return max(1, min(want, n_items))
 
 

@@ -111,7 +111,7 @@ class RapidOcrEngine:
             from importlib.metadata import version
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise EngineUnavailable("rapidocr engine needs `pip install rapidocr-onnxruntime` "
-                                    "(fracture-ops[deid])") from exc
+                                    "(a dependency of fracture-ops)") from exc
         self.version = version("rapidocr-onnxruntime")
         self._root = rapidocr_onnxruntime
         self._lock = threading.Lock()

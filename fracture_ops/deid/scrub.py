@@ -73,7 +73,8 @@ def scrub_array(frames: np.ndarray, pixcfg, phi: dict[str, list[str]],
         frames: (frames, rows, cols) or (frames, rows, cols, samples) stored values.
         pixcfg: the :class:`~fracture_ops.deid.config.PixelConfig`.
         phi: header values by kind (``names``, ``ids``, ``dates``, ``texts``) to hunt for.
-        fill: the value blanked pixels take (default: each frame's minimum).
+        fill: the value blanked pixels take (default: the minimum over all frames, the value the
+            DICOM writer uses too, so the verified pixels are the written ones).
 
     Raises:
         PixelTextRemains: text is still found after the last round (nothing may be released).
@@ -81,6 +82,7 @@ def scrub_array(frames: np.ndarray, pixcfg, phi: dict[str, list[str]],
     engine, verifiers, _ = engines_for(pixcfg)
     tokens = phi_tokens_from_values(**{k: phi.get(k, []) for k in ("names", "ids", "dates",
                                                                     "texts")})
+    fill = frames.min() if fill is None else fill
     result = scrub_frames(frames, engine, verifiers, options_for(pixcfg), tokens, fill)
     if not result.passed:
         left = sum(len(f.residual) for f in result.frames)

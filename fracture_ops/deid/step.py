@@ -22,7 +22,7 @@ def configure_parser(parser) -> None:
                         "markers, all-text blanks every text region, off leaves pixels alone "
                         "(config: pixels.policy / pixels.enabled)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="processes across files (default: one per CPU core)")
+                        help="processes across files (default: one per usable CPU, at most 8)")
     parser.epilog = ("Outputs: de-identified files, report.json, report.html (thumbnails with the "
                      "blanked boxes), audit.jsonl. A file whose burned-in text cannot be removed "
                      "is quarantined (listed in the report, never written). Other options: "

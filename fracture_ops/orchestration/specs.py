@@ -56,9 +56,11 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     _spec("validate", "validate", f"{RUN}/ingest/manifest.parquet", "--boxes", f"{RUN}/ingest/boxes.parquet",
           "--max-bad-fraction", "{{ params.max_bad_fraction }}",
           outputs=("validate/manifest.clean.parquet", "validate/report.html")),
+    # OCR of burned-in text runs one worker process per requested CPU (each ~300 MB of models)
     _spec("deidentify", "deidentify", "--manifest", f"{RUN}/validate/manifest.clean.parquet",
-          "--set", f"boxes_uri={RUN}/validate/boxes.clean.parquet",
-          outputs=("deidentify/manifest.deid.parquet", "deidentify/boxes.deid.parquet")),
+          "--set", f"boxes_uri={RUN}/validate/boxes.clean.parquet", "--workers", "2",
+          outputs=("deidentify/manifest.deid.parquet", "deidentify/boxes.deid.parquet"),
+          cpu="2", memory="4Gi"),
     _spec("split", "split", f"{RUN}/deidentify/manifest.deid.parquet", "--seed", "{{ params.seed }}",
           outputs=("split/split.parquet",)),
     _spec("train", "train", f"{RUN}/split/split.parquet", "--backbone", "{{ params.backbone }}",
