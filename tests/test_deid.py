@@ -561,3 +561,24 @@ def test_compressed_pixels_pass_through_but_cannot_be_blanked(synthetic, tmp_pat
     cfg = _cfg(tmp_path, blank_regions=[BlankRegion(box=(0, 0, 4, 4))])
     with pytest.raises(deid.FileRejected, match="compressed"):
         deid.deidentify_dicom_bytes(buf.getvalue(), KEYS, cfg)
+
+
+def test_public_attributes_outside_the_dictionary_are_removed(synthetic, tmp_path):
+    """Annex E: an attribute the profile cannot judge is not kept (a name in (0018,9999))."""
+    from pydicom.datadict import dictionary_has_tag
+
+    assert not dictionary_has_tag(0x00189999)
+    ds = pydicom.dcmread(synthetic["files"]["a"])
+    ds.add_new(0x00189999, "LO", "DOE JOHN")
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    cfg = _cfg(tmp_path, pixels={"enabled": False})
+    out, result = deid.deidentify_dicom_bytes(buf.getvalue(), KEYS, cfg)
+    assert 0x00189999 not in pydicom.dcmread(io.BytesIO(out)) and b"DOE JOHN" not in out
+    assert result.counts["unknown_removed"] == 1
+    kept, _ = deid.deidentify_dicom_bytes(
+        buf.getvalue(), KEYS, _cfg(tmp_path, pixels={"enabled": False},
+                                   keep_unknown_tags=["00189999"]))
+    assert pydicom.dcmread(io.BytesIO(kept))[0x00189999].value == "DOE JOHN"
+    with pytest.raises(ValueError, match="8 hex digits"):
+        _cfg(tmp_path, keep_unknown_tags=["0019abcd"])

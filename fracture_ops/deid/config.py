@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fracture_ops.config import StepConfig
 from fracture_ops.deid.profile import DeidKeys
@@ -111,6 +112,15 @@ class PixelConfig(BaseModel):
 class DeidConfig(StepConfig):
     """Config of the ``deidentify`` step (YAML section ``deidentify``)."""
 
+    @field_validator("keep_unknown_tags")
+    @classmethod
+    def _check_tags(cls, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag) or int(tag[:4], 16) % 2:
+                raise ValueError(f"{tag!r}: give a public tag as 8 hex digits GGGGEEEE "
+                                 "(even group; private tags go in safe_private_tags)")
+        return tags
+
     section: ClassVar[str] = "deidentify"
 
     manifest_uri: str = Field("", description="manifest mode: canonical manifest (Parquet)")
@@ -121,6 +131,9 @@ class DeidConfig(StepConfig):
     max_shift_days: int = Field(3650, ge=1, le=36500)
     retain_patient_characteristics: bool = Field(False, description="keep sex, age, size, weight")
     safe_private_tags: list[SafePrivateTag] = Field(default_factory=list)
+    keep_unknown_tags: list[str] = Field(
+        default_factory=list, description="public tags outside the DICOM dictionary to keep, as "
+        "8 hex digits GGGGEEEE (others are removed: the profile cannot judge them)")
     blank_regions: list[BlankRegion] = Field(default_factory=list)
     pixels: PixelConfig = Field(default_factory=PixelConfig)
     workers: int = Field(0, ge=0, le=256,

@@ -185,9 +185,10 @@ def _replace_file_meta(ds) -> None:
 
 def _profile_options(cfg: DeidConfig, pixels_cleaned: bool = False) -> ProfileOptions:
     safe = frozenset((t.creator.strip(), t.group, t.element) for t in cfg.safe_private_tags)
+    keep = frozenset(int(t, 16) for t in cfg.keep_unknown_tags)
     return ProfileOptions(shift_dates=cfg.shift_dates,
                           retain_patient_characteristics=cfg.retain_patient_characteristics,
-                          safe_private=safe, pixels_cleaned=pixels_cleaned)
+                          safe_private=safe, pixels_cleaned=pixels_cleaned, keep_unknown=keep)
 
 
 def deidentify_dicom_bytes(data: bytes, keys: DeidKeys, cfg: DeidConfig,

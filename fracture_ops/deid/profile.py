@@ -39,7 +39,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -338,6 +338,7 @@ class ProfileOptions:
     retain_patient_characteristics: bool = False
     safe_private: frozenset[tuple[str, int, int]] = frozenset()  # (creator, group, element byte)
     pixels_cleaned: bool = False
+    keep_unknown: frozenset[int] = frozenset()  # public tags outside the dictionary to keep
 
 
 @dataclass
@@ -375,6 +376,17 @@ def shift_datetime(value: str, days: int) -> str | None:
         return None
     shifted = shift_date(m[1], days)
     return None if shifted is None else shifted + m[2]
+
+
+def _known(tag) -> bool:
+    """A public attribute of the standard's data dictionary (repeating groups included)."""
+    if dictionary_has_tag(tag):
+        return True
+    try:
+        dictionary_VR(tag)  # repeating groups such as (60xx,3000) resolve here
+    except KeyError:
+        return False
+    return True
 
 
 def _vr_of(ds: Dataset, tag) -> str | None:
@@ -421,6 +433,10 @@ class _Cleaner:
                     or (tag.group & 0xFF00) in (0x5000, 0x6000)):
                 del ds[tag]  # group lengths, stray meta/command, curves and overlays
                 self.counts["removed"] += 1
+                continue
+            if not _known(tag) and tag not in self.opts.keep_unknown:
+                del ds[tag]  # Annex E: attributes the profile cannot judge are not kept
+                self.counts["unknown_removed"] += 1
                 continue
             action = "K" if tag in self.kept else ACTIONS.get(tag)
             if action in (None, "K") and _vr_of(ds, tag) not in _INSPECT_VRS:
