@@ -41,27 +41,26 @@ _PHI_TEXTS = ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentN
               "PatientAddress")
 
 
+def _values(ds, keywords: tuple[str, ...]) -> list[str]:
+    """Every value of these attributes as text (multi-valued ones item by item)."""
+    from pydicom.multival import MultiValue
+
+    out = []
+    for keyword in keywords:
+        try:
+            v = ds.get(keyword)
+        except Exception:  # noqa: BLE001 - an undecodable value cannot be matched anyway
+            continue
+        if v is not None and v != "":
+            out.extend(str(x) for x in (v if isinstance(v, (list, tuple, MultiValue)) else [v]))
+    return out
+
+
 def header_phi_values(ds, extra_ids: list[str] = ()) -> dict[str, list[str]]:
     """The header values that must never show in the pixels, by kind (names/ids/dates/texts)."""
-    def values(keyword):
-        v = ds.get(keyword)
-        if v is None or v == "":
-            return []
-        from pydicom.multival import MultiValue
-
-        return [str(x) for x in (v if isinstance(v, (list, tuple, MultiValue)) else [v])]
-
-    def collect(keywords):
-        out = []
-        for k in keywords:
-            try:
-                out.extend(values(k))
-            except Exception:  # noqa: BLE001 - an undecodable value cannot be matched anyway
-                continue
-        return out
-
-    return {"names": collect(_PHI_NAMES), "ids": collect(_PHI_IDS) + [str(x) for x in extra_ids],
-            "dates": collect(_PHI_DATES), "texts": collect(_PHI_TEXTS)}
+    return {"names": _values(ds, _PHI_NAMES),
+            "ids": _values(ds, _PHI_IDS) + [str(x) for x in extra_ids],
+            "dates": _values(ds, _PHI_DATES), "texts": _values(ds, _PHI_TEXTS)}
 
 
 def burned_in_flags(ds, cfg: DeidConfig) -> list[str]:

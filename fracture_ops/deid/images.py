@@ -135,10 +135,7 @@ def scrub_image_bytes(data: bytes, pixcfg, phi: dict[str, list[str]]) -> tuple[b
         if mode in ("P", "1", "CMYK", "LA", "RGBA"):
             img = img.convert("RGB" if mode != "LA" else "L")
             mode = img.mode
-        arr = np.array(img)
-    if mode == "I":
-        arr = arr.astype(np.int32)
-    frames = arr[None].copy()
+        frames = np.array(img)[None]
     result = scrub_array(frames, pixcfg, phi)
     if result.regions:
         out, ext = _png_bytes(frames[0]), ".png"

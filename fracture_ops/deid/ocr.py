@@ -107,13 +107,12 @@ class RapidOcrEngine:
 
     def __post_init__(self) -> None:
         try:
-            import rapidocr_onnxruntime
+            import rapidocr_onnxruntime  # noqa: F401 - fail here, not at the first image
             from importlib.metadata import version
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise EngineUnavailable("rapidocr engine needs `pip install rapidocr-onnxruntime` "
                                     "(a dependency of fracture-ops)") from exc
         self.version = version("rapidocr-onnxruntime")
-        self._root = rapidocr_onnxruntime
         self._lock = threading.Lock()
         self._det = self._rec = None
 

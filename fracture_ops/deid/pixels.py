@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fracture_ops.deid.ocr import Box, TextEngine
-from fracture_ops.deid.phi_text import contains_phi, phi_tokens_from_values  # noqa: F401
+from fracture_ops.deid.phi_text import contains_phi
 
 @dataclass(frozen=True)
 class ScrubOptions:
@@ -315,7 +315,6 @@ def _residual(gray: np.ndarray, engine: TextEngine, verifiers: list[TextEngine],
     boxes = [b for b in _plausible(merge_boxes(boxes), gray.shape, opts)
              if not _inside(b, frame.kept)]
     found = []
-    found = []
     for b, (text, score) in _read(gray, boxes, engine).items():
         if _is_marker(text, opts, tokens) and (b[2] - b[0]) <= opts.marker_aspect * (b[3] - b[1]):
             frame.kept.append(b)  # a marker the first look missed stays
@@ -344,18 +343,16 @@ def scrub_frame(frame: np.ndarray, engine: TextEngine, verifiers: list[TextEngin
     gray = to_gray8(frame)
     boxes = widen_continuations(_plausible(merge_boxes(engine.locate(gray)), gray.shape, opts))
     todo = fit_to_glyphs(gray, _decide(gray, boxes, engine, opts, tokens, result))
-    for attempt in range(opts.rounds + 1):
+    for _ in range(opts.rounds + 1):  # the first look, then up to `rounds` more
         padded = [pad_box(b, frame.shape, opts) for b in todo]
         blank(frame, padded, fill)
         result.blanked.extend(padded)
-        if padded or attempt == 0:
+        if padded:
             gray = to_gray8(frame)
-        found = _residual(gray, engine, verifiers, opts, tokens, result)
-        if not found:
-            result.residual = []
+        result.residual = _residual(gray, engine, verifiers, opts, tokens, result)
+        if not result.residual:
             break
-        result.residual = found
-        todo = fit_to_glyphs(gray, widen_continuations(merge_boxes(found)))
+        todo = fit_to_glyphs(gray, widen_continuations(merge_boxes(result.residual)))
     mask = np.zeros(frame.shape[:2], bool)
     for x0, y0, x1, y1 in result.blanked:
         mask[y0:y1, x0:x1] = True

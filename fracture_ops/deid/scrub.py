@@ -13,7 +13,8 @@ import numpy as np
 
 from fracture_ops.deid.images import FileRejected
 from fracture_ops.deid.ocr import EngineUnavailable, TextEngine, get_engine
-from fracture_ops.deid.pixels import ScrubOptions, ScrubResult, phi_tokens_from_values, scrub_frames
+from fracture_ops.deid.phi_text import phi_tokens_from_values
+from fracture_ops.deid.pixels import ScrubOptions, ScrubResult, scrub_frames
 
 log = logging.getLogger("fracture_ops.deid")
 _CACHE: dict[tuple, tuple[TextEngine, list[TextEngine], list[str]]] = {}
