@@ -67,6 +67,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _values_like_flags(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The first argument value (positional, option value or list item) that starts with ``-``.
+
+    Pipeline commands put positionals after ``--``, so a trigger value such as
+    ``--config=/tmp/x.yaml`` arrives as a value; no step takes a value that looks like a flag,
+    so it is refused (exit 2) instead of being used as a path. Negative numbers are typed by
+    their options and never reach here as strings.
+    """
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item.startswith("-"):
+                return name, item
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fracture-ops`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -75,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
+        return errors.EXIT_USAGE
+    flagged = _values_like_flags(args)
+    if flagged:
+        name, value = flagged
+        print(f"fracture-ops {args.command}: error: argument {name}: value {value!r} starts "
+              "with '-': a flag cannot be passed where a value belongs", file=sys.stderr)
         return errors.EXIT_USAGE
     from fracture_ops.cli_common import setup_logging
 

@@ -49,6 +49,76 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+DATA_ROOTS_ENV = "FRACTURE_OPS_DATA_ROOTS"
+
+
+def data_roots() -> list[str]:
+    """Configured data roots (``$FRACTURE_OPS_DATA_ROOTS``: local folders and ``s3://bucket/prefix``
+    separated by commas); empty when unset (then any local path or S3 URI is accepted)."""
+    return [r.strip() for r in os.environ.get(DATA_ROOTS_ENV, "").split(",") if r.strip()]
+
+
+def _normal(uri: str, base: str | None = None) -> str | None:
+    """A comparable form of a data URI: S3 keys without ``.``/``..`` segments (None when a
+    ``..`` climbs out of the bucket), local paths made absolute (against ``base`` when relative)
+    with links resolved."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        parts: list[str] = []
+        for seg in key.split("/"):
+            if seg == "..":
+                if not parts:
+                    return None
+                parts.pop()
+            elif seg not in ("", "."):
+                parts.append(seg)
+        return "s3://" + "/".join([bucket, *parts])
+    path = Path(uri)
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return os.path.realpath(path)
+
+
+def _under(uri: str, root: str) -> bool:
+    if is_s3(uri) != is_s3(root):
+        return False
+    return uri == root or uri.startswith(root.rstrip("/") + "/") or (
+        not is_s3(uri) and Path(uri).is_relative_to(root))
+
+
+def uri_problem(uri: str, roots: list[str] | None = None, base: str | None = None) -> str | None:
+    """Why a data URI may not be read, or None when it may.
+
+    Accepted: local paths and ``s3://`` URIs (no other scheme), not starting with ``-``, and,
+    where data roots are configured, resolving under one of them (``..`` and symbolic links are
+    resolved first, so neither climbs out). ``base`` anchors relative local paths.
+    """
+    text = str(uri)
+    if not text:
+        return "empty URI"
+    if text.startswith("-"):
+        return "starts with '-'"
+    scheme = text.split("://", 1)[0] if "://" in text else ""
+    if scheme and scheme != "s3":
+        return f"scheme {scheme}:// is not allowed (local paths and s3:// only)"
+    norm = _normal(text, base)
+    if norm is None:
+        return "'..' climbs out of the bucket"
+    roots = data_roots() if roots is None else roots
+    if roots and not any(_under(norm, _normal(r)) for r in roots):
+        return f"outside the configured data roots ({DATA_ROOTS_ENV})"
+    return None
+
+
+def check_data_uri(uri: str, what: str) -> None:
+    """Raise ConfigError (exit 2) naming ``what`` when :func:`uri_problem` finds one."""
+    from fracture_ops.errors import ConfigError
+
+    problem = uri_problem(uri)
+    if problem:
+        raise ConfigError(f"{what} {uri!r} refused: {problem}")
+
+
 def step_dir(artifact_root: str, run_id: str, step: str) -> str:
     """The folder of one step's outputs: ``<artifact_root>/runs/<run_id>/<step>``."""
     return join(artifact_root, "runs", run_id, step)

@@ -32,7 +32,7 @@ def services(tmp_path_factory):
 def _airflow_home(services, dags: Path, name: str) -> dict:
     env = airflow_env(services["work"] / name, services["airflow_db"], dags)
     env.update(MLFLOW_TRACKING_URI=services["mlflow"].url, FRACTURE_OPS_RUNNER="local",
-               FRACTURE_OPS_DEID_SECRET="integration-test-secret", FRACTURE_OPS_NO_PROGRESS="1",
+               FRACTURE_OPS_DEID_SECRET="integration-test-secret-0123456789abcdef", FRACTURE_OPS_NO_PROGRESS="1",
                MLFLOW_S3_ENDPOINT_URL=services["s3"].endpoint, S3_ENDPOINT_URL=services["s3"].endpoint,
                PYTHONPATH=str(REPO))
     res = airflow(["db", "migrate"], env, timeout=300)

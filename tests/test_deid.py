@@ -4,6 +4,8 @@ synthetic_dicom, on synthetic PHI files and on the real pseudo-PHI DICOMs in ../
 from __future__ import annotations
 
 import io
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -35,7 +37,7 @@ from fracture_ops.deid.profile import DeidKeys, shift_date, shift_datetime
 from fracture_ops.data.synthetic_dicom import fake_patient, write_phi_dicom
 from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded
 
-SECRET = "unit-test-secret-0123456789"
+SECRET = "unit-test-secret-0123456789abcdef-32+"
 KEYS = DeidKeys(SECRET.encode())
 TEXT_PHI_KEYWORDS = {
     "PatientID", "AccessionNumber", "InstitutionName", "InstitutionAddress", "PatientAddress",
@@ -203,7 +205,31 @@ def test_missing_secret_is_a_clear_error_and_dev_secret_warns(monkeypatch, tmp_p
         load_keys(_cfg(tmp_path))
     with caplog.at_level(logging.WARNING, logger="fracture_ops.deid"):
         keys = load_keys(_cfg(tmp_path, allow_dev_secret=True))
-    assert "DEV secret" in caplog.text and keys.fingerprint != KEYS.fingerprint
+    assert "DEV secret" in caplog.text and keys.patient("P1") != KEYS.patient("P1")
+
+
+@pytest.mark.parametrize("length", [1, 31])
+def test_short_secrets_are_refused(monkeypatch, tmp_path, length):
+    monkeypatch.setenv(SECRET_ENV, "k" * length)
+    with pytest.raises(ConfigError, match="at least 32.*token_urlsafe"):
+        load_keys(_cfg(tmp_path))
+    monkeypatch.setenv(SECRET_ENV, "k" * 32)
+    assert load_keys(_cfg(tmp_path)).patient("P1")
+
+
+def test_reports_hold_nothing_derived_from_the_key_alone(tmp_path):
+    """No key fingerprint: a value computed from the key and public text would let a guessed
+    key be confirmed offline."""
+    from fracture_ops.deid.profile import DeidKeys
+    from fracture_ops.deid.report import build_report
+
+    report = json.dumps(build_report([], _cfg(tmp_path), KEYS, "folder"))
+    secret = SECRET.encode()
+    for purpose in ("fingerprint", "", "key", "secret"):
+        digest = hmac.new(secret, f"{purpose}\x00".encode(), hashlib.sha256).hexdigest()
+        assert digest[:12] not in report
+    assert "fingerprint" not in report
+    assert not hasattr(DeidKeys, "fingerprint")
 
 
 # ----------------------------------------------------------------------------- folder mode
@@ -295,7 +321,7 @@ def test_same_secret_gives_identical_bytes_other_secret_differs(synthetic, folde
     for name in names:
         if name != "_SUCCESS":  # holds the output folder's path
             assert (first / name).read_bytes() == (second / name).read_bytes(), name
-    monkeypatch.setenv(SECRET_ENV, "a-different-secret-0123456789")
+    monkeypatch.setenv(SECRET_ENV, "a-different-secret-0123456789abcdef")
     other = tmp_path / "other"
     deidentify_folder(str(synthetic["root"]), str(other), cfg)
     a_first = pydicom.dcmread(_output_for(first, synthetic["ds"]["a"]))

@@ -23,7 +23,7 @@ from fracture_ops import storage
 from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded
 from fracture_ops.inference import layout
 
-SECRET = "inference-test-secret-0123456789"
+SECRET = "inference-test-secret-0123456789abcdef"
 MODEL = "fracture-classifier"
 DATE = "2026-11-20"
 ID_RE = re.compile(r"^I[0-9a-f]{16}$")

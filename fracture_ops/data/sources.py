@@ -279,7 +279,12 @@ class IngestConfig(StepConfig):
 
 
 def ingest_step(cfg: IngestConfig) -> dict:
-    """Turn a data source into ``manifest.parquet`` + ``boxes.parquet`` + ``report.json``."""
+    """Turn a data source into ``manifest.parquet`` + ``boxes.parquet`` + ``report.json``.
+
+    Raises:
+        ConfigError: the source is not a local path or s3:// URI under the data roots.
+    """
+    storage.check_data_uri(cfg.source_uri, "source")
     options: dict = {}
     if cfg.layout == "folder" and cfg.patient_regex:
         options["patient_regex"] = cfg.patient_regex

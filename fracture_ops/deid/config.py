@@ -23,6 +23,7 @@ log = logging.getLogger("fracture_ops.deid")
 STEP = "deidentify"
 SECRET_ENV = "FRACTURE_OPS_DEID_SECRET"
 _DEV_SECRET = b"fracture-ops-dev-secret-NOT-FOR-REAL-DATA"
+MIN_SECRET_BYTES = 32  # a 256-bit HMAC key
 IMPLEMENTATION_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'fracture-ops/deidentify').int}"
 IMPLEMENTATION_VERSION = "FRACTUREOPS_0_1"
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
@@ -30,6 +31,13 @@ CANDIDATE_SUFFIXES = DICOM_SUFFIXES + (".png", ".jpg", ".jpeg")
 # radiographic markers that carry no identity (laterality, projection, position)
 DEFAULT_KEEP_TOKENS = ["L", "R", "LT", "RT", "AP", "PA", "LAT", "LATERAL", "OBL", "SUPINE",
                        "ERECT", "UPRIGHT", "PRONE", "STANDING", "WB"]
+# Field labels printed before burned-in values ("Patient ID: ..."): the label is kept, the value
+# after its colon is blanked (read and matched whole, case and spacing ignored)
+DEFAULT_KEEP_LABELS = ["Institution Name", "Institution", "Hospital", "Study Date", "Study Time",
+                       "Series Date", "Acquisition Date", "Patient ID", "Patient Name", "Name",
+                       "ID", "MRN", "Age", "Sex", "DOB", "Date of Birth", "Birth Date",
+                       "Accession", "Accession No", "Accession Number", "Physician",
+                       "Referring Physician", "Operator", "Technologist", "Exam", "Study"]
 
 
 def _same_text(want: str | None, got: str) -> bool:
@@ -91,6 +99,10 @@ class PixelConfig(BaseModel):
         "every text region")
     keep_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_KEEP_TOKENS),
                                    description="markers kept under the default policy")
+    keep_labels: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_KEEP_LABELS),
+        description="field labels kept before a colon under the default policy (the value "
+        "after the colon is blanked); [] blanks whole lines")
     pad_fraction: float = Field(0.1, ge=0.0, le=2.0,
                                 description="padding above/below a region, as a fraction of "
                                 "its height (twice that left/right)")
@@ -151,7 +163,8 @@ def load_keys(cfg: DeidConfig) -> DeidKeys:
     """Build the keyed functions from ``$FRACTURE_OPS_DEID_SECRET``.
 
     Raises:
-        ConfigError: the variable is unset and ``allow_dev_secret`` is false.
+        ConfigError: the variable is unset and ``allow_dev_secret`` is false, or it holds fewer
+            than ``MIN_SECRET_BYTES`` bytes.
     """
     secret = os.environ.get(SECRET_ENV, "")
     if not secret:
@@ -161,6 +174,9 @@ def load_keys(cfg: DeidConfig) -> DeidKeys:
         log.warning("%s is unset: using the built-in DEV secret; pseudonyms are NOT protected",
                     SECRET_ENV)
         return DeidKeys(_DEV_SECRET, cfg.max_shift_days)
-    if len(secret) < 16:
-        log.warning("%s is shorter than 16 characters; use a long random value", SECRET_ENV)
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{SECRET_ENV} is {len(secret.encode())} bytes; de-identification needs at least "
+            f"{MIN_SECRET_BYTES} (a short key can be guessed and every pseudonym reversed). "
+            "Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
     return DeidKeys(secret.encode(), cfg.max_shift_days)

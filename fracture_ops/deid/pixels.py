@@ -8,12 +8,16 @@ boxes it blanked and what the verification read found. DICOM and PNG/JPEG caller
 Policy (``PixelConfig.policy``):
 - ``default``: every detected text region is blanked except short radiographic markers on the
   keep-list (laterality ``L``/``R``, ``AP``, ``PA``, ``LAT``...); a region is read only when its
-  shape could hold such a marker (wide regions are blanked unread). A region whose text matches
-  one of the file's own header values (names, ids, dates in common formats, institution,
-  accession) is always blanked, keep-list or not.
+  shape could hold such a marker; of a wider line only its start is read, for a field label. A
+  region whose text matches one of the file's own header values (names, ids, dates in common
+  formats, institution, accession) is always blanked, keep-list or not. A line that reads
+  ``<label>: <value>`` with a field label on ``keep_labels`` is cut at its colon: the label is
+  kept, the value blanked; the cut stands only when the label's crop, read alone, is that label
+  and nothing more (a cut inside the value would read as more), otherwise the whole line goes.
 - ``all-text``: every detected region is blanked, nothing is read before blanking.
 
-Geometry: a line that sits under another and starts inside it (a wrapped value such as a long
+Geometry: a box holding several rows of letters (a detector fusing lines) is split into rows;
+a line that sits under another and starts inside it (a wrapped value such as a long
 institution name) is widened to the line it continues; where the text is drawn in one value (as
 burned-in annotations are), each line box is fitted to its letters of that value, growing along
 the row over letters the detector dropped (a one-letter sex, a two-digit age) and shrinking to the
@@ -40,6 +44,8 @@ class ScrubOptions:
 
     policy: str = "default"
     keep_tokens: frozenset[str] = frozenset()
+    keep_labels: frozenset[str] = frozenset()  # label_key() of field labels kept before a colon
+    label_reach: float = 12.0  # how much of a line (in line heights) is read for its label
     pad_fraction: float = 0.1
     min_pad: int = 2
     marker_aspect: float = 6.0
@@ -172,15 +178,178 @@ def _in_band(comps: np.ndarray, box: Box, height: float) -> np.ndarray:
                  & (comps[:, 1] >= y0 - 0.2 * h) & (comps[:, 1] + comps[:, 3] <= y1 + 0.2 * h)]
 
 
-def fit_to_glyphs(gray: np.ndarray, boxes: list[Box], max_reach: float = 8.0) -> list[Box]:
+def _rows(glyphs: np.ndarray) -> list[np.ndarray]:
+    """Group glyphs into text rows: a glyph joins a row when it shares at least half of the
+    smaller height with the row's vertical extent."""
+    rows: list[list] = []
+    for g in glyphs[np.argsort(glyphs[:, 1] + glyphs[:, 3] / 2)]:
+        top, bottom = g[1], g[1] + g[3]
+        for row in rows:
+            rt, rb = row[0], row[1]
+            if min(bottom, rb) - max(top, rt) >= 0.5 * min(g[3], rb - rt):
+                row[0], row[1] = min(rt, top), max(rb, bottom)
+                row[2].append(g)
+                break
+        else:
+            rows.append([top, bottom, [g]])
+    return [np.array(r[2]) for r in rows]
+
+
+def split_lines(comps: np.ndarray, boxes: list[Box]) -> list[Box]:
+    """Split a box that holds several rows of letters into one box per row.
+
+    Detectors fuse neighbouring lines (and a short line beside a long one) into one box; its
+    bounding rectangle then covers the empty corners between them. Where a box holds two or
+    more rows of glyph-sized components of the text colour, each with at least two glyphs,
+    it is replaced by each row's own extent (letters' rows plus a third of their height above
+    and below, so a row box has a detector box's proportions). Text a split leaves out is found
+    by the verification read and blanked in the next round.
+    """
+    out: list[Box] = []
+    for box in boxes:
+        x0, y0, x1, y1 = box
+        h = y1 - y0
+        inside = comps[(comps[:, 0] >= x0 - 2) & (comps[:, 0] + comps[:, 2] <= x1 + 2)
+                       & (comps[:, 1] >= y0 - 2) & (comps[:, 1] + comps[:, 3] <= y1 + 2)
+                       & (comps[:, 3] >= 6) & (comps[:, 3] <= 0.6 * h)
+                       & (comps[:, 2] <= 2 * comps[:, 3]) & (comps[:, 4] >= 4)]
+        rows = [r for r in _rows(inside) if len(r) >= 2] if len(inside) >= 4 else []
+        if len(rows) < 2:
+            out.append(box)
+            continue
+        for r in rows:
+            top, bottom = int(r[:, 1].min()), int((r[:, 1] + r[:, 3]).max())
+            m = max(1, (bottom - top) // 3)
+            out.append((max(x0, int(r[:, 0].min())), max(y0, top - m),
+                        min(x1, int((r[:, 0] + r[:, 2]).max())), min(y1, bottom + m)))
+    return out
+
+
+def label_key(text: str) -> str:
+    """A field label compared without case, spacing or punctuation."""
+    return re.sub(r"[^0-9A-Z]", "", text.upper())
+
+
+def _is_label(text: str, labels: frozenset[str]) -> str | None:
+    """The keep-listed label ``text`` reads as, or None. A label of six or more letters may be
+    read with one letter wrong (never one more or one fewer: a value letter cannot hide)."""
+    key = label_key(text)
+    if key in labels:
+        return key
+    if len(key) >= 6:
+        for label in labels:
+            if len(label) == len(key) and sum(a != b for a, b in zip(label, key)) <= 1:
+                return label
+    return None
+
+
+def _reads_label(text: str, opts: ScrubOptions) -> bool:
+    m = re.match(r"\s*([^:;]{1,40}?)\s*[:;]", text)
+    return bool(m) and _is_label(m.group(1), opts.keep_labels) is not None
+
+
+def _colon_x(comps: np.ndarray, box: Box, near: float) -> int | None:
+    """Right edge of the colon drawn nearest ``near`` inside a line box, or None.
+
+    A colon is two dot-sized components of the text colour one above the other (same column,
+    a gap between them), inside the line's rows; only one within a sixth of the box width of
+    ``near`` (where the read text puts it) counts.
+    """
+    x0, y0, x1, y1 = box
+    h = y1 - y0
+    dots = comps[(comps[:, 0] >= x0) & (comps[:, 0] + comps[:, 2] <= x1)
+                 & (comps[:, 1] >= y0) & (comps[:, 1] + comps[:, 3] <= y1)
+                 & (comps[:, 2] <= 0.3 * h) & (comps[:, 3] <= 0.3 * h) & (comps[:, 4] >= 1)]
+    best = None
+    for i, a in enumerate(dots):
+        for b in dots[i + 1:]:
+            top, low = (a, b) if a[1] < b[1] else (b, a)
+            cx_a, cx_b = a[0] + a[2] / 2, b[0] + b[2] / 2
+            if abs(cx_a - cx_b) > max(1.5, 0.1 * h) or low[1] <= top[1] + top[3]:
+                continue
+            if low[1] + low[3] - top[1] < 0.25 * h or max(a[4], b[4]) > 3 * min(a[4], b[4]):
+                continue
+            right = int(max(a[0] + a[2], b[0] + b[2]))
+            if abs(right - near) <= (x1 - x0) / 6 and (best is None or
+                                                        abs(right - near) < abs(best - near)):
+                best = right
+    return best
+
+
+def _gap_x(gray: np.ndarray, colour: int, box: Box, near: float) -> int | None:
+    """Start of the widest run of ink-free columns within a sixth of the box width of
+    ``near`` (the space after a label's colon), for text too small for a colon's two dots to
+    be drawn apart; ink is any pixel within 64 grey levels of the text colour."""
+    x0, y0, x1, y1 = box
+    ink = np.abs(gray[y0:y1, x0:x1].astype(np.int16) - colour) <= 64
+    empty = ~ink.any(axis=0)
+    lo, hi = max(0, int(near - x0 - (x1 - x0) / 6)), min(x1 - x0, int(near - x0 + (x1 - x0) / 6))
+    best, best_w, i = None, 1, lo
+    while i < hi:
+        if empty[i]:
+            j = i
+            while j < len(empty) and empty[j]:
+                j += 1
+            if j - i > best_w and i > 0:
+                best, best_w = x0 + i, j - i
+            i = j
+        else:
+            i += 1
+    return best
+
+
+def _head(box: Box, opts: ScrubOptions) -> Box:
+    """The start of a line, ``label_reach`` line heights long (where a field label is)."""
+    x0, y0, x1, y1 = box
+    return x0, y0, min(x1, x0 + int(opts.label_reach * (y1 - y0))), y1
+
+
+def split_label(gray: np.ndarray, colour: int | None, comps: np.ndarray | None, box: Box,
+                text: str, opts: ScrubOptions, tokens: set[str], read_to: int | None = None
+                ) -> tuple[list[tuple[Box, Box]], list[tuple[Box, Box]]]:
+    """Candidate (label box, value box) cuts when a line reads ``<label>: <value>`` with a
+    keep-listed label, as (cuts at the colon or the space after it, cuts a letter either side
+    of where the read text puts the colon); ([], []) when it does not. ``text`` is what was
+    read from the line's start up to ``read_to``.
+
+    The label must be on ``opts.keep_labels``, hold no header value, and its colon must be
+    found in the pixels where the text puts it (:func:`_colon_x`) or the space after it
+    (:func:`_gap_x`), or a letter either side of where the read text puts it. Callers keep a
+    label only when its crop alone reads as that label.
+    """
+    m = re.match(r"\s*([^:;]{1,40}?)\s*[:;]\s*(\S.*)$", text)
+    if comps is None or not opts.keep_labels or not m:
+        return [], []
+    label = m.group(1)
+    if _is_label(label, opts.keep_labels) is None or contains_phi(label, tokens):
+        return [], []
+    x0, y0, x1, y1 = box
+    width = (read_to or x1) - x0
+    near = x0 + width * (m.end(1) + 1) / max(len(text.rstrip()), 1)
+    step = width / max(len(text.rstrip()), 1) / 2  # half a letter
+
+    def boxes(cuts):
+        return [((x0, y0, c, y1), (c, y0, x1, y1))
+                for c in sorted({c for c in cuts if c is not None and x0 < c < x1})]
+
+    first = boxes([_colon_x(comps, box, near), _gap_x(gray, colour, box, near)])
+    return first, boxes([int(round(near + k * step)) for k in range(-2, 3)])
+
+
+def _same_row(a: Box, b: Box) -> bool:
+    return min(a[3], b[3]) - max(a[1], b[1]) >= 0.5 * min(a[3] - a[1], b[3] - b[1])
+
+
+def fit_to_glyphs(gray: np.ndarray, boxes: list[Box], max_reach: float = 8.0,
+                  barriers: list[Box] = ()) -> list[Box]:
     """Fit each line box to the glyphs drawn in the text's own colour.
 
     Burned-in text is drawn in one value. Where that value is found (:func:`_text_colour`),
     connected components of exactly it, glyph-sized and inside a line's row band, are the
     line's letters: the box grows along the row over letters within one and a half line
     heights of its ends (line detectors drop short trailing tokens such as a one-letter sex or a
-    two-digit age, and clip first/last letters; at most ``max_reach`` line heights each way),
-    and its top and bottom shrink to the letters' rows when the letters span most of the box
+    two-digit age, and clip first/last letters; at most ``max_reach`` line heights each way, and
+    never into a ``barriers`` box on the same row: a kept label or marker), and its top and bottom shrink to the letters' rows when the letters span most of the box
     (detector boxes are about twice the letter height). Boxes without such letters stay as
     they are.
     """
@@ -189,10 +358,14 @@ def fit_to_glyphs(gray: np.ndarray, boxes: list[Box], max_reach: float = 8.0) ->
         return boxes
     comps = _glyphs(gray, colour)
     out = []
-    for x0, y0, x1, y1 in boxes:
+    for x0, y0, x1, y1 in split_lines(comps, boxes):
         h = y1 - y0
         band = _in_band(comps, (x0, y0, x1, y1), h)
-        band = band[band[:, 2] <= 1.5 * h]
+        row = [k for k in barriers if _same_row(k, (x0, y0, x1, y1))]
+        stop_l = max((k[2] for k in row if k[2] <= x0 + 1), default=-1)
+        stop_r = min((k[0] for k in row if k[0] >= x1 - 1), default=gray.shape[1] + 1)
+        band = band[(band[:, 2] <= 1.5 * h) & (band[:, 0] >= stop_l)
+                    & (band[:, 0] + band[:, 2] <= stop_r)]
         lo, hi, grew = x0, x1, True
         while grew:  # one letter at a time, each way; stops when nothing new is reached
             grew = False
@@ -267,17 +440,30 @@ def _is_text(text: str, score: float, opts: ScrubOptions) -> bool:
 
 def _decide(gray: np.ndarray, boxes: list[Box], engine: TextEngine, opts: ScrubOptions,
             tokens: set[str], frame: FrameScrub) -> list[Box]:
-    """Which boxes to blank; keep-list markers go to ``frame.kept``.
+    """Which boxes to blank; keep-list markers and field labels go to ``frame.kept``.
 
     Tall boxes (taller than wide, e.g. wires and leads the detector mistakes for text) are
-    blanked only when they read as text; line-shaped boxes too wide for a marker are blanked
-    unread under the default policy; every box is blanked unread under ``all-text``.
+    blanked only when they read as text; under the default policy a line that reads
+    ``<keep-listed label>: <value>`` keeps its label and has the rest blanked, and a line
+    too wide for a marker is blanked whole (unread when there is no label keep-list); every box
+    is blanked unread under ``all-text``.
     """
     if opts.policy == "all-text":
         return boxes
     ask = [b for b in boxes if (b[2] - b[0]) <= opts.marker_aspect * (b[3] - b[1])]
     texts = _read(gray, ask, engine) if ask else {}
-    blank = []
+    # a line's label is in its first few letters: only that much of a wide line is read
+    heads = {b: _head(b, opts) for b in boxes
+             if opts.keep_labels and b not in texts and not _is_tall(b)}
+    texts.update(zip(heads, engine.read(gray, list(heads.values())) if heads else []))
+    again = [b for b, h in heads.items() if h != b and not _reads_label(texts[b][0], opts)]
+    if again:  # a misread head: the whole line, read once more
+        texts.update(zip(again, engine.read(gray, again)))
+        heads.update((b, b) for b in again)
+    colour = _text_colour(gray, boxes) if opts.keep_labels else None
+    comps = _glyphs(gray, colour) if colour is not None else None
+    blank: list[Box] = []
+    splits: list[tuple[Box, list, list]] = []
     for b in boxes:
         text, score = texts.get(b, ("", 0.0))
         if b in texts and _is_marker(text, opts, tokens):
@@ -286,7 +472,26 @@ def _decide(gray: np.ndarray, boxes: list[Box], engine: TextEngine, opts: ScrubO
             continue
         else:
             frame.phi_hits += bool(text) and contains_phi(text, tokens)
+            if text:
+                cuts = split_label(gray, colour, comps, b, text, opts, tokens,
+                                   heads.get(b, b)[2])
+                if cuts[0] or cuts[1]:
+                    splits.append((b, *cuts))
             blank.append(b)
+    # a label is kept only if its own crop reads as that label and nothing more (the leftmost
+    # cut that does, so that no value letter stays); the colon and the space after it are
+    # tried first, the letter-by-letter cuts only for lines where neither reads right
+    for stage in (1, 2):
+        tries = [(b, cut) for b, *cuts in splits if b in blank for cut in cuts[stage - 1]]
+        reads = engine.read(gray, [lab for _, (lab, _) in tries]) if tries else []
+        for (b, (lab, value)), (got, score) in zip(tries, reads):
+            got = got.strip().rstrip(":;").strip()
+            want = _is_label(re.split("[:;]", texts[b][0])[0], opts.keep_labels)
+            if b in blank and score >= opts.min_score and want is not None \
+                    and _is_label(got, opts.keep_labels) == want \
+                    and not contains_phi(got, tokens):
+                frame.kept.append(lab)
+                blank[blank.index(b)] = value
     # the other polarity's box around a kept marker is the same marker
     return [b for b in blank if not _inside(b, frame.kept) or _area(b) > 2 * min(
         (_area(k) for k in frame.kept), default=0)]
@@ -342,7 +547,8 @@ def scrub_frame(frame: np.ndarray, engine: TextEngine, verifiers: list[TextEngin
     fill = frame.min() if fill is None else fill
     gray = to_gray8(frame)
     boxes = widen_continuations(_plausible(merge_boxes(engine.locate(gray)), gray.shape, opts))
-    todo = fit_to_glyphs(gray, _decide(gray, boxes, engine, opts, tokens, result))
+    todo = fit_to_glyphs(gray, _decide(gray, boxes, engine, opts, tokens, result),
+                         barriers=result.kept)
     for _ in range(opts.rounds + 1):  # the first look, then up to `rounds` more
         padded = [pad_box(b, frame.shape, opts) for b in todo]
         blank(frame, padded, fill)
@@ -352,7 +558,8 @@ def scrub_frame(frame: np.ndarray, engine: TextEngine, verifiers: list[TextEngin
         result.residual = _residual(gray, engine, verifiers, opts, tokens, result)
         if not result.residual:
             break
-        todo = fit_to_glyphs(gray, widen_continuations(merge_boxes(result.residual)))
+        todo = fit_to_glyphs(gray, widen_continuations(merge_boxes(result.residual)),
+                             barriers=result.kept)
     mask = np.zeros(frame.shape[:2], bool)
     for x0, y0, x1, y1 in result.blanked:
         mask[y0:y1, x0:x1] = True

@@ -296,11 +296,6 @@ class DeidKeys:
         # the purpose prefix keeps pseudonyms of different kinds unrelated to each other
         return hmac.new(self._secret, f"{purpose}\x00{value}".encode(), hashlib.sha256).digest()
 
-    @property
-    def fingerprint(self) -> str:
-        """A short id of the secret (not the secret) so reports show which key was used."""
-        return self._digest("fingerprint", "").hex()[:12]
-
     def patient(self, patient_id: str) -> str:
         """Pseudonymous patient id (``P`` + 16 hex digits) for a Patient ID or manifest id."""
         return "P" + self._digest("patient", str(patient_id).strip()).hex()[:16]

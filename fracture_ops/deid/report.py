@@ -56,7 +56,7 @@ def build_report(records: list[dict], cfg: DeidConfig, keys: DeidKeys, mode: str
     return {
         "step": STEP, "mode": mode,
         "profile": "DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile",
-        "method_codes": codes, "secret_fingerprint": keys.fingerprint,
+        "method_codes": codes,
         "dev_secret": not os.environ.get(SECRET_ENV),
         "counts": {"files": len(records), "deidentified": status["deidentified"],
                    "stripped": status["stripped"], "quarantined": status["quarantined"],

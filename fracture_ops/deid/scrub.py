@@ -14,7 +14,7 @@ import numpy as np
 from fracture_ops.deid.images import FileRejected
 from fracture_ops.deid.ocr import EngineUnavailable, TextEngine, get_engine
 from fracture_ops.deid.phi_text import phi_tokens_from_values
-from fracture_ops.deid.pixels import ScrubOptions, ScrubResult, scrub_frames
+from fracture_ops.deid.pixels import ScrubOptions, ScrubResult, label_key, scrub_frames
 
 log = logging.getLogger("fracture_ops.deid")
 _CACHE: dict[tuple, tuple[TextEngine, list[TextEngine], list[str]]] = {}
@@ -62,6 +62,7 @@ def engines_for(pixcfg) -> tuple[TextEngine, list[TextEngine], list[str]]:
 def options_for(pixcfg) -> ScrubOptions:
     return ScrubOptions(policy=pixcfg.policy,
                         keep_tokens=frozenset(t.strip().upper() for t in pixcfg.keep_tokens),
+                        keep_labels=frozenset(label_key(t) for t in pixcfg.keep_labels),
                         pad_fraction=pixcfg.pad_fraction, rounds=pixcfg.rounds,
                         min_score=pixcfg.min_score)
 

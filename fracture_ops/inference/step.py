@@ -261,6 +261,7 @@ def infer_step(cfg: InferConfig) -> dict:
 
     if not cfg.incoming_uri:
         raise ConfigError("infer: incoming_uri is not set")
+    storage.check_data_uri(cfg.incoming_uri, "infer: incoming_uri")
     dcfg = deid_config(cfg)
     keys = load_keys(dcfg)
     items = list_inputs(cfg.incoming_uri, keys)

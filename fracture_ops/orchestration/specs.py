@@ -46,27 +46,35 @@ class StepSpec:
     outputs: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _spec(name: str, *args: str, **kw: Any) -> StepSpec:
-    return StepSpec(name=name, args=tuple(args) + tuple(COMMON), **kw)
+def _spec(name: str, *args: str, pos: tuple[str, ...] = (), **kw: Any) -> StepSpec:
+    """A step: subcommand and options, the common options, then ``--`` and the positionals.
+
+    Positionals come after ``--`` so that a value from the trigger form that starts with ``-``
+    (``--config=/tmp/x.yaml``) is read as the positional it was meant to be, never as a flag;
+    the step then refuses it.
+    """
+    tail = ("--", *pos) if pos else ()
+    return StepSpec(name=name, args=tuple(args) + tuple(COMMON) + tail, **kw)
 
 
 TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
-    _spec("ingest", "ingest", "{{ params.source_uri }}", "--layout", "{{ params.layout }}",
+    _spec("ingest", "ingest", "--layout", "{{ params.layout }}", pos=("{{ params.source_uri }}",),
           outputs=("ingest/manifest.parquet", "ingest/boxes.parquet")),
-    _spec("validate", "validate", f"{RUN}/ingest/manifest.parquet", "--boxes", f"{RUN}/ingest/boxes.parquet",
-          "--max-bad-fraction", "{{ params.max_bad_fraction }}",
+    _spec("validate", "validate", "--boxes", f"{RUN}/ingest/boxes.parquet",
+          "--max-bad-fraction", "{{ params.max_bad_fraction }}", pos=(f"{RUN}/ingest/manifest.parquet",),
           outputs=("validate/manifest.clean.parquet", "validate/report.html")),
     # OCR of burned-in text runs one worker process per requested CPU (each ~300 MB of models)
     _spec("deidentify", "deidentify", "--manifest", f"{RUN}/validate/manifest.clean.parquet",
           "--set", f"boxes_uri={RUN}/validate/boxes.clean.parquet", "--workers", "2",
           outputs=("deidentify/manifest.deid.parquet", "deidentify/boxes.deid.parquet"),
           cpu="2", memory="4Gi"),
-    _spec("split", "split", f"{RUN}/deidentify/manifest.deid.parquet", "--seed", "{{ params.seed }}",
+    _spec("split", "split", "--seed", "{{ params.seed }}", pos=(f"{RUN}/deidentify/manifest.deid.parquet",),
           outputs=("split/split.parquet",)),
-    _spec("train", "train", f"{RUN}/split/split.parquet", "--backbone", "{{ params.backbone }}",
+    _spec("train", "train", "--backbone", "{{ params.backbone }}",
           "--image-size", "{{ params.image_size }}", "--epochs", "{{ params.epochs }}",
           "--batch-size", "{{ params.batch_size }}", "--loss", "{{ params.loss }}",
           "--set", "seed={{ params.seed }}", "--set", "lr={{ params.lr }}",
+          pos=(f"{RUN}/split/split.parquet",),
           cpu="4", memory="16Gi", gpu=1, image="training", timeout_s=6 * 3600,
           outputs=("train/model.pt", "train/predictions.parquet")),
     _spec("calibrate", "calibrate", "--predictions", f"{RUN}/train",
@@ -100,9 +108,9 @@ INFERENCE_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     _spec("reference", "reference", image="training", outputs=()),
     # score with the version the reference was built for (a promotion may land in between);
     # runs without a logical date score into today's partition
-    _spec("infer", "infer", "{{ params.incoming_uri }}", "--date", "{{ ds if ds is defined else '' }}",
+    _spec("infer", "infer", "--date", "{{ ds if ds is defined else '' }}",
           "--model-uri", "models:/fracture-classifier/{{ ti.xcom_pull(task_ids='reference')['model_version'] }}",
-          image="training",
+          pos=("{{ params.incoming_uri }}",), image="training",
           cpu="2", memory="8Gi", timeout_s=4 * 3600),
 ]}
 
