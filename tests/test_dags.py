@@ -132,8 +132,7 @@ def test_rendered_training_pod(tmp_path):
     claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"fracture-ops-cache"}
     # secrets by reference only: envFrom secretRef, no literal credentials in env
-    assert {e["secretRef"]["name"] for e in c["envFrom"]} == {"fracture-ops-mlflow", "fracture-ops-s3",
-                                                              "fracture-ops-deid"}
+    assert {e["secretRef"]["name"] for e in c["envFrom"]} == {"fracture-ops-mlflow", "fracture-ops-s3"}
     assert spec["serviceAccountName"] == "fracture-ops-step" and spec["automountServiceAccountToken"] is False
     for e in c.get("env", []):
         assert not any(w in e["name"].upper() for w in ("SECRET", "PASSWORD", "TOKEN", "KEY")), e

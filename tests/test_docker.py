@@ -362,7 +362,7 @@ def test_basic_auth_template_parses_with_mlflow_and_holds_no_credentials(monkeyp
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(AUTH_INI))
     config = read_auth_config()
-    assert config.default_permission == "READ"
+    assert config.default_permission == "NO_PERMISSIONS"  # Grad-CAM reports embed radiographs
     assert config.admin_password is None and config.admin_username is None
 
 

@@ -24,6 +24,11 @@ VALUES_FILE = INFRA / "airflow" / "values.yaml"
 README = (INFRA / "README.md").read_text()
 K8S_VERSION = "1.34.0"  # a recent release whose schema kubernetes-validate ships
 NAMESPACE = "fracture-ops"
+STEPS_NAMESPACE = "fracture-ops-steps"
+# what the step pods use lives beside them; the platform's services do not
+STEP_SIDE = {("ServiceAccount", "fracture-ops-step"), ("Role", "fracture-ops-pod-launcher"),
+             ("RoleBinding", "fracture-ops-pod-launcher"),
+             ("PersistentVolumeClaim", "fracture-ops-cache"), ("Secret", "fracture-ops-deid")}
 LAUNCHER = "fracture-ops-launcher"
 GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
 GPU_NODE_LABEL = {"fracture-ops/pool": "gpu"}
@@ -54,8 +59,9 @@ def by_kind(kind: str) -> list[dict]:
     return [doc for _, doc in resources() if doc["kind"] == kind]
 
 
-def one(kind: str, name: str) -> dict:
-    matches = [d for d in by_kind(kind) if d["metadata"]["name"] == name]
+def one(kind: str, name: str, namespace: str | None = None) -> dict:
+    matches = [d for d in by_kind(kind) if d["metadata"]["name"] == name
+               and namespace in (None, d["metadata"].get("namespace"))]
     assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
     return matches[0]
 
@@ -121,11 +127,73 @@ def test_schema_validation_rejects_broken_manifests():
         kubernetes_validate.validate(typo, K8S_VERSION, strict=True)
 
 
-def test_namespaced_resources_live_in_fracture_ops():
+def test_namespaced_resources_live_in_their_namespace():
+    """Step-side objects in fracture-ops-steps, the platform in fracture-ops; client Secrets in
+    both (Secrets are per namespace)."""
     for path, doc in resources():
-        if doc["kind"] not in CLUSTER_SCOPED:
-            assert doc["metadata"].get("namespace") == NAMESPACE, f"{path}: {doc['kind']}"
-    assert one("Namespace", NAMESPACE)
+        if doc["kind"] in CLUSTER_SCOPED:
+            continue
+        ns = doc["metadata"].get("namespace")
+        key = (doc["kind"], doc["metadata"]["name"])
+        if key in STEP_SIDE or doc["kind"] == "NetworkPolicy":
+            assert ns == STEPS_NAMESPACE, f"{path}: {key}"
+        elif doc["kind"] == "Secret" and doc["metadata"]["name"] in CLIENT_SECRETS:
+            assert ns in (NAMESPACE, STEPS_NAMESPACE), f"{path}: {key}"
+        else:
+            assert ns == NAMESPACE, f"{path}: {key}"
+    for name in CLIENT_SECRETS:
+        assert one("Secret", name, NAMESPACE) and one("Secret", name, STEPS_NAMESPACE)
+    assert one("Namespace", NAMESPACE) and one("Namespace", STEPS_NAMESPACE)
+
+
+def test_step_namespace_enforces_the_restricted_profile():
+    labels = one("Namespace", STEPS_NAMESPACE)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    from fracture_ops.orchestration.pods import PodSettings
+
+    settings = PodSettings()
+    assert settings.namespace == STEPS_NAMESPACE
+    assert one("ServiceAccount", settings.service_account, STEPS_NAMESPACE)
+    assert one("PersistentVolumeClaim", settings.cache_claim, STEPS_NAMESPACE)
+    for _, name in settings.secrets:
+        assert one("Secret", name, STEPS_NAMESPACE)
+
+
+def _egress(policy: dict) -> list[tuple[str, str, int]]:
+    """(namespace, app name or k8s-app, port) of every egress rule's peers and ports."""
+    out = []
+    for rule in policy["spec"].get("egress", []):
+        for peer in rule["to"]:
+            ns = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            labels = peer["podSelector"]["matchLabels"]
+            app = labels.get("app.kubernetes.io/name") or labels.get("k8s-app")
+            out += [(ns, app, p["port"]) for p in rule["ports"]]
+    return out
+
+
+def test_network_policies_let_steps_reach_only_mlflow_the_store_dns_and_pacs():
+    policies = {p["metadata"]["name"]: p for p in by_kind("NetworkPolicy")}
+    deny = policies["steps-default-deny"]["spec"]
+    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in deny and "egress" not in deny
+    # no policy admits ingress to a step pod
+    assert not [p for p in policies.values() if p["spec"].get("ingress")]
+    reach = {e for p in policies.values() for e in _egress(p)}
+    assert reach == {("kube-system", "kube-dns", 53), (NAMESPACE, "mlflow", 5000),
+                     (NAMESPACE, "minio", 9000), (NAMESPACE, "orthanc", 8042),
+                     (NAMESPACE, "orthanc", 4242)}
+    # the ports are the ones the Services serve, and the PACS rule applies to PACS steps only
+    ports = {(s["metadata"]["name"], p["port"]) for s in by_kind("Service") for p in s["spec"]["ports"]}
+    assert ("mlflow", 5000) in ports and ("minio", 9000) in ports
+    pacs = policies["steps-egress-pacs"]["spec"]["podSelector"]["matchLabels"]
+    assert pacs.get("fracture-ops/pacs") == "true"
+    # the step pods carry the label the platform rule selects
+    platform = policies["steps-egress-platform"]["spec"]["podSelector"]["matchLabels"]
+    from fracture_ops.orchestration.pods import pod_operator
+    from fracture_ops.orchestration.specs import TRAINING_STEPS
+
+    labels = pod_operator(TRAINING_STEPS["ingest"], task_id="ingest").labels
+    assert platform.items() <= labels.items()
 
 
 def test_container_images_have_pinned_tags():
@@ -167,7 +235,8 @@ def test_secrets_are_templates_without_values():
 
 def test_client_secrets_name_the_keys_step_pods_read():
     for name, keys in CLIENT_SECRETS.items():
-        assert set(one("Secret", name)["stringData"]) == keys
+        for ns in (NAMESPACE, STEPS_NAMESPACE):
+            assert set(one("Secret", name, ns)["stringData"]) == keys
         assert name in README and all(k in README for k in keys)
 
 
@@ -209,12 +278,15 @@ def test_every_referenced_secret_has_a_template_with_its_keys():
 # ------------------------------------------------------------------ RBAC, GPU pool, cache
 
 
-def test_launcher_role_grants_pod_lifecycle_in_namespace_only():
+def test_launcher_role_grants_pod_lifecycle_in_the_step_namespace_only():
     assert one("ServiceAccount", LAUNCHER)["metadata"]["namespace"] == NAMESPACE
     assert not by_kind("ClusterRole") and not by_kind("ClusterRoleBinding")
     bindings = [b for b in by_kind("RoleBinding")
                 if {"kind": "ServiceAccount", "name": LAUNCHER, "namespace": NAMESPACE} in b["subjects"]]
     assert len(bindings) == 1 and bindings[0]["roleRef"]["kind"] == "Role"
+    # pods and pods/exec only where no platform service runs
+    assert bindings[0]["metadata"]["namespace"] == STEPS_NAMESPACE
+    assert not [r for r in by_kind("Role") if r["metadata"]["namespace"] == NAMESPACE]
     role = one("Role", bindings[0]["roleRef"]["name"])
     assert {"create", "delete", "get", "list", "watch"} <= granted_verbs(role, "pods")
     assert "get" in granted_verbs(role, "pods/log")

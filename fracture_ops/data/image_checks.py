@@ -96,13 +96,15 @@ def _check_one(uri: str, cfg: ValidateConfig) -> dict:
 
 
 def check_images(df: pd.DataFrame, cfg: ValidateConfig,
-                 already_bad: frozenset[int] | set[int] = frozenset()) -> ImageResult:
+                 already_bad: frozenset[int] | set[int] = frozenset(),
+                 skip: frozenset[int] | set[int] = frozenset()) -> ImageResult:
     """Decode every image of a manifest (thread pool) and check it.
 
     Args:
         df: manifest; rows are keyed by position.
         cfg: the step config (bounds, workers, duplicate policy).
         already_bad: rows failing other checks; never chosen as the kept copy of a duplicate.
+        skip: rows whose files must not be opened at all (outside the data roots).
 
     Returns:
         :class:`ImageResult` with per-row failures, pixel hashes, warnings and image facts.
@@ -110,7 +112,8 @@ def check_images(df: pd.DataFrame, cfg: ValidateConfig,
     from fracture_ops.cli_common import progress
 
     data = df.reset_index(drop=True)
-    rows = [i for i, uri in enumerate(data["image_uri"]) if isinstance(uri, str) and uri]
+    rows = [i for i, uri in enumerate(data["image_uri"])
+            if isinstance(uri, str) and uri and i not in skip]
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
         results = list(progress(pool.map(lambda i: _check_one(data.at[i, "image_uri"], cfg), rows),
                                 desc="validate images", total=len(rows)))

@@ -23,17 +23,19 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import ClassVar, Literal
 
 import pandas as pd
+from pydantic import Field
 
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.data.manifest import BOX_COLUMNS, empty_boxes, manifest_hash, normalize_manifest
-from fracture_ops.errors import ManifestError
+from fracture_ops.errors import ConfigError, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +278,22 @@ class IngestConfig(StepConfig):
     layout: Layout = "csv"
     patient_regex: str | None = None
     require_images: bool = True
+    data_roots: list[str] = Field(
+        default_factory=storage.data_roots,
+        description="where sources and images may be read from (default $FRACTURE_OPS_DATA_ROOTS;"
+        " empty: the source's own folder)")
+
+
+def source_roots(cfg: IngestConfig) -> list[str]:
+    """The data roots images must resolve under: the configured ones, else the source's own
+    folder (a CSV's or a layout file's folder, the folder itself for folder layouts)."""
+    if cfg.data_roots:
+        return list(cfg.data_roots)
+    src = cfg.source_uri.rstrip("/")
+    is_file = Path(src).suffix.lower() in (".csv", ".parquet", ".xlsx", ".json")
+    if storage.is_s3(src):
+        return [src.rsplit("/", 1)[0] if is_file and src.count("/") > 2 else src]
+    return [os.path.realpath(Path(src).parent if is_file else src)]
 
 
 def ingest_step(cfg: IngestConfig) -> dict:
@@ -284,7 +302,9 @@ def ingest_step(cfg: IngestConfig) -> dict:
     Raises:
         ConfigError: the source is not a local path or s3:// URI under the data roots.
     """
-    storage.check_data_uri(cfg.source_uri, "source")
+    problem = storage.uri_problem(cfg.source_uri, cfg.data_roots)
+    if problem:
+        raise ConfigError(f"ingest: source {cfg.source_uri!r} refused: {problem}")
     options: dict = {}
     if cfg.layout == "folder" and cfg.patient_regex:
         options["patient_regex"] = cfg.patient_regex
@@ -296,7 +316,7 @@ def ingest_step(cfg: IngestConfig) -> dict:
     report = {
         "layout": cfg.layout, "images": len(df), "patients": int(df["patient_id"].nunique()),
         "boxes": len(boxes), "labels": df["label"].value_counts().sort_index().to_dict(),
-        "manifest_hash": manifest_hash(df), "notes": notes,
+        "manifest_hash": manifest_hash(df), "notes": notes, "data_roots": source_roots(cfg),
     }
     for note in notes:
         log.info("ingest: %s", note)

@@ -38,6 +38,7 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -72,7 +73,7 @@ __all__ = [  # check_images and its result types live in image_checks; they are 
 REASONS = (  # order of reasons within a row's ``reason`` string
     "missing_image_id", "duplicate_image_id", "missing_image_uri", "missing_patient_id",
     "malformed_patient_id", "missing_label", "unknown_label", "unknown_view",
-    "unknown_laterality", "bad_type", "bad_multilabel",
+    "unknown_laterality", "bad_type", "bad_multilabel", "outside_data_roots",
     "missing_file", "decode_error", "truncated_image", "image_too_small", "image_too_large",
     "bad_bit_depth", "blank_image", "duplicate_across_patients",
 )
@@ -102,6 +103,11 @@ class ValidateConfig(StepConfig):
     fail_on_table_checks: bool = True
     check_images: bool = True
     workers: int = Field(2, ge=1, le=64, description="threads for the image checks")
+    data_roots: list[str] = Field(
+        default_factory=storage.data_roots,
+        description="image_uri must resolve under one of these (default $FRACTURE_OPS_DATA_ROOTS,"
+        " else the roots the ingest step recorded beside the manifest); others are quarantined "
+        "unread")
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidateConfig:
@@ -285,6 +291,38 @@ def check_boxes(boxes: pd.DataFrame, manifest: pd.DataFrame, clean_ids: set[str]
             b[bad].assign(reason=reason[bad]).reset_index(drop=True))
 
 
+def image_roots(cfg: ValidateConfig) -> list[str]:
+    """Where images may be read from: the configured data roots, else the ones the ingest step
+    recorded in the ``report.json`` beside the manifest (the source's own folder), else none
+    (only the scheme and ``..`` checks of :func:`fracture_ops.storage.uri_problem` apply)."""
+    if cfg.data_roots:
+        return list(cfg.data_roots)
+    uri = cfg.manifest_uri
+    parent = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent)
+    report = storage.join(parent, "report.json")
+    if storage.exists(report):
+        roots = storage.read_json(report).get("data_roots") or []
+        return [str(r) for r in roots]
+    return []
+
+
+def check_image_roots(df: pd.DataFrame, roots: list[str], failures: RowFailures) -> set[int]:
+    """Quarantine rows whose ``image_uri`` is not a local path or s3:// URI under ``roots``
+    (absolute paths elsewhere, ``..`` climbing out, another bucket, other schemes); those files
+    are never opened. Returns their row positions."""
+    bad = set()
+    for i, uri in enumerate(df["image_uri"].tolist()):
+        if not isinstance(uri, str) or not uri:
+            continue
+        problem = storage.uri_problem(uri, roots) if roots else storage.uri_problem(uri, [])
+        if problem is None and not storage.is_s3(uri) and ".." in Path(uri).parts:
+            problem = "'..' in the path"
+        if problem:
+            failures.add(i, "outside_data_roots", f"image_uri {problem}")
+            bad.add(i)
+    return bad
+
+
 def validate_step(cfg: ValidateConfig) -> dict:
     """Validate a manifest and its images; write clean/quarantine tables and reports.
 
@@ -306,8 +344,9 @@ def validate_step(cfg: ValidateConfig) -> dict:
         raise ManifestError(f"manifest {cfg.manifest_uri} has no rows")
     table = validate_manifest_table(df, cfg)
     failures, warnings, facts = table.failures, {}, None
+    outside = check_image_roots(df, image_roots(cfg), failures)
     if cfg.check_images:
-        imgs = check_images(df, cfg, already_bad=set(failures.reasons))
+        imgs = check_images(df, cfg, already_bad=set(failures.reasons), skip=outside)
         failures.merge(imgs.failures)
         warnings, facts = imgs.warnings, imgs.facts
     clean, quarantine = split_clean_quarantine(df, failures)

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.deid.profile import DeidKeys
 from fracture_ops.errors import ConfigError
@@ -148,6 +149,11 @@ class DeidConfig(StepConfig):
         "8 hex digits GGGGEEEE (others are removed: the profile cannot judge them)")
     blank_regions: list[BlankRegion] = Field(default_factory=list)
     pixels: PixelConfig = Field(default_factory=PixelConfig)
+    data_roots: list[str] = Field(
+        default_factory=storage.data_roots,
+        description="manifest mode: image_uri must resolve under one of these (default "
+        "$FRACTURE_OPS_DATA_ROOTS; empty: any local path or s3:// URI without '..'); others are "
+        "quarantined unread")
     workers: int = Field(0, ge=0, le=256,
                          description="processes across files (0: one per usable CPU, at most 8)")
     watch_modalities: list[str] = Field(

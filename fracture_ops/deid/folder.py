@@ -22,7 +22,6 @@ from fracture_ops.deid.profile import DeidKeys, ProfileResult
 from fracture_ops.deid.report import THUMBNAILS
 from fracture_ops.errors import BadInputError
 
-OWN_MARKER = ".fracture-ops-deid"  # written into every folder-mode output this step creates
 
 
 class Processed(NamedTuple):
@@ -144,6 +143,9 @@ def _call(job):
 
 # ---- folder mode ----
 
+# written first into a folder-mode output: only a folder holding it is ever emptied by a rerun
+OUTPUT_MARKER = ".fracture-ops-deid-output"
+
 def _check_folders(input_uri: str, output_uri: str) -> list[str]:
     if not storage.is_s3(input_uri) and not Path(input_uri).is_dir():
         raise BadInputError("deidentify: the INPUT folder does not exist")
@@ -152,9 +154,9 @@ def _check_folders(input_uri: str, output_uri: str) -> list[str]:
         if inp == out or inp in out.parents or out in inp.parents:
             raise BadInputError("deidentify: OUTPUT must not be INPUT, inside it, or contain it")
     existing = storage.list_files(output_uri)
-    if existing and not storage.exists(storage.join(output_uri, "report.json")):
-        raise BadInputError("deidentify: OUTPUT is not empty and is not an earlier de-id output; "
-                            "refusing to overwrite it")
+    if existing and not storage.exists(storage.join(output_uri, OUTPUT_MARKER)):
+        raise BadInputError("deidentify: OUTPUT is not empty and was not created by folder-mode "
+                            f"de-identification (no {OUTPUT_MARKER} in it); refusing to empty it")
     files = storage.list_files(input_uri)
     if not files:
         raise BadInputError("deidentify: the INPUT folder holds no files")
@@ -237,6 +239,9 @@ def deidentify_folder(input_uri: str, output_uri: str, cfg: DeidConfig) -> dict:
     files = _check_folders(input_uri, output_uri)
     keys = load_keys(cfg)
     storage.reset_dir(output_uri)
+    storage.write_text(storage.join(output_uri, OUTPUT_MARKER),
+                       "written by fracture-ops deidentify (folder mode); a rerun may empty this "
+                       "folder\n")
     items = [(uri, uri[len(input_uri.rstrip("/")):].lstrip("/") if storage.is_s3(input_uri)
               else os.path.relpath(uri, input_uri), output_uri) for uri in files]
     records: list[dict] = []

@@ -1,10 +1,17 @@
 """The ``kubernetes`` runner: a KubernetesPodOperator per step spec.
 
 GPU steps request ``nvidia.com/gpu``, tolerate the GPU pool's taint and select its nodes; every
-pod takes MLflow and S3 credentials from Kubernetes Secrets (names only here, never values),
-mounts the dataset cache volume, waits long enough for a GPU node to scale up, is deleted when
-done, and hands its JSON summary back as XCom through ``/airflow/xcom/return.json``.
-Image names and cluster names are configuration (environment of the scheduler/worker).
+pod takes the credentials its spec names (``spec.secrets``) from Kubernetes Secrets (names only
+here, never values), mounts the dataset cache volume, waits long enough for a GPU node to scale
+up, is deleted when done, and hands its JSON summary back as XCom through
+``/airflow/xcom/return.json``. Image names and cluster names are configuration (environment of
+the scheduler/worker).
+
+Step pods run in their own namespace (``fracture-ops-steps``, Pod Security ``restricted``
+enforced) and meet that profile in every container, the XCom sidecar included: non-root user,
+no privilege escalation, all capabilities dropped, the runtime's default seccomp profile, a
+read-only root filesystem (``/tmp`` is a size-limited emptyDir, ``HOME`` points there), and
+CPU, memory and ephemeral-storage requests equal to limits.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 class PodSettings:
     """Cluster-side names, from the environment (see infra/README.md)."""
 
-    namespace: str = field(default_factory=lambda: os.environ.get("FRACTURE_OPS_K8S_NAMESPACE", "fracture-ops"))
+    namespace: str = field(default_factory=lambda: os.environ.get("FRACTURE_OPS_K8S_NAMESPACE",
+                                                                  "fracture-ops-steps"))
     # step pods parse untrusted images: they run under an account with no API rights and no token
     service_account: str = field(default_factory=lambda: os.environ.get(
         "FRACTURE_OPS_K8S_STEP_SERVICE_ACCOUNT", "fracture-ops-step"))
@@ -31,12 +39,37 @@ class PodSettings:
         "FRACTURE_OPS_PLATFORM_IMAGE", "ghcr.io/fracture-ops/training:0.1.0"))
     gpu_taint_key: str = "nvidia.com/gpu"
     gpu_node_selector: tuple[tuple[str, str], ...] = (("fracture-ops/pool", "gpu"),)
-    secrets: tuple[str, ...] = ("fracture-ops-mlflow", "fracture-ops-s3", "fracture-ops-deid")
+    # Kubernetes Secret per credential kind; a pod gets only those its spec names (spec.secrets)
+    secrets: tuple[tuple[str, str], ...] = (("mlflow", "fracture-ops-mlflow"),
+                                            ("s3", "fracture-ops-s3"),
+                                            ("deid", "fracture-ops-deid"))
     # passed through from the scheduler/worker environment (configuration, not secrets)
     passthrough_env: tuple[str, ...] = ("FRACTURE_OPS_APPROVERS",)
     cache_claim: str = "fracture-ops-cache"
     cache_mount: str = "/cache"
     startup_timeout_s: int = 1800  # GPU node scale-up can take many minutes
+    run_as_user: int = 10001  # the images' unprivileged user (docker/training/Dockerfile)
+    sidecar_resources: tuple[tuple[str, str], ...] = (("cpu", "10m"), ("memory", "16Mi"),
+                                                      ("ephemeral-storage", "16Mi"))
+
+
+def container_security_context():
+    """What the ``restricted`` Pod Security profile requires of a container, and a read-only
+    root filesystem on top."""
+    from kubernetes.client import models as k8s
+
+    return k8s.V1SecurityContext(
+        allow_privilege_escalation=False, read_only_root_filesystem=True, run_as_non_root=True,
+        capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
+
+
+def pod_security_context(s: PodSettings):
+    from kubernetes.client import models as k8s
+
+    return k8s.V1PodSecurityContext(
+        run_as_non_root=True, run_as_user=s.run_as_user, run_as_group=s.run_as_user,
+        fs_group=s.run_as_user, seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
 
 
 def _exit_code(remote_pod, container: str) -> int | None:
@@ -55,6 +88,20 @@ def _operator_class():
     from fracture_ops.orchestration.local_runner import NOT_RETRYABLE
 
     class StepPodOperator(KubernetesPodOperator):
+        sidecar_resources: dict | None = None
+
+        def build_pod_request_obj(self, context=None, *args, **kwargs):
+            """The provider's pod, with the XCom sidecar given requests and limits too (the
+            provider sets requests only)."""
+            from kubernetes.client import models as k8s
+
+            pod = super().build_pod_request_obj(context, *args, **kwargs)
+            for c in pod.spec.containers:
+                if c.name != self.base_container_name and self.sidecar_resources:
+                    c.resources = k8s.V1ResourceRequirements(
+                        requests=dict(self.sidecar_resources), limits=dict(self.sidecar_resources))
+            return pod
+
         def cleanup(self, pod, remote_pod):
             code = _exit_code(remote_pod, self.base_container_name)
             try:
@@ -75,8 +122,8 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwa
     from kubernetes.client import models as k8s
 
     s = settings or PodSettings()
-    requests = {"cpu": spec.cpu, "memory": spec.memory}
-    limits = {"memory": spec.memory}
+    requests = {"cpu": spec.cpu, "memory": spec.memory, "ephemeral-storage": spec.ephemeral}
+    limits = dict(requests)
     tolerations, selector = [], {}
     if spec.gpu:
         limits[GPU_RESOURCE] = str(spec.gpu)
@@ -86,8 +133,11 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwa
     volume = k8s.V1Volume(name="dataset-cache", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
         claim_name=s.cache_claim))
     mount = k8s.V1VolumeMount(name="dataset-cache", mount_path=s.cache_mount)
+    # the root filesystem is read-only: scratch space is an emptyDir within the disk limit
+    tmp = k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=spec.ephemeral))
+    tmp_mount = k8s.V1VolumeMount(name="tmp", mount_path="/tmp")
     passthrough = [k8s.V1EnvVar(name=k, value=os.environ[k]) for k in s.passthrough_env if k in os.environ]
-    return _operator_class()(
+    op = _operator_class()(
         name=f"fracture-ops-{spec.name.replace('_', '-')}",
         namespace=s.namespace,
         service_account_name=s.service_account,
@@ -99,17 +149,26 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwa
                   k8s.V1EnvVar(name="FRACTURE_OPS_XCOM_FILE", value="/airflow/xcom/return.json"),
                   k8s.V1EnvVar(name="FRACTURE_OPS_NO_PROGRESS", value="1"),
                   k8s.V1EnvVar(name="HF_HUB_OFFLINE", value="1"),
-                  k8s.V1EnvVar(name="YOLO_OFFLINE", value="1"), *passthrough],
-        secrets=[Secret("env", None, name) for name in s.secrets],
+                  k8s.V1EnvVar(name="YOLO_OFFLINE", value="1"),
+                  k8s.V1EnvVar(name="HOME", value="/tmp"), k8s.V1EnvVar(name="TMPDIR", value="/tmp"),
+                  k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
+                  k8s.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"), *passthrough],
+        secrets=[Secret("env", None, name) for kind, name in s.secrets if kind in spec.secrets],
+        security_context=pod_security_context(s),
+        container_security_context=container_security_context(),
+        xcom_sidecar_container_security_context=container_security_context(),
         container_resources=k8s.V1ResourceRequirements(requests=requests, limits=limits),
         tolerations=tolerations,
         node_selector=selector,
-        volumes=[volume],
-        volume_mounts=[mount],
+        volumes=[volume, tmp],
+        volume_mounts=[mount, tmp_mount],
         startup_timeout_seconds=s.startup_timeout_s,
         on_finish_action="delete_pod",
         do_xcom_push=True,
         get_logs=True,
-        labels={"app.kubernetes.io/part-of": "fracture-ops", "fracture-ops/step": spec.name},
+        labels={"app.kubernetes.io/part-of": "fracture-ops", "fracture-ops/step": spec.name,
+                "app.kubernetes.io/component": "step"},
         **task_kwargs,
     )
+    op.sidecar_resources = dict(s.sidecar_resources)
+    return op

@@ -25,25 +25,32 @@ class StepSpec:
     Attributes:
         name: task id in the DAG and the step's folder name.
         args: CLI arguments after ``fracture-ops`` (Jinja templates).
-        cpu, memory: Kubernetes requests (and memory limit).
+        cpu, memory: Kubernetes requests and limits (limits equal requests: no step takes more
+            than it asked for).
+        ephemeral: local disk (``/tmp`` and logs) requested and limited, e.g. ``2Gi``.
         gpu: number of ``nvidia.com/gpu`` to request (0 = CPU pool).
         image: which image the pod runs: ``training`` (CUDA) or ``platform`` (CPU).
         retries: retries on infrastructure failures (bad-data exits are never retried).
         retry_delay_s: first retry delay; doubles each retry (exponential back-off).
         timeout_s: execution timeout of the task.
         outputs: files the step writes, relative to the run folder (for assets and docs).
+        secrets: which credentials the step's pod gets (``s3``: the object store; ``mlflow``:
+            tracking and registry; ``deid``: the de-identification key). Least privilege: only
+            the steps that use a credential mount it.
     """
 
     name: str
     args: tuple[str, ...]
     cpu: str = "1"
     memory: str = "2Gi"
+    ephemeral: str = "2Gi"
     gpu: int = 0
     image: str = "platform"
     retries: int = 2
     retry_delay_s: int = 30
     timeout_s: int = 3600
     outputs: tuple[str, ...] = field(default_factory=tuple)
+    secrets: tuple[str, ...] = ("s3",)
 
 
 def _spec(name: str, *args: str, pos: tuple[str, ...] = (), **kw: Any) -> StepSpec:
@@ -67,7 +74,7 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     _spec("deidentify", "deidentify", "--manifest", f"{RUN}/validate/manifest.clean.parquet",
           "--set", f"boxes_uri={RUN}/validate/boxes.clean.parquet", "--workers", "2",
           outputs=("deidentify/manifest.deid.parquet", "deidentify/boxes.deid.parquet"),
-          cpu="2", memory="4Gi"),
+          cpu="2", memory="4Gi", ephemeral="8Gi", secrets=("s3", "deid")),
     _spec("split", "split", "--seed", "{{ params.seed }}", pos=(f"{RUN}/deidentify/manifest.deid.parquet",),
           outputs=("split/split.parquet",)),
     _spec("train", "train", "--backbone", "{{ params.backbone }}",
@@ -75,8 +82,8 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           "--batch-size", "{{ params.batch_size }}", "--loss", "{{ params.loss }}",
           "--set", "seed={{ params.seed }}", "--set", "lr={{ params.lr }}",
           pos=(f"{RUN}/split/split.parquet",),
-          cpu="4", memory="16Gi", gpu=1, image="training", timeout_s=6 * 3600,
-          outputs=("train/model.pt", "train/predictions.parquet")),
+          cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
+          outputs=("train/model.pt", "train/predictions.parquet"), secrets=("s3", "mlflow")),
     _spec("calibrate", "calibrate", "--predictions", f"{RUN}/train",
           outputs=("calibrate/calibration.json",)),
     _spec("tune_thresholds", "tune-thresholds", "--predictions", f"{RUN}/train",
@@ -89,29 +96,33 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     _spec("cam", "cam", "--calibration", f"{RUN}/calibrate/calibration.json",
           "--thresholds", f"{RUN}/tune_thresholds/thresholds.json", image="training",
           outputs=("cam/report.html",)),
-    _spec("package", "package", image="training", outputs=("package/package.json",)),
-    _spec("register", "register", image="training", outputs=("register/registered.json",)),
-    _spec("gate", "gate", image="training", outputs=("gate/gate.json",)),
+    _spec("package", "package", image="training", outputs=("package/package.json",),
+          secrets=("s3", "mlflow")),
+    _spec("register", "register", image="training", outputs=("register/registered.json",),
+          secrets=("s3", "mlflow")),
+    _spec("gate", "gate", image="training", outputs=("gate/gate.json",), secrets=("s3", "mlflow")),
     _spec("detect_train", "detect", "train", "--split-uri", f"{RUN}/split/split.parquet",
           "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet", "--set", "epochs={{ params.detect_epochs }}",
-          cpu="4", memory="16Gi", gpu=1, image="training", timeout_s=6 * 3600,
-          outputs=("detect_train/metrics.json",)),
+          cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
+          outputs=("detect_train/metrics.json",), secrets=("s3", "mlflow")),
 ]}
 
 
 PROMOTION_STEPS: dict[str, StepSpec] = {s.name: s for s in [
-    _spec("promote", "registry", "promote", image="training", retries=3, timeout_s=900),
+    _spec("promote", "registry", "promote", image="training", retries=3, timeout_s=900,
+          secrets=("s3", "mlflow")),
 ]}
 
 
 INFERENCE_STEPS: dict[str, StepSpec] = {s.name: s for s in [
-    _spec("reference", "reference", image="training", outputs=()),
+    _spec("reference", "reference", image="training", outputs=(),
+          secrets=("s3", "mlflow", "deid")),
     # score with the version the reference was built for (a promotion may land in between);
     # runs without a logical date score into today's partition
     _spec("infer", "infer", "--date", "{{ ds if ds is defined else '' }}",
           "--model-uri", "models:/fracture-classifier/{{ ti.xcom_pull(task_ids='reference')['model_version'] }}",
-          pos=("{{ params.incoming_uri }}",), image="training",
-          cpu="2", memory="8Gi", timeout_s=4 * 3600),
+          pos=("{{ params.incoming_uri }}",), image="training", secrets=("s3", "mlflow", "deid"),
+          cpu="2", memory="8Gi", ephemeral="8Gi", timeout_s=4 * 3600),
 ]}
 
 DRIFT_STEPS: dict[str, StepSpec] = {s.name: s for s in [
@@ -119,7 +130,8 @@ DRIFT_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     # logical date may still be writing); without a logical date, the newest partition
     _spec("drift", "drift", "{{ '--date=' ~ macros.ds_add(ds, -1) if ds is defined else '--newest' }}",
           "--window-days", "{{ params.window_days }}",
-          "--drift-share-threshold", "{{ params.drift_share_threshold }}", image="training", memory="4Gi"),
+          "--drift-share-threshold", "{{ params.drift_share_threshold }}", image="training", memory="4Gi",
+          secrets=("s3", "mlflow")),
 ]}
 
 
