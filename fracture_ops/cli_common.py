@@ -27,6 +27,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--run-id", help="run folder name under <artifact_root>/runs/ (default: manual)")
     g.add_argument("--artifact-root", help="where outputs go (local folder or s3:// prefix; "
                    "default $FRACTURE_OPS_ARTIFACT_ROOT or ./data/artifacts)")
+    g.add_argument("--raw-root", help="raw zone: the only place where steps before "
+                   "de-identification write original ids and paths (default $FRACTURE_OPS_RAW_ROOT"
+                   " or <artifact-root>-raw)")
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace, **explicit) -> C:
@@ -37,6 +40,8 @@ def config_from_args(cls: type[C], args: argparse.Namespace, **explicit) -> C:
         extra["run_id"] = args.run_id
     if getattr(args, "artifact_root", None):
         extra["artifact_root"] = args.artifact_root
+    if getattr(args, "raw_root", None):
+        extra["raw_root"] = args.raw_root
     from fracture_ops.config import _deep_merge, parse_overrides
 
     merged = _deep_merge(parse_overrides(overrides), extra)

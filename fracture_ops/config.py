@@ -21,7 +21,14 @@ from fracture_ops import storage
 from fracture_ops.errors import ConfigError
 
 DEFAULT_ARTIFACT_ROOT_ENV = "FRACTURE_OPS_ARTIFACT_ROOT"
+RAW_ROOT_ENV = "FRACTURE_OPS_RAW_ROOT"
 RUN_ID = re.compile(r"[A-Za-z0-9_.:+-]{1,250}")
+
+
+def default_raw_root(artifact_root: str) -> str:
+    """``$FRACTURE_OPS_RAW_ROOT``, else the artifact root with ``-raw`` appended (a sibling
+    folder, or for ``s3://bucket`` the bucket ``bucket-raw``): never inside the dataset store."""
+    return os.environ.get(RAW_ROOT_ENV) or artifact_root.rstrip("/") + "-raw"
 
 
 def default_artifact_root() -> str:
@@ -36,6 +43,8 @@ class StepConfig(BaseModel):
 
     artifact_root: str = ""
     run_id: str = "manual"
+    # where identifying data (raw paths, original ids) may be written: see raw_dir()
+    raw_root: str = ""
 
     @field_validator("run_id")
     @classmethod
@@ -48,10 +57,23 @@ class StepConfig(BaseModel):
     def model_post_init(self, __context: Any) -> None:
         if not self.artifact_root:
             object.__setattr__(self, "artifact_root", default_artifact_root())
+        if not self.raw_root:
+            object.__setattr__(self, "raw_root", default_raw_root(self.artifact_root))
+        art, raw = self.artifact_root.rstrip("/"), self.raw_root.rstrip("/")
+        if raw == art or raw.startswith(art + "/") or (
+                not storage.is_s3(raw) and not storage.is_s3(art)
+                and Path(raw).resolve().is_relative_to(Path(art).resolve())):
+            raise ConfigError(f"raw_root {self.raw_root!r} must lie outside artifact_root "
+                              "(identifying data stays out of the dataset store)")
 
     def output_dir(self, step: str) -> str:
-        """``<artifact_root>/runs/<run_id>/<step>``."""
+        """``<artifact_root>/runs/<run_id>/<step>``: the dataset store (no identifiers)."""
         return storage.step_dir(self.artifact_root, self.run_id, step)
+
+    def raw_dir(self, step: str) -> str:
+        """``<raw_root>/runs/<run_id>/<step>``: the raw zone, the only place where the steps
+        before de-identification write original ids and paths (see ``docs`` in README)."""
+        return storage.step_dir(self.raw_root, self.run_id, step)
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -120,7 +142,7 @@ def load_config(cls: type[C], path: str | None = None, overrides: Iterable[str] 
             raise ConfigError(f"config file {path} must hold a mapping")
         section = getattr(cls, "section", None)
         if section and isinstance(data.get(section), dict):
-            shared = {k: v for k, v in data.items() if k in ("artifact_root", "run_id")}
+            shared = {k: v for k, v in data.items() if k in ("artifact_root", "run_id", "raw_root")}
             data = {**shared, **data[section]}
     extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     data = _deep_merge(data, extra)

@@ -288,6 +288,43 @@ def reset_dir(uri: str) -> None:
     Path(uri).mkdir(parents=True, exist_ok=True)
 
 
+EXPIRY_MARKER = "_EXPIRES_AT"
+
+
+def set_expiry(folder: str, days: float) -> str:
+    """Write ``_EXPIRES_AT`` (UTC, ISO 8601) into a raw-zone run folder."""
+    import datetime as dt
+
+    when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=days)
+    return write_text(join(folder, EXPIRY_MARKER), when.isoformat(timespec="seconds") + "\n")
+
+
+def purge_expired(runs_folder: str) -> list[str]:
+    """Delete every run folder under ``runs_folder`` whose ``_EXPIRES_AT`` has passed (the raw
+    zone's retention; an S3 lifecycle rule on the raw bucket does the same server-side).
+    Folders without the marker are left alone. Returns the folders deleted."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    deleted = []
+    for marker in [u for u in list_files(runs_folder) if u.endswith("/" + EXPIRY_MARKER)
+                   or u.endswith(os.sep + EXPIRY_MARKER)]:
+        folder = marker[: -len(EXPIRY_MARKER) - 1]
+        parent = folder.rsplit("/", 1)[0] if is_s3(folder) else str(Path(folder).parent)
+        if parent.rstrip("/") != str(runs_folder).rstrip("/").rstrip(os.sep):
+            continue  # only run folders directly under runs_folder
+        try:
+            expires = dt.datetime.fromisoformat(read_text(marker).strip())
+        except ValueError:
+            continue
+        if expires <= now:
+            reset_dir(folder)
+            if not is_s3(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            deleted.append(folder)
+    return deleted
+
+
 def mark_success(folder: str, summary: dict | None = None) -> str:
     """Write the ``_SUCCESS`` marker (last), optionally holding the step's summary JSON."""
     return write_json(join(folder, SUCCESS_MARKER), summary or {})

@@ -360,9 +360,13 @@ def test_minio_statefulset_and_buckets_match_the_platform():
     script = " ".join(_container("minio-create-buckets")["args"])
     created = set(re.findall(r"fracture-ops-[a-z-]+", script.split("for bucket in")[1].split(";")[0]))
     cfg = values()["config"]["logging"]
-    needed = {values_env()["FRACTURE_OPS_ARTIFACT_ROOT"], cfg["remote_base_log_folder"],
+    needed = {values_env()["FRACTURE_OPS_ARTIFACT_ROOT"], values_env()["FRACTURE_OPS_RAW_ROOT"],
+              cfg["remote_base_log_folder"],
               dict((e["name"], e.get("value")) for e in _container("mlflow")["env"])["MLFLOW_ARTIFACTS_DESTINATION"]}
     assert {re.match(r"s3://([^/]+)", uri).group(1) for uri in needed} == created
+    # the raw zone's bucket expires its objects server-side
+    raw_bucket = re.match(r"s3://([^/]+)", values_env()["FRACTURE_OPS_RAW_ROOT"]).group(1)
+    assert re.search(rf"ilm rule add --expire-days \d+ platform/{raw_bucket}", script)
 
 
 # ------------------------------------------------------------------ Airflow Helm values

@@ -131,16 +131,16 @@ def test_image_uris_outside_the_data_roots_are_quarantined_unread(tmp_path, tiny
     monkeypatch.setattr(images, "read_image",
                         lambda uri, **kw: (opened.append(str(uri)), real_read(uri, **kw))[1])
     art = str(tmp_path / "art")
-    ingest_step(IngestConfig(artifact_root=art, run_id="r", source_uri=str(
+    ingested = ingest_step(IngestConfig(artifact_root=art, run_id="r", source_uri=str(
         tiny_source / "manifest.csv"), layout="csv", require_images=False))
     cfg = ValidateConfig(artifact_root=art, run_id="r", max_bad_fraction=1.0,
-                         manifest_uri=f"{art}/runs/r/ingest/manifest.parquet")
+                         manifest_uri=ingested["manifest_uri"])
     validate_step(cfg)
-    quarantine = pd.read_parquet(f"{art}/runs/r/validate/quarantine.parquet")
+    quarantine = pd.read_parquet(f"{cfg.raw_dir('validate')}/quarantine.parquet")
     assert sorted(quarantine["patient_id"]) == ["EVIL1", "EVIL2", "EVIL3"]
     assert set(quarantine["reason"]) == {"outside_data_roots"}
     assert not [u for u in opened if "private" in u or "another-bucket" in u]
-    clean = pd.read_parquet(f"{art}/runs/r/validate/manifest.clean.parquet")
+    clean = pd.read_parquet(f"{cfg.raw_dir('validate')}/manifest.clean.parquet")
     assert len(clean) == len(manifest)
 
 
@@ -334,3 +334,91 @@ def test_every_step_pod_meets_the_restricted_profile_with_limits(step_pods):
                 assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}
                 env = {e["name"]: e.get("value") for e in c.get("env", [])}
                 assert env["HOME"].startswith("/tmp") and env["TMPDIR"] == "/tmp"
+
+
+# ------------------------------------------------------------------ identifiers at rest
+
+@pytest.mark.realdata
+def test_files_named_after_patients_leave_no_identifier_in_the_dataset_store(
+        realdata, tmp_path, monkeypatch, caplog, capsys):
+    """The real DICOMs, whose file names hold (fake) patient names, through ingest (folder
+    layout), validate, deidentify and split with the pipeline's own commands: no original file
+    name, name part or raw path in any byte written to the dataset store, nor in the logs."""
+    import logging
+    import re
+
+    monkeypatch.setenv("FRACTURE_OPS_DEID_SECRET", SECRET)
+    src = tmp_path / "exports"
+    names = []
+    for i, path in enumerate(sorted((realdata / "dicom" / "dicom_files").glob("*.dcm"))):
+        label = ("fracture", "normal")[i % 2]
+        (src / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, src / label / path.name)
+        names.append(path.stem)
+    # and enough more patients for a split: synthetic PHI DICOMs named "<LAST>_<FIRST>_<id>.dcm"
+    import numpy as np
+
+    from fracture_ops.data.synthetic_dicom import fake_patient, write_phi_dicom
+
+    rng = np.random.default_rng(3)
+    extra = set()
+    for i in range(40):
+        phi = fake_patient(rng)
+        last, first = phi["patient_name"].split("^")
+        stem = f"{last}_{first}_{phi['patient_id']}"
+        label = ("fracture", "normal")[i % 2]
+        write_phi_dicom(src / label / f"{stem}.dcm",
+                        rng.integers(0, 4096, (128, 128), dtype=np.uint16), **phi, seed=i)
+        extra |= {phi["patient_id"], stem} | {w for w in (last, first) if len(w) >= 5}
+    forbidden = set(names) | extra | {str(src), "exports"}
+    for stem in names:  # the name parts the exports put in file names ("..._for_Scott_Kaufman-...")
+        m = re.search(r"_for_([A-Za-z]+)_([A-Za-z]+)", stem)
+        if m:
+            forbidden |= {m.group(1), m.group(2)}
+        forbidden.add(stem.split("_", 1)[0])  # the leading patient number
+    assert {"Douglas", "Davidson", "Scott", "Kaufman"} <= forbidden
+
+    art = tmp_path / "art"
+    params = defaults(artifact_root=str(art), source_uri=str(src), layout="folder",
+                      max_bad_fraction=0.5)
+    context = {"params": params, "run_id": "manual__2026-12-01T00:00:00+00:00"}
+    with caplog.at_level(logging.DEBUG):
+        for step in ("ingest", "validate", "deidentify", "split"):
+            assert cli_main(render_args(TRAINING_STEPS[step], context)) == 0, step
+    out = capsys.readouterr()
+    logs = caplog.text + out.out + out.err
+    raw = Path(str(art) + "-raw")
+    assert list(raw.rglob("manifest.parquet"))  # the identifying tables are in the raw zone
+
+    stored = _files(art)
+    assert len([p for p in stored if p.suffix in (".dcm", ".png")]) >= 7
+    assert any(p.name == "split.parquet" for p in stored)
+    leaks = []
+    for path in stored:
+        data = path.read_bytes().lower()
+        leaks += [(path.relative_to(art).as_posix(), word) for word in forbidden
+                  if word.lower().encode() in data]
+        leaks += [(path.relative_to(art).as_posix(), "file name") for word in forbidden
+                  if word.lower() in path.name.lower()]
+    assert leaks == []
+    assert [w for w in forbidden if w.lower() in logs.lower()] == []
+
+
+def test_raw_zone_expires_and_stays_out_of_the_dataset_store(tmp_path, tiny_source):
+    """Ingest marks its raw run folder with an expiry; a later ingest purges expired raw run
+    folders (and nothing else); a raw root inside the artifact root is refused."""
+    from fracture_ops.data.sources import IngestConfig, ingest_step
+    from fracture_ops.errors import ConfigError
+
+    art = str(tmp_path / "art")
+    cfg = IngestConfig(artifact_root=art, run_id="old", source_uri=str(tiny_source / "manifest.csv"))
+    ingest_step(cfg)
+    runs = Path(cfg.raw_root) / "runs"
+    assert Path(cfg.raw_root) == Path(art + "-raw") and (runs / "old" / "_EXPIRES_AT").exists()
+    (runs / "old" / "_EXPIRES_AT").write_text("2000-01-01T00:00:00+00:00\n")  # long past
+    (runs / "unmarked").mkdir()  # not ours to judge: left alone
+    ingest_step(cfg.model_copy(update={"run_id": "new"}))
+    assert sorted(p.name for p in runs.iterdir()) == ["new", "unmarked"]
+    assert (Path(art) / "runs" / "old" / "ingest" / "report.json").exists()  # the public part stays
+    with pytest.raises(ConfigError, match="outside artifact_root"):
+        IngestConfig(artifact_root=art, raw_root=f"{art}/raw")

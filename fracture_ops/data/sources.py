@@ -109,7 +109,19 @@ def from_csv(uri: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     if storage.exists(boxes_uri):
         boxes = pd.read_csv(io.BytesIO(storage.read_bytes(boxes_uri)),
                             dtype={"image_id": str, "class_name": str})
-    return df, boxes, [f"generic CSV manifest {uri}"]
+    return df, boxes, ["generic CSV manifest"]
+
+
+def _group_id(text: str) -> str:
+    """A patient id for an image with none of its own: the path with characters outside
+    ``[A-Za-z0-9._-]`` replaced, and a long one shortened with a hash of the whole (ids must fit
+    the manifest's 64-character rule)."""
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text)
+    if len(safe) <= 64:
+        return safe
+    return safe[:47] + "-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def from_folder(root: str, patient_regex: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
@@ -125,7 +137,7 @@ def from_folder(root: str, patient_regex: str | None = None) -> tuple[pd.DataFra
         if len(rel.parts) < 2:
             raise ManifestError(f"{uri}: expected <root>/<class>/<image>, found an image at the top level")
         label, image_id = rel.parts[0], "/".join(rel.with_suffix("").parts)
-        patient = image_id
+        patient = _group_id(image_id)
         if pattern:
             m = pattern.search(rel.name)
             if not m:
@@ -282,6 +294,8 @@ class IngestConfig(StepConfig):
         default_factory=storage.data_roots,
         description="where sources and images may be read from (default $FRACTURE_OPS_DATA_ROOTS;"
         " empty: the source's own folder)")
+    raw_retention_days: float = Field(7.0, gt=0, le=365, description="days the raw zone keeps "
+                                      "this run's identifying tables before they are purged")
 
 
 def source_roots(cfg: IngestConfig) -> list[str]:
@@ -299,6 +313,11 @@ def source_roots(cfg: IngestConfig) -> list[str]:
 def ingest_step(cfg: IngestConfig) -> dict:
     """Turn a data source into ``manifest.parquet`` + ``boxes.parquet`` + ``report.json``.
 
+    The manifest holds the source's own ids and paths (real exports name files after patients),
+    so everything identifying goes to the raw zone (``cfg.raw_dir("ingest")``, with an expiry
+    date for its run folder; expired raw run folders are purged first). The dataset store gets
+    only counts (``report.json``) and ``_SUCCESS``; nothing logged names a file or an id.
+
     Raises:
         ConfigError: the source is not a local path or s3:// URI under the data roots.
     """
@@ -311,22 +330,31 @@ def ingest_step(cfg: IngestConfig) -> dict:
     if cfg.layout == "grazpedwri":
         options["require_images"] = cfg.require_images
     df, boxes, notes = load_source(cfg.source_uri, cfg.layout, **options)
-    out = cfg.output_dir("ingest")
+    purged = storage.purge_expired(storage.join(cfg.raw_root, "runs"))
+    if purged:
+        log.info("ingest: %d expired raw-zone run folder(s) deleted", len(purged))
+    raw, out = cfg.raw_dir("ingest"), cfg.output_dir("ingest")
+    storage.reset_dir(raw)
     storage.reset_dir(out)
-    report = {
+    storage.set_expiry(raw.rsplit("/", 1)[0] if storage.is_s3(raw) else str(Path(raw).parent),
+                       cfg.raw_retention_days)
+    public = {
         "layout": cfg.layout, "images": len(df), "patients": int(df["patient_id"].nunique()),
         "boxes": len(boxes), "labels": df["label"].value_counts().sort_index().to_dict(),
-        "manifest_hash": manifest_hash(df), "notes": notes, "data_roots": source_roots(cfg),
+        "manifest_hash": manifest_hash(df), "notes": notes,
     }
     for note in notes:
         log.info("ingest: %s", note)
-    storage.write_parquet(storage.join(out, "manifest.parquet"), df)
-    storage.write_parquet(storage.join(out, "boxes.parquet"), boxes)
-    storage.write_json(storage.join(out, "report.json"), report)
-    write_resolved(cfg, out)
-    summary = {"manifest_uri": storage.join(out, "manifest.parquet"),
-               "boxes_uri": storage.join(out, "boxes.parquet"),
-               "images": report["images"], "patients": report["patients"]}
+    storage.write_parquet(storage.join(raw, "manifest.parquet"), df)
+    storage.write_parquet(storage.join(raw, "boxes.parquet"), boxes)
+    storage.write_json(storage.join(raw, "report.json"),
+                       {**public, "data_roots": source_roots(cfg)})
+    write_resolved(cfg, raw)  # names the source: raw zone only
+    summary = {"manifest_uri": storage.join(raw, "manifest.parquet"),
+               "boxes_uri": storage.join(raw, "boxes.parquet"),
+               "images": public["images"], "patients": public["patients"]}
+    storage.mark_success(raw, summary)
+    storage.write_json(storage.join(out, "report.json"), public)
     storage.mark_success(out, summary)
     return summary
 

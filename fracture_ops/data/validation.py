@@ -326,10 +326,12 @@ def check_image_roots(df: pd.DataFrame, roots: list[str], failures: RowFailures)
 def validate_step(cfg: ValidateConfig) -> dict:
     """Validate a manifest and its images; write clean/quarantine tables and reports.
 
-    Writes under ``cfg.output_dir("validate")``: ``summary.json``, ``report.html``,
-    ``quarantine.parquet``, ``manifest.clean.parquet``, ``image_checks.parquet`` (when images are
-    checked), ``boxes.clean.parquet``/``boxes.quarantine.parquet`` (with ``boxes_uri``),
-    ``config.resolved.yaml`` and, last and only on success, ``_SUCCESS``.
+    Writes under ``cfg.raw_dir("validate")`` (the raw zone: these name the source's ids and
+    paths): ``summary.json``, ``report.html``, ``quarantine.parquet``, ``manifest.clean.parquet``,
+    ``image_checks.parquet`` (when images are checked), ``boxes.clean.parquet``/
+    ``boxes.quarantine.parquet`` (with ``boxes_uri``), ``config.resolved.yaml`` and, last and only
+    on success, ``_SUCCESS``. The dataset store (``cfg.output_dir("validate")``) gets
+    ``summary.json`` and ``report.html`` naming rows by number only, and ``_SUCCESS``.
 
     Returns:
         a small JSON-able summary (counts, verdict, output URIs).
@@ -338,7 +340,7 @@ def validate_step(cfg: ValidateConfig) -> dict:
         ManifestError: unreadable/empty manifest, missing columns, or failed table checks.
         ErrorBudgetExceeded: more than ``max_bad_fraction`` of the rows were quarantined.
     """
-    out = cfg.output_dir("validate")
+    out, public = cfg.raw_dir("validate"), cfg.output_dir("validate")
     df = normalize_manifest(_read_table(cfg.manifest_uri))
     if df.empty:
         raise ManifestError(f"manifest {cfg.manifest_uri} has no rows")
@@ -349,13 +351,15 @@ def validate_step(cfg: ValidateConfig) -> dict:
         imgs = check_images(df, cfg, already_bad=set(failures.reasons), skip=outside)
         failures.merge(imgs.failures)
         warnings, facts = imgs.warnings, imgs.facts
+    bad_rows = sorted(failures.reasons)
     clean, quarantine = split_clean_quarantine(df, failures)
     summary = summarise(cfg, df, clean, quarantine, table.checks, warnings)
     storage.reset_dir(out)
+    storage.reset_dir(public)
     files = _write_outputs(cfg, out, df, clean, quarantine, facts, summary)
-    for row in quarantine.itertuples(index=False):
-        log.warning("quarantined image_id=%s reason=%s detail=%s", row.image_id, row.reason,
-                    row.detail)
+    files["report_uri"] = _write_public(public, summary, bad_rows, quarantine, warnings)
+    for row, reason in zip(bad_rows, quarantine["reason"]):
+        log.warning("quarantined row %d of the manifest: %s", row, reason)
     result = {k: summary[k] for k in ("rows", "clean", "quarantined", "bad_fraction", "verdict")}
     result.update(files, warnings=len(summary["warnings"]))
     if summary["verdict"] == "error_budget_exceeded":
@@ -367,7 +371,20 @@ def validate_step(cfg: ValidateConfig) -> dict:
         raise ManifestError(f"manifest table checks failed: {', '.join(summary['failed_checks'])}; "
                             f"see {files['report_uri']}")
     storage.mark_success(out, result)
+    storage.mark_success(public, result)
     return result
+
+
+def _write_public(folder: str, summary: dict, bad_rows: list[int], quarantine: pd.DataFrame,
+                  warnings: dict[int, list[str]]) -> str:
+    """The dataset store's copy of the report: counts, checks, and quarantined rows and warnings
+    by their row number in the raw-zone manifest; no id, path or detail text (details may quote
+    values). Returns the report's URI."""
+    view = dict(summary, warnings=[{"row": i, "warning": w} for i in sorted(warnings)
+                                   for w in warnings[i]])
+    storage.write_json(storage.join(folder, "summary.json"), view)
+    table = pd.DataFrame({"row": bad_rows, "reason": quarantine["reason"].tolist()})
+    return storage.write_text(storage.join(folder, "report.html"), render_html(view, table))
 
 
 def _write_outputs(cfg, out, df, clean, quarantine, facts, summary) -> dict:

@@ -37,13 +37,17 @@ def render_html(summary: dict, quarantine: pd.DataFrame) -> str:
 
     Args:
         summary: the dict written to ``summary.json``.
-        quarantine: quarantined rows with ``image_id``, ``reason`` and ``detail`` columns.
+        quarantine: quarantined rows with ``image_id``, ``reason`` and ``detail`` columns (the
+            raw zone's report), or ``row`` and ``reason`` only (the dataset store's).
 
     Returns:
         the HTML document as a string.
     """
     verdict = summary["verdict"]
     cls = "ok" if verdict == "ok" else "bad"
+    # the raw zone's report names images; the dataset store's names rows of the raw manifest
+    key = "image_id" if any("image_id" in w for w in summary["warnings"]) or \
+        "image_id" in quarantine.columns else "row"
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<title>fracture-ops validation report</title>", f"<style>{_CSS}</style></head><body>",
@@ -65,15 +69,16 @@ def render_html(summary: dict, quarantine: pd.DataFrame) -> str:
                  "" if c["unexpected_count"] is None else c["unexpected_count"]]
                 for c in summary["table_checks"]]),
         "<h2>Warnings (images kept)</h2>",
-        _table(["image_id", "warning"],
-               [[w["image_id"], w["warning"]] for w in summary["warnings"][:MAX_ROWS]]),
+        _table([key, "warning"],
+               [[w[key], w["warning"]] for w in summary["warnings"][:MAX_ROWS]]),
     ]
     if "boxes" in summary:
         b = summary["boxes"]
         parts += ["<h2>Boxes</h2>", f"<p>{b['clean']} kept, {b['quarantined']} quarantined.</p>",
                   _table(["reason", "boxes"], [[k, v] for k, v in sorted(b["reasons"].items())])]
-    rows = [[r.image_id, r.reason, r.detail] for r in quarantine.head(MAX_ROWS).itertuples()]
-    parts += ["<h2>Quarantined rows</h2>", _table(["image_id", "reason", "detail"], rows)]
+    cols = [c for c in ("row", "image_id", "reason", "detail") if c in quarantine.columns]
+    rows = quarantine.head(MAX_ROWS)[cols].values.tolist()
+    parts += ["<h2>Quarantined rows</h2>", _table(cols, rows)]
     if len(quarantine) > MAX_ROWS:
         parts.append(f"<p class='note'>first {MAX_ROWS} of {len(quarantine)} rows shown; all are "
                      "in quarantine.parquet.</p>")

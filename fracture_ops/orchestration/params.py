@@ -21,6 +21,9 @@ TRAINING_PARAMS: dict[str, dict[str, Any]] = {
     "artifact_root": {"default": os.environ.get("FRACTURE_OPS_ARTIFACT_ROOT", "data/artifacts"),
                       "type": "string",
                       "description": "Where run folders go: a local folder or an s3:// prefix."},
+    "raw_root": {"default": os.environ.get("FRACTURE_OPS_RAW_ROOT", ""), "type": "string",
+                 "description": "Raw zone for the identifying tables before de-identification "
+                 "(its own bucket and credentials, with an expiry); empty: <artifact_root>-raw."},
     "backbone": {"default": "efficientnet_b0", "type": "string", "enum": BACKBONES,
                  "description": "timm backbone of the classifier."},
     "image_size": {"default": 384, "type": "integer", "minimum": 64, "maximum": 1024,

@@ -44,7 +44,7 @@ class PodSettings:
                                             ("s3", "fracture-ops-s3"),
                                             ("deid", "fracture-ops-deid"))
     # passed through from the scheduler/worker environment (configuration, not secrets)
-    passthrough_env: tuple[str, ...] = ("FRACTURE_OPS_APPROVERS",)
+    passthrough_env: tuple[str, ...] = ("FRACTURE_OPS_APPROVERS", "FRACTURE_OPS_DATA_ROOTS")
     cache_claim: str = "fracture-ops-cache"
     cache_mount: str = "/cache"
     startup_timeout_s: int = 1800  # GPU node scale-up can take many minutes

@@ -16,6 +16,11 @@ from typing import Any
 RUN_KEY = "{{ run_id | replace(':', '-') | replace('+', '-') }}"
 RUN = "{{ params.artifact_root }}/runs/" + RUN_KEY
 COMMON = ["--artifact-root", "{{ params.artifact_root }}", "--run-id", RUN_KEY]
+# the raw zone (identifying tables before de-identification): the trigger's raw_root, else the
+# artifact root with "-raw" appended (fracture_ops.config.default_raw_root, same rule)
+RAW_ROOT = "{{ params.raw_root or (params.artifact_root.rstrip('/') ~ '-raw') }}"
+RAW = RAW_ROOT + "/runs/" + RUN_KEY
+RAW_ARGS = ("--raw-root", RAW_ROOT)
 
 
 @dataclass(frozen=True)
@@ -65,14 +70,17 @@ def _spec(name: str, *args: str, pos: tuple[str, ...] = (), **kw: Any) -> StepSp
 
 
 TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
-    _spec("ingest", "ingest", "--layout", "{{ params.layout }}", pos=("{{ params.source_uri }}",),
-          outputs=("ingest/manifest.parquet", "ingest/boxes.parquet")),
-    _spec("validate", "validate", "--boxes", f"{RUN}/ingest/boxes.parquet",
-          "--max-bad-fraction", "{{ params.max_bad_fraction }}", pos=(f"{RUN}/ingest/manifest.parquet",),
-          outputs=("validate/manifest.clean.parquet", "validate/report.html")),
+    # ingest and validate write identifying tables to the raw zone only; the dataset store gets
+    # counts and reports that name rows by number
+    _spec("ingest", "ingest", "--layout", "{{ params.layout }}", *RAW_ARGS,
+          pos=("{{ params.source_uri }}",), outputs=("ingest/report.json",)),
+    _spec("validate", "validate", "--boxes", f"{RAW}/ingest/boxes.parquet",
+          "--max-bad-fraction", "{{ params.max_bad_fraction }}", *RAW_ARGS,
+          pos=(f"{RAW}/ingest/manifest.parquet",),
+          outputs=("validate/summary.json", "validate/report.html")),
     # OCR of burned-in text runs one worker process per requested CPU (each ~300 MB of models)
-    _spec("deidentify", "deidentify", "--manifest", f"{RUN}/validate/manifest.clean.parquet",
-          "--set", f"boxes_uri={RUN}/validate/boxes.clean.parquet", "--workers", "2",
+    _spec("deidentify", "deidentify", "--manifest", f"{RAW}/validate/manifest.clean.parquet",
+          "--set", f"boxes_uri={RAW}/validate/boxes.clean.parquet", "--workers", "2", *RAW_ARGS,
           outputs=("deidentify/manifest.deid.parquet", "deidentify/boxes.deid.parquet"),
           cpu="2", memory="4Gi", ephemeral="8Gi", secrets=("s3", "deid")),
     _spec("split", "split", "--seed", "{{ params.seed }}", pos=(f"{RUN}/deidentify/manifest.deid.parquet",),
