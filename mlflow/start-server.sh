@@ -18,6 +18,8 @@
 #                                 basic-auth, mlflow/basic_auth.ini is rendered to a private temp
 #                                 file with database_uri = MLFLOW_AUTH_DATABASE_URI
 #                                 (default: sqlite:///<MLFLOW_DATA_DIR>/basic_auth.db)
+#   MLFLOW_TLS_CERT_FILE,         serve HTTPS with this certificate (chain) and key (both PEM;
+#   MLFLOW_TLS_KEY_FILE           in Kubernetes the cert-manager Secret fracture-ops-mlflow-tls)
 #   MLFLOW_PID_FILE               write the server's pid here (the script execs mlflow, so the pid
 #                                 is the server's own; SIGTERM to it stops the whole server)
 #   MLFLOW_BIN, PYTHON            executables to use (default: mlflow, python3 from PATH)
@@ -46,6 +48,13 @@ args=(server
   --port "${MLFLOW_PORT:-5000}")
 if [[ -n "${MLFLOW_WORKERS:-}" ]]; then
   args+=(--workers "$MLFLOW_WORKERS")
+fi
+if [[ -n "${MLFLOW_TLS_CERT_FILE:-}" || -n "${MLFLOW_TLS_KEY_FILE:-}" ]]; then
+  if [[ ! -r "${MLFLOW_TLS_CERT_FILE:-}" || ! -r "${MLFLOW_TLS_KEY_FILE:-}" ]]; then
+    echo "start-server.sh: MLFLOW_TLS_CERT_FILE and MLFLOW_TLS_KEY_FILE must both name readable files" >&2
+    exit 2
+  fi
+  args+=(--uvicorn-opts "--ssl-certfile ${MLFLOW_TLS_CERT_FILE} --ssl-keyfile ${MLFLOW_TLS_KEY_FILE}")
 fi
 
 # Render the auth config from the template in this folder: the database URI may carry a

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -480,6 +481,93 @@ def test_mlflow_start_script_serves_and_stops(tmp_path, monkeypatch, auth):
         assert hashlib.sha256(AUTH_INI.read_bytes()).hexdigest() == template_hash
     finally:
         try:  # whatever is left of the server's process group (only after a failure)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost signed by it (PEM):
+    (ca.crt, tls.crt, tls.key), the keys a cert-manager Secret holds."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fracture-ops test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mlflow")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    paths = folder / "ca.crt", folder / "tls.crt", folder / "tls.key"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(cert.public_bytes(pem))
+    paths[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_mlflow_start_script_serves_https_only_with_the_ca(tmp_path, monkeypatch):
+    """MLFLOW_TLS_CERT_FILE/KEY_FILE (the cert-manager Secret's tls.crt/tls.key in the cluster):
+    the server speaks HTTPS, a client trusting the CA logs a run, plain HTTP and an unknown CA
+    are refused."""
+    import ssl
+
+    ca, crt, key = _tls_files(tmp_path)
+    port, log = _free_port(), tmp_path / "server.log"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_DATA_DIR": str(tmp_path / "state"), "MLFLOW_PORT": str(port),
+           "MLFLOW_WORKERS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "TMPDIR": str(tmp_path),
+           "MLFLOW_TLS_CERT_FILE": str(crt), "MLFLOW_TLS_KEY_FILE": str(key)}
+    for var in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_HOST",
+                "MLFLOW_APP_NAME", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_TRACKING_URI"):
+        env.pop(var, None)
+    with log.open("w") as out:
+        proc = subprocess.Popen(["bash", str(START_SCRIPT)], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    trusted = ssl.create_default_context(cafile=str(ca))
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=5,
+                                            context=trusted) as response:
+                    assert response.read() == b"OK"
+                    break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no HTTPS /health:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        with pytest.raises((urllib.error.URLError, OSError)):  # the system CAs do not know it
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=5,
+                                   context=ssl.create_default_context())
+        with pytest.raises((urllib.error.URLError, OSError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(ca))  # what step pods set
+        assert _log_tiny_run(f"https://127.0.0.1:{port}", tmp_path)
+    finally:
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass

@@ -108,12 +108,107 @@ def test_manifests_cover_the_platform():
             "Service", "StatefulSet", "RuntimeClass", "Secret", "Job"} <= kinds
 
 
+CRD_SCHEMAS = {  # custom resources, validated against the CRD their operator releases
+    ("cert-manager.io/v1", "Certificate"): REPO / "tests" / "schemas" / "cert-manager.io_certificates.yaml",
+}
+
+
+def _crd_schema(path: Path, version: str) -> dict:
+    crd = yaml.safe_load(path.read_text())
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return served["schema"]["openAPIV3Schema"]
+
+
+def _unknown_fields(doc, schema, where="") -> list[str]:
+    """Fields the schema does not declare (the API server prunes or, strict, refuses them)."""
+    out = []
+    if isinstance(doc, dict) and "properties" in schema:
+        for key, value in doc.items():
+            if key not in schema["properties"]:
+                if where or key not in ("apiVersion", "kind", "metadata"):
+                    out.append(f"{where}.{key}")
+            else:
+                out += _unknown_fields(value, schema["properties"][key], f"{where}.{key}")
+    elif isinstance(doc, list) and "items" in schema:
+        for i, item in enumerate(doc):
+            out += _unknown_fields(item, schema["items"], f"{where}[{i}]")
+    return out
+
+
+def validate_custom_resource(doc: dict) -> None:
+    import jsonschema
+
+    group, version = doc["apiVersion"].split("/")
+    schema = _crd_schema(CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])], version)
+    jsonschema.validate(doc, schema)
+    assert _unknown_fields(doc, schema) == [], doc["metadata"]["name"]
+
+
 @pytest.mark.parametrize("path", manifest_files(), ids=lambda p: p.relative_to(INFRA).as_posix())
 def test_manifest_validates_against_kubernetes_schema(path):
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     assert docs, f"{path} holds no document"
     for doc in docs:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+            validate_custom_resource(doc)
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_custom_resource_validation_rejects_broken_certificates():
+    import jsonschema
+
+    good = one("Certificate", "mlflow-tls")
+    validate_custom_resource(good)
+    typo = {**good, "spec": {**good["spec"], "dnsName": ["x"]}}
+    with pytest.raises(AssertionError):
+        validate_custom_resource(typo)
+    no_secret = {**good, "spec": {k: v for k, v in good["spec"].items() if k != "secretName"}}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_custom_resource(no_secret)
+
+
+def _tls_mount(spec: dict, container: dict, secret: str) -> str:
+    volume = next(v["name"] for v in spec["volumes"] if (v.get("secret") or {}).get("secretName") == secret)
+    return next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume)
+
+
+def test_mlflow_and_minio_serve_tls_from_their_certificates():
+    certs = {c["metadata"]["name"]: c["spec"] for c in by_kind("Certificate")}
+    services = {s["metadata"]["name"] for s in by_kind("Service")}
+    for name, workload in (("mlflow", "mlflow"), ("minio", "minio")):
+        cert = certs[f"{name}-tls"]
+        assert f"{name}.{NAMESPACE}.svc" in cert["dnsNames"] and name in services
+        assert cert["issuerRef"]["name"] == "fracture-ops-ca"
+        spec = next(s for n, s in pod_specs() if n == workload)
+        container = spec["containers"][0]
+        mount = _tls_mount(spec, container, cert["secretName"])
+        probes = [container[p] for p in ("readinessProbe", "livenessProbe", "startupProbe") if p in container]
+        assert probes and all(p["httpGet"]["scheme"] == "HTTPS" for p in probes)
+        if name == "mlflow":
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["MLFLOW_TLS_CERT_FILE"] == f"{mount}/tls.crt"
+            assert env["MLFLOW_TLS_KEY_FILE"] == f"{mount}/tls.key"
+            assert env["AWS_CA_BUNDLE"] == _tls_mount(spec, container, "fracture-ops-ca") + "/ca.crt"
+        else:
+            args = container["args"]
+            assert args[args.index("--certs-dir") + 1] == mount
+            items = {i["key"]: i["path"] for v in spec["volumes"] if v["name"] == "tls"
+                     for i in v["secret"]["items"]}
+            assert items["tls.crt"] == "public.crt" and items["tls.key"] == "private.key"
+    # the bucket Job talks HTTPS to MinIO and trusts the CA
+    script = " ".join(_container("minio-create-buckets")["args"])
+    assert "https://minio.fracture-ops.svc:9000" in script and "http://" not in script
+    # step pods trust the same CA for both clients
+    from fracture_ops.orchestration.pods import PodSettings, pod_operator
+    from fracture_ops.orchestration.specs import TRAINING_STEPS
+
+    op = pod_operator(TRAINING_STEPS["train"], task_id="train")
+    env = {e.name: e.value for e in op.env_vars}
+    assert env["AWS_CA_BUNDLE"] == env["MLFLOW_TRACKING_SERVER_CERT_PATH"] == \
+        f"{PodSettings().ca_mount}/ca.crt"
+    assert PodSettings().ca_secret in {v.secret.secret_name for v in op.volumes if v.secret}
+    assert one("Secret", PodSettings().ca_secret, STEPS_NAMESPACE)
 
 
 def test_schema_validation_rejects_broken_manifests():
@@ -137,7 +232,7 @@ def test_namespaced_resources_live_in_their_namespace():
         key = (doc["kind"], doc["metadata"]["name"])
         if key in STEP_SIDE or doc["kind"] == "NetworkPolicy":
             assert ns == STEPS_NAMESPACE, f"{path}: {key}"
-        elif doc["kind"] == "Secret" and doc["metadata"]["name"] in CLIENT_SECRETS:
+        elif doc["kind"] == "Secret" and doc["metadata"]["name"] in {*CLIENT_SECRETS, "fracture-ops-ca"}:
             assert ns in (NAMESPACE, STEPS_NAMESPACE), f"{path}: {key}"
         else:
             assert ns == NAMESPACE, f"{path}: {key}"

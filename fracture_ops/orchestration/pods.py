@@ -45,6 +45,10 @@ class PodSettings:
                                             ("deid", "fracture-ops-deid"))
     # passed through from the scheduler/worker environment (configuration, not secrets)
     passthrough_env: tuple[str, ...] = ("FRACTURE_OPS_APPROVERS", "FRACTURE_OPS_DATA_ROOTS")
+    # the CA of the platform's TLS certificates (Secret with key ca.crt; "" = none, plain HTTP)
+    ca_secret: str = field(default_factory=lambda: os.environ.get("FRACTURE_OPS_K8S_CA_SECRET",
+                                                                  "fracture-ops-ca"))
+    ca_mount: str = "/etc/fracture-ops/ca"
     cache_claim: str = "fracture-ops-cache"
     cache_mount: str = "/cache"
     startup_timeout_s: int = 1800  # GPU node scale-up can take many minutes
@@ -136,6 +140,14 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwa
     # the root filesystem is read-only: scratch space is an emptyDir within the disk limit
     tmp = k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=spec.ephemeral))
     tmp_mount = k8s.V1VolumeMount(name="tmp", mount_path="/tmp")
+    volumes, mounts, ca_env = [volume, tmp], [mount, tmp_mount], []
+    if s.ca_secret:  # MLflow and MinIO speak TLS: trust the platform's CA (boto3, MLflow client)
+        volumes.append(k8s.V1Volume(name="ca", secret=k8s.V1SecretVolumeSource(
+            secret_name=s.ca_secret, items=[k8s.V1KeyToPath(key="ca.crt", path="ca.crt")])))
+        mounts.append(k8s.V1VolumeMount(name="ca", mount_path=s.ca_mount, read_only=True))
+        ca_file = f"{s.ca_mount}/ca.crt"
+        ca_env = [k8s.V1EnvVar(name="AWS_CA_BUNDLE", value=ca_file),
+                  k8s.V1EnvVar(name="MLFLOW_TRACKING_SERVER_CERT_PATH", value=ca_file)]
     passthrough = [k8s.V1EnvVar(name=k, value=os.environ[k]) for k in s.passthrough_env if k in os.environ]
     op = _operator_class()(
         name=f"fracture-ops-{spec.name.replace('_', '-')}",
@@ -152,7 +164,8 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwa
                   k8s.V1EnvVar(name="YOLO_OFFLINE", value="1"),
                   k8s.V1EnvVar(name="HOME", value="/tmp"), k8s.V1EnvVar(name="TMPDIR", value="/tmp"),
                   k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
-                  k8s.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"), *passthrough],
+                  k8s.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"), *ca_env,
+                  *passthrough],
         secrets=[Secret("env", None, name) for kind, name in s.secrets if kind in spec.secrets],
         security_context=pod_security_context(s),
         container_security_context=container_security_context(),
@@ -160,8 +173,8 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwa
         container_resources=k8s.V1ResourceRequirements(requests=requests, limits=limits),
         tolerations=tolerations,
         node_selector=selector,
-        volumes=[volume, tmp],
-        volume_mounts=[mount, tmp_mount],
+        volumes=volumes,
+        volume_mounts=mounts,
         startup_timeout_seconds=s.startup_timeout_s,
         on_finish_action="delete_pod",
         do_xcom_push=True,
