@@ -62,7 +62,7 @@ def bench_train_step(backbone: str, size: int, batch: int, n_batches: int, repea
                for _ in range(n_batches)]
     base = build_model(backbone, "binary", 1, quiet=True)
     runs = {"bare": [], "platform": []}
-    for r in range(repeats):  # alternate so drift in machine load hits both alike
+    for _r in range(repeats):  # alternate so drift in machine load hits both alike
         for name, fn, cl in (("bare", bare_epoch, False), ("platform", platform_epoch, True)):
             m = copy.deepcopy(base)
             if cl:

@@ -19,11 +19,13 @@ person approved it and the automatic gate passed:
    `approved_by` = your user name (to reject: `approval` = `rejected`). With the server's
    basic-auth app only users with EDIT or MANAGE permission on the model can do this.
 2. `approved_by` must be on the approvers list (`FRACTURE_OPS_APPROVERS` on the workers).
-3. The version's gate must have passed against today's champion (written by the training DAG;
-   the evidence artifact is re-read, the tag alone is not trusted).
+3. The version's gate must have passed against today's champion (the evidence is read from the
+   version's own run and checked against the registry; tags are not trusted).
 
-Every promotion, refusal and rollback (`fracture-ops registry rollback`) is appended to
-`<artifact_root>/registry/audit.jsonl`. Running it again changes nothing.
+Every tick first compares the `champion` alias with the audit: a champion set by hand is
+reverted (or promotions are frozen, `on_champion_drift=freeze`), and audited. Every promotion,
+refusal and rollback (`fracture-ops registry rollback`) is its own record in the append-only
+audit (`$FRACTURE_OPS_AUDIT_URI`, deployment config). Running it again changes nothing.
 
 *Research and education only; not for clinical use.*
 """

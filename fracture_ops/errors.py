@@ -54,6 +54,16 @@ class ErrorBudgetExceeded(BadInputError):
     exit_code = EXIT_BUDGET_EXCEEDED
 
 
+class RegistryUnavailable(FractureOpsError):
+    """The model registry did not answer a lookup (timeout, permission, server error): nothing
+    may be decided from it; the task fails and a retry may help."""
+
+
+class UnsafeModelFile(BadInputError):
+    """A model or checkpoint file holds more than tensors and plain values (loading it would
+    run code): refused."""
+
+
 class ConfigError(FractureOpsError):
     """A configuration file or override is invalid."""
 

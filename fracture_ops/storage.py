@@ -295,7 +295,7 @@ def set_expiry(folder: str, days: float) -> str:
     """Write ``_EXPIRES_AT`` (UTC, ISO 8601) into a raw-zone run folder."""
     import datetime as dt
 
-    when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=days)
+    when = dt.datetime.now(dt.UTC) + dt.timedelta(days=days)
     return write_text(join(folder, EXPIRY_MARKER), when.isoformat(timespec="seconds") + "\n")
 
 
@@ -305,7 +305,7 @@ def purge_expired(runs_folder: str) -> list[str]:
     Folders without the marker are left alone. Returns the folders deleted."""
     import datetime as dt
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     deleted = []
     for marker in [u for u in list_files(runs_folder) if u.endswith("/" + EXPIRY_MARKER)
                    or u.endswith(os.sep + EXPIRY_MARKER)]:

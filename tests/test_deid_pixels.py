@@ -291,7 +291,7 @@ def test_field_labels_are_kept_and_values_blanked():
     result = scrub.scrub_array(frames, PIX, phi)
     assert result.passed
     blanked = result.frames[0].blanked
-    for label, value in parts:
+    for _label, value in parts:
         assert _coverage(blanked, value, img.shape) >= 0.9
     # keep-listed labels stay readable; a label not on the list goes with its value
     assert _coverage(blanked, parts[0][0], img.shape) < 0.1

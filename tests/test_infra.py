@@ -456,6 +456,7 @@ def test_minio_statefulset_and_buckets_match_the_platform():
     created = set(re.findall(r"fracture-ops-[a-z-]+", script.split("for bucket in")[1].split(";")[0]))
     cfg = values()["config"]["logging"]
     needed = {values_env()["FRACTURE_OPS_ARTIFACT_ROOT"], values_env()["FRACTURE_OPS_RAW_ROOT"],
+              values_env()["FRACTURE_OPS_AUDIT_URI"],
               cfg["remote_base_log_folder"],
               dict((e["name"], e.get("value")) for e in _container("mlflow")["env"])["MLFLOW_ARTIFACTS_DESTINATION"]}
     assert {re.match(r"s3://([^/]+)", uri).group(1) for uri in needed} == created

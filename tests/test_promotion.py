@@ -93,7 +93,7 @@ def _promote(art: str):
 def _audit(art: str) -> list[dict]:
     from fracture_ops.registry.promotion import read_audit
 
-    return read_audit(storage.join(art, "registry", "audit.jsonl"))
+    return read_audit(storage.join(art, "registry", "audit"))
 
 
 def test_approval_gate_promotion_rollback_and_auth(server, versions):
@@ -104,8 +104,12 @@ def test_approval_gate_promotion_rollback_and_auth(server, versions):
     art = versions["art"]
     client = mlflow.MlflowClient()
     assert [v1, v2, v3] == ["1", "2", "3"]
-    # v1 is today's champion (set up by an administrator before this story starts)
+    # v1 is today's champion (set up by an administrator before this story starts, who adopts
+    # it into the audit: a champion the audit does not know would be reverted)
+    from fracture_ops.registry.promotion import PromotionConfig, adopt
+
     client.set_registered_model_alias(MODEL, "champion", v1)
+    assert adopt(PromotionConfig(artifact_root=art))["version"] == v1
     # the training run of v2: registered as challenger, gated against the champion on one test set
     client.set_registered_model_alias(MODEL, "challenger", v2)
     gate = _gate("b", art)
@@ -116,7 +120,7 @@ def test_approval_gate_promotion_rollback_and_auth(server, versions):
     for _ in range(3):
         assert _promote(art)["action"] == "none"
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1
-    assert _audit(art) == []
+    assert [r["action"] for r in _audit(art)] == ["adopted"]
     # basic auth: a READ-only user cannot set the approval tag; alice (MANAGE) can
     auth = get_app_client("basic-auth", tracking_uri=server["url"])
     auth.create_user("reader", "reader-pw-123")
@@ -164,7 +168,7 @@ def test_approval_gate_promotion_rollback_and_auth(server, versions):
     assert "evidence does not show" in _promote(art)["reason"]
     assert client.get_model_version_by_alias(MODEL, "champion").version == v2
     # rollback restores the previous champion, with an audit record
-    from fracture_ops.registry.promotion import PromotionConfig, rollback
+    from fracture_ops.registry.promotion import rollback
 
     assert rollback(PromotionConfig(artifact_root=art))["version"] == v1
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1

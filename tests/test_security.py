@@ -4,7 +4,6 @@ fails and changes nothing."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace

@@ -18,7 +18,6 @@ width, so overlays and box-overlap checks are in original pixels.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 
@@ -191,14 +190,14 @@ def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
     Raises:
         BadInputError: the file is missing or is not a fracture-ops checkpoint.
     """
-    import torch
 
     from fracture_ops.training.models import build_model
 
     if not storage.exists(model_uri):
         raise BadInputError(f"model file not found: {model_uri}")
-    blob = torch.load(io.BytesIO(storage.read_bytes(model_uri)), map_location="cpu",
-                      weights_only=False)
+    from fracture_ops.training.checkpoint import load_weights
+
+    blob = load_weights(storage.read_bytes(model_uri), "model.pt")
     if not isinstance(blob, dict) or not {"state_dict", "info", "transform"} <= set(blob):
         raise BadInputError(f"{model_uri} is not a fracture-ops model.pt (state_dict/info/transform)")
     info = blob["info"]

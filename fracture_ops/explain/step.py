@@ -70,12 +70,15 @@ def _sibling(train_dir: str, step: str, filename: str) -> str:
     return uri if storage.is_complete(folder) and storage.exists(uri) else ""
 
 
-def _run_boxes(train_dir: str) -> str:
+def _run_boxes(train_dir: str, raw_run_dir: str = "") -> str:
     """This run's boxes keyed like the predictions: after de-identification image ids change, so
-    the de-identified table comes first, then the validated one, then the ingested one."""
-    for step, name in (("deidentify", "boxes.deid.parquet"), ("validate", "boxes.clean.parquet"),
-                       ("ingest", "boxes.parquet")):
-        uri = _sibling(train_dir, step, name)
+    the de-identified table comes first; a run trained without de-identification (its ids are
+    the source's own) has only the validated or ingested table, in the raw zone."""
+    uri = _sibling(train_dir, "deidentify", "boxes.deid.parquet")
+    if uri or not raw_run_dir:
+        return uri
+    for step, name in (("validate", "boxes.clean.parquet"), ("ingest", "boxes.parquet")):
+        uri = _sibling(storage.join(raw_run_dir, "train"), step, name)
         if uri:
             return uri
     return ""
@@ -271,7 +274,8 @@ def cam_step(cfg: CamConfig) -> dict:
                               explainer.class_name)
         sections = select_cases(scores[0], scores[1], scores[2], cfg.top_k, cfg.max_errors)
         info = explainer.loaded.info
-        boxes = _boxes_by_image(cfg.boxes_uri if cfg.boxes_uri is not None else _run_boxes(train_dir))
+        boxes = _boxes_by_image(cfg.boxes_uri if cfg.boxes_uri is not None
+                                else _run_boxes(train_dir, storage.step_dir(cfg.raw_root, cfg.run_id, "")))
         cases, quarantined = _explain_all(explainer, rows, sections, scores, _image_uris(info),
                                           boxes, cfg)
     finally:

@@ -106,7 +106,9 @@ class Scorer:
         self.model_pt = str(Path(model_dir) / "artifacts" / "model.pt")
         if not Path(self.model_pt).exists():
             raise BadInputError(f"{ref.uri} is not a fracture-ops classifier (no model.pt)")
-        self.info = torch.load(self.model_pt, map_location="cpu", weights_only=False)["info"]
+        from fracture_ops.training.checkpoint import load_weights
+
+        self.info = load_weights(self.model_pt, "model.pt")["info"]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device

@@ -44,7 +44,11 @@ class PodSettings:
                                             ("s3", "fracture-ops-s3"),
                                             ("deid", "fracture-ops-deid"))
     # passed through from the scheduler/worker environment (configuration, not secrets)
-    passthrough_env: tuple[str, ...] = ("FRACTURE_OPS_APPROVERS", "FRACTURE_OPS_DATA_ROOTS")
+    passthrough_env: tuple[str, ...] = ("FRACTURE_OPS_APPROVERS", "FRACTURE_OPS_DATA_ROOTS",
+                                        "FRACTURE_OPS_AUDIT_URI",
+                                        "FRACTURE_OPS_REFERENCE_TEST_URI",
+                                        "FRACTURE_OPS_REFERENCE_TEST_HASH",
+                                        "FRACTURE_OPS_MIN_TEST_SIZE")
     # the CA of the platform's TLS certificates (Secret with key ca.crt; "" = none, plain HTTP)
     ca_secret: str = field(default_factory=lambda: os.environ.get("FRACTURE_OPS_K8S_CA_SECRET",
                                                                   "fracture-ops-ca"))

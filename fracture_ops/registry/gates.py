@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
@@ -42,6 +44,10 @@ class GateConfig(StepConfig):
     min_auroc: float = 0.6
     min_sensitivity: float = 0.5
     ece_bins: int = 15
+    # the reference test set pinned for the model (deployment config, not a trigger param):
+    # a split/manifest table whose rows with split == "test" (or all rows) every gate scores on
+    reference_test_uri: str = Field(default_factory=lambda: os.environ.get(
+        "FRACTURE_OPS_REFERENCE_TEST_URI", ""))
 
 
 @dataclass
@@ -100,16 +106,20 @@ def score_version(model_uri: str, images: list[str], class_name: str) -> tuple[n
     return out[f"prob_{class_name}"].to_numpy(float), out[f"decision_{class_name}"].to_numpy(int)
 
 
-def _test_set(version) -> tuple[list[str], np.ndarray, str, str]:
-    """The challenger's test images and labels (from its training run's split)."""
+def _test_set(version, reference_uri: str = "") -> tuple[list[str], np.ndarray, str, str]:
+    """The test images and labels: the pinned reference test set when one is configured, else
+    the challenger's own test split (promotion then refuses it where a reference hash is
+    pinned)."""
     from fracture_ops.data.manifest import table_hash
 
     folder = version.tags.get("run_folder", "")
     info = storage.read_json(storage.join(folder, "train", "model_info.json"))
-    table = storage.read_parquet(info["split_uri"])
-    test = table[table["split"] == "test"].sort_values("image_id")
+    source = reference_uri or info["split_uri"]
+    table = storage.read_parquet(source)
+    test = table[table["split"] == "test"] if "split" in table.columns else table
+    test = test.sort_values("image_id")
     if test.empty:
-        raise BadInputError(f"gate: the test split of {info['split_uri']} is empty")
+        raise BadInputError(f"gate: the test set {source} is empty")
     cls = info["class_names"][0]
     y = (test["label"].astype(str) == cls).to_numpy(int)
     return test["image_uri"].tolist(), y, cls, table_hash(test, ["image_id", "label"])
@@ -126,16 +136,19 @@ def gate_step(cfg: GateConfig) -> dict:
     version_no = cfg.version or storage.read_json(
         storage.join(cfg.output_dir("register"), "registered.json"))["version"]
     version = client.get_model_version(cfg.model_name, version_no)
-    images, y, cls, test_hash = _test_set(version)
+    images, y, cls, test_hash = _test_set(version, cfg.reference_test_uri)
     prob, dec = score_version(f"models:/{cfg.model_name}/{version_no}", images, cls)
     challenger = model_scores(y, prob, dec, cfg.ece_bins) | {"version": version_no}
     champion = None
     champ = alias_version(client, cfg.model_name, "champion")
-    if champ is not None and champ.version != version_no:
+    if champ is not None and str(champ.version) != str(version_no):
         prob_c, dec_c = score_version(f"models:/{cfg.model_name}/{champ.version}", images, cls)
-        champion = model_scores(y, prob_c, dec_c, cfg.ece_bins) | {"version": champ.version}
+        champion = model_scores(y, prob_c, dec_c, cfg.ece_bins) | {"version": str(champ.version)}
     result = compare(challenger, champion, cfg)
-    result.evidence.update(test_set_hash=test_hash, n_test=len(y), model=cfg.model_name)
+    # everything promotion checks against the registry's state at promotion time
+    result.evidence.update(test_set_hash=test_hash, n_test=len(y), model=cfg.model_name,
+                           challenger_version=str(version_no),
+                           champion_version=str(champion["version"]) if champion else "none")
     out = cfg.output_dir("gate")
     storage.reset_dir(out)
     evidence_uri = storage.write_json(storage.join(out, "gate.json"),

@@ -10,25 +10,33 @@ version only when all of these hold: ``approval=approved``, ``approved_by`` is o
 approvers list, ``gate=passed`` for the current champion, and the gate's evidence artifact
 confirms it (the tag alone is not trusted). Anything else is never promoted, whatever other tags say; a
 refusal is written to the audit log once per version and reason. The previous champion is tagged
-(``retired_at``, ``superseded_by``), the new one records ``promoted_from``, and each promotion or
-rollback appends one JSON line to ``<artifact_root>/registry/audit.jsonl``. Re-running changes
-nothing once the champion is in place (idempotent).
+(``retired_at``, ``superseded_by``), the new one records ``promoted_from`` (for people to read),
+and each promotion or rollback writes its own record to the append-only audit
+(:mod:`fracture_ops.registry.audit`). Re-running changes nothing once the champion is in place
+(idempotent).
+
+Against people who hold EDIT on the model: the gate's evidence is read from the version's own
+run and checked against the registry's state (never from a tag); the champion alias is compared
+with the audit on every pass, and a hand-set champion is reverted (or, with
+``on_champion_drift=freeze``, every promotion is refused until a person adopts or restores it),
+either way audited; rollback targets and rolled-back state come from the audit, not from tags;
+a registry that cannot be read fails the task instead of reading as "no champion".
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from datetime import datetime, UTC
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.errors import BadInputError
+from fracture_ops.registry import audit as audit_store
 from fracture_ops.registry.register import alias_version
 
 log = logging.getLogger(__name__)
@@ -42,11 +50,20 @@ class PromotionConfig(StepConfig):
     model_name: str = "fracture-classifier"
     approvers: list[str] = Field(default_factory=lambda: [
         a.strip() for a in os.environ.get("FRACTURE_OPS_APPROVERS", "").split(",") if a.strip()])
-    audit_uri: str = ""  # default <artifact_root>/registry/audit.jsonl
+    # deployment config, not a trigger param: $FRACTURE_OPS_AUDIT_URI (a folder or s3:// prefix
+    # only the promoter writes); embedded default <artifact_root>/registry/audit
+    audit_uri: str = Field(default_factory=lambda: os.environ.get(audit_store.AUDIT_ENV, ""))
+    on_champion_drift: Literal["revert", "freeze"] = "revert"
     actor: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_USERNAME", "fracture-ops"))
+    # the reference test set pinned for the model: evidence on another test set is refused
+    reference_test_hash: str = Field(default_factory=lambda: os.environ.get(
+        "FRACTURE_OPS_REFERENCE_TEST_HASH", ""))
+    min_test_size: int = Field(default_factory=lambda: int(os.environ.get(
+        "FRACTURE_OPS_MIN_TEST_SIZE", "10")), ge=1,
+        description="fewest test images a gate may decide on (set it far higher for real use)")
 
     def audit_path(self) -> str:
-        return self.audit_uri or storage.join(self.artifact_root, "registry", "audit.jsonl")
+        return self.audit_uri or storage.join(self.artifact_root, "registry", "audit")
 
 
 def now() -> str:
@@ -54,22 +71,17 @@ def now() -> str:
 
 
 def read_audit(uri: str) -> list[dict]:
-    """All audit records (oldest first)."""
-    if not storage.exists(uri):
-        return []
-    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+    """The audit's records in time order (malformed ones skipped and logged)."""
+    return audit_store.read(uri).records
 
 
 def append_audit(uri: str, record: dict) -> dict:
-    """Append one record (read-modify-write, so it also works on S3)."""
-    lines = storage.read_text(uri) if storage.exists(uri) else ""
-    storage.write_text(uri, lines + json.dumps(record, sort_keys=True) + "\n")
-    log.info("audit: %s", record)
-    return record
+    """Write one record as its own object (never rewriting others)."""
+    return audit_store.append(uri, record)
 
 
 def decide(version_tags: dict[str, str], approvers: list[str],
-           champion_version: str | None = None) -> tuple[bool, str]:
+           champion_version: str | None = None, rolled_back: bool = False) -> tuple[bool, str]:
     """Whether a challenger may be promoted, and why not (pure).
 
     The gate verdict must be about today's champion: a version gated against an earlier
@@ -79,7 +91,7 @@ def decide(version_tags: dict[str, str], approvers: list[str],
     who = version_tags.get("approved_by", "")
     if approval == "rejected":
         return False, "rejected by reviewer"
-    if version_tags.get("rolled_back_at"):
+    if rolled_back or version_tags.get("rolled_back_at"):
         return False, "rolled back; a new version must be approved"
     if approval != "approved":
         return False, "awaiting approval"
@@ -96,107 +108,181 @@ def decide(version_tags: dict[str, str], approvers: list[str],
     return True, "approved and gate passed"
 
 
-def verify_gate_evidence(version: str, tags: dict[str, str]) -> str | None:
-    """Re-read the gate's evidence artifact; a ``gate=passed`` tag alone is not trusted.
+def evidence_uri(version) -> str:
+    """Where the gate's evidence of a version lives: its own training run's artifacts (written
+    by the pipeline identity), never a location a tag names."""
+    return f"runs:/{version.run_id}/gate/gate.json"
+
+
+def verify_gate_evidence(cfg: PromotionConfig, version, champion_version: str | None) -> str | None:
+    """Re-read the gate's evidence from the version's run and check it against the registry.
+
+    The evidence must show this model and version passing, gated against today's champion, on
+    a test set of at least ``min_test_size`` images and, where one is pinned, on the reference
+    test set. Tags (``gate``, ``gate.evidence``, ``gate.champion_version``) are not trusted.
 
     Returns:
-        None when the evidence says this version passed, else the reason.
+        None when the evidence holds, else the reason.
     """
     import mlflow
 
-    uri = tags.get("gate.evidence", "")
-    if not uri:
-        return "no gate evidence recorded"
     try:
-        evidence = mlflow.artifacts.load_dict(uri)
+        evidence = mlflow.artifacts.load_dict(evidence_uri(version))
     except Exception as exc:  # missing artifact, unreadable store: refuse rather than promote
         return f"gate evidence unreadable ({type(exc).__name__})"
-    if evidence.get("passed") is not True or str(evidence.get("challenger", {}).get("version")) != version:
+    challenger = str(evidence.get("challenger_version",
+                                  (evidence.get("challenger") or {}).get("version")))
+    if evidence.get("passed") is not True or challenger != str(version.version):
         return "gate evidence does not show this version passing"
+    if evidence.get("model") != cfg.model_name:
+        return f"gate evidence is about model {evidence.get('model')!r}"
+    gated_against = str(evidence.get("champion_version", "?"))
+    if gated_against != (champion_version or "none"):
+        return (f"gate evidence compared against champion {gated_against}, but the champion is "
+                f"{champion_version or 'none'}: run the gate again")
+    if int(evidence.get("n_test") or 0) < cfg.min_test_size:
+        return f"gate evidence rests on {evidence.get('n_test')} test images (< {cfg.min_test_size})"
+    if cfg.reference_test_hash and evidence.get("test_set_hash") != cfg.reference_test_hash:
+        return "gate evidence is on another test set than the pinned reference"
+    return None
+
+
+def check_champion(cfg: PromotionConfig, client, champion, records: list[dict]) -> str | None:
+    """Compare the ``champion`` alias with the audit; returns a refusal reason while frozen.
+
+    - alias == audited champion: fine;
+    - alias == a pending ``promoting`` intent: a promotion interrupted after the alias moved;
+      its ``promoted`` record is written now;
+    - anything else was set by hand: reverted to the audited champion (alias removed when the
+      audit has none) and audited, or with ``on_champion_drift=freeze`` audited once and every
+      promotion refused until a person restores the alias or adopts it (``registry adopt``).
+    """
+    audited, pending = audit_store.audited_champion(records, cfg.model_name)
+    found = str(champion.version) if champion is not None else None
+    if found == audited:
+        return None
+    if pending is not None and found == str(pending.get("version")):
+        append_audit(cfg.audit_path(), {k: pending.get(k) for k in (
+            "model", "version", "previous_version", "approved_by", "evidence")}
+            | {"action": "promoted", "actor": cfg.actor, "repaired": True})
+        return None
+    if cfg.on_champion_drift == "freeze":
+        reason = (f"champion alias is v{found or 'none'} but the audit says v{audited or 'none'}: "
+                  "promotions frozen until a person restores or adopts it")
+        if not _already_recorded(records, found or "none", reason, "frozen"):
+            append_audit(cfg.audit_path(), {"action": "frozen", "model": cfg.model_name,
+                                            "version": found or "none", "reason": reason,
+                                            "audited_champion": audited, "actor": cfg.actor})
+        return reason
+    if audited is None:
+        client.delete_registered_model_alias(cfg.model_name, CHAMPION)
+    else:
+        client.set_registered_model_alias(cfg.model_name, CHAMPION, audited)
+    append_audit(cfg.audit_path(), {"action": "champion_reverted", "model": cfg.model_name,
+                                    "version": audited, "found_version": found,
+                                    "actor": cfg.actor})
+    log.warning("champion alias was set by hand to v%s; reverted to the audited v%s", found, audited)
     return None
 
 
 def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
-    """One promotion pass: promote the approved, gate-passed challenger, or record why not."""
+    """One promotion pass: check the champion against the audit, then promote the approved,
+    gate-passed challenger, or record why not."""
     import mlflow
 
     client = client or mlflow.MlflowClient()
-    challenger = alias_version(client, cfg.model_name, CHALLENGER)
+    audit = cfg.audit_path()
+    records = read_audit(audit)
     champion = alias_version(client, cfg.model_name, CHAMPION)
+    frozen = check_champion(cfg, client, champion, records)
+    if frozen:
+        return {"action": "none", "reason": frozen}
+    records = read_audit(audit)
+    champion_version, _ = audit_store.audited_champion(records, cfg.model_name)
+    challenger = alias_version(client, cfg.model_name, CHALLENGER)
     if challenger is None:
         return {"action": "none", "reason": "no challenger"}
-    audit = cfg.audit_path()
-    if champion is not None and champion.version == challenger.version:
-        _repair_promotion_record(cfg, audit, champion)
-        return {"action": "none", "reason": f"version {challenger.version} is already champion"}
-    ok, reason = decide(challenger.tags, cfg.approvers, champion.version if champion else None)
+    version = str(challenger.version)  # MLflow returns int or str depending on the store
+    if champion_version == version:
+        return {"action": "none", "reason": f"version {version} is already champion"}
+    rolled_back = version in audit_store.rolled_back_versions(records, cfg.model_name)
+    ok, reason = decide(challenger.tags, cfg.approvers, champion_version, rolled_back)
     if ok:
-        reason = verify_gate_evidence(challenger.version, challenger.tags) or reason
+        reason = verify_gate_evidence(cfg, challenger, champion_version) or reason
         ok = reason == "approved and gate passed"
     if not ok:
-        if reason != "awaiting approval" and not _already_recorded(audit, challenger.version, reason):
-            append_audit(audit, {"ts": now(), "action": "refused", "model": cfg.model_name,
-                                 "version": challenger.version, "reason": reason,
+        if reason != "awaiting approval" and not _already_recorded(records, version, reason):
+            append_audit(audit, {"action": "refused", "model": cfg.model_name,
+                                 "version": version, "reason": reason,
                                  "approved_by": challenger.tags.get("approved_by", ""), "actor": cfg.actor})
-        return {"action": "none", "version": challenger.version, "reason": reason}
-    previous = champion.version if champion is not None else None
+        return {"action": "none", "version": version, "reason": reason}
+    previous = champion_version
+    intent = {"model": cfg.model_name, "version": version, "previous_version": previous,
+              "approved_by": challenger.tags.get("approved_by"), "evidence": evidence_uri(challenger)}
+    # intent first, alias next, record last: a failure after the alias moved is completed on the
+    # next pass from the intent (never from tags)
+    append_audit(audit, {"action": "promoting", "actor": cfg.actor, **intent})
     ts = now()
-    # provenance first, alias last but one: a failure after the alias moved is repaired on retry
-    client.set_model_version_tag(cfg.model_name, challenger.version, "promoted_at", ts)
-    client.set_model_version_tag(cfg.model_name, challenger.version, "promoted_from", previous or "none")
-    client.set_registered_model_alias(cfg.model_name, CHAMPION, challenger.version)
+    client.set_model_version_tag(cfg.model_name, version, "promoted_at", ts)
+    client.set_model_version_tag(cfg.model_name, version, "promoted_from", previous or "none")
+    client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
     if previous is not None:
         client.set_model_version_tag(cfg.model_name, previous, "retired_at", ts)
-        client.set_model_version_tag(cfg.model_name, previous, "superseded_by", challenger.version)
-    record = append_audit(audit, {
-        "ts": ts, "action": "promoted", "model": cfg.model_name, "version": challenger.version,
-        "previous_version": previous, "approved_by": challenger.tags.get("approved_by"),
-        "actor": cfg.actor, "evidence": challenger.tags.get("gate.evidence", "")})
+        client.set_model_version_tag(cfg.model_name, previous, "superseded_by", version)
+    record = append_audit(audit, {"action": "promoted", "actor": cfg.actor, **intent})
     return {"action": "promoted", **{k: record[k] for k in ("version", "previous_version", "approved_by")}}
 
 
-def _repair_promotion_record(cfg: PromotionConfig, audit: str, champion) -> None:
-    """A promotion interrupted after the alias moved: write its missing audit record once."""
-    if "promoted_at" not in champion.tags:
-        return  # made champion by hand (or before this tool): nothing of ours to repair
-    if any(r.get("action") == "promoted" and r.get("version") == champion.version for r in read_audit(audit)):
-        return
-    previous = champion.tags.get("promoted_from", "none")
-    append_audit(audit, {"ts": champion.tags["promoted_at"], "action": "promoted", "model": cfg.model_name,
-                         "version": champion.version, "previous_version": None if previous == "none" else previous,
-                         "approved_by": champion.tags.get("approved_by"), "actor": cfg.actor,
-                         "evidence": champion.tags.get("gate.evidence", ""), "repaired": True})
-
-
-def _already_recorded(audit_uri: str, version: str, reason: str) -> bool:
-    return any(r.get("action") == "refused" and r.get("version") == version and r.get("reason") == reason
-               for r in read_audit(audit_uri))
+def _already_recorded(records: list[dict], version: str, reason: str, action: str = "refused") -> bool:
+    return any(r.get("action") == action and str(r.get("version")) == str(version)
+               and r.get("reason") == reason for r in records)
 
 
 def rollback(cfg: PromotionConfig, client=None) -> dict:
-    """Restore the previous champion (the current one's ``promoted_from``), with an audit record.
+    """Restore the champion before the current one, as the audit records it (tags such as
+    ``promoted_from`` are not read), with an audit record; the rolled-back version cannot be
+    promoted again (a new version must be approved).
 
     Raises:
-        BadInputError: no champion, or it has no previous champion to return to.
+        BadInputError: no audited champion, or no previous champion to return to, or the
+            alias disagrees with the audit (run ``registry promote`` first to resolve it).
     """
     import mlflow
 
     client = client or mlflow.MlflowClient()
-    champion = alias_version(client, cfg.model_name, CHAMPION)
-    if champion is None:
-        raise BadInputError(f"rollback: {cfg.model_name} has no champion")
-    previous = champion.tags.get("promoted_from", "none")
-    if previous in ("", "none"):
-        raise BadInputError(f"rollback: champion v{champion.version} has no previous champion")
+    records = read_audit(cfg.audit_path())
+    current, _ = audit_store.audited_champion(records, cfg.model_name)
+    if current is None:
+        raise BadInputError(f"rollback: the audit records no champion of {cfg.model_name}")
+    alias = alias_version(client, cfg.model_name, CHAMPION)
+    if alias is None or str(alias.version) != current:
+        raise BadInputError(f"rollback: the champion alias (v{alias.version if alias else 'none'}) "
+                            f"disagrees with the audit (v{current}); run `registry promote` first")
+    previous = audit_store.previous_champion(records, cfg.model_name, current)
+    if previous is None:
+        raise BadInputError(f"rollback: champion v{current} has no previous champion in the audit")
     ts = now()
     client.set_registered_model_alias(cfg.model_name, CHAMPION, previous)
-    client.set_model_version_tag(cfg.model_name, champion.version, "rolled_back_at", ts)
+    client.set_model_version_tag(cfg.model_name, current, "rolled_back_at", ts)
     client.set_model_version_tag(cfg.model_name, previous, "restored_at", ts)
     client.delete_model_version_tag(cfg.model_name, previous, "superseded_by")
-    record = append_audit(cfg.audit_path(), {"ts": ts, "action": "rolled_back", "model": cfg.model_name,
-                                             "version": previous, "previous_version": champion.version,
+    record = append_audit(cfg.audit_path(), {"action": "rolled_back", "model": cfg.model_name,
+                                             "version": previous, "previous_version": current,
                                              "actor": cfg.actor})
     return {"action": "rolled_back", "version": previous, "previous_version": record["previous_version"]}
+
+
+def adopt(cfg: PromotionConfig, client=None) -> dict:
+    """A person accepts the champion alias as it stands (e.g. one set before this tool, or a
+    frozen registry after review): the audit records it and the person who ran it."""
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    champion = alias_version(client, cfg.model_name, CHAMPION)
+    version = str(champion.version) if champion is not None else None
+    append_audit(cfg.audit_path(), {"action": "adopted", "model": cfg.model_name,
+                                    "version": version, "actor": cfg.actor})
+    return {"action": "adopted", "version": version}
 
 
 def status(cfg: PromotionConfig, client=None) -> dict:
@@ -216,7 +302,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """CLI: ``fracture-ops registry {promote,rollback,status}``."""
     from fracture_ops.cli_common import add_common_args
 
-    parser.add_argument("action", choices=["promote", "rollback", "status"])
+    parser.add_argument("action", choices=["promote", "rollback", "status", "adopt"],
+                        help="adopt: a person accepts the current champion alias (audited)")
     parser.add_argument("--model-name", help="registered model (default fracture-classifier)")
     parser.add_argument("--approvers", help="comma-separated user names allowed to approve "
                         "(default $FRACTURE_OPS_APPROVERS)")
@@ -231,4 +318,5 @@ def run_cli(args: argparse.Namespace) -> dict:
     approvers = [a.strip() for a in args.approvers.split(",")] if args.approvers else None
     cfg = config_from_args(PromotionConfig, args, model_name=args.model_name, approvers=approvers)
     tracking.setup("fracture-classifier")
-    return {"promote": promote_if_approved, "rollback": rollback, "status": status}[args.action](cfg)
+    return {"promote": promote_if_approved, "rollback": rollback, "status": status,
+            "adopt": adopt}[args.action](cfg)

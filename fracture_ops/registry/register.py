@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
-from fracture_ops.errors import BadInputError
+from fracture_ops.errors import BadInputError, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "fracture-classifier"
@@ -68,13 +68,26 @@ def ensure_registered_model(client, name: str, description: str, tags: dict[str,
 
 
 def alias_version(client, name: str, alias: str):
-    """The version ``name@alias`` points at, or None when the alias (or model) does not exist."""
+    """The version ``name@alias`` points at, or None when the alias (or model) does not exist.
+
+    Only the registry's own "not found" answers mean "no alias"; any other failure (a 403, a
+    timeout, a server error) raises :class:`RegistryUnavailable`, so that no promotion or gate
+    ever acts on a registry it could not read.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        code = getattr(exc, "error_code", "")
+        if code == "RESOURCE_DOES_NOT_EXIST" or (
+                code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in str(exc)):
+            return None
+        raise RegistryUnavailable(f"registry lookup of {name}@{alias} failed ({code}): "
+                                  f"{exc.message if hasattr(exc, 'message') else exc}") from exc
+    except (OSError, TimeoutError) as exc:  # connection errors below MLflow's retries
+        raise RegistryUnavailable(f"registry lookup of {name}@{alias} failed: "
+                                  f"{type(exc).__name__}") from exc
 
 
 def find_version(client, name: str, run_id: str):

@@ -107,10 +107,12 @@ class Checkpointer:
         self.on_save = on_save  # e.g. copy the checkpoint to S3 so another pod can resume
 
     def save(self, name: str, model, opt, sched, scaler, state: LoopState) -> None:
+        from fracture_ops.training.checkpoint import plain
+
         blob = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched else None,
+                "scheduler": plain(sched.state_dict()) if sched else None,
                 "scaler": scaler.state_dict() if scaler else None,
-                "state": state.__dict__, "rng": _rng_state()}
+                "state": plain(state.__dict__), "rng": _rng_state()}
         tmp = self.folder / f".{name}.tmp"
         torch.save(blob, tmp)
         tmp.replace(self.folder / name)  # atomic: a kill never leaves a torn checkpoint
@@ -121,7 +123,9 @@ class Checkpointer:
         path = self.folder / "last.pt"
         if not path.exists():
             return None
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        from fracture_ops.training.checkpoint import load_weights
+
+        blob = load_weights(path, "checkpoint last.pt")
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])
         if sched is not None and blob["scheduler"]:
@@ -133,13 +137,19 @@ class Checkpointer:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
     torch.set_rng_state(s["torch"])
 
 

@@ -51,13 +51,14 @@ class FractureClassifier(PythonModel):
     """pyfunc wrapper around the trained timm network plus calibration and thresholds."""
 
     def load_context(self, context) -> None:
-        import torch
 
         from fracture_ops.evaluation.calibrators import Calibrator
         from fracture_ops.training.models import build_model
         from fracture_ops.training.transforms import build_transforms
 
-        blob = torch.load(context.artifacts["model"], map_location="cpu", weights_only=False)
+        from fracture_ops.training.checkpoint import load_weights
+
+        blob = load_weights(context.artifacts["model"], "model.pt")
         info = blob["info"]
         self.task, self.class_names = info["task"], list(info["class_names"])
         self.model = build_model(info["backbone"], self.task, len(self.class_names), None, quiet=True)

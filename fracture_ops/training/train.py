@@ -245,7 +245,9 @@ def train_step(cfg: TrainConfig) -> dict:
                                                   step=st["epoch"]),
                     progress=lambda it: progress(it, "train", total=len(it)),
                     on_epoch_start=lambda epoch: _reseed(loaders["train"], cfg.seed + epoch))
-        best = torch.load(local / "best.pt", map_location="cpu", weights_only=False)
+        from fracture_ops.training.checkpoint import load_weights, plain
+
+        best = load_weights(local / "best.pt", "checkpoint best.pt")
         model.load_state_dict(best["model"])
         logits = {s: predict_logits(model, loaders[s], device) for s in ("val", "test") if s in loaders}
         preds = _predictions(parts, targets, logits, cfg.class_names)
@@ -254,7 +256,7 @@ def train_step(cfg: TrainConfig) -> dict:
                 "best_val_auroc": state.best_score, "epochs_run": state.epoch,
                 "mlflow_run_id": run.info.run_id, "split_uri": cfg.split_uri,
                 "experiment": cfg.experiment, **tags}
-        torch.save({"state_dict": model.state_dict(), "info": info,
+        torch.save({"state_dict": model.state_dict(), "info": plain(info),
                     "transform": {"image_size": cfg.image_size, "clahe": cfg.clahe,
                                   "pre_size": pre_size(cfg)}}, local / "model.pt")
         storage.write_parquet(storage.join(out, "predictions.parquet"), preds)
