@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from fracture_ops import storage
 from fracture_ops.errors import RegistryUnavailable, UnsafeModelFile
 
 MODEL = "fracture-classifier"
