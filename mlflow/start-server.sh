@@ -13,7 +13,9 @@
 #   MLFLOW_HOST                   bind address (default: 127.0.0.1; the container sets 0.0.0.0)
 #   MLFLOW_PORT                   port (default: 5000)
 #   MLFLOW_WORKERS                uvicorn worker processes (mlflow's default: 4)
-#   MLFLOW_APP_NAME               "basic-auth" turns on MLflow's basic authentication
+#   MLFLOW_APP_NAME               "fracture-ops": MLflow's basic authentication plus the
+#                                 server-side approval stamp (fracture_ops.registry.approval_app;
+#                                 approvers from FRACTURE_OPS_APPROVERS); "basic-auth": auth only
 #   MLFLOW_AUTH_CONFIG_PATH       auth config to use as is; when unset and MLFLOW_APP_NAME is
 #                                 basic-auth, mlflow/basic_auth.ini is rendered to a private temp
 #                                 file with database_uri = MLFLOW_AUTH_DATABASE_URI
@@ -80,7 +82,8 @@ PY
 
 if [[ -n "${MLFLOW_APP_NAME:-}" ]]; then
   args+=(--app-name "$MLFLOW_APP_NAME")
-  if [[ "$MLFLOW_APP_NAME" == "basic-auth" && -z "${MLFLOW_AUTH_CONFIG_PATH:-}" ]]; then
+  if [[ ( "$MLFLOW_APP_NAME" == "basic-auth" || "$MLFLOW_APP_NAME" == "fracture-ops" ) \
+        && -z "${MLFLOW_AUTH_CONFIG_PATH:-}" ]]; then
     MLFLOW_AUTH_CONFIG_PATH="$(render_auth_config)"
     export MLFLOW_AUTH_CONFIG_PATH
   fi

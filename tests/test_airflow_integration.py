@@ -130,8 +130,10 @@ def test_retry_policy_infra_retried_bad_data_not(services, tmp_path):
     states = _task_states(services["airflow_db"], "fracture_fault_injection")
     assert states["infra_failure"] == ("failed", 3), states  # 1 try + 2 retries
     assert states["bad_data"] == ("failed", 1), states  # bad input: no retry
-    # the log names the bad image and the reason (by image id: paths may carry PHI before de-id)
-    assert "quarantined image_id=a reason=missing_file" in out
+    # the log names the bad row and the reason (by row number: ids and paths may carry PHI
+    # before de-identification)
+    assert "quarantined row 0 of the manifest: missing_file" in out
+    assert str(tmp_path / "missing_image.png") not in out
     assert "step bad_data exited 4: bad input (not retried)" in out
     assert "validate/report.html" in out  # where the full report with the file list is
     assert "step infra_failure exited 1: infrastructure/internal error (retryable)" in out

@@ -424,7 +424,7 @@ def _container(workload: str) -> dict:
 def test_mlflow_deployment_runs_basic_auth_with_probes_and_resources():
     container = _container("mlflow")
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["MLFLOW_APP_NAME"] == "basic-auth" and env["MLFLOW_HOST"] == "0.0.0.0"
+    assert env["MLFLOW_APP_NAME"] == "fracture-ops" and env["MLFLOW_HOST"] == "0.0.0.0"
     assert env["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://fracture-ops-mlflow"
     assert "mlflow.fracture-ops.svc" in env["MLFLOW_SERVER_ALLOWED_HOSTS"]
     assert {s["secretRef"]["name"] for s in container["envFrom"]} == {"fracture-ops-mlflow-server", "fracture-ops-s3"}

@@ -1,5 +1,6 @@
-"""Promotion a person approves, against a real MLflow server with basic auth (PostgreSQL backend,
-S3 artifacts): gate, approval tags, approvers list, audit log, rollback, idempotence."""
+"""Promotion a person approves, against a real MLflow server running the fracture-ops app (basic
+auth plus the server-side approval stamp; PostgreSQL backend, S3 artifacts): gate, approval
+tags, approvers list, stamp, audit log, rollback, idempotence."""
 
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ def server(tmp_path_factory):
                    f"admin_username = admin\nadmin_password = {admin_pw}\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     s3, db = S3Server(), create_database("fo_promo")
-    srv = MlflowServer(db, s3, work, app_name="basic-auth",
+    srv = MlflowServer(db, s3, work, app_name="fracture-ops",
                        extra_env={"MLFLOW_AUTH_CONFIG_PATH": str(ini),
-                                  "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
+                                  "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+                                  "FRACTURE_OPS_APPROVERS": ",".join(APPROVERS)})
     env = {"MLFLOW_TRACKING_URI": srv.url, "MLFLOW_TRACKING_USERNAME": "admin",
            "MLFLOW_TRACKING_PASSWORD": admin_pw}
     old = {k: os.environ.get(k) for k in env}
@@ -122,7 +124,7 @@ def test_approval_gate_promotion_rollback_and_auth(server, versions):
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1
     assert [r["action"] for r in _audit(art)] == ["adopted"]
     # basic auth: a READ-only user cannot set the approval tag; alice (MANAGE) can
-    auth = get_app_client("basic-auth", tracking_uri=server["url"])
+    auth = get_app_client("fracture-ops", tracking_uri=server["url"])
     auth.create_user("reader", "reader-pw-123")
     auth.create_user("alice", "alice-pw-123")
     auth.create_user("mallory", "mallory-pw-12")
@@ -132,18 +134,25 @@ def test_approval_gate_promotion_rollback_and_auth(server, versions):
     with pytest.raises(mlflow.exceptions.MlflowException, match="(?i)permission"):
         reader.set_model_version_tag(MODEL, v2, "approval", "approved")
     assert client.get_model_version(MODEL, v2).tags.get("approval") == "pending"
-    # an approval naming someone outside the approvers list is not honoured (and audited once)
+    # a user off the approvers list cannot approve at all: the server refuses the tag
     mallory = _as("mallory", "mallory-pw-12", server["url"])
-    mallory.set_model_version_tag(MODEL, v2, "approval", "approved")
-    mallory.set_model_version_tag(MODEL, v2, "approved_by", "mallory")
-    for _ in range(2):
-        assert "not on the approvers list" in _promote(art)["reason"]
-    assert client.get_model_version_by_alias(MODEL, "champion").version == v1
-    refusals = [r for r in _audit(art) if r["action"] == "refused"]
-    assert len(refusals) == 1 and refusals[0]["approved_by"] == "mallory"
-    # alice approves: v2 becomes champion, v1 is tagged, one promotion record
+    with pytest.raises(mlflow.exceptions.MlflowException, match="approvers list"):
+        mallory.set_model_version_tag(MODEL, v2, "approval", "approved")
+    # typing someone else's name proves nothing; nobody can write the server's stamp
+    mallory.set_model_version_tag(MODEL, v2, "approved_by", "alice")
+    from fracture_ops.registry.approval_app import STAMP
+
     alice = _as("alice", "alice-pw-123", server["url"])
-    alice.set_model_version_tag(MODEL, v2, "approved_by", "alice")
+    for who in (mallory, alice, client):  # admin included
+        with pytest.raises(mlflow.exceptions.MlflowException, match="server only"):
+            who.set_model_version_tag(MODEL, v2, STAMP, "alice")
+        with pytest.raises(mlflow.exceptions.MlflowException, match="server only"):
+            who.delete_model_version_tag(MODEL, v2, STAMP)
+    assert _promote(art)["reason"] == "awaiting approval"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v1
+    # alice approves: the server stamps her name; v2 becomes champion, v1 is tagged
+    alice.set_model_version_tag(MODEL, v2, "approval", "approved")
+    assert client.get_model_version(MODEL, v2).tags[STAMP] == "alice"
     result = _promote(art)
     assert result == {"action": "promoted", "version": v2, "previous_version": v1, "approved_by": "alice"}
     assert client.get_model_version_by_alias(MODEL, "champion").version == v2
@@ -159,7 +168,6 @@ def test_approval_gate_promotion_rollback_and_auth(server, versions):
     client.set_registered_model_alias(MODEL, "challenger", v3)
     assert _gate("c", art, min_auroc=1.01)["gate"] == "failed"
     alice.set_model_version_tag(MODEL, v3, "approval", "approved")
-    alice.set_model_version_tag(MODEL, v3, "approved_by", "alice")
     assert "gate verdict" in _promote(art)["reason"]
     assert client.get_model_version_by_alias(MODEL, "champion").version == v2
     # typing gate=passed by hand is not enough: the gate's evidence artifact is re-read
@@ -225,3 +233,10 @@ def test_decide_rules_are_pure_and_strict():
     assert not decide({**ok, "approval": "rejected"}, ["alice"], "1")[0]
     assert not decide({**ok, "rolled_back_at": "t"}, ["alice"], "1")[0]
     assert not decide({**ok, "approved_by": ""}, ["alice"], "1")[0]
+    # against a remote server only the server's stamp counts, not a typed name
+    from fracture_ops.registry.approval_app import STAMP
+
+    assert "no server stamp" in decide(ok, ["alice"], "1", require_stamp=True)[1]
+    assert decide({**ok, "approved_by": "", STAMP: "alice"}, ["alice"], "1",
+                  require_stamp=True)[0]
+    assert not decide({**ok, STAMP: "mallory"}, ["alice"], "1", require_stamp=True)[0]

@@ -37,6 +37,7 @@ from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.errors import BadInputError
 from fracture_ops.registry import audit as audit_store
+from fracture_ops.registry.approval_app import STAMP
 from fracture_ops.registry.register import alias_version
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,18 @@ class PromotionConfig(StepConfig):
     # the reference test set pinned for the model: evidence on another test set is refused
     reference_test_hash: str = Field(default_factory=lambda: os.environ.get(
         "FRACTURE_OPS_REFERENCE_TEST_HASH", ""))
+    # None: required when the tracking server is remote (http/https), not for a local store
+    require_server_stamp: bool | None = None
     min_test_size: int = Field(default_factory=lambda: int(os.environ.get(
         "FRACTURE_OPS_MIN_TEST_SIZE", "10")), ge=1,
         description="fewest test images a gate may decide on (set it far higher for real use)")
+
+    def stamp_required(self) -> bool:
+        if self.require_server_stamp is not None:
+            return self.require_server_stamp
+        import mlflow
+
+        return mlflow.get_tracking_uri().startswith(("http://", "https://"))
 
     def audit_path(self) -> str:
         return self.audit_uri or storage.join(self.artifact_root, "registry", "audit")
@@ -81,14 +91,17 @@ def append_audit(uri: str, record: dict) -> dict:
 
 
 def decide(version_tags: dict[str, str], approvers: list[str],
-           champion_version: str | None = None, rolled_back: bool = False) -> tuple[bool, str]:
+           champion_version: str | None = None, rolled_back: bool = False,
+           require_stamp: bool = False) -> tuple[bool, str]:
     """Whether a challenger may be promoted, and why not (pure).
 
     The gate verdict must be about today's champion: a version gated against an earlier
     champion (since replaced or rolled back) has to be gated again.
     """
     approval = version_tags.get("approval", "pending")
-    who = version_tags.get("approved_by", "")
+    # a remote server running the fracture-ops app proves who approved (its stamp); a typed
+    # approved_by is accepted only from a local store, where there is no authentication at all
+    who = version_tags.get(STAMP, "") if require_stamp else version_tags.get("approved_by", "")
     if approval == "rejected":
         return False, "rejected by reviewer"
     if rolled_back or version_tags.get("rolled_back_at"):
@@ -96,7 +109,9 @@ def decide(version_tags: dict[str, str], approvers: list[str],
     if approval != "approved":
         return False, "awaiting approval"
     if not who:
-        return False, "approval names no approver (approved_by tag missing)"
+        return False, ("approval carries no server stamp (run the MLflow server with "
+                       "--app-name fracture-ops)" if require_stamp else
+                       "approval names no approver (approved_by tag missing)")
     if who not in approvers:
         return False, f"approver {who!r} is not on the approvers list"
     if version_tags.get("gate") != "passed":
@@ -206,7 +221,8 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
     if champion_version == version:
         return {"action": "none", "reason": f"version {version} is already champion"}
     rolled_back = version in audit_store.rolled_back_versions(records, cfg.model_name)
-    ok, reason = decide(challenger.tags, cfg.approvers, champion_version, rolled_back)
+    ok, reason = decide(challenger.tags, cfg.approvers, champion_version, rolled_back,
+                        cfg.stamp_required())
     if ok:
         reason = verify_gate_evidence(cfg, challenger, champion_version) or reason
         ok = reason == "approved and gate passed"
@@ -218,7 +234,8 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
         return {"action": "none", "version": version, "reason": reason}
     previous = champion_version
     intent = {"model": cfg.model_name, "version": version, "previous_version": previous,
-              "approved_by": challenger.tags.get("approved_by"), "evidence": evidence_uri(challenger)}
+              "approved_by": challenger.tags.get(STAMP) if cfg.stamp_required()
+        else challenger.tags.get("approved_by"), "evidence": evidence_uri(challenger)}
     # intent first, alias next, record last: a failure after the alias moved is completed on the
     # next pass from the intent (never from tags)
     append_audit(audit, {"action": "promoting", "actor": cfg.actor, **intent})
