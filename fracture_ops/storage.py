@@ -58,10 +58,9 @@ def data_roots() -> list[str]:
     return [r.strip() for r in os.environ.get(DATA_ROOTS_ENV, "").split(",") if r.strip()]
 
 
-def _normal(uri: str, base: str | None = None) -> str | None:
+def _normal(uri: str) -> str | None:
     """A comparable form of a data URI: S3 keys without ``.``/``..`` segments (None when a
-    ``..`` climbs out of the bucket), local paths made absolute (against ``base`` when relative)
-    with links resolved."""
+    ``..`` climbs out of the bucket), local paths made absolute with links resolved."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
         parts: list[str] = []
@@ -73,10 +72,7 @@ def _normal(uri: str, base: str | None = None) -> str | None:
             elif seg not in ("", "."):
                 parts.append(seg)
         return "s3://" + "/".join([bucket, *parts])
-    path = Path(uri)
-    if not path.is_absolute() and base is not None:
-        path = Path(base) / path
-    return os.path.realpath(path)
+    return os.path.realpath(uri)
 
 
 def _under(uri: str, root: str) -> bool:
@@ -86,12 +82,12 @@ def _under(uri: str, root: str) -> bool:
         not is_s3(uri) and Path(uri).is_relative_to(root))
 
 
-def uri_problem(uri: str, roots: list[str] | None = None, base: str | None = None) -> str | None:
+def uri_problem(uri: str, roots: list[str] | None = None) -> str | None:
     """Why a data URI may not be read, or None when it may.
 
     Accepted: local paths and ``s3://`` URIs (no other scheme), not starting with ``-``, and,
-    where data roots are configured, resolving under one of them (``..`` and symbolic links are
-    resolved first, so neither climbs out). ``base`` anchors relative local paths.
+    where data roots are given (default: :func:`data_roots`), resolving under one of them (``..``
+    and symbolic links are resolved first, so neither climbs out).
     """
     text = str(uri)
     if not text:
@@ -101,7 +97,7 @@ def uri_problem(uri: str, roots: list[str] | None = None, base: str | None = Non
     scheme = text.split("://", 1)[0] if "://" in text else ""
     if scheme and scheme != "s3":
         return f"scheme {scheme}:// is not allowed (local paths and s3:// only)"
-    norm = _normal(text, base)
+    norm = _normal(text)
     if norm is None:
         return "'..' climbs out of the bucket"
     roots = data_roots() if roots is None else roots
@@ -110,11 +106,20 @@ def uri_problem(uri: str, roots: list[str] | None = None, base: str | None = Non
     return None
 
 
-def check_data_uri(uri: str, what: str) -> None:
+def image_uri_problem(uri: str, roots: list[str]) -> str | None:
+    """:func:`uri_problem` for a manifest's ``image_uri``, which may not hold ``..`` at all
+    (even one that stays inside the roots)."""
+    problem = uri_problem(uri, roots)
+    if problem is None and not is_s3(uri) and ".." in Path(uri).parts:
+        problem = "'..' in the path"
+    return problem
+
+
+def check_data_uri(uri: str, what: str, roots: list[str] | None = None) -> None:
     """Raise ConfigError (exit 2) naming ``what`` when :func:`uri_problem` finds one."""
     from fracture_ops.errors import ConfigError
 
-    problem = uri_problem(uri)
+    problem = uri_problem(uri, roots)
     if problem:
         raise ConfigError(f"{what} {uri!r} refused: {problem}")
 

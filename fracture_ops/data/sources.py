@@ -35,7 +35,7 @@ from pydantic import Field
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.data.manifest import BOX_COLUMNS, empty_boxes, manifest_hash, normalize_manifest
-from fracture_ops.errors import ConfigError, ManifestError
+from fracture_ops.errors import ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +321,7 @@ def ingest_step(cfg: IngestConfig) -> dict:
     Raises:
         ConfigError: the source is not a local path or s3:// URI under the data roots.
     """
-    problem = storage.uri_problem(cfg.source_uri, cfg.data_roots)
-    if problem:
-        raise ConfigError(f"ingest: source {cfg.source_uri!r} refused: {problem}")
+    storage.check_data_uri(cfg.source_uri, "ingest: source", cfg.data_roots)
     options: dict = {}
     if cfg.layout == "folder" and cfg.patient_regex:
         options["patient_regex"] = cfg.patient_regex

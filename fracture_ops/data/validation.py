@@ -314,9 +314,7 @@ def check_image_roots(df: pd.DataFrame, roots: list[str], failures: RowFailures)
     for i, uri in enumerate(df["image_uri"].tolist()):
         if not isinstance(uri, str) or not uri:
             continue
-        problem = storage.uri_problem(uri, roots) if roots else storage.uri_problem(uri, [])
-        if problem is None and not storage.is_s3(uri) and ".." in Path(uri).parts:
-            problem = "'..' in the path"
+        problem = storage.image_uri_problem(uri, roots)
         if problem:
             failures.add(i, "outside_data_roots", f"image_uri {problem}")
             bad.add(i)

@@ -42,9 +42,7 @@ def _process_row(row: dict, keys: DeidKeys, cfg: DeidConfig) -> tuple[dict, Proc
     new_id = keys.image_id(str(row["image_id"]))
     rec = {"input": keys.path_hash(str(row["image_uri"])), "image_id": new_id}
     pid, study = _ids(row)
-    problem = storage.uri_problem(str(row["image_uri"]), cfg.data_roots)
-    if problem is None and ".." in Path(str(row["image_uri"])).parts:
-        problem = "'..' in the path"
+    problem = storage.image_uri_problem(str(row["image_uri"]), cfg.data_roots)
     if problem:  # never opened: a manifest must not make this step copy any readable file
         rec.update(status="quarantined", reason=f"image_uri {problem}")
         return rec, None

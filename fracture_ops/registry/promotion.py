@@ -2,12 +2,14 @@
 
 How a person approves (in the MLflow UI, on the model version page, "Tags"):
 
-- ``approval`` = ``approved`` and ``approved_by`` = their user name (to reject: ``rejected``).
+- ``approval`` = ``approved`` (to reject: ``rejected``).
 
-With the MLflow server's basic-auth app only users with EDIT or MANAGE permission on the registered
-model can set these tags: give reviewers that permission and everyone else READ. The promotion step then moves the ``champion`` alias to the ``challenger``
-version only when all of these hold: ``approval=approved``, ``approved_by`` is on the configured
-approvers list, ``gate=passed`` for the current champion, and the gate's evidence artifact
+With the MLflow server's fracture-ops app (:mod:`fracture_ops.registry.approval_app`) only users on
+the server's approvers list can approve, and the server stamps their name into
+``approval.verified_by``; with a local store (no server, no authentication) the typed
+``approved_by`` tag names the approver. The promotion step then moves the ``champion`` alias to
+the ``challenger`` version only when all of these hold: ``approval=approved``, the approver is on
+the configured approvers list, ``gate=passed`` for the current champion, and the gate's evidence
 confirms it (the tag alone is not trusted). Anything else is never promoted, whatever other tags say; a
 refusal is written to the audit log once per version and reason. The previous champion is tagged
 (``retired_at``, ``superseded_by``), the new one records ``promoted_from`` (for people to read),
@@ -221,8 +223,9 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
     if champion_version == version:
         return {"action": "none", "reason": f"version {version} is already champion"}
     rolled_back = version in audit_store.rolled_back_versions(records, cfg.model_name)
-    ok, reason = decide(challenger.tags, cfg.approvers, champion_version, rolled_back,
-                        cfg.stamp_required())
+    stamped = cfg.stamp_required()
+    approver = challenger.tags.get(STAMP if stamped else "approved_by", "")
+    ok, reason = decide(challenger.tags, cfg.approvers, champion_version, rolled_back, stamped)
     if ok:
         reason = verify_gate_evidence(cfg, challenger, champion_version) or reason
         ok = reason == "approved and gate passed"
@@ -230,12 +233,11 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
         if reason != "awaiting approval" and not _already_recorded(records, version, reason):
             append_audit(audit, {"action": "refused", "model": cfg.model_name,
                                  "version": version, "reason": reason,
-                                 "approved_by": challenger.tags.get("approved_by", ""), "actor": cfg.actor})
+                                 "approved_by": approver, "actor": cfg.actor})
         return {"action": "none", "version": version, "reason": reason}
     previous = champion_version
     intent = {"model": cfg.model_name, "version": version, "previous_version": previous,
-              "approved_by": challenger.tags.get(STAMP) if cfg.stamp_required()
-        else challenger.tags.get("approved_by"), "evidence": evidence_uri(challenger)}
+              "approved_by": approver, "evidence": evidence_uri(challenger)}
     # intent first, alias next, record last: a failure after the alias moved is completed on the
     # next pass from the intent (never from tags)
     append_audit(audit, {"action": "promoting", "actor": cfg.actor, **intent})
