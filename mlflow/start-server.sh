@@ -15,7 +15,9 @@
 #   MLFLOW_WORKERS                uvicorn worker processes (mlflow's default: 4)
 #   MLFLOW_APP_NAME               "fracture-ops": MLflow's basic authentication plus the
 #                                 server-side approval stamp (fracture_ops.registry.approval_app;
-#                                 approvers from FRACTURE_OPS_APPROVERS); "basic-auth": auth only
+#                                 approvers from FRACTURE_OPS_APPROVERS; champion alias only
+#                                 for FRACTURE_OPS_PROMOTERS, challenger also for
+#                                 FRACTURE_OPS_PIPELINE_USERS); "basic-auth": auth only
 #   MLFLOW_AUTH_CONFIG_PATH       auth config to use as is; when unset and MLFLOW_APP_NAME is
 #                                 basic-auth, mlflow/basic_auth.ini is rendered to a private temp
 #                                 file with database_uri = MLFLOW_AUTH_DATABASE_URI

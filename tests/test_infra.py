@@ -28,7 +28,8 @@ STEPS_NAMESPACE = "fracture-ops-steps"
 # what the step pods use lives beside them; the platform's services do not
 STEP_SIDE = {("ServiceAccount", "fracture-ops-step"), ("Role", "fracture-ops-pod-launcher"),
              ("RoleBinding", "fracture-ops-pod-launcher"),
-             ("PersistentVolumeClaim", "fracture-ops-cache"), ("Secret", "fracture-ops-deid")}
+             ("PersistentVolumeClaim", "fracture-ops-cache"), ("Secret", "fracture-ops-deid"),
+             ("Secret", "fracture-ops-mlflow-promoter")}
 LAUNCHER = "fracture-ops-launcher"
 GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
 GPU_NODE_LABEL = {"fracture-ops/pool": "gpu"}
@@ -543,3 +544,31 @@ def test_values_config_options_exist_in_airflow(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, json.dumps(pairs)], capture_output=True,
                          text=True, env=env, timeout=120, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_identities_reach_only_their_steps():
+    """The promoter's credentials reach the promotion step alone; steps that parse untrusted
+    input get no registry credentials; the README's identity table says the same."""
+    from fracture_ops.orchestration.pods import PodSettings, pod_operator
+    from fracture_ops.orchestration.specs import (DRIFT_STEPS, INFERENCE_STEPS, PROMOTION_STEPS,
+                                                  TRAINING_STEPS)
+
+    names = dict(PodSettings().secrets)
+    every = {**TRAINING_STEPS, **PROMOTION_STEPS, **INFERENCE_STEPS, **DRIFT_STEPS}
+    mounted = {}
+    for name, spec in every.items():
+        op = pod_operator(spec, task_id=name)
+        mounted[name] = {s.secret for s in op.secrets}
+    assert {n for n, m in mounted.items() if names["promoter"] in m} == {"promote"}
+    assert names["mlflow"] not in mounted["promote"]
+    for step in ("ingest", "validate", "deidentify", "split"):
+        assert not mounted[step] & {names["mlflow"], names["promoter"]}, step
+    pipeline = sorted(n for n, m in mounted.items() if names["mlflow"] in m)
+    readme = (INFRA / "secrets" / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| pipeline |"))
+    assert sorted(re.findall(r"\w+", row.rsplit(":", 1)[1])) == pipeline
+    assert "promote only" in next(line for line in readme.splitlines() if line.startswith("| promoter |"))
+    # both identities exist as Secrets where the step pods run, with the client keys
+    for kind in ("mlflow", "promoter"):
+        keys = CLIENT_SECRETS["fracture-ops-mlflow"]
+        assert set(one("Secret", names[kind], STEPS_NAMESPACE)["stringData"]) == keys

@@ -29,7 +29,10 @@ def server(tmp_path_factory):
     srv = MlflowServer(db, s3, work, app_name="fracture-ops",
                        extra_env={"MLFLOW_AUTH_CONFIG_PATH": str(ini),
                                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-                                  "FRACTURE_OPS_APPROVERS": ",".join(APPROVERS)})
+                                  "FRACTURE_OPS_APPROVERS": ",".join(APPROVERS),
+                                  # the admin plays the promoter in the story test below
+                                  "FRACTURE_OPS_PROMOTERS": "admin,promoter",
+                                  "FRACTURE_OPS_PIPELINE_USERS": "pipeline"})
     env = {"MLFLOW_TRACKING_URI": srv.url, "MLFLOW_TRACKING_USERNAME": "admin",
            "MLFLOW_TRACKING_PASSWORD": admin_pw}
     old = {k: os.environ.get(k) for k in env}
@@ -194,6 +197,51 @@ def test_model_card_attached_to_version(server, versions):
     for heading in ("Intended use", "Data sources and licences", "Test metrics", "Thresholds",
                     "Calibration", "Known limitations"):
         assert heading in text
+
+
+def test_only_the_promoter_moves_the_champion(server, versions):
+    """Separate identities: reviewers approve, the pipeline proposes (challenger), only the
+    promoter moves the champion or removes versions, whatever MLflow permission the others hold."""
+    import mlflow
+    from mlflow.server import get_app_client
+
+    v1, _, v3 = versions["versions"]
+    client = mlflow.MlflowClient()
+    auth = get_app_client("fracture-ops", tracking_uri=server["url"])
+    for user in ("pipeline", "promoter"):
+        auth.create_user(user, f"{user}-pw-1234")
+        # MANAGE, as the account that created the model holds it
+        auth.grant_user_permission(user, "registered_model", MODEL, "MANAGE")
+    pipeline = _as("pipeline", "pipeline-pw-1234", server["url"])
+    promoter = _as("promoter", "promoter-pw-1234", server["url"])
+    alice = _as("alice", "alice-pw-123", server["url"])  # reviewer with MANAGE
+    champion = client.get_model_version_by_alias(MODEL, "champion").version
+    pipeline.set_registered_model_alias(MODEL, "challenger", v3)  # the pipeline proposes
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == v3
+    for who in (pipeline, alice):
+        for alias in ("champion", "Champion", "CHAMPION"):
+            with pytest.raises(mlflow.exceptions.MlflowException, match="promoter identity"):
+                who.set_registered_model_alias(MODEL, alias, v3)
+        with pytest.raises(mlflow.exceptions.MlflowException, match="promoter identity"):
+            who.delete_registered_model_alias(MODEL, "champion")
+        with pytest.raises(mlflow.exceptions.MlflowException, match="promoter identity"):
+            who.delete_model_version(MODEL, champion)
+        with pytest.raises(mlflow.exceptions.MlflowException, match="promoter identity"):
+            who.rename_registered_model(MODEL, "elsewhere")
+        with pytest.raises(mlflow.exceptions.MlflowException, match="promoter identity"):
+            who.delete_registered_model(MODEL)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="promoter identity"):
+        alice.set_registered_model_alias(MODEL, "challenger", v1)  # reviewers do not propose
+    assert client.get_model_version_by_alias(MODEL, "champion").version == champion
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == v3
+    assert client.get_registered_model(MODEL).name == MODEL
+    # other aliases stay ordinary EDIT work
+    pipeline.set_registered_model_alias(MODEL, "candidate", v3)
+    pipeline.delete_registered_model_alias(MODEL, "candidate")
+    # the promoter may
+    promoter.set_registered_model_alias(MODEL, "champion", v3)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v3
+    promoter.set_registered_model_alias(MODEL, "champion", champion)
 
 
 def _as(user: str, password: str, url: str):

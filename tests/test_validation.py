@@ -45,6 +45,19 @@ def _dicom(path: Path, stored: np.ndarray) -> Path:
     return path
 
 
+def _bare_dataset(folder: Path, stored: np.ndarray) -> bytes:
+    """A DICOM data set written without preamble, DICM marker or file meta (implicit VR)."""
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = pydicom.dcmread(_dicom(folder / "for-bare.dcm", stored))
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
 def _noise(seed: int, shape=(48, 40)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
@@ -55,11 +68,14 @@ EXPECTED = {
     "good_05": None, "good_06": None, "good_07": None, "good_08": None, "good_09": None,
     "dcm_good_a": None, "dcm_good_b": None,
     "same_patient_copy_a": None, "same_patient_copy_b": None,  # duplicates within a patient: fine
-    "dup_x_first": None,  # kept copy of a cross-patient duplicate (same label, keep_first)
-    "dup_x_second": "duplicate_across_patients",
+    # a cross-patient duplicate: which patient the image belongs to is unknown, so every copy
+    # is held for review (default quarantine_all)
+    "dup_x_first": "duplicate_across_patients", "dup_x_second": "duplicate_across_patients",
     "corrupt": "decode_error", "truncated_dcm": "decode_error", "black": "blank_image",
     "no_patient": "missing_patient_id", "odd_label": "unknown_label", "gone": "missing_file",
     "tiny": "image_too_small",
+    # DICOM without the 128-byte preamble (older PACS exports): kept, with a warning
+    "dcm_no_preamble": None, "dcm_bare_dataset": None,
 }
 
 
@@ -100,6 +116,12 @@ def dataset(tmp_path) -> Path:
     add("odd_label", "P11", "maybe", _noise(301))
     add("gone", "P12", "normal", name="gone.png")
     add("tiny", "P13", "fracture", _noise(302, (16, 16)))
+    rng = np.random.default_rng(14)
+    _dicom(img / "full.dcm", rng.integers(0, 4096, stored.shape).astype(np.uint16))
+    (img / "np.dcm").write_bytes((img / "full.dcm").read_bytes()[128:])  # "DICM" + meta first
+    add("dcm_no_preamble", "P14", "normal", name="np.dcm")
+    (img / "bare").write_bytes(_bare_dataset(tmp_path, rng.integers(0, 4096, stored.shape).astype(np.uint16)))  # no meta, no suffix
+    add("dcm_bare_dataset", "P14", "fracture", name="bare")
     df = pd.DataFrame(rows)
     storage.write_parquet(str(tmp_path / "manifest.parquet"), df)
     return tmp_path
@@ -176,17 +198,31 @@ def test_outputs_and_summary(dataset):
     facts = pd.read_parquet(out / "image_checks.parquet").set_index("image_id")
     assert facts.at["dcm_good_a", "bit_depth"] == 12 and facts.at["tiny", "width"] == 16
     assert "window fallback" in facts.at["dcm_good_a", "warnings"]
+    from fracture_ops.data.images import NO_PREAMBLE
+
+    for image_id in ("dcm_no_preamble", "dcm_bare_dataset"):
+        assert NO_PREAMBLE in facts.at[image_id, "warnings"]
+        assert facts.at[image_id, "width"] == 64 and facts.at[image_id, "bit_depth"] == 12
+    assert NO_PREAMBLE not in facts.at["dcm_good_a", "warnings"]
 
 
 def test_cross_patient_duplicates_policies(dataset):
     df = pd.read_parquet(dataset / "manifest.parquet")
-    quarantine_all = check_images(df, _cfg(dataset, cross_patient_duplicates="quarantine_all"))
-    flagged = {df.at[i, "image_id"] for i, r in quarantine_all.failures.reasons.items()
+    default = check_images(df, _cfg(dataset))
+    flagged = {df.at[i, "image_id"]: i for i, r in default.failures.reasons.items()
                if "duplicate_across_patients" in r}
-    assert flagged == {"dup_x_first", "dup_x_second"}
+    assert set(flagged) == {"dup_x_first", "dup_x_second"}
+    # both copies carry the same reason and a detail naming the whole group
+    details = {"; ".join(default.failures.details[i]) for i in flagged.values()}
+    (detail,) = details
+    assert all(name in detail for name in flagged) and "2 patients" in detail
+    # keep_first (opt-in) keeps one copy when the labels agree
+    keep = check_images(df, _cfg(dataset, cross_patient_duplicates="keep_first"))
+    assert {df.at[i, "image_id"] for i, r in keep.failures.reasons.items()
+            if "duplicate_across_patients" in r} == {"dup_x_second"}
     # conflicting labels: no copy can be trusted, even with keep_first
     df.loc[df.image_id == "dup_x_second", "label"] = "normal"
-    keep_first = check_images(df, _cfg(dataset))
+    keep_first = check_images(df, _cfg(dataset, cross_patient_duplicates="keep_first"))
     flagged = {df.at[i, "image_id"] for i, r in keep_first.failures.reasons.items()
                if "duplicate_across_patients" in r}
     assert flagged == {"dup_x_first", "dup_x_second"}

@@ -127,10 +127,8 @@ def read_image_size(uri: str) -> tuple[int, int]:
     data = _read_bytes(uri)  # S3 has no cheap partial read here; local reads are fast anyway
     fmt = sniff_format(data, uri)
     if fmt == "dicom":
-        import pydicom
-
         try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            ds = dcmread_bytes(data, stop_before_pixels=True)
             return int(ds.Columns), int(ds.Rows)
         except Exception as exc:  # pydicom raises many types for broken headers
             raise ImageDecodeError(uri, f"unreadable DICOM header: {_describe(exc)}") from exc
@@ -161,11 +159,58 @@ def sniff_format(data: bytes, uri: str = "") -> str:
         return "png"
     if data.startswith(_JPEG_MAGIC):
         return "jpeg"
-    if data[128:132] == b"DICM":
+    if data[128:132] == b"DICM" or lacks_preamble(data):
         return "dicom"
     if Path(uri).suffix.lower() in (".dcm", ".dicom"):
-        raise ImageDecodeError(uri, "not a DICOM file (no 'DICM' marker at byte 128)")
+        raise ImageDecodeError(uri, "not a DICOM file (no 'DICM' marker at byte 128 and no "
+                               "DICOM element at byte 0)")
     raise ImageDecodeError(uri, "not a PNG, JPEG or DICOM file")
+
+
+NO_PREAMBLE = "no 128-byte DICOM preamble (read as a raw DICOM stream)"
+
+
+def lacks_preamble(data: bytes) -> bool:
+    """Whether ``data`` looks like a DICOM stream without the 128-byte preamble and ``DICM``
+    marker (older PACS exports, DICOM stored straight from the network): it starts with
+    ``DICM`` or with a group 0002/0008 element in explicit or implicit little-endian VR."""
+    if data[128:132] == b"DICM":
+        return False
+    if data[:4] == b"DICM":
+        return True
+    if len(data) < 8 or data[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    vr = data[4:6]
+    if vr.isalpha() and vr.isupper():  # explicit VR
+        return True
+    return 0 < int.from_bytes(data[4:8], "little") < len(data)  # implicit VR: a plausible length
+
+
+def dcmread_bytes(data: bytes, **kwargs):
+    """``pydicom.dcmread`` for a whole file in memory, with or without the preamble.
+
+    A stream without the preamble is read with ``force=True``; when it also lacks the file
+    meta group, the transfer syntax it was read with is recorded in ``file_meta`` so the
+    pixels decode and the file can be written back. Use :func:`lacks_preamble` to tell.
+    """
+    import pydicom
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if data[:4] == b"DICM" and data[128:132] != b"DICM":
+        data = bytes(128) + data
+    raw = data[128:132] != b"DICM"
+    ds = pydicom.dcmread(io.BytesIO(data), force=raw, **kwargs)
+    if raw and "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        if implicit is None:
+            implicit, little = True, True
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        if "SOPClassUID" in ds:
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        if "SOPInstanceUID" in ds:
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
 
 
 def _read_bytes(uri: str) -> bytes:
@@ -273,14 +318,12 @@ def _pil_to_gray(im, bit_depth: int) -> np.ndarray:
 # --------------------------------------------------------------------------- DICOM (pydicom)
 
 def _decode_dicom(data: bytes, uri: str) -> tuple[np.ndarray, ImageMeta]:
-    import pydicom
-
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = dcmread_bytes(data)
     except Exception as exc:  # InvalidDicomError, EOFError, struct errors on broken headers
         raise ImageDecodeError(uri, f"corrupt DICOM header: {_describe(exc)}") from exc
     arr = _dicom_pixels(ds, uri)
-    warnings: list[str] = []
+    warnings: list[str] = [NO_PREAMBLE] if lacks_preamble(data) else []
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         arr = arr[0]

@@ -16,10 +16,11 @@ Policies, stated once:
   in :data:`REASONS` order) and ``detail`` says why in words. Rows sharing an ``image_id`` are all
   quarantined: nothing tells which one is right.
 - Exact pixel duplicates (SHA-256 of the decoded 8-bit image) within one patient are fine (repeat
-  exports). Across patients the image's identity is in doubt and it would leak between splits:
-  when all copies carry the same label we keep the first copy (by ``image_id``, among copies with
-  no other failure) and quarantine the rest (``cross_patient_duplicates="keep_first"``); when the
-  labels differ, or with ``"quarantine_all"``, every copy is quarantined.
+  exports). Across patients the image's identity is in doubt (which patient is it?) and it would
+  leak between splits: by default (``cross_patient_duplicates="quarantine_all"``) every copy is
+  quarantined with the same reason, the detail naming the whole group, for a person to review.
+  ``"keep_first"`` keeps the first copy (by ``image_id``, among copies with no other failure) when
+  all copies carry the same label; when the labels differ every copy is quarantined anyway.
 - Truncated JPEGs follow :mod:`fracture_ops.data.images`: nearly complete ones pass with a
   ``truncated: ...`` warning listed in the summary and report; the others are quarantined as
   ``truncated_image``.
@@ -99,7 +100,9 @@ class ValidateConfig(StepConfig):
     allowed_bit_depths: list[int] = Field([8, 10, 12, 14, 16])
     blank_std_threshold: float = Field(1e-3, ge=0.0, description="pixel std below this = blank")
     max_truncated_fraction: float = Field(images.DEFAULT_MAX_MISSING_FRACTION, ge=0.0, le=1.0)
-    cross_patient_duplicates: Literal["keep_first", "quarantine_all"] = "keep_first"
+    cross_patient_duplicates: Literal["keep_first", "quarantine_all"] = Field(
+        "quarantine_all", description="identical pixels under different patients: quarantine "
+        "every copy for review, or keep the first when all copies share a label")
     fail_on_table_checks: bool = True
     check_images: bool = True
     workers: int = Field(2, ge=1, le=64, description="threads for the image checks")

@@ -21,6 +21,7 @@ from collections import Counter
 
 import numpy as np
 
+from fracture_ops.data.images import dcmread_bytes
 from fracture_ops.deid.config import (
     IMPLEMENTATION_UID,
     IMPLEMENTATION_VERSION,
@@ -222,9 +223,8 @@ def deidentify_dicom_bytes(data: bytes, keys: DeidKeys, cfg: DeidConfig,
 
 def _deidentify_dicom(data: bytes, keys: DeidKeys, cfg: DeidConfig, patient_key: str | None,
                       study_key: str | None) -> tuple[bytes, ProfileResult]:
-    import pydicom
 
-    ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+    ds = dcmread_bytes(data)  # with or without the 128-byte preamble
     if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
         raise FileRejected("not a DICOM instance: SOP Class/Instance UID missing")
     flags = burned_in_flags(ds, cfg)

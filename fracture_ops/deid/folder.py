@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fracture_ops import storage
+from fracture_ops.data.images import lacks_preamble
 from fracture_ops.deid.config import CANDIDATE_SUFFIXES, DICOM_SUFFIXES, DeidConfig, load_keys
 from fracture_ops.deid.dicom import deidentify_dicom_bytes
 from fracture_ops.deid.images import PNG_SIGNATURE, FileRejected, scrub_image_bytes, \
@@ -44,7 +45,7 @@ def with_thumbnail(done: Processed) -> Processed:
 
 
 def _kind(data: bytes, suffix: str) -> str | None:
-    if data[128:132] == b"DICM" or suffix in DICOM_SUFFIXES:
+    if data[128:132] == b"DICM" or suffix in DICOM_SUFFIXES or lacks_preamble(data):
         return "dicom"
     if data.startswith(PNG_SIGNATURE) or data[:2] == b"\xff\xd8":
         return "image"

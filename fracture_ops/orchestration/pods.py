@@ -40,7 +40,10 @@ class PodSettings:
     gpu_taint_key: str = "nvidia.com/gpu"
     gpu_node_selector: tuple[tuple[str, str], ...] = (("fracture-ops/pool", "gpu"),)
     # Kubernetes Secret per credential kind; a pod gets only those its spec names (spec.secrets)
+    # (mlflow: the pipeline identity, which cannot move the champion; promoter: the identity that
+    # can, given to the promotion step alone)
     secrets: tuple[tuple[str, str], ...] = (("mlflow", "fracture-ops-mlflow"),
+                                            ("promoter", "fracture-ops-mlflow-promoter"),
                                             ("s3", "fracture-ops-s3"),
                                             ("deid", "fracture-ops-deid"))
     # passed through from the scheduler/worker environment (configuration, not secrets)

@@ -40,8 +40,11 @@ class StepSpec:
         timeout_s: execution timeout of the task.
         outputs: files the step writes, relative to the run folder (for assets and docs).
         secrets: which credentials the step's pod gets (``s3``: the object store; ``mlflow``:
-            tracking and registry; ``deid``: the de-identification key). Least privilege: only
-            the steps that use a credential mount it.
+            tracking and registry as the pipeline identity, which cannot move ``champion``;
+            ``promoter``: the promoter identity, the promotion step's alone; ``deid``: the
+            de-identification key). Least privilege: only the steps that use a credential mount
+            it; steps that parse untrusted input (ingest, validate, deidentify) get no registry
+            credentials.
     """
 
     name: str
@@ -117,8 +120,9 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
 
 
 PROMOTION_STEPS: dict[str, StepSpec] = {s.name: s for s in [
+    # the only step with the promoter identity (the one MLflow account that may move champion)
     _spec("promote", "registry", "promote", image="training", retries=3, timeout_s=900,
-          secrets=("s3", "mlflow")),
+          secrets=("s3", "promoter")),
 ]}
 
 

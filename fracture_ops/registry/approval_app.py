@@ -8,7 +8,13 @@ app wraps MLflow's basic-auth app (``mlflow server --app-name fracture-ops``, en
   (``$FRACTURE_OPS_APPROVERS`` of the server); others get 403;
 - when it is accepted, the server itself writes :data:`STAMP` = that user's name on the version;
   setting ``approval`` to anything else removes the stamp;
-- nobody may set or delete :data:`STAMP` through the API (403), admins included.
+- nobody may set or delete :data:`STAMP` through the API (403), admins included;
+- the ``champion`` alias is set or removed only by the promoter identity (users on
+  ``$FRACTURE_OPS_PROMOTERS``), the ``challenger`` alias only by the promoter or the pipeline
+  identity (``$FRACTURE_OPS_PIPELINE_USERS``), and only promoters may delete or rename a registered
+  model or delete a model version: EDIT or MANAGE on the model (which reviewers and the pipeline
+  need, and which the account that created the model holds) is not enough to move the champion.
+  An empty list means nobody, admins included.
 
 Promotion (:mod:`fracture_ops.registry.promotion`) trusts only the stamp when the tracking
 server is remote. Research and education only; not for clinical use.
@@ -27,10 +33,31 @@ APPROVAL = "approval"
 _SET = ("/api/2.0/mlflow/model-versions/set-tag", "/ajax-api/2.0/mlflow/model-versions/set-tag")
 _DELETE = ("/api/2.0/mlflow/model-versions/delete-tag",
            "/ajax-api/2.0/mlflow/model-versions/delete-tag")
+_ALIAS = ("/api/2.0/mlflow/registered-models/alias", "/ajax-api/2.0/mlflow/registered-models/alias")
+# requests that can remove or replace the champion without touching its alias
+_PROMOTER_ONLY = tuple(f"/{api}/2.0/mlflow/{path}" for api in ("api", "ajax-api")
+                       for path in ("registered-models/delete", "registered-models/rename",
+                                    "model-versions/delete"))
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def _names(var: str) -> set[str]:
+    return {a.strip() for a in os.environ.get(var, "").split(",") if a.strip()}
 
 
 def approvers() -> set[str]:
-    return {a.strip() for a in os.environ.get("FRACTURE_OPS_APPROVERS", "").split(",") if a.strip()}
+    """Reviewer identities: may approve (``$FRACTURE_OPS_APPROVERS``)."""
+    return _names("FRACTURE_OPS_APPROVERS")
+
+
+def promoters() -> set[str]:
+    """Promoter identities: the only ones that may move ``champion`` (``$FRACTURE_OPS_PROMOTERS``)."""
+    return _names("FRACTURE_OPS_PROMOTERS")
+
+
+def pipeline_users() -> set[str]:
+    """Pipeline identities: may also set ``challenger`` (``$FRACTURE_OPS_PIPELINE_USERS``)."""
+    return _names("FRACTURE_OPS_PIPELINE_USERS")
 
 
 def _body() -> dict:
@@ -54,6 +81,19 @@ def _guard():
     """Before the request (after basic-auth has authenticated it)."""
     from flask import g, request
 
+    user = getattr(g, "mlflow_authenticated_user", None)
+    if request.path in _ALIAS and request.method in ("POST", "DELETE"):
+        # compared case-insensitively: some SQL collations (MySQL) match "Champion" to "champion"
+        alias = str(_body().get("alias") or "").strip().lower()
+        allowed = (promoters() if alias == CHAMPION else promoters() | pipeline_users()
+                   if alias == CHALLENGER else None)
+        if allowed is not None and user not in allowed:
+            return _refuse(f"user {user!r} may not move the {alias!r} alias (promoter identity "
+                           f"only{', or the pipeline' if alias == CHALLENGER else ''})")
+        return None
+    if request.path in _PROMOTER_ONLY and user not in promoters():
+        return _refuse(f"user {user!r} may not delete or rename registered models or versions "
+                       "(promoter identity only)")
     if request.path not in _SET + _DELETE:
         return None
     body = _body()
@@ -61,7 +101,6 @@ def _guard():
     if key == STAMP:
         return _refuse(f"the tag {STAMP} is written by the server only")
     if request.path in _SET and key == APPROVAL and body.get("value") == "approved":
-        user = getattr(g, "mlflow_authenticated_user", None)
         if not user or user not in approvers():
             return _refuse(f"user {user!r} is not on the approvers list")
     return None
