@@ -48,13 +48,39 @@ def config_from_args(cls: type[C], args: argparse.Namespace, **explicit) -> C:
     return load_config(cls, getattr(args, "config", None), merged)
 
 
+# third-party loggers that report their own internals at INFO (Great Expectations prints ~200
+# "Skipping registering function" lines per validate run); WARNING and above still show
+QUIET_LOGGERS = ("great_expectations", "mlflow", "alembic", "botocore", "boto3", "s3transfer",
+                 "urllib3", "PIL", "matplotlib", "h5py", "numexpr", "filelock", "fsspec", "httpx",
+                 "timm", "evidently", "ultralytics", "pytesseract", "rapidocr", "onnxruntime")
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr with timestamps; stdout is kept for the step's JSON summary."""
+    """Log to stderr with timestamps; stdout is kept for the step's JSON summary.
+
+    Without ``verbose`` the :data:`QUIET_LOGGERS` log WARNING and above only, and MLflow's
+    artifact progress bars are off (unless ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` is set);
+    ``-v`` brings everything back at DEBUG.
+    """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:
+        # a handler filter, not logger levels: some libraries set their loggers' levels
+        # themselves when imported (Great Expectations' data context sets INFO)
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, _QuietThirdParty) for f in handler.filters):
+                handler.addFilter(_QuietThirdParty())
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+class _QuietThirdParty(logging.Filter):
+    """Drop records below WARNING from :data:`QUIET_LOGGERS` and their children."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".", 1)[0] not in QUIET_LOGGERS
 
 
 def progress(iterable: Iterable, desc: str, total: int | None = None):

@@ -42,7 +42,34 @@ def test_every_subcommand_has_help():
 def test_exit_codes_distinguish_usage_and_bad_input(tmp_path, caplog):
     assert main(["split", str(tmp_path / "missing.parquet"), "--set", "seed=notanint",
                  "--artifact-root", str(tmp_path)]) == 2
+    # a CSV with no rows is bad data (3); one lacking columns is a usage error (2: map them)
+    (tmp_path / "e.csv").write_text("image_id,image_uri,patient_id,label\n")
+    assert main(["ingest", str(tmp_path / "e.csv"), "--layout", "csv",
+                 "--artifact-root", str(tmp_path)]) == 3
     (tmp_path / "m.csv").write_text("image_id,label\na,fracture\n")
     assert main(["ingest", str(tmp_path / "m.csv"), "--layout", "csv",
-                 "--artifact-root", str(tmp_path)]) == 3
+                 "--artifact-root", str(tmp_path)]) == 2
     assert "patient_id" in caplog.text  # the error names the missing column
+
+
+def test_validate_prints_no_third_party_info_lines(tmp_path, synthetic_small):
+    """Great Expectations logs ~200 INFO lines per run: the CLI keeps third-party loggers at
+    WARNING unless -v is given."""
+    import re
+    from pathlib import Path
+
+    manifest = str(Path(synthetic_small.out_dir) / "manifest.csv")
+    base = [sys.executable, "-m", "fracture_ops.cli"]
+    art = ["--artifact-root", str(tmp_path / "a"), "--run-id", "r"]
+    res = subprocess.run(base + ["ingest", manifest, *art], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-800:]
+    raw = str(tmp_path / "a-raw" / "runs" / "r" / "ingest" / "manifest.parquet")
+    res = subprocess.run(base + ["validate", "--manifest", raw, *art], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-800:]
+    loggers = re.findall(r" (DEBUG|INFO) ([\w.]+): ", res.stderr)
+    assert loggers == [(lvl, name) for lvl, name in loggers if name.startswith("fracture_ops")]
+    assert "great_expectations" not in res.stderr
+    res = subprocess.run(base + ["-v", "validate", "--manifest", raw, *art], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "great_expectations" in res.stderr

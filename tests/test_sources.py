@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from PIL import Image
@@ -16,7 +18,7 @@ from fracture_ops.data.sources import (
     load_source,
     read_yolo_boxes,
 )
-from fracture_ops.errors import ManifestError
+from fracture_ops.errors import ConfigError, ManifestError
 
 GRAZ = "grazpedwri_dx/GRAZPEDWRI-DX"
 
@@ -73,7 +75,7 @@ def test_generic_csv_relative_paths_and_missing_column(tmp_path):
     df, _, _ = load_source(str(tmp_path / "m.csv"), "csv")
     assert df.loc[0, "image_uri"] == str(tmp_path / "img/a.png") and df.loc[0, "view"] == "UNKNOWN"
     (tmp_path / "bad.csv").write_text("image_id,image_uri,label\na,img/a.png,fracture\n")
-    with pytest.raises(ManifestError, match="patient_id"):
+    with pytest.raises(ConfigError, match="missing column.*patient_id.*found image_id, image_uri, label"):
         load_source(str(tmp_path / "bad.csv"), "csv")
 
 
@@ -122,3 +124,61 @@ def test_ingest_step_outputs_and_idempotent(tmp_path, synthetic_small):
     assert {u: storage.read_bytes(u) for u in storage.list_files(out)} == before
     assert storage.is_complete(out) and first["images"] == 48
     assert isinstance(pd.read_parquet(first["manifest_uri"]), pd.DataFrame)
+
+
+def _export(synthetic_small, tmp_path, header: list[str]) -> str:
+    """The synthetic manifest as a hospital's exported list: four columns under its own names."""
+    src = pd.read_csv(storage.join(synthetic_small.out_dir, "manifest.csv"), dtype=str)
+    out = pd.DataFrame({header[0]: src["image_id"],
+                        header[1]: [str(Path(synthetic_small.out_dir) / u) for u in src["image_uri"]],
+                        header[2]: src["patient_id"], header[3]: src["label"]})
+    path = tmp_path / "export.csv"
+    out.to_csv(path, index=False)
+    return str(path)
+
+
+def test_four_column_csv_is_ingested_with_study_defaulting_to_patient(tmp_path, synthetic_small):
+    uri = _export(synthetic_small, tmp_path, ["image", "path", "patient", "label"])
+    cfg = IngestConfig(source_uri=uri, layout="csv", artifact_root=str(tmp_path / "a"), run_id="r",
+                       data_roots=[str(tmp_path), synthetic_small.out_dir])
+    result = ingest_step(cfg)
+    df = pd.read_parquet(result["manifest_uri"])
+    assert len(df) == 48 and result["patients"] == 24
+    assert (df["study_id"] == df["patient_id"]).all()
+    report = storage.read_json(storage.join(cfg.output_dir("ingest"), "report.json"))
+    assert "no study_id column: each patient's images form one study" in report["notes"]
+    assert "column 'path' used as image_uri" in report["notes"]
+    # the images resolve: validation keeps every row
+    from fracture_ops.data.validation import ValidateConfig, validate_step
+
+    v = validate_step(ValidateConfig(manifest_uri=result["manifest_uri"], artifact_root=str(tmp_path / "a"),
+                                     run_id="r", workers=1))
+    assert v["quarantined"] == 0
+
+
+def test_csv_columns_mapped_by_flag_or_refused_with_the_columns_named(tmp_path, synthetic_small):
+    import subprocess
+    import sys
+
+    uri = _export(synthetic_small, tmp_path, ["Accession Image", "Location", "MRN", "Finding"])
+    # no synonyms match: the error lists what was found and what is expected, exit 2
+    cmd = [sys.executable, "-m", "fracture_ops.cli", "ingest", uri, "--artifact-root", str(tmp_path / "a"),
+           "--set", f"data_roots=[{tmp_path},{synthetic_small.out_dir}]"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-800:]
+    for name in ("Accession Image", "Location", "MRN", "Finding", "image_uri", "patient_id", "--col"):
+        assert name in res.stderr
+    # mapped by flags, it works
+    res = subprocess.run(cmd + ["--col", "image_id=Accession Image", "--col", "image_uri=Location",
+                                "--col", "patient_id=MRN", "--col", "label=Finding"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-800:]
+    assert '"images": 48' in res.stdout
+    # a misspelled column (and a mapping naming a column the CSV lacks) fail naming the columns
+    uri = _export(synthetic_small, tmp_path, ["image_id", "image_uri", "patinet_id", "label"])
+    res = subprocess.run([*cmd[:4], uri, *cmd[5:]], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "missing column(s) patient_id" in res.stderr
+    assert "patinet_id" in res.stderr
+    res = subprocess.run([*cmd[:4], uri, *cmd[5:], "--col", "patient_id=patient"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "not in the CSV" in res.stderr and "patinet_id" in res.stderr

@@ -34,7 +34,13 @@ from pydantic import Field
 
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
-from fracture_ops.data.manifest import BOX_COLUMNS, empty_boxes, manifest_hash, normalize_manifest
+from fracture_ops.data.manifest import (
+    BOX_COLUMNS,
+    OPTIONAL_COLUMNS as MANIFEST_OPTIONAL,
+    empty_boxes,
+    manifest_hash,
+    normalize_manifest,
+)
 from fracture_ops.errors import ManifestError
 
 log = logging.getLogger(__name__)
@@ -93,15 +99,80 @@ def _boxes_frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=BOX_COLUMNS) if rows else empty_boxes()
 
 
-def from_csv(uri: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Generic CSV manifest with canonical column names; relative ``image_uri`` resolved to the CSV."""
+# other names exported lists use for the canonical columns (compared lower-case, with spaces
+# and hyphens as underscores); a column is mapped only when exactly one candidate is present
+CSV_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "image_id": ("image", "image_name", "filename", "file_name", "id"),
+    "image_uri": ("path", "image_path", "file", "filepath", "file_path", "uri", "image_file"),
+    "patient_id": ("patient", "patientid", "patient_number", "subject", "subject_id"),
+    "study_id": ("study", "studyid", "study_number", "exam", "exam_id"),
+    "label": ("fracture", "fractured", "target", "class", "diagnosis"),
+}
+CSV_REQUIRED = ("image_id", "image_uri", "patient_id", "label")  # study_id is optional
+
+
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def map_csv_columns(df: pd.DataFrame, columns: dict[str, str] | None = None,
+                    uri: str = "manifest") -> tuple[pd.DataFrame, list[str]]:
+    """Rename a CSV's columns to the canonical ones.
+
+    ``columns`` maps canonical name -> the CSV's column (``--col image_uri=path``); columns not
+    mapped there are taken by their canonical name or, failing that, by one unambiguous
+    synonym (:data:`CSV_SYNONYMS`). ``study_id`` may be missing: each patient's images then form
+    one study. Returns the renamed frame and notes saying what was mapped.
+
+    Raises:
+        ConfigError: a mapping names an unknown canonical or CSV column, or a required column is
+            missing; the message lists the columns found and the ones expected.
+    """
+    from fracture_ops.errors import ConfigError
+
+    found = [str(c) for c in df.columns]
+    expected = (f"expected {', '.join(CSV_REQUIRED)} (study_id optional; map yours with "
+                "--col CANONICAL=YOUR_COLUMN)")
+    columns = dict(columns or {})
+    unknown = [k for k in columns if k not in (*CSV_REQUIRED, "study_id", *MANIFEST_OPTIONAL)]
+    if unknown:
+        raise ConfigError(f"{uri}: --col names unknown canonical column(s) {', '.join(unknown)}; "
+                          f"{expected}")
+    absent = [v for v in columns.values() if v not in found]
+    if absent:
+        raise ConfigError(f"{uri}: --col names column(s) {', '.join(absent)} not in the CSV; "
+                          f"found {', '.join(found)}")
+    rename = {src: canon for canon, src in columns.items()}
+    notes = [f"column {src!r} used as {canon}" for canon, src in columns.items() if src != canon]
+    by_key = {_key(c): c for c in found}
+    for canon, synonyms in CSV_SYNONYMS.items():
+        if canon in columns or canon in found:
+            continue
+        hits = [by_key[k] for k in (canon, *synonyms) if k in by_key and by_key[k] not in rename]
+        if len(hits) == 1:
+            rename[hits[0]] = canon
+            notes.append(f"column {hits[0]!r} used as {canon}")
+    out = df.rename(columns=rename)
+    missing = [c for c in CSV_REQUIRED if c not in out.columns]
+    if missing:
+        raise ConfigError(f"{uri}: missing column(s) {', '.join(missing)}; found "
+                          f"{', '.join(found) or 'none'}; {expected}")
+    if "study_id" not in out.columns:
+        out["study_id"] = out["patient_id"]
+        notes.append("no study_id column: each patient's images form one study")
+    return out, notes
+
+
+def from_csv(uri: str, columns: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Generic CSV manifest: canonical column names, or mapped ones (:func:`map_csv_columns`);
+    relative ``image_uri`` resolved to the CSV."""
     df = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, encoding="utf-8-sig")
+    df, notes = map_csv_columns(df, columns, PurePosixPath(str(uri)).name)
     base = str(uri).rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent)
-    if "image_uri" in df.columns:
-        df["image_uri"] = [
-            u if (storage.is_s3(u) or Path(u).is_absolute()) else storage.join(base, u)
-            for u in df["image_uri"].astype(str)
-        ]
+    df["image_uri"] = [
+        u if (storage.is_s3(u) or Path(u).is_absolute()) else storage.join(base, u)
+        for u in df["image_uri"].astype(str)
+    ]
     if "source" not in df.columns:
         df["source"] = "csv"
     boxes_uri = storage.join(base, "boxes.csv")
@@ -109,7 +180,7 @@ def from_csv(uri: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     if storage.exists(boxes_uri):
         boxes = pd.read_csv(io.BytesIO(storage.read_bytes(boxes_uri)),
                             dtype={"image_id": str, "class_name": str})
-    return df, boxes, ["generic CSV manifest"]
+    return df, boxes, ["generic CSV manifest", *notes]
 
 
 def _group_id(text: str) -> str:
@@ -289,6 +360,9 @@ class IngestConfig(StepConfig):
     source_uri: str = "data/synthetic/manifest.csv"
     layout: Layout = "csv"
     patient_regex: str | None = None
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="csv layout: canonical column -> the CSV's column "
+        "(e.g. image_uri=path); unmapped columns are found by name or one unambiguous synonym")
     require_images: bool = True
     data_roots: list[str] = Field(
         default_factory=storage.data_roots,
@@ -327,6 +401,8 @@ def ingest_step(cfg: IngestConfig) -> dict:
         options["patient_regex"] = cfg.patient_regex
     if cfg.layout == "grazpedwri":
         options["require_images"] = cfg.require_images
+    if cfg.layout == "csv" and cfg.columns:
+        options["columns"] = cfg.columns
     df, boxes, notes = load_source(cfg.source_uri, cfg.layout, **options)
     purged = storage.purge_expired(storage.join(cfg.raw_root, "runs"))
     if purged:
@@ -364,6 +440,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="?", help="data source folder, CSV file or s3:// URI")
     parser.add_argument("--layout", choices=list(ADAPTERS), help="layout of the source (default csv)")
     parser.add_argument("--patient-regex", help="folder layout: regex whose first group is the patient id")
+    parser.add_argument("--col", action="append", metavar="CANONICAL=COLUMN", default=None,
+                        help="csv layout: take a canonical column (image_id, image_uri, patient_id, "
+                        "study_id, label, view, laterality, body_region) from the CSV's COLUMN; "
+                        "repeatable. Without it, columns are found by name or a common synonym "
+                        "(path, patient, image, ...); study_id may be absent")
     add_common_args(parser)
 
 
@@ -371,6 +452,15 @@ def run_cli(args: argparse.Namespace) -> dict:
     """Run the ingest step from parsed CLI arguments."""
     from fracture_ops.cli_common import config_from_args
 
+    from fracture_ops.errors import ConfigError
+
+    columns = None
+    if args.col:
+        pairs = [c.partition("=") for c in args.col]
+        bad = [c for c, (_, eq, v) in zip(args.col, pairs) if not eq or not v]
+        if bad:
+            raise ConfigError(f"ingest: --col wants CANONICAL=COLUMN, got {', '.join(bad)}")
+        columns = {k.strip(): v.strip() for k, _, v in pairs}
     cfg = config_from_args(IngestConfig, args, source_uri=args.source, layout=args.layout,
-                           patient_regex=args.patient_regex)
+                           patient_regex=args.patient_regex, columns=columns)
     return ingest_step(cfg)
