@@ -27,8 +27,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 install: $(STAMP)  ## create .venv and install the package with all extras (pinned)
 
 demo: install  ## run the fracture_training DAG end to end on synthetic data (SQLite Airflow)
-	@FRACTURE_OPS_ARTIFACT_ROOT=$(DEMO_ROOT)/artifacts FRACTURE_OPS_DEID_SECRET=$${FRACTURE_OPS_DEID_SECRET:-demo-secret-not-for-real-data-0123456789} \
-	  $(BIN)/python -m fracture_ops.orchestration.demo --root $(DEMO_ROOT) --run-id $(RUN_ID)
+	@FRACTURE_OPS_ARTIFACT_ROOT=$(DEMO_ROOT)/artifacts $(BIN)/python -m fracture_ops.orchestration.demo --root $(DEMO_ROOT) --run-id $(RUN_ID)
 
 test: install  ## run the whole test suite (unit, real data, integration)
 	$(BIN)/python -m pytest -q

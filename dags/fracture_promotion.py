@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag
 
 from fracture_ops.orchestration.airflow_tasks import default_args, step_task
+from fracture_ops.orchestration.assets import REGISTRY_EVENTS
 from fracture_ops.orchestration.params import TRAINING_PARAMS
 from fracture_ops.orchestration.specs import PROMOTION_STEPS
 
 DOC = """
 ### fracture_promotion
-Every 15 minutes (or when triggered) this DAG looks at the `challenger` version of
+On every registry event (a new version, an `approval` or `gate` tag, an alias change: MLflow's
+webhook reaches `fracture-ops registry webhooks serve`, which creates an event on the asset
+`fracture-ops://registry/events`), every 15 minutes as a fallback, or when triggered, this DAG
+looks at the `challenger` version of
 `fracture-classifier` in the MLflow registry and moves the `champion` alias to it **only** when a
 person approved it and the automatic gate passed:
 
-1. In the MLflow UI, open the model version and set the tags `approval` = `approved` and
-   `approved_by` = your user name (to reject: `approval` = `rejected`). With the server's
-   basic-auth app only users with EDIT or MANAGE permission on the model can do this.
-2. `approved_by` must be on the approvers list (`FRACTURE_OPS_APPROVERS` on the workers).
+1. In the MLflow UI, open the model version and set the tag `approval` = `approved` (to reject:
+   `rejected`). The server's fracture-ops app accepts it only from a user on its approvers list
+   and stamps that user's name into `approval.verified_by` (with a local store, no server, the
+   typed `approved_by` tag stands in).
+2. The approver must also be on the workers' `FRACTURE_OPS_APPROVERS`.
 3. The version's gate must have passed against today's champion (the evidence is read from the
    version's own run and checked against the registry; tags are not trusted).
 
@@ -33,7 +38,8 @@ audit (`$FRACTURE_OPS_AUDIT_URI`, deployment config). Running it again changes n
 
 @dag(
     dag_id="fracture_promotion",
-    schedule="*/15 * * * *",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("*/15 * * * *", timezone="UTC"),
+                                 assets=REGISTRY_EVENTS),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

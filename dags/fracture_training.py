@@ -7,7 +7,7 @@ from airflow.sdk import Param, dag, task
 
 from fracture_ops.orchestration.airflow_tasks import default_args, step_task
 from fracture_ops.orchestration.assets import CANDIDATE_MODEL, CLEAN_MANIFEST, SPLIT
-from fracture_ops.orchestration.params import TRAINING_PARAMS
+from fracture_ops.orchestration.params import training_params
 
 DOC = """
 ### fracture_training
@@ -33,7 +33,7 @@ approval in the MLflow registry (see the `fracture_promotion` DAG).
     catchup=False,
     max_active_runs=1,
     default_args=default_args(),
-    params={name: Param(**spec) for name, spec in TRAINING_PARAMS.items()},
+    params={name: Param(**spec) for name, spec in training_params().items()},
     doc_md=DOC,
     tags=["fracture-ops", "training"],
 )

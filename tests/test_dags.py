@@ -208,3 +208,33 @@ def test_pod_bad_input_exit_codes_fail_without_retry(monkeypatch, exit_code, fai
     with pytest.raises(AirflowException) as err:
         op.cleanup(SimpleNamespace(metadata=SimpleNamespace(name="p")), remote)
     assert isinstance(err.value, AirflowFailException) is fails_fast
+
+
+def test_profile_sets_the_model_fields_left_at_their_defaults():
+    """The trigger form's profile: cpu-quick by default on the local runner, gpu with pods; it
+    fills only the fields left at their defaults, and the rendered train command (Airflow's Jinja)
+    says exactly what resolve_profile says."""
+    from fracture_ops.orchestration.params import PROFILE_FIELDS, PROFILES, defaults, resolve_profile
+    from fracture_ops.orchestration.specs import TRAINING_STEPS, render_args
+
+    local = _dagbag({"FRACTURE_OPS_RUNNER": "local"}).dags["fracture_training"].params
+    assert local["profile"] == "cpu-quick"
+    pods = _dagbag({"FRACTURE_OPS_RUNNER": "kubernetes"}).dags["fracture_training"].params
+    assert pods["profile"] == "gpu"
+    for over in ({"profile": "cpu-quick"}, {"profile": "gpu"},
+                 {"profile": "cpu-quick", "image_size": 256, "backbone": "resnet18"},
+                 {"profile": "cpu-quick", "lr": 0.01, "epochs": 3}, {"profile": "gpu", "epochs": 2}):
+        params = defaults(**over)
+        args = render_args(TRAINING_STEPS["train"], {"params": params, "run_id": "r"})
+        want = resolve_profile(params)
+        got = {"backbone": args[args.index("--backbone") + 1],
+               "image_size": int(args[args.index("--image-size") + 1]),
+               "epochs": int(args[args.index("--epochs") + 1]),
+               "batch_size": int(args[args.index("--batch-size") + 1]),
+               "lr": float(next(a for a in args if a.startswith("lr=")).split("=")[1])}
+        assert got == {f: want[f] for f in PROFILE_FIELDS}, over
+        for f in PROFILE_FIELDS:  # a field the user set wins over the profile
+            if f in over:
+                assert got[f] == over[f]
+            elif over["profile"] == "cpu-quick":
+                assert got[f] == PROFILES["cpu-quick"][f]

@@ -34,15 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-airflow", action="store_true", help="run the steps without Airflow")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fracture_ops.orchestration.devstack import DEV_SECRET_NOTE, dev_secret
+
+    secret, secret_file = dev_secret()
+    os.environ["FRACTURE_OPS_DEID_SECRET"] = secret
+    if secret_file:
+        print(f"== de-identification key: {DEV_SECRET_NOTE} ({secret_file})", flush=True)
     root = Path(args.root).resolve()
     from fracture_ops.data.synthetic import SynthConfig, synth_step
 
     print(f"== synthetic data -> {root / 'synthetic'}", flush=True)
     synth_step(SynthConfig(out_dir=str(root / "synthetic"), n_patients=args.patients,
                            image_size=128, dicom_fraction=0.25, seed=0))
+    # the trigger form's cpu-quick profile (test_resnet, 128 px, 12 epochs): what a user gets
+    # from the UI on the local runner
     params = defaults(source_uri=str(root / "synthetic" / "manifest.csv"), layout="csv",
-                      artifact_root=str(root / "artifacts"), backbone="test_resnet",
-                      image_size=128, epochs=12, batch_size=16, lr=0.003)
+                      artifact_root=str(root / "artifacts"), profile="cpu-quick")
     steps = DATA_STEPS + ([] if args.data_only else MODEL_STEPS)
     if args.no_airflow or args.data_only:
         run_id = args.run_id
@@ -70,12 +77,23 @@ def _run_directly(params: dict, run_id: str, steps: list[str]) -> bool:
 
 
 def _run_with_airflow(params: dict, root: Path) -> str | None:
-    """``airflow dags test fracture_training`` on an embedded SQLite Airflow; returns the run id."""
-    home = root / "airflow"
+    """The ``fracture_training`` DAG in the Airflow home ``make up`` uses; returns the run id.
+
+    When ``make up`` is running, the run is triggered through its REST API (two schedulers on one
+    metadata DB would both run the tasks); otherwise ``airflow dags test --use-executor`` runs it
+    with the LocalExecutor on the shared SQLite DB, which writes the task logs the UI shows.
+    """
+    from fracture_ops.orchestration.devstack import airflow_home, running_stack
+
+    stack = running_stack()
+    if stack:
+        return _run_on_stack(params, stack)
+    home = airflow_home()  # shared with `make up`: the run is in the UI afterwards
     env = {**os.environ, "AIRFLOW_HOME": str(home),
            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
            "AIRFLOW__CORE__DAGS_FOLDER": str(Path(__file__).resolve().parents[2] / "dags"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "FRACTURE_OPS_RUNNER": "local",
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+           "FRACTURE_OPS_RUNNER": "local",
            "FRACTURE_OPS_APPROVERS": os.environ.get("FRACTURE_OPS_APPROVERS", "")}
     airflow = str(Path(sys.executable).parent / "airflow")
     print(f"== airflow db migrate (SQLite, {home})", flush=True)
@@ -84,16 +102,31 @@ def _run_with_airflow(params: dict, root: Path) -> str | None:
         return None
     log_file = root / "airflow_dags_test.log"
     print(f"== airflow dags test fracture_training (local runner; full log {log_file})", flush=True)
-    with open(log_file, "w") as log, subprocess.Popen(
-            [airflow, "dags", "test", "fracture_training", "-c", json.dumps(params)], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        state = "done"
-        for line in proc.stdout:
-            log.write(line)
-            state = _state(line) or state
-            if "[DAG TEST] end task" in line:
-                print(f"   {_task_id(line)}: {state}", flush=True)
-        code = proc.wait()
+    # the LocalExecutor's task processes report to an execution API: a private one, on a free
+    # loopback port, for the length of the run (they write the task logs the UI shows later)
+    port = _free_port()
+    env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"http://127.0.0.1:{port}/execution/"
+    with open(log_file, "w") as log:
+        api_server = subprocess.Popen(
+            [airflow, "api-server", "--apps", "execution", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            if not _listening(port, api_server):
+                print(f"demo failed: Airflow's execution API did not start; see {log_file}",
+                      file=sys.stderr)
+                return None
+            with subprocess.Popen(
+                    [airflow, "dags", "test", "fracture_training", "--use-executor",
+                     "-c", json.dumps(params)],
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+                for line in proc.stdout:
+                    log.write(line)
+                    finished = _finished(line)
+                    if finished:
+                        print(f"   {finished[0]}: {finished[1]}", flush=True)
+                code = proc.wait()
+        finally:
+            _stop_group(api_server)
     if code:
         print(f"demo failed: the DAG run failed; see {log_file}", file=sys.stderr)
         return None
@@ -102,19 +135,87 @@ def _run_with_airflow(params: dict, root: Path) -> str | None:
     return runs[-1].name
 
 
-def _task_id(line: str) -> str:
+def _run_on_stack(params: dict, stack: dict, timeout: float = 3600) -> str | None:
+    """Trigger the DAG on the running ``make up`` stack and wait for it; returns the run id."""
+    import time
+    import urllib.parse
+
+    from fracture_ops.orchestration.devstack import api
+
+    url = stack["airflow_url"]
+    print(f"== make up is running: triggering fracture_training on {url}", flush=True)
+    api(stack, "PATCH", "/api/v2/dags/fracture_training", {"is_paused": False})  # new DAGs start paused
+    run = api(stack, "POST", "/api/v2/dags/fracture_training/dagRuns",
+              {"logical_date": None, "conf": params})
+    run_id = run["dag_run_id"]
+    path = f"/api/v2/dags/fracture_training/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+    print(f"   run {run_id}: {url}/dags/fracture_training/runs/{urllib.parse.quote(run_id, safe='')}",
+          flush=True)
+    seen: set[str] = set()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for ti in api(stack, "GET", f"{path}/taskInstances")["task_instances"]:
+            if ti["state"] in ("success", "failed", "skipped", "upstream_failed") and \
+                    ti["task_id"] not in seen:
+                seen.add(ti["task_id"])
+                print(f"   {ti['task_id']}: {ti['state']}", flush=True)
+        state = api(stack, "GET", path)["state"]
+        if state in ("success", "failed"):
+            break
+        time.sleep(5)
+    else:
+        state = "timed out"
+    if state != "success":
+        print(f"demo failed: the DAG run {state}; see its task logs in the Airflow UI",
+              file=sys.stderr)
+        return None
+    return run_id
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _listening(port: int, proc: subprocess.Popen, timeout: float = 180) -> bool:
+    """Wait until something accepts connections on ``port`` (False if ``proc`` exits first)."""
+    import socket
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.5)
+    return False
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started in its own session, and its children (TERM, then KILL)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _finished(line: str) -> tuple[str, str] | None:
+    """(task id, state) when an Airflow log line reports a finished task instance."""
     import re
 
-    m = re.search(r"task_id=(\S+)", line)
-    return m.group(1) if m else "?"
-
-
-def _state(line: str) -> str | None:
-    """The new task state an Airflow log line reports, if any."""
-    import re
-
-    m = re.search(r"new_state=(\w+)", line)
-    return m.group(1) if m else None
+    m = re.search(r"TaskInstance Finished: .*?task_id=([\w.-]+),.*?\bstate=(\w+)", line)
+    return (m.group(1), m.group(2)) if m else None
 
 
 def _print_outputs(params: dict, run_id: str, steps: list[str]) -> None:

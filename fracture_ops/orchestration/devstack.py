@@ -5,6 +5,11 @@ experience on one machine.
 and ``mlflow/start-server.sh`` (the embedded SQLite store under ``data/mlflow``), each in its own
 process group with a pid file, waits until both are healthy, and prints the URLs and where the
 Airflow admin password is. ``down`` stops both process groups and checks nothing is left.
+
+``make demo`` runs its DAG in the same Airflow home and metadata DB (:func:`airflow_home`), so
+its run, grid and task logs are in the UI after ``make up``. Without ``FRACTURE_OPS_DEID_SECRET``
+both use a development de-identification secret generated once under the state folder
+(:func:`dev_secret`, mode 0600): fine for synthetic data, not for real data.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,11 +29,45 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _settings() -> dict:
-    state = Path(os.environ.get("FRACTURE_OPS_STACK_DIR", REPO / "data" / "stack")).resolve()
-    return {"state": state, "airflow_home": state / "airflow",
+    state = state_dir()
+    return {"state": state, "airflow_home": airflow_home(),
             "airflow_port": int(os.environ.get("AIRFLOW_PORT", "8080")),
             "mlflow_port": int(os.environ.get("MLFLOW_PORT", "5000")),
             "mlflow_dir": Path(os.environ.get("FRACTURE_OPS_MLFLOW_DIR", REPO / "data" / "mlflow")).resolve()}
+
+
+def state_dir() -> Path:
+    """The local stack's state folder (``$FRACTURE_OPS_STACK_DIR``, default ``data/stack``)."""
+    return Path(os.environ.get("FRACTURE_OPS_STACK_DIR", REPO / "data" / "stack")).resolve()
+
+
+def airflow_home() -> Path:
+    """The Airflow home (and SQLite metadata DB) ``make up`` and ``make demo`` share."""
+    return state_dir() / "airflow"
+
+
+DEV_SECRET_NOTE = "development secret, not for real data"
+
+
+def dev_secret(state: Path | None = None) -> tuple[str, str | None]:
+    """The de-identification secret for the local stack and the demo.
+
+    ``$FRACTURE_OPS_DEID_SECRET`` when set (returns it and None); otherwise a random 32-byte
+    secret created once in ``<state>/deid-secret`` with mode 0600 (returns it and the file).
+    """
+    if os.environ.get("FRACTURE_OPS_DEID_SECRET"):
+        return os.environ["FRACTURE_OPS_DEID_SECRET"], None
+    state = state or state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    path = state / "deid-secret"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)  # tighten a copy someone loosened
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+    return path.read_text().strip(), str(path)
 
 
 def _bin(name: str) -> str:
@@ -78,6 +118,7 @@ def airflow_env(s: dict) -> dict:
             "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{s['airflow_port']}",
             "FRACTURE_OPS_RUNNER": "local", "PYTHONPATH": str(REPO),
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{s['mlflow_port']}",
+            "FRACTURE_OPS_DEID_SECRET": dev_secret(s["state"])[0],
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
@@ -100,12 +141,59 @@ def up(timeout: float = 240) -> dict:
     pids["airflow"] = int(af_pid_file.read_text())
     _wait(f"http://127.0.0.1:{s['mlflow_port']}/health", "MLflow", pids["mlflow"], timeout)
     _wait(f"http://127.0.0.1:{s['airflow_port']}/api/v2/monitor/health", "Airflow", pids["airflow"], timeout)
+    secret_file = dev_secret(s["state"])[1]
     info = {"airflow_url": f"http://127.0.0.1:{s['airflow_port']}",
+            "deid_secret_file": secret_file,
             "mlflow_url": f"http://127.0.0.1:{s['mlflow_port']}",
             "admin_password_file": str(s["airflow_home"] / "simple_auth_manager_passwords.json.generated"),
             "logs": str(s["state"]), "pids": pids}
     (s["state"] / "stack.json").write_text(json.dumps(info, indent=2))
+    _unpause_training(info)
     return info
+
+
+def _unpause_training(stack: dict, timeout: float = 120) -> None:
+    """Unpause ``fracture_training`` (no schedule: it runs only when triggered) once the DAG
+    processor has listed it, so a run triggered from the form or the API starts. The scheduled
+    DAGs (promotion, inference, drift) stay paused until a person turns them on."""
+    import urllib.error
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            api(dict(stack), "PATCH", "/api/v2/dags/fracture_training", {"is_paused": False})
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404 or time.time() > deadline:
+                raise SystemExit(f"could not unpause fracture_training: HTTP {exc.code}") from exc
+        time.sleep(2)
+
+
+def running_stack() -> dict | None:
+    """The running stack's ``stack.json`` (URLs, password file), or None when it is not up."""
+    s = _settings()
+    pid_file, info = s["state"] / "airflow.pid", s["state"] / "stack.json"
+    if not (pid_file.exists() and info.exists() and _alive(int(pid_file.read_text()))):
+        return None
+    stack = json.loads(info.read_text())
+    return stack if _healthy(f"{stack['airflow_url']}/api/v2/monitor/health") else None
+
+
+def api(stack: dict, method: str, path: str, body: dict | None = None) -> dict:
+    """Call the stack's Airflow REST API as its admin (token from the generated password)."""
+    def call(url: str, data: dict | None, headers: dict, verb: str) -> dict:
+        req = urllib.request.Request(url, data=json.dumps(data).encode() if data is not None else None,
+                                     headers={"Content-Type": "application/json", **headers},
+                                     method=verb)
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    if "_token" not in stack:
+        password = json.loads(Path(stack["admin_password_file"]).read_text())["admin"]
+        stack["_token"] = call(f"{stack['airflow_url']}/auth/token",
+                               {"username": "admin", "password": password}, {}, "POST")["access_token"]
+    return call(stack["airflow_url"] + path, body, {"Authorization": f"Bearer {stack['_token']}"},
+                method)
 
 
 def down(timeout: float = 60) -> list[int]:
@@ -148,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         info = up()
         print(f"Airflow UI  {info['airflow_url']}  (user admin; password in {info['admin_password_file']})")
         print(f"MLflow UI   {info['mlflow_url']}")
+        if info["deid_secret_file"]:
+            print(f"de-id key   {DEV_SECRET_NOTE} ({info['deid_secret_file']}); "
+                  "export FRACTURE_OPS_DEID_SECRET for real data")
         print(f"logs        {info['logs']}   stop with: make down")
     else:
         stopped = down()

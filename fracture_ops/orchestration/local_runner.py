@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -67,7 +68,8 @@ def run_step(spec: StepSpec, context: dict[str, Any], *, env: dict[str, str] | N
     """
     emit = emit or (lambda line: log.info("%s", line))
     cmd = command_for(spec, context)
-    emit("$ " + " ".join(cmd))
+    # the command as a person would type it (the entry point by name, arguments quoted)
+    emit("$ " + shlex.join([Path(cmd[0]).name, *cmd[1:]]))
     with tempfile.TemporaryDirectory() as tmp:
         xcom = Path(tmp) / "return.json"
         proc_env = {**os.environ, **(env or {}), "FRACTURE_OPS_XCOM_FILE": str(xcom),

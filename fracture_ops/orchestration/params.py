@@ -6,6 +6,7 @@ local demo uses the defaults directly.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -13,7 +14,33 @@ BACKBONES = ["efficientnet_b0", "efficientnet_b3", "densenet121", "resnet18", "r
              "convnext_nano", "test_resnet"]
 LAYOUTS = ["csv", "folder", "fracatlas", "grazpedwri", "mura"]
 
+# Training profiles: the model-size fields set together. A profile fills each of these fields
+# the user left at its default; a field set to anything else wins. "gpu" is the fields' own
+# defaults (a GPU pod), "cpu-quick" the demo's small model that runs on a laptop's CPU.
+PROFILE_FIELDS = ("backbone", "image_size", "epochs", "batch_size", "lr")
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu-quick": {"backbone": "test_resnet", "image_size": 128, "epochs": 12, "batch_size": 16,
+                  "lr": 0.003},
+    "gpu": {},  # the fields' defaults: efficientnet_b0, 384 px, 20 epochs, batch 32, lr 1e-3
+}
+
+
+def default_profile() -> str:
+    """``gpu`` where steps run as Kubernetes pods (GPU pool), else ``cpu-quick``."""
+    return "gpu" if os.environ.get("FRACTURE_OPS_RUNNER", "local").strip().lower() == "kubernetes" \
+        else "cpu-quick"
+
+
 TRAINING_PARAMS: dict[str, dict[str, Any]] = {
+    "profile": {"default": default_profile(), "type": "string", "enum": list(PROFILES),
+                "description": "Model size, set together for the fields below left at their "
+                "defaults. cpu-quick: test_resnet, 128 px, 12 epochs, batch 16, lr 3e-3 (the "
+                "demo's model; minutes on a laptop CPU, for trying the platform, not for "
+                "accuracy). gpu: the fields as shown (efficientnet_b0, 384 px, 20 epochs, batch "
+                "32; meant for a GPU pod, hours on a CPU). Default: gpu with the Kubernetes "
+                "runner, cpu-quick with the local one.",
+                "values_display": {"cpu-quick": "cpu-quick: small model, minutes on a CPU",
+                                   "gpu": "gpu: full model, needs a GPU pod"}},
     "source_uri": {"default": "data/demo/synthetic/manifest.csv", "type": "string",
                    "description": "Data source: folder, CSV file or s3:// URI of the raw data set."},
     "layout": {"default": "csv", "type": "string", "enum": LAYOUTS,
@@ -47,9 +74,32 @@ TRAINING_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 
+def resolve_profile(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the profile applied to the :data:`PROFILE_FIELDS` left at their defaults
+    (what the ``train`` task receives; :func:`profile_template` is the same rule in Jinja)."""
+    chosen = PROFILES.get(params.get("profile", "gpu"), {})
+    return {**params, **{f: chosen[f] for f in PROFILE_FIELDS
+                         if f in chosen and params.get(f) == TRAINING_PARAMS[f]["default"]}}
+
+
+def profile_template(field: str) -> str:
+    """A Jinja expression rendering ``field`` as :func:`resolve_profile` resolves it, for the
+    step specs (Airflow and the local runner render the same way)."""
+    values = {name: p[field] for name, p in PROFILES.items() if field in p}
+    default = json.dumps(TRAINING_PARAMS[field]["default"])
+    return (f"{{{{ {json.dumps(values)}.get(params.get('profile', 'gpu'), params.{field}) "
+            f"if params.{field} == {default} else params.{field} }}}}")
+
+
 def defaults(**overrides: Any) -> dict[str, Any]:
     """The default params, with overrides (unknown names are errors)."""
     unknown = set(overrides) - set(TRAINING_PARAMS)
     if unknown:
         raise KeyError(f"unknown training params: {sorted(unknown)}")
-    return {k: v["default"] for k, v in TRAINING_PARAMS.items()} | overrides
+    return {k: v["default"] for k, v in training_params().items()} | overrides
+
+
+def training_params() -> dict[str, dict[str, Any]]:
+    """:data:`TRAINING_PARAMS` with the defaults that depend on the environment read now (the
+    profile follows ``$FRACTURE_OPS_RUNNER`` at DAG parse time)."""
+    return {**TRAINING_PARAMS, "profile": {**TRAINING_PARAMS["profile"], "default": default_profile()}}

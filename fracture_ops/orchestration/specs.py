@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fracture_ops.orchestration.params import profile_template
+
 # the run folder of a DAG run; Airflow run ids carry ':' and '+', which we keep out of paths
 RUN_KEY = "{{ run_id | replace(':', '-') | replace('+', '-') }}"
 RUN = "{{ params.artifact_root }}/runs/" + RUN_KEY
@@ -88,10 +90,11 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           cpu="2", memory="4Gi", ephemeral="8Gi", secrets=("s3", "deid")),
     _spec("split", "split", "--seed", "{{ params.seed }}", pos=(f"{RUN}/deidentify/manifest.deid.parquet",),
           outputs=("split/split.parquet",)),
-    _spec("train", "train", "--backbone", "{{ params.backbone }}",
-          "--image-size", "{{ params.image_size }}", "--epochs", "{{ params.epochs }}",
-          "--batch-size", "{{ params.batch_size }}", "--loss", "{{ params.loss }}",
-          "--set", "seed={{ params.seed }}", "--set", "lr={{ params.lr }}",
+    # model-size fields through the trigger form's profile (params.resolve_profile)
+    _spec("train", "train", "--backbone", profile_template("backbone"),
+          "--image-size", profile_template("image_size"), "--epochs", profile_template("epochs"),
+          "--batch-size", profile_template("batch_size"), "--loss", "{{ params.loss }}",
+          "--set", "seed={{ params.seed }}", "--set", "lr=" + profile_template("lr"),
           pos=(f"{RUN}/split/split.parquet",),
           cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
           outputs=("train/model.pt", "train/predictions.parquet"), secrets=("s3", "mlflow")),

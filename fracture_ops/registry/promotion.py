@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import urllib.parse
 from datetime import datetime, UTC
 from typing import ClassVar, Literal
 
@@ -202,6 +203,30 @@ def check_champion(cfg: PromotionConfig, client, champion, records: list[dict]) 
     return None
 
 
+def _notify_waiting(cfg: PromotionConfig, audit: str, records: list[dict], challenger) -> None:
+    """Tell reviewers once per version that a challenger waits (audited as ``notified``); a
+    failed notification is logged and retried on the next pass, never fatal."""
+    import mlflow
+
+    from fracture_ops.registry import notify
+
+    url = notify.notify_url()
+    version = str(challenger.version)
+    if not url or any(r.get("action") == "notified" and r.get("model") == cfg.model_name
+                      and str(r.get("version")) == version for r in records):
+        return
+    links = notify.ui_links(mlflow.get_tracking_uri(), cfg.model_name, version, challenger.run_id)
+    message = notify.waiting_message(cfg.model_name, version, challenger.tags.get("gate", "missing"),
+                                     links)
+    try:
+        notify.send(url, message)
+    except OSError as exc:
+        log.warning("could not notify reviewers about v%s: %s", version, exc)
+        return
+    append_audit(audit, {"action": "notified", "model": cfg.model_name, "version": version,
+                         "to": urllib.parse.urlsplit(url).hostname or "", "actor": cfg.actor})
+
+
 def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
     """One promotion pass: check the champion against the audit, then promote the approved,
     gate-passed challenger, or record why not."""
@@ -230,6 +255,8 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
         reason = verify_gate_evidence(cfg, challenger, champion_version) or reason
         ok = reason == "approved and gate passed"
     if not ok:
+        if reason == "awaiting approval":
+            _notify_waiting(cfg, audit, records, challenger)
         if reason != "awaiting approval" and not _already_recorded(records, version, reason):
             append_audit(audit, {"action": "refused", "model": cfg.model_name,
                                  "version": version, "reason": reason,
@@ -321,8 +348,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """CLI: ``fracture-ops registry {promote,rollback,status}``."""
     from fracture_ops.cli_common import add_common_args
 
-    parser.add_argument("action", choices=["promote", "rollback", "status", "adopt"],
-                        help="adopt: a person accepts the current champion alias (audited)")
+    parser.add_argument("action", choices=["promote", "rollback", "status", "adopt", "webhooks"],
+                        help="adopt: a person accepts the current champion alias (audited); "
+                        "webhooks install|serve: register MLflow's registry webhook, or run the "
+                        "receiver that turns its deliveries into Airflow asset events")
+    parser.add_argument("webhooks_action", nargs="?", choices=["install", "serve"],
+                        help="with 'webhooks': install (idempotent; secret from "
+                        "$FRACTURE_OPS_WEBHOOK_SECRET) or serve (the receiver; Airflow API from "
+                        "$AIRFLOW_API_URL and $AIRFLOW_API_TOKEN or _USERNAME/_PASSWORD)")
+    parser.add_argument("--url", help="webhooks install: the receiver's URL MLflow posts to")
+    parser.add_argument("--host", default="127.0.0.1", help="webhooks serve: bind address")
+    parser.add_argument("--port", type=int, default=8090, help="webhooks serve: port (default 8090)")
     parser.add_argument("--model-name", help="registered model (default fracture-classifier)")
     parser.add_argument("--approvers", help="comma-separated user names allowed to approve "
                         "(default $FRACTURE_OPS_APPROVERS)")
@@ -334,8 +370,22 @@ def run_cli(args: argparse.Namespace) -> dict:
     from fracture_ops import tracking
     from fracture_ops.cli_common import config_from_args
 
+    from fracture_ops.errors import ConfigError
+
     approvers = [a.strip() for a in args.approvers.split(",")] if args.approvers else None
     cfg = config_from_args(PromotionConfig, args, model_name=args.model_name, approvers=approvers)
+    if args.action == "webhooks":
+        from fracture_ops.registry import webhooks
+
+        if args.webhooks_action == "serve":
+            webhooks.serve(args.host, args.port, {cfg.model_name})
+            return {"action": "served"}
+        if args.webhooks_action != "install" or not args.url:
+            raise ConfigError("registry webhooks: use 'install --url URL' or 'serve'")
+        tracking.setup("fracture-classifier")
+        return webhooks.install(args.url, os.environ.get(webhooks.SECRET_ENV, ""))
+    if args.webhooks_action:
+        raise ConfigError(f"registry {args.action} takes no {args.webhooks_action!r}")
     tracking.setup("fracture-classifier")
     return {"promote": promote_if_approved, "rollback": rollback, "status": status,
             "adopt": adopt}[args.action](cfg)
