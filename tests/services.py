@@ -77,6 +77,20 @@ class S3Server:
         self.server.stop()
 
 
+def auth_env(workdir: Path, admin_password: str, default_permission: str = "READ") -> dict:
+    """Environment for an MLflow server with basic auth (``--app-name basic-auth`` or
+    ``fracture-ops``): a private auth config (SQLite user store, admin account) and a Flask key."""
+    import secrets
+
+    ini = workdir / "basic_auth.ini"
+    ini.write_text(f"[mlflow]\ndefault_permission = {default_permission}\n"
+                   f"database_uri = sqlite:///{workdir / 'auth.db'}\n"
+                   f"admin_username = admin\nadmin_password = {admin_password}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+
+
 class MlflowServer:
     """``mlflow server`` with a PostgreSQL backend store and S3 artifacts, on a free port."""
 

@@ -86,11 +86,31 @@ def _task_states(info: dict, token: str, run_id: str) -> dict[str, str]:
     return {t["task_id"]: t["state"] for t in _api(path, token)["task_instances"]}
 
 
+def _approve_and_promote_the_demo_challenger(tmp_path: Path, env: dict) -> None:
+    """After the demo, a reviewer approves its challenger by tags on the local store and
+    `fracture-ops registry promote`, with no MLFLOW_TRACKING_URI, makes it champion."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = str(client.get_model_version_by_alias("fracture-classifier", "challenger").version)
+    client.set_model_version_tag("fracture-classifier", version, "approval", "approved")
+    client.set_model_version_tag("fracture-classifier", version, "approved_by", "alice")
+    res = subprocess.run([sys.executable, "-m", "fracture_ops.cli", "registry", "promote",
+                          "--artifact-root", str(tmp_path / "demo" / "artifacts")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300,
+                         env={**env, "FRACTURE_OPS_APPROVERS": "alice"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["action"] == "promoted", res.stdout
+    assert str(client.get_model_version_by_alias("fracture-classifier", "champion").version) == version
+
+
 def test_demo_run_is_in_the_ui_and_the_form_defaults_run_green(tmp_path):
     """The first hour: `make demo` (small) runs in the Airflow home `make up` uses, with a
     generated development de-id key; after `make up` the demo's run, its grid and its task logs
     are in the UI, and a run triggered with the form's defaults (cpu-quick profile; only the data
-    location given) goes green through the stack's scheduler. Headless Chromium logs in, opens
+    location given) goes green through the stack's scheduler (after the demo's challenger was
+    approved by its tags and promoted on the local store, so it is gated against a champion). Headless Chromium logs in, opens
     the demo run's grid and finds every task green (the detection branch skipped, as it is off).
     FRACTURE_OPS_UPDATE_SCREENSHOTS=1 writes the README tour's screenshots to docs/."""
     import urllib.parse
@@ -108,6 +128,7 @@ def test_demo_run_is_in_the_ui_and_the_form_defaults_run_green(tmp_path):
     secret = tmp_path / "stack" / "deid-secret"
     assert "development secret, not for real data" in demo.stdout
     assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_text().strip()) >= 64
+    _approve_and_promote_the_demo_challenger(tmp_path, env)
     try:
         up = subprocess.run(["make", "-s", "up"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=420)

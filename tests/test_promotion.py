@@ -10,7 +10,7 @@ import secrets
 import pytest
 
 from fracture_ops import storage
-from tests.services import MlflowServer, S3Server, create_database, drop_database
+from tests.services import MlflowServer, S3Server, auth_env, create_database, drop_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "fracture-classifier"
@@ -21,14 +21,9 @@ APPROVERS = ["alice"]
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("auth")
     admin_pw = secrets.token_urlsafe(16)
-    ini = work / "basic_auth.ini"
-    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{work / 'auth.db'}\n"
-                   f"admin_username = admin\nadmin_password = {admin_pw}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     s3, db = S3Server(), create_database("fo_promo")
     srv = MlflowServer(db, s3, work, app_name="fracture-ops",
-                       extra_env={"MLFLOW_AUTH_CONFIG_PATH": str(ini),
-                                  "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+                       extra_env={**auth_env(work, admin_pw),
                                   "FRACTURE_OPS_APPROVERS": ",".join(APPROVERS),
                                   # the admin plays the promoter in the story test below
                                   "FRACTURE_OPS_PROMOTERS": "admin,promoter",

@@ -135,6 +135,52 @@ def test_pyfunc_model_reproduces_evaluation_in_fresh_process(pipeline, tmp_path)
 
 
 @pytest.mark.slow
+def test_the_model_is_stored_as_code_and_loaded_without_running_stored_code(pipeline, tmp_path):
+    """Models from code: the registry holds pyfunc_code.py, no pickled object. Our loaders build
+    the classifier with the installed package from the weights alone, so a model folder whose
+    code file was replaced, or that gained a pickle bomb, runs nothing; MLflow's own loader
+    would run the replaced file (the control shows the threat is real)."""
+    import shutil
+
+    import mlflow
+    import pandas as pd
+    import yaml
+
+    from fracture_ops.training.pyfunc_model import load_classifier_dir
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=pipeline["pkg"]["model_uri"],
+                                                         dst_path=str(tmp_path / "m")))
+    files = [p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+    code = [f for f in files if f.endswith("pyfunc_code.py")]
+    assert code and "python_model" not in flavor, (files, flavor)
+    images = [str(u) for u in storage.read_parquet(
+        storage.read_json(storage.join(pipeline["train"]["train_dir"], "model_info.json"))["split_uri"]
+    )["image_uri"].head(4)]
+    expected = load_classifier_dir(str(model_dir)).predict(None, pd.DataFrame({"image": images}))
+    # the attacker's model folder: the code file replaced, a pickle bomb beside it
+    evil = tmp_path / "evil"
+    shutil.copytree(model_dir, evil)
+    marker = tmp_path / "pwned"
+    (evil / code[0]).write_text(f"open({str(marker)!r}, 'w').write('ran')\n" +
+                                (model_dir / code[0]).read_text())
+
+    class Bomb:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+
+    (evil / "python_model.pkl").write_bytes(pickle.dumps(Bomb()))
+    got = load_classifier_dir(str(evil)).predict(None, pd.DataFrame({"image": images}))
+    assert not marker.exists()
+    pd.testing.assert_frame_equal(got, expected)
+    mlflow.pyfunc.load_model(str(evil))  # control: MLflow's loader runs the stored file
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_training_resumes_same_mlflow_run(tmp_path, sig):
     from fracture_ops.data.split import SplitConfig, split_step

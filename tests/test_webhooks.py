@@ -273,19 +273,14 @@ def test_an_approval_moves_the_champion_within_a_minute_through_airflow(tmp_path
     from mlflow.server import get_app_client
 
     from fracture_ops.orchestration.devstack import airflow_env
-    from tests.services import MlflowServer, S3Server, create_database, drop_database
+    from tests.services import MlflowServer, S3Server, auth_env, create_database, drop_database
     from tests.test_promotion import _as
 
     model = "fracture-classifier"
     admin_pw = secrets.token_urlsafe(16)
-    ini = tmp_path / "basic_auth.ini"
-    ini.write_text(f"[mlflow]\ndefault_permission = EDIT\ndatabase_uri = sqlite:///{tmp_path / 'auth.db'}\n"
-                   f"admin_username = admin\nadmin_password = {admin_pw}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     s3, db = S3Server(), create_database("fo_e2e_hooks")
     server = MlflowServer(db, s3, tmp_path, app_name="fracture-ops", extra_env={
-        "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-        "FRACTURE_OPS_APPROVERS": "alice", "FRACTURE_OPS_PROMOTERS": "promoter",
+        **auth_env(tmp_path, admin_pw, "EDIT"), "FRACTURE_OPS_APPROVERS": "alice", "FRACTURE_OPS_PROMOTERS": "promoter",
         "FRACTURE_OPS_PIPELINE_USERS": "pipeline",
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode()})

@@ -98,11 +98,12 @@ class Scorer:
     """
 
     def __init__(self, ref: ModelRef, model_dir: str, device: str = "auto"):
-        import mlflow
         import torch
 
+        from fracture_ops.training.pyfunc_model import load_classifier_dir
+
         self.ref = ref
-        self.clf = mlflow.pyfunc.load_model(model_dir).unwrap_python_model()
+        self.clf = load_classifier_dir(model_dir)  # runs no code stored with the model
         self.model_pt = str(Path(model_dir) / "artifacts" / "model.pt")
         if not Path(self.model_pt).exists():
             raise BadInputError(f"{ref.uri} is not a fracture-ops classifier (no model.pt)")

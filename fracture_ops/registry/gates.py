@@ -101,8 +101,11 @@ def score_version(model_uri: str, images: list[str], class_name: str) -> tuple[n
     import mlflow
     import pandas as pd
 
-    model = mlflow.pyfunc.load_model(model_uri)
-    out = model.predict(pd.DataFrame({"image": images}))
+    from fracture_ops.training.pyfunc_model import load_classifier_dir
+
+    # built by this package's code from the weights: nothing stored with the model runs
+    model = load_classifier_dir(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    out = model.predict(None, pd.DataFrame({"image": images}))
     return out[f"prob_{class_name}"].to_numpy(float), out[f"decision_{class_name}"].to_numpy(int)
 
 

@@ -62,7 +62,7 @@ def package_step(cfg: PackageConfig) -> dict:
         BadInputError: the training step did not finish, or a required input is missing.
     """
     from fracture_ops import tracking
-    from fracture_ops.training.pyfunc_model import FractureClassifier, example_input
+    from fracture_ops.training.pyfunc_model import example_input
 
     train_dir = cfg.resolved("train_dir", "train")
     if not storage.is_complete(train_dir):
@@ -81,8 +81,9 @@ def package_step(cfg: PackageConfig) -> dict:
                                                f"train-{cfg.run_id}")
     with run, tempfile.TemporaryDirectory() as tmp:
         artifacts = {k: _local_copy(u, Path(tmp), Path(u).name) for k, u in inputs.items()}
+        # models from code: the registry stores pyfunc_code.py, never a pickled object
         model_info = mlflow.pyfunc.log_model(
-            name="model", python_model=FractureClassifier(), artifacts=artifacts,
+            name="model", python_model=pyfunc_code_file(), artifacts=artifacts,
             signature=_signature(info["class_names"]),
             input_example=example_input(example_uri) if example_uri else None,
             pip_requirements=_requirements())
@@ -93,6 +94,12 @@ def package_step(cfg: PackageConfig) -> dict:
     storage.write_json(storage.join(out, "package.json"), summary)
     storage.mark_success(out, summary)
     return summary
+
+
+def pyfunc_code_file() -> str:
+    """The models-from-code file the classifier is logged as (not imported here: importing it
+    registers the model with MLflow)."""
+    return str(Path(__file__).with_name("pyfunc_code.py"))
 
 
 def _first_test_image(info: dict) -> str:

@@ -115,6 +115,39 @@ class FractureClassifier(PythonModel):
         return out
 
 
+def load_classifier_dir(model_dir: str) -> FractureClassifier:
+    """A downloaded classifier model, built by this package's own code.
+
+    ``mlflow.pyfunc.load_model`` would run the model-code file stored with the model (or unpickle
+    an object, for models logged before models-from-code); whoever can write the artifact store
+    could change either. This reads only the ``MLmodel`` file's artifact paths and the weights
+    (``weights_only=True``), so loading runs no code that came with the model.
+
+    Raises:
+        BadInputError: the folder is not a fracture-ops classifier model.
+    """
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import yaml
+
+    from fracture_ops.errors import BadInputError
+
+    root = Path(model_dir)
+    try:
+        meta = yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8"))
+        artifacts = meta["flavors"]["python_function"]["artifacts"]
+        paths = {k: root / artifacts[k]["path"] for k in ("model", "calibration", "thresholds")}
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise BadInputError(f"{model_dir} is not a fracture-ops classifier model: {exc}") from exc
+    for key, path in paths.items():
+        if not path.resolve().is_relative_to(root.resolve()) or not path.is_file():
+            raise BadInputError(f"{model_dir}: artifact {key!r} missing or outside the model folder")
+    clf = FractureClassifier()
+    clf.load_context(SimpleNamespace(artifacts={k: str(v) for k, v in paths.items()}, model_config={}))
+    return clf
+
+
 def example_input(image_uri: str) -> pd.DataFrame:
     """A one-row input example holding the base64 bytes of a real image."""
     from fracture_ops import storage
