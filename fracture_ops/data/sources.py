@@ -36,7 +36,7 @@ from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.data.manifest import (
     BOX_COLUMNS,
-    OPTIONAL_COLUMNS as MANIFEST_OPTIONAL,
+    MANIFEST_COLUMNS,
     empty_boxes,
     manifest_hash,
     normalize_manifest,
@@ -134,7 +134,7 @@ def map_csv_columns(df: pd.DataFrame, columns: dict[str, str] | None = None,
     expected = (f"expected {', '.join(CSV_REQUIRED)} (study_id optional; map yours with "
                 "--col CANONICAL=YOUR_COLUMN)")
     columns = dict(columns or {})
-    unknown = [k for k in columns if k not in (*CSV_REQUIRED, "study_id", *MANIFEST_OPTIONAL)]
+    unknown = [k for k in columns if k not in MANIFEST_COLUMNS]
     if unknown:
         raise ConfigError(f"{uri}: --col names unknown canonical column(s) {', '.join(unknown)}; "
                           f"{expected}")
@@ -451,7 +451,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> dict:
     """Run the ingest step from parsed CLI arguments."""
     from fracture_ops.cli_common import config_from_args
-
     from fracture_ops.errors import ConfigError
 
     columns = None

@@ -223,7 +223,6 @@ def deidentify_dicom_bytes(data: bytes, keys: DeidKeys, cfg: DeidConfig,
 
 def _deidentify_dicom(data: bytes, keys: DeidKeys, cfg: DeidConfig, patient_key: str | None,
                       study_key: str | None) -> tuple[bytes, ProfileResult]:
-
     ds = dcmread_bytes(data)  # with or without the 128-byte preamble
     if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
         raise FileRejected("not a DICOM instance: SOP Class/Instance UID missing")

@@ -26,7 +26,6 @@ from contextlib import closing
 from itertools import islice
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -103,13 +102,9 @@ class Scorer:
         from fracture_ops.training.pyfunc_model import load_classifier_dir
 
         self.ref = ref
-        self.clf = load_classifier_dir(model_dir)  # runs no code stored with the model
-        self.model_pt = str(Path(model_dir) / "artifacts" / "model.pt")
-        if not Path(self.model_pt).exists():
-            raise BadInputError(f"{ref.uri} is not a fracture-ops classifier (no model.pt)")
-        from fracture_ops.training.checkpoint import load_weights
-
-        self.info = load_weights(self.model_pt, "model.pt")["info"]
+        # runs no code stored with the model; BadInputError when it is not our classifier
+        self.clf = load_classifier_dir(model_dir)
+        self.model_pt, self.info = self.clf.model_path, self.clf.info
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device

@@ -140,11 +140,11 @@ def _run_on_stack(params: dict, stack: dict, timeout: float = 3600) -> str | Non
     import time
     import urllib.parse
 
-    from fracture_ops.orchestration.devstack import api
+    from fracture_ops.orchestration.devstack import api, unpause_training
 
     url = stack["airflow_url"]
     print(f"== make up is running: triggering fracture_training on {url}", flush=True)
-    api(stack, "PATCH", "/api/v2/dags/fracture_training", {"is_paused": False})  # new DAGs start paused
+    unpause_training(stack)  # a stack started by an older version may have left it paused
     run = api(stack, "POST", "/api/v2/dags/fracture_training/dagRuns",
               {"logical_date": None, "conf": params})
     run_id = run["dag_run_id"]

@@ -148,11 +148,11 @@ def up(timeout: float = 240) -> dict:
             "admin_password_file": str(s["airflow_home"] / "simple_auth_manager_passwords.json.generated"),
             "logs": str(s["state"]), "pids": pids}
     (s["state"] / "stack.json").write_text(json.dumps(info, indent=2))
-    _unpause_training(info)
+    unpause_training(info)
     return info
 
 
-def _unpause_training(stack: dict, timeout: float = 120) -> None:
+def unpause_training(stack: dict, timeout: float = 120) -> None:
     """Unpause ``fracture_training`` (no schedule: it runs only when triggered) once the DAG
     processor has listed it, so a run triggered from the form or the API starts. The scheduled
     DAGs (promotion, inference, drift) stay paused until a person turns them on."""

@@ -85,8 +85,7 @@ def _guard():
     if request.path in _ALIAS and request.method in ("POST", "DELETE"):
         # compared case-insensitively: some SQL collations (MySQL) match "Champion" to "champion"
         alias = str(_body().get("alias") or "").strip().lower()
-        allowed = (promoters() if alias == CHAMPION else promoters() | pipeline_users()
-                   if alias == CHALLENGER else None)
+        allowed = {CHAMPION: promoters(), CHALLENGER: promoters() | pipeline_users()}.get(alias)
         if allowed is not None and user not in allowed:
             return _refuse(f"user {user!r} may not move the {alias!r} alias (promoter identity "
                            f"only{', or the pipeline' if alias == CHALLENGER else ''})")

@@ -345,7 +345,8 @@ def status(cfg: PromotionConfig, client=None) -> dict:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """CLI: ``fracture-ops registry {promote,rollback,status}``."""
+    """CLI: ``fracture-ops registry {promote,rollback,status,adopt}`` and
+    ``fracture-ops registry webhooks {install,serve}``."""
     from fracture_ops.cli_common import add_common_args
 
     parser.add_argument("action", choices=["promote", "rollback", "status", "adopt", "webhooks"],
@@ -369,7 +370,6 @@ def run_cli(args: argparse.Namespace) -> dict:
     """Run a registry action from parsed CLI arguments."""
     from fracture_ops import tracking
     from fracture_ops.cli_common import config_from_args
-
     from fracture_ops.errors import ConfigError
 
     approvers = [a.strip() for a in args.approvers.split(",")] if args.approvers else None

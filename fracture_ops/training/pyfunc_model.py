@@ -58,8 +58,9 @@ class FractureClassifier(PythonModel):
 
         from fracture_ops.training.checkpoint import load_weights
 
-        blob = load_weights(context.artifacts["model"], "model.pt")
-        info = blob["info"]
+        self.model_path = context.artifacts["model"]
+        blob = load_weights(self.model_path, "model.pt")
+        self.info = info = blob["info"]
         self.task, self.class_names = info["task"], list(info["class_names"])
         self.model = build_model(info["backbone"], self.task, len(self.class_names), None, quiet=True)
         self.model.load_state_dict(blob["state_dict"])
