@@ -29,7 +29,7 @@ install: $(STAMP)  ## create .venv and install the package with all extras (pinn
 demo: install  ## run the fracture_training DAG end to end on synthetic data (SQLite Airflow)
 	@FRACTURE_OPS_ARTIFACT_ROOT=$(DEMO_ROOT)/artifacts $(BIN)/python -m fracture_ops.orchestration.demo --root $(DEMO_ROOT) --run-id $(RUN_ID)
 
-test: install  ## run the whole test suite (unit, real data, integration)
+test: lint  ## lint, then run the whole test suite (unit, real data, integration)
 	$(BIN)/python -m pytest -q
 
 up: install  ## start Airflow (standalone) and the MLflow UI on loopback, DAGs loaded
@@ -38,8 +38,9 @@ up: install  ## start Airflow (standalone) and the MLflow UI on loopback, DAGs l
 down:  ## stop what `make up` started
 	@$(BIN)/python -m fracture_ops.orchestration.devstack down
 
-lint:  ## ruff
+lint: install  ## ruff, and the layering contracts of pyproject.toml (lint-imports; see ARCHITECTURE.md)
 	$(BIN)/ruff check fracture_ops dags tests benchmarks
+	$(BIN)/lint-imports
 
 bench: install  ## run the benchmarks (prints ratios against their baselines)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

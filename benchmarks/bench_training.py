@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 from fracture_ops.training.datasets import DecodeCache, ManifestDataset, make_loader  # noqa: E402
 from fracture_ops.training.loop import train_one_epoch  # noqa: E402
-from fracture_ops.training.models import build_model  # noqa: E402
-from fracture_ops.training.transforms import build_transforms  # noqa: E402
+from fracture_ops.model.network import build_model  # noqa: E402
+from fracture_ops.model.preprocess import build_transforms  # noqa: E402
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 
@@ -106,7 +106,7 @@ def bench_loader(size: int, n: int, consume_img_s: float, workers: int) -> dict:
 
 
 def bench_inference(backbone: str, size: int, n: int) -> dict:
-    from fracture_ops.training.pyfunc_model import FractureClassifier
+    from fracture_ops.model.pyfunc import FractureClassifier
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

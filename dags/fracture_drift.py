@@ -5,9 +5,9 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from fracture_ops.orchestration.airflow_tasks import default_args, step_task
+from fracture_ops.orchestration.airflow_tasks import build_tasks, default_args
 from fracture_ops.orchestration.assets import DRIFT_DETECTED
-from fracture_ops.orchestration.params import TRAINING_PARAMS
+from fracture_ops.orchestration.params import dag_params
 from fracture_ops.orchestration.specs import DRIFT_STEPS
 
 DOC = """
@@ -32,18 +32,12 @@ trigger retraining.
     catchup=False,
     max_active_runs=1,
     default_args=default_args(),
-    params={
-        "artifact_root": Param(**TRAINING_PARAMS["artifact_root"]),
-        "window_days": Param(1, type="integer", minimum=1, maximum=90,
-                             description="Days of the prediction log compared with the reference."),
-        "drift_share_threshold": Param(0.3, type="number", minimum=0, maximum=1,
-                                       description="Flag drift when this share of features drifts."),
-    },
+    params={name: Param(**spec) for name, spec in dag_params("fracture_drift").items()},
     doc_md=DOC,
     tags=["fracture-ops", "monitoring"],
 )
 def fracture_drift():
-    report = step_task("drift", steps=DRIFT_STEPS)
+    report = build_tasks(DRIFT_STEPS)["drift"]
 
     @task.short_circuit(task_id="drift_detected")
     def drift_detected(summary: dict) -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag
 
-from fracture_ops.orchestration.airflow_tasks import default_args, step_task
+from fracture_ops.orchestration.airflow_tasks import build_tasks, default_args
 from fracture_ops.orchestration.assets import PREDICTION_LOG
-from fracture_ops.orchestration.params import TRAINING_PARAMS
+from fracture_ops.orchestration.params import dag_params
 from fracture_ops.orchestration.specs import INFERENCE_STEPS
 
 DOC = """
@@ -29,18 +29,14 @@ prefix; DICOM is de-identified first) with `models:/fracture-classifier@champion
     catchup=False,
     max_active_runs=1,
     default_args=default_args(),
-    params={
-        "incoming_uri": Param("data/incoming", type="string",
-                              description="Folder or s3:// prefix of new studies (searched recursively)."),
-        "artifact_root": Param(**TRAINING_PARAMS["artifact_root"]),
-    },
+    params={name: Param(**spec) for name, spec in dag_params("fracture_inference").items()},
     doc_md=DOC,
     tags=["fracture-ops", "inference"],
 )
 def fracture_inference():
-    reference = step_task("reference", steps=INFERENCE_STEPS)
-    infer = step_task("infer", outlets=[PREDICTION_LOG], steps=INFERENCE_STEPS)
-    reference >> infer
+    # reference, then infer, which scores with the version the reference was built for (the
+    # pinned model URI of the reference's summary, passed as an XComArg)
+    build_tasks(INFERENCE_STEPS, outlets={"infer": [PREDICTION_LOG]})
 
 
 fracture_inference()

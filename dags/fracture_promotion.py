@@ -5,9 +5,9 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag
 
-from fracture_ops.orchestration.airflow_tasks import default_args, step_task
+from fracture_ops.orchestration.airflow_tasks import build_tasks, default_args
 from fracture_ops.orchestration.assets import REGISTRY_EVENTS
-from fracture_ops.orchestration.params import TRAINING_PARAMS
+from fracture_ops.orchestration.params import dag_params
 from fracture_ops.orchestration.specs import PROMOTION_STEPS
 
 DOC = """
@@ -44,12 +44,12 @@ audit (`$FRACTURE_OPS_AUDIT_URI`, deployment config). Running it again changes n
     catchup=False,
     max_active_runs=1,
     default_args=default_args(),
-    params={"artifact_root": Param(**TRAINING_PARAMS["artifact_root"])},
+    params={name: Param(**spec) for name, spec in dag_params("fracture_promotion").items()},
     doc_md=DOC,
     tags=["fracture-ops", "registry"],
 )
 def fracture_promotion():
-    step_task("promote", steps=PROMOTION_STEPS)
+    build_tasks(PROMOTION_STEPS)
 
 
 fracture_promotion()

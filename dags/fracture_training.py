@@ -5,9 +5,10 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from fracture_ops.orchestration.airflow_tasks import default_args, step_task
+from fracture_ops.orchestration.airflow_tasks import build_tasks, default_args
 from fracture_ops.orchestration.assets import CANDIDATE_MODEL, CLEAN_MANIFEST, SPLIT
-from fracture_ops.orchestration.params import training_params
+from fracture_ops.orchestration.params import dag_params
+from fracture_ops.orchestration.specs import TRAINING_STEPS
 
 DOC = """
 ### fracture_training
@@ -33,31 +34,20 @@ approval in the MLflow registry (see the `fracture_promotion` DAG).
     catchup=False,
     max_active_runs=1,
     default_args=default_args(),
-    params={name: Param(**spec) for name, spec in training_params().items()},
+    params={name: Param(**spec) for name, spec in dag_params("fracture_training").items()},
     doc_md=DOC,
     tags=["fracture-ops", "training"],
 )
 def fracture_training():
-    ingest = step_task("ingest")
-    validate = step_task("validate", outlets=[CLEAN_MANIFEST])
-    deidentify = step_task("deidentify")
-    split = step_task("split", outlets=[SPLIT])
-    train = step_task("train")
-    calibrate = step_task("calibrate")
-    tune = step_task("tune_thresholds")
-    evaluate = step_task("evaluate")
-    cam = step_task("cam")
-    package = step_task("package")
-    register = step_task("register")
-    gate = step_task("gate", outlets=[CANDIDATE_MODEL])
+    # a task per step of TRAINING_STEPS, each after the steps whose outputs it reads
+    tasks = build_tasks(TRAINING_STEPS, outlets={"validate": [CLEAN_MANIFEST], "split": [SPLIT],
+                                                 "gate": [CANDIDATE_MODEL]})
 
     @task.short_circuit(task_id="detection_enabled", ignore_downstream_trigger_rules=False)
     def detection_enabled(params=None) -> bool:
         return bool(params["detection"])
 
-    detect = step_task("detect_train")
-    ingest >> validate >> deidentify >> split >> train >> calibrate >> tune >> evaluate >> cam >> package >> register >> gate
-    split >> detection_enabled() >> detect
+    detection_enabled() >> tasks["detect_train"]
 
 
 fracture_training()

@@ -32,10 +32,50 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    " or <artifact-root>-raw)")
 
 
+_FLAG_TYPES = {"integer": int, "number": float, "string": str}
+
+
+def add_field_flags(parser: argparse.ArgumentParser, cls: type[BaseModel], *names: str) -> None:
+    """Add one ``--field-name`` flag per config field, generated from the field itself.
+
+    Type, choices (a ``Literal``), bounds and the help text (the field's description and its
+    default) all come from ``cls``, the same source as the DAG trigger forms
+    (:func:`fracture_ops.config.field_schema`), so a flag cannot disagree with the config. Values
+    the user gives are checked by the config, which names the field on an error (exit 2);
+    :func:`config_from_args` picks the given flags up.
+    """
+    from fracture_ops.config import field_schema
+
+    generated = list(parser.get_default("config_fields") or [])
+    for name in names:
+        schema = field_schema(cls, name)
+        kind = schema.get("type")
+        kind = next((k for k in kind if k != "null"), "string") if isinstance(kind, list) else kind
+        text = schema.get("description", "").rstrip(".")
+        bounds = [f"{op} {schema[key]}" for key, op in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                  ("maximum", "<="), ("exclusiveMaximum", "<")) if key in schema]
+        default = schema.get("default", cls.model_fields[name].default)
+        help_text = "; ".join(x for x in (text, ", ".join(bounds),
+                                          f"default {default}" if default not in (None, "") else "") if x)
+        flag = "--" + name.replace("_", "-")
+        if kind == "boolean":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=_FLAG_TYPES.get(kind, str), default=None,
+                                choices=schema.get("enum"), help=help_text,
+                                metavar=None if "enum" in schema else name.upper())
+        generated.append(name)
+    parser.set_defaults(config_fields=generated)
+
+
 def config_from_args(cls: type[C], args: argparse.Namespace, **explicit) -> C:
-    """Build a step config: file < ``--set`` overrides < explicit flags (non-None only)."""
+    """Build a step config: file < ``--set`` overrides < flags (non-None only): the flags that
+    :func:`add_field_flags` generated, then the ``explicit`` ones."""
     overrides = list(getattr(args, "overrides", []) or [])
-    extra = {k: v for k, v in explicit.items() if v is not None}
+    generated = {k: getattr(args, k) for k in getattr(args, "config_fields", None) or []
+                 if k in cls.model_fields}
+    extra = {k: v for k, v in {**generated, **explicit}.items() if v is not None}
     if getattr(args, "run_id", None):
         extra["run_id"] = args.run_id
     if getattr(args, "artifact_root", None):

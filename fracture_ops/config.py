@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fracture_ops import storage
 from fracture_ops.errors import ConfigError
@@ -41,10 +41,13 @@ class StepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    artifact_root: str = ""
+    artifact_root: str = Field("", description="where run folders go: a local folder or an s3:// "
+                               "prefix; empty: $FRACTURE_OPS_ARTIFACT_ROOT or ./data/artifacts")
     run_id: str = "manual"
     # where identifying data (raw paths, original ids) may be written: see raw_dir()
-    raw_root: str = ""
+    raw_root: str = Field("", description="raw zone for the identifying tables before "
+                          "de-identification (its own bucket and credentials, with an expiry); "
+                          "empty: <artifact_root>-raw")
 
     @field_validator("run_id")
     @classmethod
@@ -159,3 +162,25 @@ def write_resolved(cfg: BaseModel, folder: str) -> str:
     """Write the resolved config as ``config.resolved.yaml`` in ``folder``."""
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True)
     return storage.write_text(storage.join(folder, "config.resolved.yaml"), text)
+
+
+def field_schema(cls: type[BaseModel], name: str) -> dict[str, Any]:
+    """The JSON schema of one config field: ``default``, ``type``, bounds (``minimum``,
+    ``maximum``, ``exclusiveMinimum``, ...), ``enum`` for a ``Literal``, ``description``.
+
+    This is what a DAG trigger form's ``Param`` and a CLI flag are generated from, so the config
+    class stays the one place a default, a bound or a description is written. A default that is
+    computed (``default_factory``) is left out: the caller resolves it.
+
+    Raises:
+        KeyError: ``cls`` has no field ``name``.
+    """
+    if name not in cls.model_fields:
+        raise KeyError(f"{cls.__name__} has no field {name!r}")
+    prop = dict(cls.model_json_schema(mode="validation")["properties"][name])
+    prop.pop("title", None)
+    variants = prop.pop("anyOf", None)
+    if variants:  # Optional[X]: X's schema, and null allowed
+        inner = next(v for v in variants if v.get("type") != "null")
+        prop = {**inner, **prop, "type": [inner.get("type", "string"), "null"]}
+    return prop

@@ -26,6 +26,10 @@ class BadInputError(FractureOpsError):
     exit_code = EXIT_BAD_INPUT
 
 
+class FileRejected(BadInputError):
+    """One file cannot be de-identified; the message is PHI-free and goes into the report."""
+
+
 class ImageDecodeError(BadInputError):
     """An image file could not be read or decoded.
 

@@ -14,11 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "dags"
 HEAVY = ["torch", "pandas", "pydicom", "mlflow", "evidently", "timm", "albumentations",
          "great_expectations", "sklearn", "ultralytics", "pytorch_grad_cam", "cv2"]
+# the edges follow the data: each task after the steps whose outputs it reads
 TRAINING_EDGES = {
     ("ingest", "validate"), ("validate", "deidentify"), ("deidentify", "split"), ("split", "train"),
-    ("train", "calibrate"), ("calibrate", "tune_thresholds"), ("tune_thresholds", "evaluate"),
-    ("evaluate", "cam"), ("cam", "package"), ("package", "register"), ("register", "gate"),
-    ("split", "detection_enabled"), ("detection_enabled", "detect_train"),
+    ("train", "calibrate"), ("train", "tune_thresholds"), ("calibrate", "tune_thresholds"),
+    ("train", "evaluate"), ("calibrate", "evaluate"), ("tune_thresholds", "evaluate"),
+    ("train", "cam"), ("calibrate", "cam"), ("tune_thresholds", "cam"), ("deidentify", "cam"),
+    ("train", "package"), ("calibrate", "package"), ("tune_thresholds", "package"),
+    ("evaluate", "package"), ("cam", "package"),
+    ("package", "register"), ("evaluate", "register"), ("train", "register"),
+    ("register", "gate"), ("split", "gate"), ("train", "gate"),
+    ("split", "detect_train"), ("deidentify", "detect_train"), ("detection_enabled", "detect_train"),
 }
 EXPECTED_EDGES = {
     "fracture_training": TRAINING_EDGES,
@@ -168,9 +174,9 @@ def test_every_step_spec_renders_to_a_valid_cli_command():
 
     from airflow.sdk.execution_time import macros
 
-    ti = SimpleNamespace(xcom_pull=lambda task_ids: {"model_version": "3"})
+    ti = SimpleNamespace(xcom_pull=lambda task_ids=None, **kw: {"model_version": "3", "model_uri": "models:/fracture-classifier/3"})
     context = {"params": params, "run_id": "scheduled__2026-11-20T00:00:00+00:00", "ds": "2026-11-20",
-               "macros": macros, "ti": ti}
+               "macros": macros, "ti": ti, "inputs": {"model_uri": "models:/fracture-classifier/3"}}
     for steps in (TRAINING_STEPS, PROMOTION_STEPS, INFERENCE_STEPS, DRIFT_STEPS):
         for spec in steps.values():
             args = render_args(spec, context)
@@ -231,7 +237,7 @@ def test_profile_sets_the_model_fields_left_at_their_defaults():
                "image_size": int(args[args.index("--image-size") + 1]),
                "epochs": int(args[args.index("--epochs") + 1]),
                "batch_size": int(args[args.index("--batch-size") + 1]),
-               "lr": float(next(a for a in args if a.startswith("lr=")).split("=")[1])}
+               "lr": float(args[args.index("--lr") + 1])}
         assert got == {f: want[f] for f in PROFILE_FIELDS}, over
         for f in PROFILE_FIELDS:  # a field the user set wins over the profile
             if f in over:

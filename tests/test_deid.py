@@ -35,7 +35,7 @@ from fracture_ops.deid.images import strip_image_metadata
 from fracture_ops.deid.manifest import deidentify_manifest_step
 from fracture_ops.deid.profile import DeidKeys, shift_date, shift_datetime
 from fracture_ops.data.synthetic_dicom import fake_patient, write_phi_dicom
-from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded
+from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded, FileRejected
 
 SECRET = "unit-test-secret-0123456789abcdef-32+"
 KEYS = DeidKeys(SECRET.encode())
@@ -585,7 +585,7 @@ def test_compressed_pixels_pass_through_but_cannot_be_blanked(synthetic, tmp_pat
     res = pydicom.dcmread(io.BytesIO(out))
     assert res.file_meta.TransferSyntaxUID == RLELossless and res.PixelData == ds.PixelData
     cfg = _cfg(tmp_path, blank_regions=[BlankRegion(box=(0, 0, 4, 4))])
-    with pytest.raises(deid.FileRejected, match="compressed"):
+    with pytest.raises(FileRejected, match="compressed"):
         deid.deidentify_dicom_bytes(buf.getvalue(), KEYS, cfg)
 
 

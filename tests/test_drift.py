@@ -18,7 +18,7 @@ from fracture_ops import storage
 from fracture_ops.errors import BadInputError, ConfigError
 from fracture_ops.monitoring.drift import DriftSettings, analyse_drift, classification_quality
 from fracture_ops.monitoring.index import make_self_contained, remote_references
-from fracture_ops.monitoring.step import DriftConfig, drift_step, select_model_rows
+from fracture_ops.monitoring.drift_step import DriftConfig, drift_step, select_model_rows
 
 REMOTE = re.compile(r"""\b(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
 

@@ -15,7 +15,7 @@ from fracture_ops.errors import BadInputError, ErrorBudgetExceeded
 from fracture_ops.evaluation import calibration, evaluate, thresholds
 from fracture_ops.evaluation.calibration import CalibrateConfig, calibrate_step
 from fracture_ops.evaluation.evaluate import EvaluateConfig, evaluate_step
-from fracture_ops.evaluation.predictions import (
+from fracture_ops.model.outputs import (
     load_predictions,
     probabilities,
     quarantine_bad_rows,

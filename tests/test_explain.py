@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fracture_ops import storage
-from fracture_ops.explain.gradcam import (GradCamExplainer, LoadedModel, box_energy,
+from fracture_ops.model.gradcam import (GradCamExplainer, LoadedModel, box_energy,
                                           cam_to_original, letterbox_geometry,
                                           resolve_target_layer)
 
@@ -27,7 +27,7 @@ def _expected_layer(model, backbone: str):
 
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_b0", "densenet121", "convnext_nano"])
 def test_cam_in_original_shape_and_range_per_backbone(backbone):
-    from fracture_ops.training.models import build_model
+    from fracture_ops.model.network import build_model
 
     model = build_model(backbone, "binary", 1, quiet=True)
     assert resolve_target_layer(model, backbone) is _expected_layer(model, backbone)
@@ -45,7 +45,7 @@ def test_cam_in_original_shape_and_range_per_backbone(backbone):
 
 def test_test_resnet_hooks_its_last_stage_not_a_pooling_layer():
     from fracture_ops.errors import ConfigError
-    from fracture_ops.training.models import build_model
+    from fracture_ops.model.network import build_model
 
     model = build_model("test_resnet", "binary", 1, quiet=True)
     assert resolve_target_layer(model, "test_resnet") is model.layer4
@@ -60,7 +60,7 @@ def test_test_resnet_hooks_its_last_stage_not_a_pooling_layer():
                                    (64, 64), (37, 211), (480, 640)])
 @pytest.mark.parametrize("size", [96, 128])
 def test_letterbox_geometry_matches_the_eval_transform(shape, size):
-    from fracture_ops.training.transforms import build_transforms
+    from fracture_ops.model.preprocess import build_transforms
 
     tensor = build_transforms(size, False)(np.ones(shape, np.float32))["image"][0].numpy()
     content = tensor > 0  # content 1 -> +2.2 after ImageNet normalisation, padding 0 -> -2.1
@@ -100,7 +100,7 @@ def test_box_energy_is_chance_for_a_flat_map_and_one_for_a_box_map():
 
 
 def test_select_cases_orders_each_section():
-    from fracture_ops.explain.step import select_cases
+    from fracture_ops.explain.cam import select_cases
 
     prob = np.array([0.9, 0.2, 0.6, 0.4, 0.95, 0.1])
     label = np.array([1, 1, 0, 1, 0, 0])
@@ -125,7 +125,7 @@ def test_report_escapes_text_and_embeds_images_only():
 
 def test_cam_step_refuses_an_unfinished_train_folder(tmp_path):
     from fracture_ops.errors import BadInputError
-    from fracture_ops.explain.step import CamConfig, cam_step
+    from fracture_ops.explain.cam import CamConfig, cam_step
 
     with pytest.raises(BadInputError, match="_SUCCESS"):
         cam_step(CamConfig(artifact_root=str(tmp_path), run_id="r", train_dir=str(tmp_path)))
@@ -167,7 +167,7 @@ def test_gradcam_overlaps_synthetic_fracture_boxes_better_than_chance(trained):
     0.94/0.96) mean 3.0/3.6, 100 %/96 % above 1. layer3 would give ~12 but layer4 already passes.
     """
     from fracture_ops.data.images import read_image
-    from fracture_ops.explain.gradcam import load_classifier
+    from fracture_ops.model.gradcam import load_classifier
 
     assert trained["train"]["best_val_auroc"] > 0.75  # the model learned the task
     split = storage.read_parquet(trained["split_uri"])
@@ -211,7 +211,7 @@ def _test_probs(trained) -> tuple[np.ndarray, np.ndarray]:
 def test_cam_step_writes_self_contained_report(trained):
     from scipy.special import expit
 
-    from fracture_ops.explain.step import CamConfig, cam_step
+    from fracture_ops.explain.cam import CamConfig, cam_step
 
     prob, y = _test_probs(trained)
     # a threshold at the median positive probability turns half the positives into misses
@@ -249,7 +249,7 @@ def test_cam_step_writes_self_contained_report(trained):
 
 
 def test_cam_step_lists_false_positives_highest_first(trained):
-    from fracture_ops.explain.step import CamConfig, cam_step
+    from fracture_ops.explain.cam import CamConfig, cam_step
 
     prob, y = _test_probs(trained)
     low = float(np.sort(prob[y == 0])[-2])  # the two most confident negatives become FPs
@@ -264,7 +264,7 @@ def test_cam_step_lists_false_positives_highest_first(trained):
 
 def test_cam_step_quarantines_unreadable_images_within_budget(trained, monkeypatch):
     from fracture_ops.errors import ErrorBudgetExceeded
-    from fracture_ops.explain import step
+    from fracture_ops.explain import cam as step
 
     real = step._image_uris
 

@@ -41,8 +41,8 @@ def pages(tmp_path_factory):
     from fracture_ops.evaluation.calibration import CalibrateConfig, calibrate_step
     from fracture_ops.evaluation.evaluate import EvaluateConfig, evaluate_step
     from fracture_ops.evaluation.thresholds import TuneThresholdsConfig, tune_thresholds_step
-    from fracture_ops.explain.step import CamConfig, cam_step
-    from fracture_ops.monitoring.step import DriftConfig, drift_step
+    from fracture_ops.explain.cam import CamConfig, cam_step
+    from fracture_ops.monitoring.drift_step import DriftConfig, drift_step
     from fracture_ops.registry.model_card import write_model_card
     from fracture_ops.training.train import TrainConfig, train_step
     from tests.test_drift import make_rows

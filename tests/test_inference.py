@@ -21,7 +21,7 @@ import pytest
 
 from fracture_ops import storage
 from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded
-from fracture_ops.inference import layout
+from fracture_ops.model import prediction_log as layout
 
 SECRET = "inference-test-secret-0123456789abcdef"
 MODEL = "fracture-classifier"
@@ -117,7 +117,7 @@ def incoming(champion):
 
 
 def _infer(champion, incoming_uri, run_id, date=DATE, **kw):
-    from fracture_ops.inference.step import InferConfig, infer_step
+    from fracture_ops.inference.batch import InferConfig, infer_step
 
     kw.setdefault("batch_size", 16)
     cfg = InferConfig(artifact_root=str(champion["art"]), run_id=run_id,
@@ -310,7 +310,7 @@ def test_error_budget_fails_and_leaves_the_partition_untouched(champion, incomin
 
 def test_config_and_registry_errors(champion, incoming, monkeypatch, tmp_path):
     from fracture_ops.config import load_config
-    from fracture_ops.inference.step import InferConfig
+    from fracture_ops.inference.batch import InferConfig
 
     with pytest.raises(ConfigError):
         load_config(InferConfig, overrides={"date": "20-11-2026"})

@@ -557,7 +557,7 @@ def test_identities_reach_only_their_steps():
     every = {**TRAINING_STEPS, **PROMOTION_STEPS, **INFERENCE_STEPS, **DRIFT_STEPS}
     mounted = {}
     for name, spec in every.items():
-        op = pod_operator(spec, task_id=name)
+        op = pod_operator(spec, task_id=name, inputs={n: "models:/m/1" for n, _, _ in spec.inputs})
         mounted[name] = {s.secret for s in op.secrets}
     assert {n for n, m in mounted.items() if names["promoter"] in m} == {"promote"}
     assert names["mlflow"] not in mounted["promote"]

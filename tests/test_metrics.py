@@ -10,6 +10,7 @@ from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_
 
 from fracture_ops.evaluation import bootstrap as B
 from fracture_ops.evaluation import metrics as M
+from fracture_ops.model.outputs import decisions
 
 # Six samples. Positives score {0.35, 0.65, 0.9}, negatives {0.1, 0.4, 0.8}.
 # AUROC = P(score_pos > score_neg) over the 9 pairs: 0.35 beats 1 (0.1), 0.65 beats 2 (0.1, 0.4),
@@ -106,7 +107,7 @@ def test_multiclass_decision_is_argmax_and_macro_matches_sklearn():
     y = np.eye(3, dtype=int)[lab]
     z = rng.normal(size=(60, 3)) + 1.5 * y
     probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    pred = M.decisions(probs, "multiclass", np.full(3, 0.99))  # thresholds do not matter
+    pred = decisions(probs, "multiclass", np.full(3, 0.99))  # thresholds do not matter
     assert (pred.argmax(axis=1) == probs.argmax(axis=1)).all() and (pred.sum(axis=1) == 1).all()
     out = M.compute_metrics(y, probs, "multiclass", ["a", "b", "c"], np.full(3, 0.5))
     assert out[(None, "auroc_macro")] == pytest.approx(

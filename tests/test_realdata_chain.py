@@ -21,7 +21,7 @@ def test_fracatlas_chain_produces_every_artifact(realdata, tmp_path, monkeypatch
     from fracture_ops.evaluation.calibration import CalibrateConfig, calibrate_step
     from fracture_ops.evaluation.evaluate import EvaluateConfig, evaluate_step
     from fracture_ops.evaluation.thresholds import TuneThresholdsConfig, tune_thresholds_step
-    from fracture_ops.explain.step import CamConfig, cam_step
+    from fracture_ops.explain.cam import CamConfig, cam_step
     from fracture_ops.training.train import TrainConfig, train_step
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

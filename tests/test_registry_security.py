@@ -68,7 +68,7 @@ def _audit(reg) -> list[dict]:
 
 
 def _champion(reg) -> str | None:
-    from fracture_ops.registry.register import alias_version
+    from fracture_ops.registry.client import alias_version
 
     v = alias_version(reg.client, MODEL, "champion")
     return str(v.version) if v else None
@@ -194,7 +194,7 @@ class _FailingClient:
 ], ids=["403", "500", "timeout"])
 def test_a_registry_that_cannot_be_read_fails_the_task_and_promotes_nothing(reg, make_exc):
     from fracture_ops.registry.gates import GateConfig  # noqa: F401 - the gate shares the lookup
-    from fracture_ops.registry.register import alias_version
+    from fracture_ops.registry.client import alias_version
 
     v1 = _version(reg)
     _challenge(reg, v1)
@@ -302,8 +302,8 @@ class _Bomb:
 def test_a_pickle_bomb_checkpoint_is_refused_at_every_load(tmp_path):
     import torch
 
-    from fracture_ops.explain.gradcam import load_classifier
-    from fracture_ops.training.checkpoint import load_weights
+    from fracture_ops.model.gradcam import load_classifier
+    from fracture_ops.model.checkpoint import load_weights
     from fracture_ops.training.loop import Checkpointer
 
     marker = tmp_path / "pwned"

@@ -52,9 +52,9 @@ def test_a_flag_in_a_trigger_param_is_refused_and_changes_nothing(tmp_path, monk
     value = f"--config={attacker_config}"
     params = defaults(artifact_root=str(art)) | {"incoming_uri": "/data/in", param: value}
     spec = (TRAINING_STEPS | INFERENCE_STEPS)[step]
-    ti = SimpleNamespace(xcom_pull=lambda task_ids: {"model_version": "3"})
+    ti = SimpleNamespace(xcom_pull=lambda task_ids=None, **kw: {"model_version": "3", "model_uri": "models:/fracture-classifier/3"})
     args = render_args(spec, {"params": params, "run_id": "manual__x", "ds": "2026-11-20",
-                              "ti": ti})
+                              "ti": ti, "inputs": {"model_uri": "models:/fracture-classifier/3"}})
     # the value travels as a positional after "--", never as a flag
     assert args[args.index("--") + 1] == value and args.count("--") == 1
     before = _files(tmp_path)
@@ -211,7 +211,7 @@ def _all_step_pods():
     assert bag.import_errors == {}
     params = defaults(artifact_root="s3://fracture-ops-artifacts") | {
         "incoming_uri": "s3://incoming/today", "window_days": 7, "drift_share_threshold": 0.3}
-    ti = SimpleNamespace(xcom_pull=lambda task_ids: {"model_version": "3"})
+    ti = SimpleNamespace(xcom_pull=lambda task_ids=None, **kw: {"model_version": "3", "model_uri": "models:/fracture-classifier/3"})
     pods = {}
     for dag in bag.dags.values():
         for op in dag.tasks:

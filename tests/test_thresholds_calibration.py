@@ -13,9 +13,9 @@ from fracture_ops.errors import BadInputError
 from fracture_ops.evaluation import calibration as calibration_mod
 from fracture_ops.evaluation import thresholds as thresholds_mod
 from fracture_ops.evaluation.calibration import CalibrateConfig, Calibrator, calibrate_step
-from fracture_ops.evaluation.calibrators import nll
+from fracture_ops.model.calibrators import nll
 from fracture_ops.evaluation.metrics import expected_calibration_error, task_ece
-from fracture_ops.evaluation.predictions import (
+from fracture_ops.model.outputs import (
     logit_columns,
     logits,
     probabilities,

@@ -108,7 +108,7 @@ def test_thresholds_and_calibration_fitted_on_val_only(pipeline):
 @pytest.mark.slow
 def test_pyfunc_model_reproduces_evaluation_in_fresh_process(pipeline, tmp_path):
     """mlflow.pyfunc.load_model in a new interpreter gives the evaluation's probabilities (1e-5)."""
-    from fracture_ops.evaluation.calibrators import Calibrator
+    from fracture_ops.model.calibrators import Calibrator
 
     train_dir = pipeline["train"]["train_dir"]
     preds = storage.read_parquet(storage.join(train_dir, "predictions.parquet"))
@@ -146,7 +146,7 @@ def test_the_model_is_stored_as_code_and_loaded_without_running_stored_code(pipe
     import pandas as pd
     import yaml
 
-    from fracture_ops.training.pyfunc_model import load_classifier_dir
+    from fracture_ops.model.pyfunc import load_classifier_dir
 
     model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=pipeline["pkg"]["model_uri"],
                                                          dst_path=str(tmp_path / "m")))

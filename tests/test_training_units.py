@@ -10,8 +10,8 @@ import torch
 from fracture_ops.errors import ConfigError, ManifestError
 from fracture_ops.training.datasets import DecodeCache, ManifestDataset, targets_for
 from fracture_ops.training.losses import FocalLoss, build_loss, class_weights
-from fracture_ops.training.models import build_model, cam_target_layer
-from fracture_ops.training.transforms import build_transforms
+from fracture_ops.model.network import build_model, cam_target_layer
+from fracture_ops.model.preprocess import build_transforms
 
 
 @pytest.mark.parametrize("backbone", ["efficientnet_b0", "efficientnet_b3", "densenet121",
@@ -84,7 +84,7 @@ def test_eval_transform_is_deterministic_and_pads():
     img = np.random.default_rng(0).random((30, 60), dtype=np.float32)
     a, b = tf(img)["image"], tf(img)["image"]
     assert a.shape == (3, 48, 48) and torch.equal(a, b)
-    from fracture_ops.training.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from fracture_ops.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     raw = [a[k] * IMAGENET_STD[k] + IMAGENET_MEAN[k] for k in range(3)]
     assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[0], raw[2], atol=1e-5)

@@ -10,15 +10,26 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import pandas as pd
 
 from fracture_ops.data import images
 from fracture_ops.errors import ImageDecodeError
 
-if TYPE_CHECKING:  # the config lives with the step; importing it here would be circular
-    from fracture_ops.data.validation import ValidateConfig
+
+
+class ImageCheckSettings(Protocol):
+    """The fields of the validate step's config that the image checks read (the config itself
+    lives with the step, which imports this module)."""
+
+    workers: int
+    cross_patient_duplicates: str
+    max_truncated_fraction: float
+    min_image_size: int
+    max_image_size: int
+    allowed_bit_depths: list[int]
+    blank_std_threshold: float
 
 
 @dataclass
@@ -54,7 +65,7 @@ class ImageResult:
     facts: pd.DataFrame  # image_id, format, width, height, bit_depth, photometric, pixel_hash
 
 
-def _check_one(uri: str, cfg: ValidateConfig) -> dict:
+def _check_one(uri: str, cfg: ImageCheckSettings) -> dict:
     """Decode one image and judge it; never raises for bad input."""
     out: dict = {"reasons": [], "details": [], "warnings": [], "hash": None, "meta": None}
     try:
@@ -95,7 +106,7 @@ def _check_one(uri: str, cfg: ValidateConfig) -> dict:
     return out
 
 
-def check_images(df: pd.DataFrame, cfg: ValidateConfig,
+def check_images(df: pd.DataFrame, cfg: ImageCheckSettings,
                  already_bad: frozenset[int] | set[int] = frozenset(),
                  skip: frozenset[int] | set[int] = frozenset()) -> ImageResult:
     """Decode every image of a manifest (thread pool) and check it.

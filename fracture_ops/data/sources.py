@@ -357,8 +357,9 @@ class IngestConfig(StepConfig):
     """Config of the ``ingest`` step."""
 
     section: ClassVar[str] = "ingest"
-    source_uri: str = "data/synthetic/manifest.csv"
-    layout: Layout = "csv"
+    source_uri: str = Field("data/demo/synthetic/manifest.csv", description="data source: folder, "
+                            "CSV file or s3:// URI of the raw data set")
+    layout: Layout = Field("csv", description="layout of the data source")
     patient_regex: str | None = None
     columns: dict[str, str] = Field(
         default_factory=dict, description="csv layout: canonical column -> the CSV's column "
@@ -435,10 +436,10 @@ def ingest_step(cfg: IngestConfig) -> dict:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """CLI: ``fracture-ops ingest SOURCE --layout L``."""
-    from fracture_ops.cli_common import add_common_args
+    from fracture_ops.cli_common import add_common_args, add_field_flags
 
     parser.add_argument("source", nargs="?", help="data source folder, CSV file or s3:// URI")
-    parser.add_argument("--layout", choices=list(ADAPTERS), help="layout of the source (default csv)")
+    add_field_flags(parser, IngestConfig, "layout")
     parser.add_argument("--patient-regex", help="folder layout: regex whose first group is the patient id")
     parser.add_argument("--col", action="append", metavar="CANONICAL=COLUMN", default=None,
                         help="csv layout: take a canonical column (image_id, image_uri, patient_id, "

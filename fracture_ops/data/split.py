@@ -35,7 +35,7 @@ class SplitConfig(StepConfig):
     manifest_uri: str = ""
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.15, gt=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seed of the split, the training and the bootstrap")
     stratify_column: str = "label"
     fixed_test_uri: str | None = None  # a previous split.parquet whose test patients stay in test
 
@@ -165,12 +165,12 @@ def split_step(cfg: SplitConfig) -> dict:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """CLI: ``fracture-ops split MANIFEST``."""
-    from fracture_ops.cli_common import add_common_args
+    from fracture_ops.cli_common import add_common_args, add_field_flags
 
     parser.add_argument("manifest", nargs="?", help="manifest Parquet (clean or de-identified)")
     parser.add_argument("--val-fraction", type=float, help="share of images for validation (0.15)")
     parser.add_argument("--test-fraction", type=float, help="share of images for test (0.15)")
-    parser.add_argument("--seed", type=int, help="random seed (0)")
+    add_field_flags(parser, SplitConfig, "seed")
     parser.add_argument("--fixed-test", dest="fixed_test_uri",
                         help="previous split.parquet whose test patients stay in test")
     add_common_args(parser)

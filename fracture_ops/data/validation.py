@@ -87,7 +87,8 @@ class ValidateConfig(StepConfig):
 
     manifest_uri: str = Field(description="manifest to validate (Parquet, or CSV read as strings)")
     boxes_uri: str | None = Field(None, description="optional box side table (BOX_COLUMNS)")
-    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="error budget")
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="error budget: fail when a "
+                                    "larger share of the rows is quarantined")
     allowed_labels: list[str] | None = Field(
         list(BINARY_LABELS), description="label domain; null accepts any label (multi-class)")
     allowed_views: list[str] = Field(list(VIEWS))
@@ -413,13 +414,13 @@ def _write_outputs(cfg, out, df, clean, quarantine, facts, summary) -> dict:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fracture-ops validate``."""
-    from fracture_ops.cli_common import add_common_args
+    from fracture_ops.cli_common import add_common_args, add_field_flags
 
     parser.add_argument("manifest", nargs="?", help="manifest URI (Parquet or CSV)")
     parser.add_argument("--manifest", dest="manifest_opt", metavar="URI",
                         help="manifest URI (alternative to the positional argument)")
     parser.add_argument("--boxes", metavar="URI", help="box side table to check alongside")
-    parser.add_argument("--max-bad-fraction", type=float, help="error budget (default 0.05)")
+    add_field_flags(parser, ValidateConfig, "max_bad_fraction")
     parser.add_argument("--workers", type=int, help="threads for image checks (default 2)")
     parser.add_argument("--no-images", action="store_true", help="table checks only")
     add_common_args(parser)

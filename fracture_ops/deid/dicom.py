@@ -28,7 +28,7 @@ from fracture_ops.deid.config import (
     BlankRegion,
     DeidConfig,
 )
-from fracture_ops.deid.images import FileRejected
+from fracture_ops.errors import FileRejected
 from fracture_ops.deid.profile import DeidKeys, ProfileOptions, ProfileResult, apply_profile
 from fracture_ops.deid.scrub import PixelTextRemains, scrub_array, scrub_report  # noqa: F401
 

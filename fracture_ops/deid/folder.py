@@ -17,11 +17,10 @@ from fracture_ops import storage
 from fracture_ops.data.images import lacks_preamble
 from fracture_ops.deid.config import CANDIDATE_SUFFIXES, DICOM_SUFFIXES, DeidConfig, load_keys
 from fracture_ops.deid.dicom import deidentify_dicom_bytes
-from fracture_ops.deid.images import PNG_SIGNATURE, FileRejected, scrub_image_bytes, \
-    strip_image_metadata
+from fracture_ops.deid.images import PNG_SIGNATURE, scrub_image_bytes, strip_image_metadata
 from fracture_ops.deid.profile import DeidKeys, ProfileResult
 from fracture_ops.deid.report import THUMBNAILS
-from fracture_ops.errors import BadInputError
+from fracture_ops.errors import BadInputError, FileRejected
 
 
 

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import io
 
-from fracture_ops.errors import BadInputError
-
-
-class FileRejected(BadInputError):
-    """One file cannot be de-identified; the message is PHI-free and goes into the report."""
+from fracture_ops.errors import FileRejected
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from fracture_ops.deid.images import FileRejected
+from fracture_ops.errors import FileRejected
 from fracture_ops.deid.ocr import EngineUnavailable, TextEngine, get_engine
 from fracture_ops.deid.phi_text import phi_tokens_from_values
 from fracture_ops.deid.pixels import ScrubOptions, ScrubResult, label_key, scrub_frames

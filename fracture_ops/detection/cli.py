@@ -38,7 +38,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``train``, ``val`` and ``predict`` actions, each with its flags."""
-    from fracture_ops.cli_common import add_common_args
+    from fracture_ops.cli_common import add_common_args, add_field_flags
+    from fracture_ops.detection.yolo import DetectConfig
 
     subs = parser.add_subparsers(dest="detect_command", metavar="<action>", required=True)
     train = subs.add_parser("train", help=ACTIONS["train"], description=ACTIONS["train"])
@@ -46,7 +47,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--model", help="architecture to train from scratch: yolov8n.yaml, "
                        "yolov8s.yaml, yolov8m.yaml or a local yaml (yolov8n.yaml)")
     _model_args(train, "local .pt to start from instead of scratch (never downloaded)")
-    train.add_argument("--epochs", type=int, help="training epochs (50)")
+    add_field_flags(train, DetectConfig, "epochs")
     train.add_argument("--no-mlflow", dest="mlflow", action="store_false", default=None,
                        help="do not log to MLflow or register the model")
     val = subs.add_parser("val", help=ACTIONS["val"], description=ACTIONS["val"])

@@ -36,7 +36,7 @@ class YoloDetectorModel(PythonModel):
         """Boxes and scores for every row of ``model_input``."""
         from fracture_ops.detection.yolo import DetectConfig, predict_arrays
         from fracture_ops.errors import ImageDecodeError
-        from fracture_ops.training.pyfunc_model import decode_input
+        from fracture_ops.model.pyfunc import decode_input
 
         if "image" not in model_input.columns:
             raise ValueError("input needs a string column 'image' (URI or base64 file bytes)")

@@ -17,17 +17,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from fracture_ops.registry.client import CHALLENGER
+
 log = logging.getLogger(__name__)
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-CHALLENGER = "challenger"
 MODEL_DESCRIPTION = ("YOLOv8 fracture localisation (boxes + image-level score). Research and "
                      "education only; not for clinical use.")
 
 
 def ensure_registered_model(client, name: str) -> None:
     """Create the detector's registered model only when it does not exist yet."""
-    from fracture_ops.registry.register import ensure_registered_model as ensure
+    from fracture_ops.registry.client import ensure_registered_model as ensure
 
     ensure(client, name, MODEL_DESCRIPTION, {"task": "detection", "framework": "ultralytics"})
 

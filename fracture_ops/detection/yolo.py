@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.errors import ConfigError
+from fracture_ops.registry.client import DETECTOR
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class DetectConfig(StepConfig):
     weights: str | None = None  # local .pt: starting weights (train) or the model (val, predict)
     class_names: list[str] | None = None
     imgsz: int = Field(640, ge=32, le=4096)
-    epochs: int = Field(50, ge=1)
+    epochs: int = Field(50, ge=1, description="YOLO training epochs (the detection branch)")
     batch: int = Field(16, ge=1)
     patience: int = Field(50, ge=1)
     device: str = "auto"  # auto: CUDA when available, else CPU; or "cpu", "0", "0,1"
@@ -76,7 +77,7 @@ class DetectConfig(StepConfig):
     sample_images: int = Field(4, ge=0)  # prediction overlays logged to MLflow
     mlflow: bool = True
     experiment: str = "fracture-detection"
-    registered_model: str = "fracture-detector"
+    registered_model: str = DETECTOR
     register_model: bool = True  # register in MLflow as `registered_model`
 
     @field_validator("imgsz")

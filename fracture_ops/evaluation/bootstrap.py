@@ -29,13 +29,13 @@ from fracture_ops.evaluation.metrics import (
     Key,
     Mode,
     bin_index,
-    decisions,
     sens_at_spec_from_curve,
     sens_at_spec_name,
     spec_at_sens_from_curve,
     spec_at_sens_name,
     top_label,
 )
+from fracture_ops.model.outputs import decisions
 
 # Largest number of (image x resample) weights held at once: 4e6 float32 = 16 MB per array.
 _CHUNK_ELEMENTS = 4_000_000

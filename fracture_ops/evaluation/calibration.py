@@ -1,6 +1,6 @@
 """The ``calibrate`` step: fit a probability calibrator on the validation split only.
 
-Reads the predictions folder, fits :class:`~fracture_ops.evaluation.calibrators.Calibrator` on the
+Reads the predictions folder, fits :class:`~fracture_ops.model.calibrators.Calibrator` on the
 rows with ``split == "val"`` (never train or test rows), and writes ``calibration.json`` with the
 fitted parameters and the ECE/NLL before and after on the validation rows (in-sample figures; the
 ``evaluate`` step reports calibration on the held-out split).
@@ -18,10 +18,12 @@ from pydantic import Field
 
 from fracture_ops import storage
 from fracture_ops.config import StepConfig
-from fracture_ops.evaluation.calibrators import Calibrator, nll
+from fracture_ops.model.calibrators import Calibrator, nll
 from fracture_ops.evaluation.metrics import expected_calibration_error, task_ece
-from fracture_ops.evaluation.predictions import logits, probabilities, split_rows, targets
-from fracture_ops.evaluation.steps import CALIBRATION_FILE, finish_step, read_predictions
+from fracture_ops.model.outputs import logits, probabilities, split_rows, targets
+from fracture_ops.evaluation.step_output import finish_step
+from fracture_ops.model.documents import CALIBRATION_FILE
+from fracture_ops.model.outputs import read_predictions
 
 # Re-exported so ``fracture_ops.evaluation.calibration`` is the one import for calibration users.
 __all__ = ["CalibrateConfig", "Calibrator", "calibrate_step", "calibration_report"]

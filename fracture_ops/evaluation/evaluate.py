@@ -27,20 +27,17 @@ from fracture_ops.evaluation.bootstrap import bootstrap_ci
 from fracture_ops.evaluation.metrics import (
     Mode,
     compute_metrics,
-    decisions,
     finite_or_none,
     nest,
     reliability_bins,
     task_ece,
     top_label,
 )
-from fracture_ops.evaluation.predictions import logits, probabilities, split_rows, targets
-from fracture_ops.evaluation.steps import (
-    finish_step,
-    read_calibrator,
-    read_predictions,
-    read_thresholds,
-)
+from fracture_ops.model.outputs import decisions
+from fracture_ops.model.outputs import logits, probabilities, split_rows, targets
+from fracture_ops.evaluation.step_output import finish_step
+from fracture_ops.model.documents import read_calibrator, read_thresholds
+from fracture_ops.model.outputs import read_predictions
 
 log = logging.getLogger(__name__)
 

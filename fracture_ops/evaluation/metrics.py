@@ -39,6 +39,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from fracture_ops.model.outputs import decisions
+
 Mode = Literal["achievable", "interpolated"]
 Key = tuple[str | None, str]
 # Tolerance for comparing rates with targets: 1 - 0.8 is 0.19999999999999996 in floating point.
@@ -207,15 +209,6 @@ def task_ece(y: np.ndarray, probs: np.ndarray, task: str, n_bins: int = 15) -> f
     )
 
 
-def decisions(probs: np.ndarray, task: str, thresholds: np.ndarray) -> np.ndarray:
-    """0/1 decisions ``(n, C)``: ``p >= threshold`` per class, or one-hot argmax (multiclass)."""
-    if task == "multiclass":
-        out = np.zeros(probs.shape, dtype=np.int64)
-        out[np.arange(len(probs)), probs.argmax(axis=1)] = 1
-        return out
-    return (probs >= np.asarray(thresholds)[None, :]).astype(np.int64)
-
-
 def compute_metrics(
     y: np.ndarray,
     probs: np.ndarray,
@@ -272,8 +265,9 @@ def _overall(y, probs, task, class_names, per_class, n_bins) -> dict[Key, float]
     if task == "binary":
         out[(None, "kappa")] = per_class[(class_names[0], "kappa")]
     elif task == "multiclass":
-        out[(None, "kappa")] = cohen_kappa(y.argmax(axis=1), probs.argmax(axis=1))
-        out[(None, "accuracy")] = float(np.mean(y.argmax(axis=1) == probs.argmax(axis=1)))
+        predicted = decisions(probs, task, np.zeros(len(class_names))).argmax(axis=1)
+        out[(None, "kappa")] = cohen_kappa(y.argmax(axis=1), predicted)
+        out[(None, "accuracy")] = float(np.mean(predicted == y.argmax(axis=1)))
     return out
 
 

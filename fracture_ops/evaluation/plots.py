@@ -105,7 +105,7 @@ def plot_confusion(y: np.ndarray, pred: np.ndarray, task: str, class_names: list
 
     Args:
         y: ``(n, C)`` 0/1 labels.
-        pred: ``(n, C)`` 0/1 decisions (see ``metrics.decisions``).
+        pred: ``(n, C)`` 0/1 decisions (see ``fracture_ops.model.outputs.decisions``).
         task: ``binary``, ``multiclass`` or ``multilabel``.
         class_names: the ``C`` class names.
 

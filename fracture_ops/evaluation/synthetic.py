@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fracture_ops.evaluation.predictions import label_columns, logit_columns
+from fracture_ops.model.outputs import label_columns, logit_columns
 
 REGIONS = ("hand", "wrist", "leg")
 

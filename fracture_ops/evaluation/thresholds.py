@@ -36,18 +36,14 @@ from fracture_ops.config import StepConfig
 from fracture_ops.errors import BadInputError
 from fracture_ops.evaluation.metrics import (
     both_classes,
-    decisions,
     finite_or_none,
     sensitivity_specificity,
 )
-from fracture_ops.evaluation.predictions import logits, split_rows, targets
-from fracture_ops.evaluation.steps import (
-    DEFAULT_THRESHOLD,
-    THRESHOLDS_FILE,
-    finish_step,
-    read_calibrator,
-    read_predictions,
-)
+from fracture_ops.model.outputs import decisions
+from fracture_ops.model.outputs import logits, split_rows, targets
+from fracture_ops.evaluation.step_output import finish_step
+from fracture_ops.model.documents import DEFAULT_THRESHOLD, THRESHOLDS_FILE, read_calibrator
+from fracture_ops.model.outputs import read_predictions
 
 log = logging.getLogger(__name__)
 

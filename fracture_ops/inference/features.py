@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from fracture_ops.data.manifest import LATERALITIES
-from fracture_ops.training.datasets import shrink_longest
+from fracture_ops.model.preprocess import shrink_longest
 
 STATS_SIZE = 256
 UNKNOWN_VIEW, UNKNOWN_LATERALITY, UNKNOWN_REGION = "UNKNOWN", "U", "unknown"

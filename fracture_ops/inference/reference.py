@@ -25,9 +25,10 @@ from pydantic import Field
 from fracture_ops import storage
 from fracture_ops.config import write_resolved
 from fracture_ops.errors import BadInputError
-from fracture_ops.inference import layout
-from fracture_ops.inference.score import ScoreInput, load_scorer, resolve_model, score_inputs
-from fracture_ops.inference.step import (
+from fracture_ops.model import prediction_log as layout
+from fracture_ops.inference.score import ScoreInput, load_scorer, score_inputs
+from fracture_ops.registry.client import resolve_model
+from fracture_ops.inference.batch import (
     ScoringConfig,
     add_scoring_args,
     batch_id_for,

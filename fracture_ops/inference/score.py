@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -25,66 +24,18 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from itertools import islice
 from dataclasses import dataclass, field
-from datetime import datetime, UTC
 
 import numpy as np
 import pandas as pd
 
 from fracture_ops import storage
-from fracture_ops.errors import BadInputError, ConfigError, ImageDecodeError
+from fracture_ops.errors import ImageDecodeError
 from fracture_ops.inference import features as F
+from fracture_ops.model.outputs import decisions
+from fracture_ops.registry.client import ModelRef
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
-_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A concrete registered model version (what every prediction row records)."""
-
-    name: str
-    version: str
-    alias: str | None = None
-    created_date: str = ""  # YYYY-MM-DD (UTC) the version was registered
-
-    @property
-    def uri(self) -> str:
-        """``models:/<name>/<version>``: pinned, unlike an alias."""
-        return f"models:/{self.name}/{self.version}"
-
-
-def resolve_model(model_uri: str) -> ModelRef:
-    """Resolve ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` to a concrete version.
-
-    Raises:
-        ConfigError: the URI is not a registry URI of one of those two forms.
-        BadInputError: the registered model, version or alias does not exist.
-    """
-    match = _REGISTRY_URI.match(model_uri.strip())
-    if not match:
-        raise ConfigError(f"model_uri must be models:/<name>@<alias> or models:/<name>/<version> "
-                          f"(the version is recorded with every prediction), got {model_uri!r}")
-    import mlflow
-
-    from fracture_ops import tracking
-
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    client = mlflow.MlflowClient()
-    name, alias = match["name"], match["alias"]
-    try:
-        mv = (client.get_model_version_by_alias(name, alias) if alias
-              else client.get_model_version(name, match["version"]))
-    except mlflow.exceptions.MlflowException as exc:
-        # a missing model/alias is a state the user must fix (promote a model); server errors
-        # (unavailable, internal) may heal on retry and propagate as internal errors
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise BadInputError(f"{model_uri}: {exc.message}") from exc
-        raise
-    log.info("scoring with %s version %s%s", name, mv.version, f" (@{alias})" if alias else "")
-    created = datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, UTC)
-    return ModelRef(name=name, version=str(mv.version), alias=alias,
-                    created_date=created.date().isoformat())
 
 
 class Scorer:
@@ -99,7 +50,7 @@ class Scorer:
     def __init__(self, ref: ModelRef, model_dir: str, device: str = "auto"):
         import torch
 
-        from fracture_ops.training.pyfunc_model import load_classifier_dir
+        from fracture_ops.model.pyfunc import load_classifier_dir
 
         self.ref = ref
         # runs no code stored with the model; BadInputError when it is not our classifier
@@ -133,17 +84,9 @@ class Scorer:
             emb = self.model.forward_head(feats, pre_logits=True)
             logits = self.model.forward_head(feats)  # == model(x): timm's forward is these two
         probs = self.clf.calibrator.transform(logits.float().cpu().numpy()).reshape(len(images), -1)
-        out = {"probs": probs, "decisions": decide(probs, self.clf.task, self.clf.thresholds)}
+        out = {"probs": probs, "decisions": decisions(probs, self.clf.task, self.clf.thresholds)}
         out.update(F.embedding_features(emb.float().cpu().numpy()))
         return out
-
-
-def decide(probs: np.ndarray, task: str, thresholds: np.ndarray) -> np.ndarray:
-    """0/1 decisions exactly as the pyfunc model makes them: arg-max for multi-class, else
-    ``prob >= threshold`` per class."""
-    if task == "multiclass":
-        return (probs.argmax(1)[:, None] == np.arange(probs.shape[1])[None]).astype(np.int64)
-    return (probs >= np.asarray(thresholds)[None, :]).astype(np.int64)
 
 
 def load_scorer(ref: ModelRef, device: str = "auto") -> Scorer:
@@ -223,7 +166,7 @@ def decode_input(item: ScoreInput, data: bytes, pre_size: int | None, keys,
                  deid_cfg) -> LoadedImage:
     """:func:`load_input` for bytes already read."""
     from fracture_ops.data.images import sniff_format
-    from fracture_ops.training.datasets import preprocess
+    from fracture_ops.model.preprocess import preprocess
 
     fmt = sniff_format(data, item.uri)
     cats = F.unknown_categoricals()
@@ -242,7 +185,7 @@ def decode_input(item: ScoreInput, data: bytes, pre_size: int | None, keys,
 
 def quarantine_reason(exc: Exception) -> str:
     """A reason for the report that names neither the file nor any header value."""
-    from fracture_ops.deid.images import FileRejected
+    from fracture_ops.errors import FileRejected
 
     if isinstance(exc, ImageDecodeError):
         return exc.cause
@@ -351,7 +294,7 @@ def _score_batch(batch: list[LoadedImage], scorer: Scorer, on_batch) -> pd.DataF
 
 
 def _rows(frames: list[pd.DataFrame], class_names: list[str]) -> pd.DataFrame:
-    from fracture_ops.inference.layout import ID_COLUMNS, log_columns
+    from fracture_ops.model.prediction_log import ID_COLUMNS, log_columns
 
     cols = [c for c in log_columns(class_names) if c not in ID_COLUMNS[1:]]
     if not frames:

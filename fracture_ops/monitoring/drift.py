@@ -18,7 +18,7 @@ distances above); a column drifts when its p-value is below, or its distance at 
 threshold. Whether a column drifted is read from Evidently's own per-column test, so the report
 and the summary cannot disagree.
 
-Nothing here touches disk: :mod:`fracture_ops.monitoring.step` reads and writes.
+Nothing here touches disk: :mod:`fracture_ops.monitoring.drift_step` reads and writes.
 """
 
 from __future__ import annotations
@@ -34,10 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fracture_ops.errors import BadInputError, ConfigError, FractureOpsError
 
-NUMERIC_FEATURES = ("feat_mean", "feat_std", "feat_p01", "feat_p99", "feat_height", "feat_width",
-                    "feat_aspect", "feat_bit_depth", "feat_emb_mean", "feat_emb_std",
-                    "feat_emb_norm")
-CATEGORICAL_FEATURES = ("view", "laterality", "body_region", "source_format")
+from fracture_ops.model.prediction_log import (
+    CATEGORICAL_FEATURES,
+    DECISION_PREFIX,
+    FEATURE_PREFIX,
+    NUMERIC_FEATURES,
+    PROB_PREFIX,
+)
+
 MISSING = "(missing)"  # a null category is a category: a burst of unknown views is drift too
 TARGET = "target"  # 1 when the row's label is the evaluated class (one-vs-rest)
 
@@ -54,7 +58,8 @@ class DriftSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    drift_share_threshold: float = Field(0.3, gt=0, le=1)
+    drift_share_threshold: float = Field(0.3, gt=0, le=1, description="flag drift when this share "
+                                         "of the feature columns drifts")
     num_stattest: str | None = None
     cat_stattest: str | None = None
     stattest_threshold: float | None = Field(None, gt=0)
@@ -88,22 +93,22 @@ def feature_columns(reference: pd.DataFrame, window: pd.DataFrame) -> tuple[list
         other ``feat_*``) and the categorical columns, plus a note per column left out.
     """
     notes = []
-    extra = sorted(c for c in reference.columns if c.startswith("feat_") and c not in NUMERIC_FEATURES)
+    extra = sorted(c for c in reference.columns if c.startswith(FEATURE_PREFIX) and c not in NUMERIC_FEATURES)
     numeric, categorical = [], []
     for col in [*NUMERIC_FEATURES, *extra, *CATEGORICAL_FEATURES]:
         if col not in reference.columns or col not in window.columns:
             notes.append(f"{col}: not in both the window and the reference; left out")
-        elif col.startswith("feat_") and (reference[col].isna().all() or window[col].isna().all()):
+        elif col.startswith(FEATURE_PREFIX) and (reference[col].isna().all() or window[col].isna().all()):
             notes.append(f"{col}: no values in the window or the reference; left out")
         else:
-            (numeric if col.startswith("feat_") else categorical).append(col)
+            (numeric if col.startswith(FEATURE_PREFIX) else categorical).append(col)
     return numeric, categorical, notes
 
 
 def prediction_columns(reference: pd.DataFrame, window: pd.DataFrame) -> tuple[list, list]:
     """``prob_<c>`` and ``decision_<c>`` columns present in both tables."""
     both = [c for c in reference.columns if c in set(window.columns)]
-    return ([c for c in both if c.startswith("prob_")], [c for c in both if c.startswith("decision_")])
+    return ([c for c in both if c.startswith(PROB_PREFIX)], [c for c in both if c.startswith(DECISION_PREFIX)])
 
 
 def _prepared(df: pd.DataFrame, numeric: list[str], categorical: list[str]) -> pd.DataFrame:
@@ -281,7 +286,7 @@ def analyse_drift(reference: pd.DataFrame, window: pd.DataFrame,
     predictions = {c: results[c] for c in prob_cols + decision_cols}
     n_drifted, share = drifted_columns_count(report)
     flag, reasons = decide(features, predictions, share, settings)
-    rates = {c[len("decision_"):]: {
+    rates = {c[len(DECISION_PREFIX):]: {
         "window": float(pd.to_numeric(window[c], errors="coerce").mean()),
         "reference": float(pd.to_numeric(reference[c], errors="coerce").mean())}
         for c in decision_cols}
@@ -321,9 +326,9 @@ def _labelled(df: pd.DataFrame, cls: str) -> pd.DataFrame:
     rows = df[has_label(df)]
     return pd.DataFrame({
         TARGET: (rows["label"].astype(str).str.strip() == cls).astype(int).to_numpy(),
-        f"decision_{cls}": pd.to_numeric(rows[f"decision_{cls}"], errors="coerce").fillna(0)
+        f"{DECISION_PREFIX}{cls}": pd.to_numeric(rows[f"{DECISION_PREFIX}{cls}"], errors="coerce").fillna(0)
         .astype(int).to_numpy(),
-        f"prob_{cls}": pd.to_numeric(rows[f"prob_{cls}"], errors="coerce").to_numpy(dtype=float)})
+        f"{PROB_PREFIX}{cls}": pd.to_numeric(rows[f"{PROB_PREFIX}{cls}"], errors="coerce").to_numpy(dtype=float)})
 
 
 def quality_section(reference: pd.DataFrame, window: pd.DataFrame, prob_cols: list[str],
@@ -334,19 +339,19 @@ def quality_section(reference: pd.DataFrame, window: pd.DataFrame, prob_cols: li
         ``(section, snapshot)``: ``section["status"]`` is ``"ok"`` or ``"skipped"`` with a
         ``note``; the Evidently snapshot (classification metrics and label drift) or None.
     """
-    classes = [c[len("prob_"):] for c in prob_cols]
+    classes = [c[len(PROB_PREFIX):] for c in prob_cols]
     cls = settings.positive_class or (classes[0] if classes else None)
     n_labelled = int(has_label(window).sum())
     skip = {"status": "skipped", "class": cls, "window_labelled_rows": n_labelled}
-    if cls is None or cls not in classes or f"decision_{cls}" not in window.columns:
+    if cls is None or cls not in classes or f"{DECISION_PREFIX}{cls}" not in window.columns:
         return {**skip, "note": f"no prob_/decision_ columns for class {cls!r}"}, None
     if n_labelled == 0:
         return {**skip, "note": "no labels have arrived for this window yet"}, None
     ref, cur = _labelled(reference, cls), _labelled(window, cls)
     if ref.empty:
         return {**skip, "note": "the reference table holds no labels"}, None
-    win_q = classification_quality(cur[TARGET], cur[f"decision_{cls}"], cur[f"prob_{cls}"])
-    ref_q = classification_quality(ref[TARGET], ref[f"decision_{cls}"], ref[f"prob_{cls}"])
+    win_q = classification_quality(cur[TARGET], cur[f"{DECISION_PREFIX}{cls}"], cur[f"{PROB_PREFIX}{cls}"])
+    ref_q = classification_quality(ref[TARGET], ref[f"{DECISION_PREFIX}{cls}"], ref[f"{PROB_PREFIX}{cls}"])
     delta = {k: (win_q[k] - ref_q[k]) for k in ("accuracy", "precision", "recall", "specificity",
                                                   "f1", "auroc")
              if win_q[k] is not None and ref_q[k] is not None}

@@ -57,18 +57,81 @@ def run_local_step(spec: StepSpec, context: dict) -> dict:
         raise
 
 
-def step_task(name: str, outlets: list | None = None, steps: dict[str, StepSpec] = TRAINING_STEPS):
-    """The task for the step ``name``: local subprocess or Kubernetes pod, by configuration."""
+def build_tasks(steps: dict[str, StepSpec], outlets: dict[str, list] | None = None) -> dict:
+    """One task per step spec, in the specs' order, each after the steps whose outputs it reads
+    and given the XComArgs its :attr:`~StepSpec.inputs` name: adding a spec adds its task."""
+    tasks: dict = {}
+    for name in steps:
+        tasks[name] = step_task(name, outlets=(outlets or {}).get(name), steps=steps, upstream=tasks)
+    wire_by_data(tasks, steps)
+    return tasks
+
+
+def wire_by_data(tasks: dict, steps: dict[str, StepSpec] = TRAINING_STEPS) -> None:
+    """Draw the DAG's edges from the data: each task runs after the steps whose outputs it reads
+    (:attr:`StepSpec.reads`), and after nothing else."""
+    for name, task in tasks.items():
+        for upstream in steps[name].reads:
+            if upstream in tasks:
+                tasks[upstream] >> task
+
+
+class SummaryValue:
+    """One key of an upstream task's JSON summary (its XCom ``return_value``), resolved when
+    Airflow renders the task: ``XComArg[key]`` would name an XCom key, not a summary field."""
+
+    def __init__(self, summary, key: str):
+        self.summary, self.key = summary, key
+
+    def resolve(self, context) -> object:
+        value = self.summary.resolve(context)
+        if not isinstance(value, dict) or self.key not in value:
+            raise KeyError(f"the upstream summary has no {self.key!r}")
+        return value[self.key]
+
+    def iter_references(self):  # lets Airflow see the upstream task, as for an XComArg
+        return self.summary.iter_references()
+
+    def __repr__(self) -> str:
+        return f"SummaryValue({self.summary!r}, {self.key!r})"
+
+
+def xcom_inputs(spec: StepSpec, upstream: dict | None) -> dict:
+    r"""The values a spec's :attr:`~StepSpec.inputs` name, as :class:`SummaryValue`\ s of the
+    upstream tasks' summary XComArgs.
+
+    Raises:
+        ValueError: an input's task is not among ``upstream``.
+    """
+    from airflow.sdk import XComArg
+
+    out = {}
+    for name, task_id, key in spec.inputs:
+        if not upstream or task_id not in upstream:
+            raise ValueError(f"step {spec.name!r} takes {name!r} from task {task_id!r}: pass it in upstream")
+        task = upstream[task_id]
+        out[name] = SummaryValue(task if isinstance(task, XComArg) else task.output, key)
+    return out
+
+
+def step_task(name: str, outlets: list | None = None, steps: dict[str, StepSpec] = TRAINING_STEPS,
+              upstream: dict | None = None):
+    """The task for the step ``name``: local subprocess or Kubernetes pod, by configuration.
+
+    ``upstream``: the tasks (by task id) whose summaries the step takes values from
+    (:attr:`StepSpec.inputs`), passed on as XComArgs.
+    """
     spec = steps[name]
+    inputs = xcom_inputs(spec, upstream)
     if runner_kind() == "kubernetes":
         from fracture_ops.orchestration.pods import pod_operator
 
-        return pod_operator(spec, **task_kwargs(spec, outlets))
+        return pod_operator(spec, inputs=inputs, **task_kwargs(spec, outlets))
     from airflow.sdk import get_current_context, task
 
     @task(**task_kwargs(spec, outlets))
-    def _run() -> dict:
-        return run_local_step(spec, get_current_context())
+    def _run(inputs: dict | None = None) -> dict:
+        return run_local_step(spec, {**get_current_context(), "inputs": inputs or {}})
 
     _run.__doc__ = f"fracture-ops {spec.args[0]} (local runner)"
-    return _run()
+    return _run(inputs=inputs) if inputs else _run()  # TaskFlow resolves the inputs first

@@ -1,27 +1,41 @@
-"""Trigger-form parameters of the training DAG: defaults, descriptions and validation schema.
+"""Trigger-form parameters of the DAGs, generated from the step configs.
 
-Plain data (no Airflow import): the DAG turns each entry into an ``airflow.sdk.Param``; the
-local demo uses the defaults directly.
+Each trigger parameter names the step config field it sets (:data:`DAG_FIELDS`); its default,
+type, bounds, choices and description are read from that pydantic field
+(:func:`fracture_ops.config.field_schema`), the same source as the step's CLI flag
+(:func:`fracture_ops.cli_common.add_field_flags`), so the form, the flag and the config cannot
+disagree. Only the two parameters that steer the DAG itself (``profile``, ``detection``) are
+written here.
+
+The step configs live beside code that imports pandas and torch, which a DAG file must not load
+at parse time; so the generated forms are kept in ``trigger_forms.json`` beside this module
+(``python -m fracture_ops.orchestration.params`` rewrites it) and a test fails when the file no
+longer equals what the configs generate. Plain data (no Airflow import): the DAG turns each entry
+into an ``airflow.sdk.Param``; the local demo uses the defaults directly.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import sys
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-BACKBONES = ["efficientnet_b0", "efficientnet_b3", "densenet121", "resnet18", "resnet50",
-             "convnext_nano", "test_resnet"]
-LAYOUTS = ["csv", "folder", "fracatlas", "grazpedwri", "mura"]
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+FORMS_FILE = Path(__file__).with_name("trigger_forms.json")
 
 # Training profiles: the model-size fields set together. A profile fills each of these fields
 # the user left at its default; a field set to anything else wins. "gpu" is the fields' own
-# defaults (a GPU pod), "cpu-quick" the demo's small model that runs on a laptop's CPU.
+# defaults (TrainConfig's: a GPU pod), "cpu-quick" the demo's small model for a laptop's CPU.
 PROFILE_FIELDS = ("backbone", "image_size", "epochs", "batch_size", "lr")
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu-quick": {"backbone": "test_resnet", "image_size": 128, "epochs": 12, "batch_size": 16,
                   "lr": 0.003},
-    "gpu": {},  # the fields' defaults: efficientnet_b0, 384 px, 20 epochs, batch 32, lr 1e-3
+    "gpu": {},  # TrainConfig's defaults
 }
 
 
@@ -31,75 +45,147 @@ def default_profile() -> str:
         else "cpu-quick"
 
 
-TRAINING_PARAMS: dict[str, dict[str, Any]] = {
-    "profile": {"default": default_profile(), "type": "string", "enum": list(PROFILES),
-                "description": "Model size, set together for the fields below left at their "
-                "defaults. cpu-quick: test_resnet, 128 px, 12 epochs, batch 16, lr 3e-3 (the "
-                "demo's model; minutes on a laptop CPU, for trying the platform, not for "
-                "accuracy). gpu: the fields as shown (efficientnet_b0, 384 px, 20 epochs, batch "
-                "32; meant for a GPU pod, hours on a CPU). Default: gpu with the Kubernetes "
-                "runner, cpu-quick with the local one.",
-                "values_display": {"cpu-quick": "cpu-quick: small model, minutes on a CPU",
-                                   "gpu": "gpu: full model, needs a GPU pod"}},
-    "source_uri": {"default": "data/demo/synthetic/manifest.csv", "type": "string",
-                   "description": "Data source: folder, CSV file or s3:// URI of the raw data set."},
-    "layout": {"default": "csv", "type": "string", "enum": LAYOUTS,
-               "description": "Layout of the data source (csv, folder, fracatlas, grazpedwri, mura)."},
-    "artifact_root": {"default": os.environ.get("FRACTURE_OPS_ARTIFACT_ROOT", "data/artifacts"),
-                      "type": "string",
-                      "description": "Where run folders go: a local folder or an s3:// prefix."},
-    "raw_root": {"default": os.environ.get("FRACTURE_OPS_RAW_ROOT", ""), "type": "string",
-                 "description": "Raw zone for the identifying tables before de-identification "
-                 "(its own bucket and credentials, with an expiry); empty: <artifact_root>-raw."},
-    "backbone": {"default": "efficientnet_b0", "type": "string", "enum": BACKBONES,
-                 "description": "timm backbone of the classifier."},
-    "image_size": {"default": 384, "type": "integer", "minimum": 64, "maximum": 1024,
-                   "description": "Input side in pixels (320-512 typical; smaller for CPU demos)."},
-    "epochs": {"default": 20, "type": "integer", "minimum": 1, "maximum": 500,
-               "description": "Training epochs (early stopping on validation AUROC may stop sooner)."},
-    "batch_size": {"default": 32, "type": "integer", "minimum": 1, "maximum": 1024,
-                   "description": "Training batch size."},
-    "lr": {"default": 0.001, "type": "number", "exclusiveMinimum": 0, "maximum": 1,
-           "description": "Peak learning rate of AdamW."},
-    "loss": {"default": "bce", "type": "string", "enum": ["bce", "focal", "ce"],
-             "description": "Loss: bce (binary/multi-label), focal, ce (multi-class)."},
-    "seed": {"default": 0, "type": "integer", "minimum": 0,
-             "description": "Seed of the split, the training and the bootstrap."},
-    "max_bad_fraction": {"default": 0.05, "type": "number", "minimum": 0, "maximum": 1,
-                         "description": "Validation error budget: fail when more rows are bad."},
-    "detection": {"default": False, "type": "boolean",
-                  "description": "Also train the YOLOv8 localisation track on the boxes."},
-    "detect_epochs": {"default": 50, "type": "integer", "minimum": 1,
-                      "description": "YOLO epochs (detection branch only)."},
+@cache
+def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
+    """Per DAG: trigger parameter -> (step config class, field). The one place a trigger
+    parameter is tied to a step; ``specs.py`` passes it to that step as the field's CLI flag."""
+    from fracture_ops.config import StepConfig
+    from fracture_ops.data.sources import IngestConfig
+    from fracture_ops.data.split import SplitConfig
+    from fracture_ops.data.validation import ValidateConfig
+    from fracture_ops.detection.yolo import DetectConfig
+    from fracture_ops.inference.batch import InferConfig
+    from fracture_ops.monitoring.drift_step import DriftConfig
+    from fracture_ops.training.train import TrainConfig
+
+    root = {"artifact_root": (StepConfig, "artifact_root")}
+    return {
+        "fracture_training": {
+            "source_uri": (IngestConfig, "source_uri"), "layout": (IngestConfig, "layout"),
+            **root, "raw_root": (StepConfig, "raw_root"),
+            **{f: (TrainConfig, f) for f in ("backbone", "image_size", "epochs", "batch_size", "lr",
+                                             "loss")},
+            "seed": (SplitConfig, "seed"),  # split and train (TrainConfig.seed: same field, test)
+            "max_bad_fraction": (ValidateConfig, "max_bad_fraction"),
+            "detect_epochs": (DetectConfig, "epochs"),
+        },
+        "fracture_inference": {"incoming_uri": (InferConfig, "incoming_uri"), **root},
+        "fracture_drift": {**root, "window_days": (DriftConfig, "window_days"),
+                           "drift_share_threshold": (DriftConfig, "drift_share_threshold")},
+        "fracture_promotion": dict(root),
+    }
+
+
+def param_schema(cls: type[BaseModel], name: str) -> dict[str, Any]:
+    """An ``airflow.sdk.Param``'s keyword arguments for a config field: its JSON schema
+    (type, bounds, enum, description; ``examples`` become the form's proposals) and default."""
+    from fracture_ops.config import field_schema
+
+    schema = field_schema(cls, name)
+    desc = schema.get("description", "")
+    schema["description"] = desc + ("" if desc.endswith(".") else ".")
+    schema["default"] = cls.model_fields[name].get_default(call_default_factory=True)
+    return schema
+
+
+def generate_forms() -> dict[str, dict[str, dict[str, Any]]]:
+    """Every DAG's config-field parameters, generated from the step configs (imports them)."""
+    return {dag: {name: param_schema(cls, field) for name, (cls, field) in fields.items()}
+            for dag, fields in dag_fields().items()}
+
+
+@cache
+def _stored_forms() -> dict[str, dict[str, dict[str, Any]]]:
+    return json.loads(FORMS_FILE.read_text(encoding="utf-8"))
+
+
+def _resolve_env_default(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """The artifact root's default is computed where the DAG is parsed (the config's rule:
+    ``$FRACTURE_OPS_ARTIFACT_ROOT`` or ``data/artifacts``), so the form shows a real path."""
+    if name == "artifact_root" and not schema.get("default"):
+        from fracture_ops.config import default_artifact_root
+
+        return {**schema, "default": default_artifact_root()}
+    return schema
+
+
+# the parameters that steer the DAG itself, not a step
+DAG_ONLY: dict[str, dict[str, dict[str, Any]]] = {
+    "fracture_training": {
+        "profile": {"default": "cpu-quick", "type": "string", "enum": list(PROFILES),
+                    "description": "Model size, set together for the fields below left at their "
+                    "defaults. cpu-quick: test_resnet, 128 px, 12 epochs, batch 16, lr 3e-3 (the "
+                    "demo's model; minutes on a laptop CPU, for trying the platform, not for "
+                    "accuracy). gpu: the fields as shown (meant for a GPU pod, hours on a CPU). "
+                    "Default: gpu with the Kubernetes runner, cpu-quick with the local one.",
+                    "values_display": {"cpu-quick": "cpu-quick: small model, minutes on a CPU",
+                                       "gpu": "gpu: full model, needs a GPU pod"}},
+        "detection": {"default": False, "type": "boolean",
+                      "description": "Also train the YOLOv8 localisation track on the boxes."},
+    },
 }
+
+
+def dag_params(dag_id: str) -> dict[str, dict[str, Any]]:
+    """The trigger form of ``dag_id``: the DAG's own parameters, then one per step config field
+    (defaults that depend on the environment read now, at DAG parse time)."""
+    own = {k: dict(v) for k, v in DAG_ONLY.get(dag_id, {}).items()}
+    if "profile" in own:
+        own["profile"]["default"] = default_profile()
+    fields = {name: _resolve_env_default(name, dict(schema))
+              for name, schema in _stored_forms()[dag_id].items()}
+    return {**own, **fields}
+
+
+def training_params() -> dict[str, dict[str, Any]]:
+    """The ``fracture_training`` trigger form."""
+    return dag_params("fracture_training")
+
+
+def field_default_of(param: str) -> Any:
+    """The default of a training trigger parameter."""
+    return training_params()[param]["default"]
 
 
 def resolve_profile(params: dict[str, Any]) -> dict[str, Any]:
     """``params`` with the profile applied to the :data:`PROFILE_FIELDS` left at their defaults
     (what the ``train`` task receives; :func:`profile_template` is the same rule in Jinja)."""
     chosen = PROFILES.get(params.get("profile", "gpu"), {})
+    form = training_params()
     return {**params, **{f: chosen[f] for f in PROFILE_FIELDS
-                         if f in chosen and params.get(f) == TRAINING_PARAMS[f]["default"]}}
+                         if f in chosen and params.get(f) == form[f]["default"]}}
 
 
 def profile_template(field: str) -> str:
     """A Jinja expression rendering ``field`` as :func:`resolve_profile` resolves it, for the
     step specs (Airflow and the local runner render the same way)."""
     values = {name: p[field] for name, p in PROFILES.items() if field in p}
-    default = json.dumps(TRAINING_PARAMS[field]["default"])
+    default = json.dumps(field_default_of(field))
     return (f"{{{{ {json.dumps(values)}.get(params.get('profile', 'gpu'), params.{field}) "
             f"if params.{field} == {default} else params.{field} }}}}")
 
 
 def defaults(**overrides: Any) -> dict[str, Any]:
-    """The default params, with overrides (unknown names are errors)."""
-    unknown = set(overrides) - set(TRAINING_PARAMS)
+    """The training form's default params, with overrides (unknown names are errors)."""
+    form = training_params()
+    unknown = set(overrides) - set(form)
     if unknown:
         raise KeyError(f"unknown training params: {sorted(unknown)}")
-    return {k: v["default"] for k, v in training_params().items()} | overrides
+    return {k: v["default"] for k, v in form.items()} | overrides
 
 
-def training_params() -> dict[str, dict[str, Any]]:
-    """:data:`TRAINING_PARAMS` with the defaults that depend on the environment read now (the
-    profile follows ``$FRACTURE_OPS_RUNNER`` at DAG parse time)."""
-    return {**TRAINING_PARAMS, "profile": {**TRAINING_PARAMS["profile"], "default": default_profile()}}
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fracture_ops.orchestration.params [--check]``: rewrite (or check) the stored
+    trigger forms from the step configs."""
+    text = json.dumps(generate_forms(), indent=2, sort_keys=True) + "\n"
+    if "--check" in (argv if argv is not None else sys.argv[1:]):
+        same = FORMS_FILE.exists() and FORMS_FILE.read_text(encoding="utf-8") == text
+        print(f"{FORMS_FILE.name}: {'up to date' if same else 'stale: run python -m fracture_ops.orchestration.params'}")
+        return 0 if same else 1
+    FORMS_FILE.write_text(text, encoding="utf-8")
+    print(f"wrote {FORMS_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -127,7 +127,20 @@ def _operator_class():
     return StepPodOperator
 
 
-def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwargs):
+def pod_arguments(spec: StepSpec, inputs: dict | None = None) -> list:
+    """The pod's arguments: the spec's templates, with each ``{{ inputs.<name> }}`` replaced by
+    the XComArg itself (Airflow resolves it when it renders the arguments)."""
+    from fracture_ops.orchestration.specs import input_ref
+
+    refs = {input_ref(name): name for name, _, _ in spec.inputs}
+    missing = set(refs.values()) - set(inputs or {})
+    if missing:
+        raise ValueError(f"step {spec.name!r} needs inputs {sorted(missing)}")
+    return [inputs[refs[a]] if a in refs else a for a in spec.args]
+
+
+def pod_operator(spec: StepSpec, settings: PodSettings | None = None, inputs: dict | None = None,
+                 **task_kwargs):
     """Build the pod operator for a spec (same task kwargs as the local runner's task)."""
     from airflow.providers.cncf.kubernetes.secret import Secret
     from kubernetes.client import models as k8s
@@ -163,7 +176,8 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, **task_kwa
         automount_service_account_token=False,
         image=s.training_image if spec.image == "training" else s.platform_image,
         cmds=["fracture-ops"],
-        arguments=list(spec.args),  # Airflow renders the same Jinja templates as the local runner
+        # Airflow renders the same Jinja templates as the local runner, and resolves the XComArgs
+        arguments=pod_arguments(spec, inputs),
         env_vars=[k8s.V1EnvVar(name="FRACTURE_OPS_CACHE_DIR", value=s.cache_mount),
                   k8s.V1EnvVar(name="FRACTURE_OPS_XCOM_FILE", value="/airflow/xcom/return.json"),
                   k8s.V1EnvVar(name="FRACTURE_OPS_NO_PROGRESS", value="1"),

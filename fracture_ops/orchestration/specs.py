@@ -40,7 +40,15 @@ class StepSpec:
         retries: retries on infrastructure failures (bad-data exits are never retried).
         retry_delay_s: first retry delay; doubles each retry (exponential back-off).
         timeout_s: execution timeout of the task.
-        outputs: files the step writes, relative to the run folder (for assets and docs).
+        outputs: files the step writes, relative to its run folder (dataset store or raw zone);
+            every file another step's arguments name must be listed here (a test checks).
+        reads: the steps whose outputs this step reads: the DAG's edges are drawn from these
+            (:func:`~fracture_ops.orchestration.airflow_tasks.wire_by_data`), and every step
+            that the arguments name must be listed (a test checks).
+        inputs: values this step takes from another task's JSON summary, as
+            ``(name, task, key)``: the DAG passes ``task``'s XCom ``key`` as an XComArg, and an
+            argument that is exactly ``{{ inputs.<name> }}`` receives it (the pod's argument
+            list holds the XComArg itself; the local runner renders it from ``inputs``).
         secrets: which credentials the step's pod gets (``s3``: the object store; ``mlflow``:
             tracking and registry as the pipeline identity, which cannot move ``champion``;
             ``promoter``: the promoter identity, the promotion step's alone; ``deid``: the
@@ -60,7 +68,14 @@ class StepSpec:
     retry_delay_s: int = 30
     timeout_s: int = 3600
     outputs: tuple[str, ...] = field(default_factory=tuple)
+    reads: tuple[str, ...] = ()
+    inputs: tuple[tuple[str, str, str], ...] = ()
     secrets: tuple[str, ...] = ("s3",)
+
+
+def input_ref(name: str) -> str:
+    """The argument that receives the step input ``name`` (see :attr:`StepSpec.inputs`)."""
+    return "{{ inputs." + name + " }}"
 
 
 def _spec(name: str, *args: str, pos: tuple[str, ...] = (), **kw: Any) -> StepSpec:
@@ -78,47 +93,56 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     # ingest and validate write identifying tables to the raw zone only; the dataset store gets
     # counts and reports that name rows by number
     _spec("ingest", "ingest", "--layout", "{{ params.layout }}", *RAW_ARGS,
-          pos=("{{ params.source_uri }}",), outputs=("ingest/report.json",)),
+          pos=("{{ params.source_uri }}",),
+          outputs=("ingest/report.json", "ingest/manifest.parquet", "ingest/boxes.parquet")),
     _spec("validate", "validate", "--boxes", f"{RAW}/ingest/boxes.parquet",
           "--max-bad-fraction", "{{ params.max_bad_fraction }}", *RAW_ARGS,
-          pos=(f"{RAW}/ingest/manifest.parquet",),
-          outputs=("validate/summary.json", "validate/report.html")),
+          pos=(f"{RAW}/ingest/manifest.parquet",), reads=("ingest",),
+          outputs=("validate/summary.json", "validate/report.html", "validate/manifest.clean.parquet",
+                   "validate/boxes.clean.parquet")),
     # OCR of burned-in text runs one worker process per requested CPU (each ~300 MB of models)
     _spec("deidentify", "deidentify", "--manifest", f"{RAW}/validate/manifest.clean.parquet",
           "--set", f"boxes_uri={RAW}/validate/boxes.clean.parquet", "--workers", "2", *RAW_ARGS,
           outputs=("deidentify/manifest.deid.parquet", "deidentify/boxes.deid.parquet"),
+          reads=("validate",),
           cpu="2", memory="4Gi", ephemeral="8Gi", secrets=("s3", "deid")),
     _spec("split", "split", "--seed", "{{ params.seed }}", pos=(f"{RUN}/deidentify/manifest.deid.parquet",),
-          outputs=("split/split.parquet",)),
+          outputs=("split/split.parquet",), reads=("deidentify",)),
     # model-size fields through the trigger form's profile (params.resolve_profile)
     _spec("train", "train", "--backbone", profile_template("backbone"),
           "--image-size", profile_template("image_size"), "--epochs", profile_template("epochs"),
-          "--batch-size", profile_template("batch_size"), "--loss", "{{ params.loss }}",
-          "--set", "seed={{ params.seed }}", "--set", "lr=" + profile_template("lr"),
+          "--batch-size", profile_template("batch_size"), "--lr", profile_template("lr"),
+          "--loss", "{{ params.loss }}", "--seed", "{{ params.seed }}",
           pos=(f"{RUN}/split/split.parquet",),
           cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
-          outputs=("train/model.pt", "train/predictions.parquet"), secrets=("s3", "mlflow")),
+          outputs=("train/model.pt", "train/predictions.parquet"), reads=("split",),
+          secrets=("s3", "mlflow")),
     _spec("calibrate", "calibrate", "--predictions", f"{RUN}/train",
-          outputs=("calibrate/calibration.json",)),
+          outputs=("calibrate/calibration.json",), reads=("train",)),
     _spec("tune_thresholds", "tune-thresholds", "--predictions", f"{RUN}/train",
           "--calibration", f"{RUN}/calibrate/calibration.json",
-          outputs=("tune_thresholds/thresholds.json",)),
+          outputs=("tune_thresholds/thresholds.json",), reads=("train", "calibrate")),
     _spec("evaluate", "evaluate", "--predictions", f"{RUN}/train",
           "--calibration", f"{RUN}/calibrate/calibration.json",
           "--thresholds", f"{RUN}/tune_thresholds/thresholds.json",
-          outputs=("evaluate/evaluation.json",)),
+          outputs=("evaluate/evaluation.json",), reads=("train", "calibrate", "tune_thresholds")),
     _spec("cam", "cam", "--calibration", f"{RUN}/calibrate/calibration.json",
           "--thresholds", f"{RUN}/tune_thresholds/thresholds.json", image="training",
-          outputs=("cam/report.html",)),
+          outputs=("cam/report.html",),
+          # its defaults: this run's train folder and the de-identified boxes
+          reads=("train", "calibrate", "tune_thresholds", "deidentify")),
+    # package, register and gate read this run's step folders by default (their configs)
     _spec("package", "package", image="training", outputs=("package/package.json",),
-          secrets=("s3", "mlflow")),
+          reads=("train", "calibrate", "tune_thresholds", "evaluate", "cam"), secrets=("s3", "mlflow")),
     _spec("register", "register", image="training", outputs=("register/registered.json",),
-          secrets=("s3", "mlflow")),
-    _spec("gate", "gate", image="training", outputs=("gate/gate.json",), secrets=("s3", "mlflow")),
+          reads=("package", "evaluate", "train"), secrets=("s3", "mlflow")),
+    _spec("gate", "gate", image="training", outputs=("gate/gate.json",),
+          reads=("register", "split", "train"), secrets=("s3", "mlflow")),
     _spec("detect_train", "detect", "train", "--split-uri", f"{RUN}/split/split.parquet",
-          "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet", "--set", "epochs={{ params.detect_epochs }}",
+          "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet", "--epochs", "{{ params.detect_epochs }}",
           cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
-          outputs=("detect_train/metrics.json",), secrets=("s3", "mlflow")),
+          outputs=("detect_train/metrics.json",), reads=("split", "deidentify"),
+          secrets=("s3", "mlflow")),
 ]}
 
 
@@ -132,11 +156,13 @@ PROMOTION_STEPS: dict[str, StepSpec] = {s.name: s for s in [
 INFERENCE_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     _spec("reference", "reference", image="training", outputs=(),
           secrets=("s3", "mlflow", "deid")),
-    # score with the version the reference was built for (a promotion may land in between);
+    # score with the version the reference was built for (its pinned models:/<name>/<version>, an
+# XComArg of the reference task; a promotion may land in between);
     # runs without a logical date score into today's partition
     _spec("infer", "infer", "--date", "{{ ds if ds is defined else '' }}",
-          "--model-uri", "models:/fracture-classifier/{{ ti.xcom_pull(task_ids='reference')['model_version'] }}",
-          pos=("{{ params.incoming_uri }}",), image="training", secrets=("s3", "mlflow", "deid"),
+          "--model-uri", input_ref("model_uri"), inputs=(("model_uri", "reference", "model_uri"),),
+          reads=("reference",), pos=("{{ params.incoming_uri }}",), image="training",
+          secrets=("s3", "mlflow", "deid"),
           cpu="2", memory="8Gi", ephemeral="8Gi", timeout_s=4 * 3600),
 ]}
 

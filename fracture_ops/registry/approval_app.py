@@ -26,10 +26,12 @@ import json
 import logging
 import os
 
+from fracture_ops.registry.client import CHALLENGER, CHAMPION
+from fracture_ops.registry.client import TAG_APPROVAL as APPROVAL
+from fracture_ops.registry.client import TAG_VERIFIED_BY as STAMP
+
 log = logging.getLogger(__name__)
 
-STAMP = "approval.verified_by"
-APPROVAL = "approval"
 _SET = ("/api/2.0/mlflow/model-versions/set-tag", "/ajax-api/2.0/mlflow/model-versions/set-tag")
 _DELETE = ("/api/2.0/mlflow/model-versions/delete-tag",
            "/ajax-api/2.0/mlflow/model-versions/delete-tag")
@@ -38,7 +40,6 @@ _ALIAS = ("/api/2.0/mlflow/registered-models/alias", "/ajax-api/2.0/mlflow/regis
 _PROMOTER_ONLY = tuple(f"/{api}/2.0/mlflow/{path}" for api in ("api", "ajax-api")
                        for path in ("registered-models/delete", "registered-models/rename",
                                     "model-versions/delete"))
-CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 def _names(var: str) -> set[str]:

@@ -27,7 +27,7 @@ from pydantic import Field
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError
-from fracture_ops.registry.register import alias_version
+from fracture_ops.registry.client import CHAMPION, CLASSIFIER, TAG_GATE, TAG_GATE_CHAMPION, alias_version
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class GateConfig(StepConfig):
     """Config of the ``gate`` step."""
 
     section: ClassVar[str] = "gate"
-    model_name: str = "fracture-classifier"
+    model_name: str = CLASSIFIER
     version: str = ""  # default: the version this run registered
     auroc_margin: float = 0.02
     sensitivity_tolerance: float = 0.0
@@ -101,7 +101,7 @@ def score_version(model_uri: str, images: list[str], class_name: str) -> tuple[n
     import mlflow
     import pandas as pd
 
-    from fracture_ops.training.pyfunc_model import load_classifier_dir
+    from fracture_ops.model.pyfunc import load_classifier_dir
 
     # built by this package's code from the weights: nothing stored with the model runs
     model = load_classifier_dir(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
@@ -134,7 +134,7 @@ def gate_step(cfg: GateConfig) -> dict:
 
     from fracture_ops import tracking
 
-    tracking.setup("fracture-classifier")
+    tracking.setup(CLASSIFIER)
     client = mlflow.MlflowClient()
     version_no = cfg.version or storage.read_json(
         storage.join(cfg.output_dir("register"), "registered.json"))["version"]
@@ -143,7 +143,7 @@ def gate_step(cfg: GateConfig) -> dict:
     prob, dec = score_version(f"models:/{cfg.model_name}/{version_no}", images, cls)
     challenger = model_scores(y, prob, dec, cfg.ece_bins) | {"version": version_no}
     champion = None
-    champ = alias_version(client, cfg.model_name, "champion")
+    champ = alias_version(client, cfg.model_name, CHAMPION)
     if champ is not None and str(champ.version) != str(version_no):
         prob_c, dec_c = score_version(f"models:/{cfg.model_name}/{champ.version}", images, cls)
         champion = model_scores(y, prob_c, dec_c, cfg.ece_bins) | {"version": str(champ.version)}
@@ -160,15 +160,15 @@ def gate_step(cfg: GateConfig) -> dict:
         mlflow.log_dict({"passed": result.passed, "reasons": result.reasons, **result.evidence},
                         "gate/gate.json")
     verdict = "passed" if result.passed else "failed"
-    tags = {"gate": verdict, "gate.reasons": "; ".join(result.reasons)[:4000] or "none",
-            "gate.champion_version": str(champion["version"]) if champion else "none",
+    tags = {TAG_GATE: verdict, "gate.reasons": "; ".join(result.reasons)[:4000] or "none",
+            TAG_GATE_CHAMPION: str(champion["version"]) if champion else "none",
             "gate.test_set_hash": test_hash, "gate.evidence": f"runs:/{version.run_id}/gate/gate.json"}
     for k, v in tags.items():
         client.set_model_version_tag(cfg.model_name, version_no, k, v)
     log.info("gate %s for %s v%s: %s", verdict, cfg.model_name, version_no, result.reasons or "all rules met")
     write_resolved(cfg, out)
     summary = {"version": version_no, "gate": verdict, "reasons": result.reasons,
-               "champion_version": tags["gate.champion_version"], "evidence_uri": evidence_uri}
+               "champion_version": tags[TAG_GATE_CHAMPION], "evidence_uri": evidence_uri}
     storage.mark_success(out, summary)
     return summary
 
@@ -178,7 +178,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from fracture_ops.cli_common import add_common_args
 
     parser.add_argument("--version", help="model version to gate (default: the one this run registered)")
-    parser.add_argument("--model-name", help="registered model (default fracture-classifier)")
+    parser.add_argument("--model-name", help=f"registered model (default {CLASSIFIER})")
     add_common_args(parser)
 
 

@@ -40,18 +40,27 @@ from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.errors import BadInputError
 from fracture_ops.registry import audit as audit_store
-from fracture_ops.registry.approval_app import STAMP
-from fracture_ops.registry.register import alias_version
+from fracture_ops.registry.client import (
+    CHALLENGER,
+    CHAMPION,
+    CLASSIFIER,
+    TAG_APPROVAL,
+    TAG_APPROVED_BY,
+    TAG_GATE,
+    TAG_GATE_CHAMPION,
+    TAG_ROLLED_BACK,
+    TAG_VERIFIED_BY as STAMP,
+    alias_version,
+)
 
 log = logging.getLogger(__name__)
-CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 class PromotionConfig(StepConfig):
     """Config of ``fracture-ops registry promote|rollback|status``."""
 
     section: ClassVar[str] = "promotion"
-    model_name: str = "fracture-classifier"
+    model_name: str = CLASSIFIER
     approvers: list[str] = Field(default_factory=lambda: [
         a.strip() for a in os.environ.get("FRACTURE_OPS_APPROVERS", "").split(",") if a.strip()])
     # deployment config, not a trigger param: $FRACTURE_OPS_AUDIT_URI (a folder or s3:// prefix
@@ -101,13 +110,13 @@ def decide(version_tags: dict[str, str], approvers: list[str],
     The gate verdict must be about today's champion: a version gated against an earlier
     champion (since replaced or rolled back) has to be gated again.
     """
-    approval = version_tags.get("approval", "pending")
+    approval = version_tags.get(TAG_APPROVAL, "pending")
     # a remote server running the fracture-ops app proves who approved (its stamp); a typed
     # approved_by is accepted only from a local store, where there is no authentication at all
-    who = version_tags.get(STAMP, "") if require_stamp else version_tags.get("approved_by", "")
+    who = version_tags.get(STAMP, "") if require_stamp else version_tags.get(TAG_APPROVED_BY, "")
     if approval == "rejected":
         return False, "rejected by reviewer"
-    if rolled_back or version_tags.get("rolled_back_at"):
+    if rolled_back or version_tags.get(TAG_ROLLED_BACK):
         return False, "rolled back; a new version must be approved"
     if approval != "approved":
         return False, "awaiting approval"
@@ -119,7 +128,7 @@ def decide(version_tags: dict[str, str], approvers: list[str],
         return False, f"approver {who!r} is not on the approvers list"
     if version_tags.get("gate") != "passed":
         return False, f"gate verdict is {version_tags.get('gate', 'missing')!r}, not 'passed'"
-    gated_against = version_tags.get("gate.champion_version", "")
+    gated_against = version_tags.get(TAG_GATE_CHAMPION, "")
     if gated_against != (champion_version or "none"):
         return False, (f"gate compared against champion {gated_against or '?'}, but the champion is "
                        f"{champion_version or 'none'}: run the gate again")
@@ -249,7 +258,7 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
         return {"action": "none", "reason": f"version {version} is already champion"}
     rolled_back = version in audit_store.rolled_back_versions(records, cfg.model_name)
     stamped = cfg.stamp_required()
-    approver = challenger.tags.get(STAMP if stamped else "approved_by", "")
+    approver = challenger.tags.get(STAMP if stamped else TAG_APPROVED_BY, "")
     ok, reason = decide(challenger.tags, cfg.approvers, champion_version, rolled_back, stamped)
     if ok:
         reason = verify_gate_evidence(cfg, challenger, champion_version) or reason
@@ -309,7 +318,7 @@ def rollback(cfg: PromotionConfig, client=None) -> dict:
         raise BadInputError(f"rollback: champion v{current} has no previous champion in the audit")
     ts = now()
     client.set_registered_model_alias(cfg.model_name, CHAMPION, previous)
-    client.set_model_version_tag(cfg.model_name, current, "rolled_back_at", ts)
+    client.set_model_version_tag(cfg.model_name, current, TAG_ROLLED_BACK, ts)
     client.set_model_version_tag(cfg.model_name, previous, "restored_at", ts)
     client.delete_model_version_tag(cfg.model_name, previous, "superseded_by")
     record = append_audit(cfg.audit_path(), {"action": "rolled_back", "model": cfg.model_name,
@@ -339,8 +348,8 @@ def status(cfg: PromotionConfig, client=None) -> dict:
     out = {}
     for alias in (CHAMPION, CHALLENGER):
         v = alias_version(client, cfg.model_name, alias)
-        out[alias] = None if v is None else {"version": v.version, "approval": v.tags.get("approval"),
-                                             "approved_by": v.tags.get("approved_by"), "gate": v.tags.get("gate")}
+        out[alias] = None if v is None else {"version": v.version, "approval": v.tags.get(TAG_APPROVAL),
+                                             "approved_by": v.tags.get(TAG_APPROVED_BY), "gate": v.tags.get(TAG_GATE)}
     return out
 
 
@@ -360,7 +369,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="webhooks install: the receiver's URL MLflow posts to")
     parser.add_argument("--host", default="127.0.0.1", help="webhooks serve: bind address")
     parser.add_argument("--port", type=int, default=8090, help="webhooks serve: port (default 8090)")
-    parser.add_argument("--model-name", help="registered model (default fracture-classifier)")
+    parser.add_argument("--model-name", help=f"registered model (default {CLASSIFIER})")
     parser.add_argument("--approvers", help="comma-separated user names allowed to approve "
                         "(default $FRACTURE_OPS_APPROVERS)")
     add_common_args(parser)
@@ -382,10 +391,10 @@ def run_cli(args: argparse.Namespace) -> dict:
             return {"action": "served"}
         if args.webhooks_action != "install" or not args.url:
             raise ConfigError("registry webhooks: use 'install --url URL' or 'serve'")
-        tracking.setup("fracture-classifier")
+        tracking.setup(CLASSIFIER)
         return webhooks.install(args.url, os.environ.get(webhooks.SECRET_ENV, ""))
     if args.webhooks_action:
         raise ConfigError(f"registry {args.action} takes no {args.webhooks_action!r}")
-    tracking.setup("fracture-classifier")
+    tracking.setup(CLASSIFIER)
     return {"promote": promote_if_approved, "rollback": rollback, "status": status,
             "adopt": adopt}[args.action](cfg)

@@ -16,18 +16,25 @@ from typing import ClassVar
 
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
-from fracture_ops.errors import BadInputError, RegistryUnavailable
+from fracture_ops.errors import BadInputError
+from fracture_ops.registry.client import (
+    CHALLENGER,
+    CLASSIFIER,
+    TAG_APPROVAL,
+    TAG_GATE,
+    TAG_MODEL_CARD,
+    ensure_registered_model,
+    find_version,
+)
 
 log = logging.getLogger(__name__)
-MODEL_NAME = "fracture-classifier"
-CHALLENGER = "challenger"
 
 
 class RegisterConfig(StepConfig):
     """Config of the ``register`` step (URIs default to this run's step folders)."""
 
     section: ClassVar[str] = "register"
-    model_name: str = MODEL_NAME
+    model_name: str = CLASSIFIER
     package_dir: str = ""
     evaluation_dir: str = ""
     train_dir: str = ""
@@ -51,51 +58,8 @@ def version_tags(headline: dict, info: dict, run_folder: str) -> dict[str, str]:
     tags = {f"metric.{k}": f"{v:.4f}" for k, v in headline.items() if isinstance(v, (int, float))}
     tags.update({"manifest_hash": info.get("manifest_hash", ""), "split_hash": info.get("split_hash", ""),
                  "backbone": info.get("backbone", ""), "git_revision": git_revision(),
-                 "run_folder": run_folder, "gate": "pending", "approval": "pending"})
+                 "run_folder": run_folder, TAG_GATE: "pending", TAG_APPROVAL: "pending"})
     return tags
-
-
-def ensure_registered_model(client, name: str, description: str, tags: dict[str, str] | None = None) -> None:
-    """Create the registered model only when it does not exist yet (check before create)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        client.create_registered_model(name, description=description, tags=tags)
-
-
-def alias_version(client, name: str, alias: str):
-    """The version ``name@alias`` points at, or None when the alias (or model) does not exist.
-
-    Only the registry's own "not found" answers mean "no alias"; any other failure (a 403, a
-    timeout, a server error) raises :class:`RegistryUnavailable`, so that no promotion or gate
-    ever acts on a registry it could not read.
-    """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        code = getattr(exc, "error_code", "")
-        if code == "RESOURCE_DOES_NOT_EXIST" or (
-                code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in str(exc)):
-            return None
-        raise RegistryUnavailable(f"registry lookup of {name}@{alias} failed ({code}): "
-                                  f"{exc.message if hasattr(exc, 'message') else exc}") from exc
-    except (OSError, TimeoutError) as exc:  # connection errors below MLflow's retries
-        raise RegistryUnavailable(f"registry lookup of {name}@{alias} failed: "
-                                  f"{type(exc).__name__}") from exc
-
-
-def find_version(client, name: str, run_id: str):
-    """The existing version of ``name`` made from MLflow run ``run_id``, if any."""
-    for v in client.search_model_versions(f"name = '{name}'"):
-        if v.run_id == run_id:
-            return v
-    return None
 
 
 def register_model_version(model_uri: str, run_id: str, name: str, tags: dict[str, str]):
@@ -127,7 +91,7 @@ def attach_model_card(run_folder: str, out: str, name: str, version, run_id: str
     client.log_text(run_id, md, "model_card/model_card.md")
     client.log_text(run_id, storage.read_text(html_uri), "model_card/model_card.html")
     client.update_model_version(name, version.version, description=md[:60000])
-    client.set_model_version_tag(name, version.version, "model_card", f"runs:/{run_id}/model_card/model_card.html")
+    client.set_model_version_tag(name, version.version, TAG_MODEL_CARD, f"runs:/{run_id}/model_card/model_card.html")
     return html_uri
 
 
@@ -148,7 +112,7 @@ def register_step(cfg: RegisterConfig) -> dict:
     package = storage.read_json(storage.join(package_dir, "package.json"))
     headline = storage.read_json(storage.join(eval_dir, storage.SUCCESS_MARKER)).get("headline", {})
     info = storage.read_json(storage.join(train_dir, "model_info.json"))
-    tracking.setup(info.get("experiment", "fracture-classifier"))
+    tracking.setup(info.get("experiment", CLASSIFIER))
     run_folder = storage.join(cfg.artifact_root, "runs", cfg.run_id)
     version = register_model_version(package["model_uri"], package["mlflow_run_id"], cfg.model_name,
                                      version_tags(headline, info, run_folder))
@@ -168,7 +132,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """CLI: ``fracture-ops register [--model-name N]``."""
     from fracture_ops.cli_common import add_common_args
 
-    parser.add_argument("--model-name", help=f"registered model name (default {MODEL_NAME})")
+    parser.add_argument("--model-name", help=f"registered model name (default {CLASSIFIER})")
     add_common_args(parser)
 
 

@@ -34,13 +34,15 @@ from collections import OrderedDict
 from typing import Any
 from collections.abc import Callable
 
+from fracture_ops.registry.client import TAG_APPROVAL, TAG_GATE
+
 log = logging.getLogger(__name__)
 
 WEBHOOK_NAME = "fracture-ops-promotion"
 REGISTRY_EVENTS_URI = "fracture-ops://registry/events"
 REGISTRY_EVENTS_NAME = "fracture_ops_registry_events"
 EVENTS = ("model_version.created", "model_version_tag.set", "model_version_alias.created")
-RELEVANT_TAGS = ("approval", "gate")
+RELEVANT_TAGS = (TAG_APPROVAL, TAG_GATE)
 SIGNATURE_HEADER = "x-mlflow-signature"
 DELIVERY_HEADER = "x-mlflow-delivery-id"
 TIMESTAMP_HEADER = "x-mlflow-timestamp"

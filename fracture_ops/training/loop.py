@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +26,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoopConfig:
-    """What the loop needs (a slice of the step's TrainConfig)."""
+    """What the loop needs: a slice of the step's TrainConfig, which holds the defaults
+    (:meth:`from_train`); no default is written here."""
 
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    scheduler: str = "cosine"  # cosine | plateau | none
-    warmup_epochs: float = 1.0
-    grad_clip: float = 1.0
-    amp: str = "auto"  # auto | bf16 | fp16 | off
-    patience: int = 5
-    task: str = "binary"
+    epochs: int
+    lr: float
+    weight_decay: float
+    scheduler: str  # cosine | plateau | none
+    warmup_epochs: float
+    grad_clip: float
+    amp: str  # auto | bf16 | fp16 | off
+    patience: int
+    task: str
+
+    @classmethod
+    def from_train(cls, cfg) -> LoopConfig:
+        """The loop's fields of a TrainConfig."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -57,13 +63,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def amp_dtype(amp: str, device: str) -> torch.dtype | None:
@@ -107,7 +106,7 @@ class Checkpointer:
         self.on_save = on_save  # e.g. copy the checkpoint to S3 so another pod can resume
 
     def save(self, name: str, model, opt, sched, scaler, state: LoopState) -> None:
-        from fracture_ops.training.checkpoint import plain
+        from fracture_ops.model.checkpoint import plain
 
         blob = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": plain(sched.state_dict()) if sched else None,
@@ -123,7 +122,7 @@ class Checkpointer:
         path = self.folder / "last.pt"
         if not path.exists():
             return None
-        from fracture_ops.training.checkpoint import load_weights
+        from fracture_ops.model.checkpoint import load_weights
 
         blob = load_weights(path, "checkpoint last.pt")
         model.load_state_dict(blob["model"])

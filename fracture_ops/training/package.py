@@ -19,6 +19,7 @@ import numpy as np
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError
+from fracture_ops.registry.client import CLASSIFIER
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def package_step(cfg: PackageConfig) -> dict:
         BadInputError: the training step did not finish, or a required input is missing.
     """
     from fracture_ops import tracking
-    from fracture_ops.training.pyfunc_model import example_input
+    from fracture_ops.model.pyfunc import example_input
 
     train_dir = cfg.resolved("train_dir", "train")
     if not storage.is_complete(train_dir):
@@ -77,7 +78,7 @@ def package_step(cfg: PackageConfig) -> dict:
     example_uri = cfg.example_image_uri or _first_test_image(info)
     out = cfg.output_dir("package")
     storage.reset_dir(out)
-    mlflow, run, _ = tracking.start_or_resume(train_dir, info.get("experiment", "fracture-classifier"),
+    mlflow, run, _ = tracking.start_or_resume(train_dir, info.get("experiment", CLASSIFIER),
                                                f"train-{cfg.run_id}")
     with run, tempfile.TemporaryDirectory() as tmp:
         artifacts = {k: _local_copy(u, Path(tmp), Path(u).name) for k, u in inputs.items()}
@@ -99,7 +100,9 @@ def package_step(cfg: PackageConfig) -> dict:
 def pyfunc_code_file() -> str:
     """The models-from-code file the classifier is logged as (not imported here: importing it
     registers the model with MLflow)."""
-    return str(Path(__file__).with_name("pyfunc_code.py"))
+    from fracture_ops.model.pyfunc import CODE_FILE
+
+    return str(CODE_FILE)
 
 
 def _first_test_image(info: dict) -> str:

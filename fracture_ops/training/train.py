@@ -27,6 +27,15 @@ from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.data.manifest import manifest_hash, table_hash
 from fracture_ops.errors import ManifestError
+from fracture_ops.model.network import BACKBONES
+from fracture_ops.model.outputs import (
+    MODEL_INFO_FILE,
+    PREDICTIONS_FILE,
+    label_columns,
+    logit_columns,
+    write_predictions,
+)
+from fracture_ops.registry.client import CLASSIFIER
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +48,24 @@ class TrainConfig(StepConfig):
     task: Literal["binary", "multiclass", "multilabel"] = "binary"
     class_names: list[str] = ["fracture"]  # binary: the positive label
     label_column: str = "label"
-    backbone: str = "resnet18"
-    pretrained_path: str | None = None
-    image_size: int = Field(224, ge=32, le=1024)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    backbone: str = Field("efficientnet_b0", examples=BACKBONES,
+                          description="timm backbone of the classifier (any timm model name)")
+    pretrained_path: str | None = Field(None, description="local weights file or Hugging Face cache "
+                                        "folder (never downloaded); empty: train from scratch")
+    image_size: int = Field(384, ge=32, le=1024, description="input side in pixels (320-512 on a "
+                            "GPU, smaller for CPU demos)")
+    epochs: int = Field(20, ge=1, le=500, description="training epochs (early stopping on "
+                        "validation AUROC may stop sooner)")
+    batch_size: int = Field(32, ge=1, le=1024, description="training batch size")
+    lr: float = Field(1e-3, gt=0, le=1, description="peak learning rate of AdamW")
     weight_decay: float = 1e-4
     scheduler: Literal["cosine", "plateau", "none"] = "cosine"
     warmup_epochs: float = 1.0
     grad_clip: float = 1.0
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     patience: int = 5
-    loss: Literal["bce", "ce", "focal"] = "bce"
+    loss: Literal["bce", "ce", "focal"] = Field("bce", description="loss: bce (binary, "
+                                                "multi-label), focal, ce (multi-class)")
     focal_gamma: float = 2.0
     balanced: bool = False
     drop_rate: float = 0.0
@@ -61,10 +75,10 @@ class TrainConfig(StepConfig):
     workers: int = 0
     cache: bool = True
     cache_dir: str | None = None  # default <artifact_root>/cache/decoded
-    device: str = "auto"
-    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1")
+    seed: int = Field(0, ge=0, description="seed of the split, the training and the bootstrap")
     deterministic: bool = True
-    experiment: str = "fracture-classifier"
+    experiment: str = CLASSIFIER
 
 
 def _split_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
@@ -118,7 +132,7 @@ def pre_size(cfg: TrainConfig) -> int:
 
 def _datasets(cfg: TrainConfig, parts: dict[str, pd.DataFrame], targets: dict[str, np.ndarray]):
     from fracture_ops.training.datasets import DecodeCache, ManifestDataset
-    from fracture_ops.training.transforms import build_transforms
+    from fracture_ops.model.preprocess import build_transforms
 
     pre = pre_size(cfg)
     cache = None
@@ -142,9 +156,10 @@ def _predictions(parts, targets, logits, class_names) -> pd.DataFrame:
         for col in ("body_region", "view", "laterality"):
             if col in parts[s].columns:
                 df[col] = parts[s][col].values
-        for k, c in enumerate(class_names):
-            df[f"y_{c}"] = targets[s][:, k].astype(int)
-            df[f"logit_{c}"] = lg[:, k].astype(np.float64)
+        for k, (y_col, logit_col) in enumerate(zip(label_columns(class_names),
+                                                  logit_columns(class_names), strict=True)):
+            df[y_col] = targets[s][:, k].astype(int)
+            df[logit_col] = lg[:, k].astype(np.float64)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
@@ -197,11 +212,10 @@ def train_step(cfg: TrainConfig) -> dict:
         LoopConfig,
         fit,
         predict_logits,
-        resolve_device,
         seed_everything,
     )
     from fracture_ops.training.losses import build_loss
-    from fracture_ops.training.models import build_model
+    from fracture_ops.model.network import build_model, resolve_device
 
     out = cfg.output_dir("train")
     local, remote = _local_folder(cfg, out), storage.is_s3(out)
@@ -235,9 +249,7 @@ def train_step(cfg: TrainConfig) -> dict:
     with run:
         if not resumed:
             mlflow.log_params(tracking.flatten(cfg.model_dump(mode="json")))
-        loop_cfg = LoopConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              scheduler=cfg.scheduler, warmup_epochs=cfg.warmup_epochs,
-                              grad_clip=cfg.grad_clip, amp=cfg.amp, patience=cfg.patience, task=cfg.task)
+        loop_cfg = LoopConfig.from_train(cfg)
         t0 = time.perf_counter()
         state = fit(model, loaders["train"], loaders["val"], targets["val"], loss_fn, loop_cfg,
                     device, Checkpointer(local, on_save=_uploader(out) if remote else None),
@@ -245,7 +257,7 @@ def train_step(cfg: TrainConfig) -> dict:
                                                   step=st["epoch"]),
                     progress=lambda it: progress(it, "train", total=len(it)),
                     on_epoch_start=lambda epoch: _reseed(loaders["train"], cfg.seed + epoch))
-        from fracture_ops.training.checkpoint import load_weights, plain
+        from fracture_ops.model.checkpoint import load_weights, plain
 
         best = load_weights(local / "best.pt", "checkpoint best.pt")
         model.load_state_dict(best["model"])
@@ -259,8 +271,9 @@ def train_step(cfg: TrainConfig) -> dict:
         torch.save({"state_dict": model.state_dict(), "info": plain(info),
                     "transform": {"image_size": cfg.image_size, "clahe": cfg.clahe,
                                   "pre_size": pre_size(cfg)}}, local / "model.pt")
-        storage.write_parquet(storage.join(out, "predictions.parquet"), preds)
-        storage.write_json(storage.join(out, "model_info.json"), info)
+        # the predictions folder in the contract's layout (checked), then the full model info
+        write_predictions(out, preds, cfg.task, cfg.class_names)
+        storage.write_json(storage.join(out, MODEL_INFO_FILE), info)
         storage.write_json(storage.join(out, "history.json"), state.history)
         mlflow.log_metrics({"best_val_auroc": state.best_score,
                             "train_wall_s": time.perf_counter() - t0})
@@ -272,23 +285,18 @@ def train_step(cfg: TrainConfig) -> dict:
     summary = {"train_dir": out, "mlflow_run_id": run.info.run_id, "best_epoch": state.best_epoch,
                "best_val_auroc": round(state.best_score, 4) if np.isfinite(state.best_score) else None,
                "epochs_run": state.epoch,
-               "predictions_uri": storage.join(out, "predictions.parquet"), "resumed": resumed}
+               "predictions_uri": storage.join(out, PREDICTIONS_FILE), "resumed": resumed}
     storage.mark_success(out, summary)
     return summary
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """CLI: ``fracture-ops train SPLIT --backbone B --image-size S --epochs E``."""
-    from fracture_ops.cli_common import add_common_args
+    from fracture_ops.cli_common import add_common_args, add_field_flags
 
     parser.add_argument("split", nargs="?", help="split.parquet from the split step")
-    parser.add_argument("--backbone", help="timm model name (default resnet18)")
-    parser.add_argument("--image-size", type=int, help="input side in pixels (default 224)")
-    parser.add_argument("--epochs", type=int, help="epochs (default 10)")
-    parser.add_argument("--batch-size", type=int, help="batch size (default 16)")
-    parser.add_argument("--loss", choices=["bce", "ce", "focal"], help="loss (default bce)")
-    parser.add_argument("--pretrained-path", help="local weights file or HF cache folder (never downloaded)")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 (default auto)")
+    add_field_flags(parser, TrainConfig, "backbone", "image_size", "epochs", "batch_size", "lr",
+                    "loss", "seed", "pretrained_path", "device")
     add_common_args(parser)
 
 
@@ -296,7 +304,5 @@ def run_cli(args: argparse.Namespace) -> dict:
     """Run the train step from parsed CLI arguments."""
     from fracture_ops.cli_common import config_from_args
 
-    cfg = config_from_args(TrainConfig, args, split_uri=args.split, backbone=args.backbone,
-                           image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-                           loss=args.loss, pretrained_path=args.pretrained_path, device=args.device)
+    cfg = config_from_args(TrainConfig, args, split_uri=args.split)
     return train_step(cfg)

@@ -67,3 +67,24 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
 
     apply.pipeline = pipeline  # lets loader workers reseed it
     return apply
+
+
+def preprocess(img: np.ndarray, pre_size: int | None) -> np.ndarray:
+    """What every image goes through before the transforms, in training, evaluation and serving:
+    shrink (never enlarge) so the longer side is at most ``pre_size``, and round to float16 (the
+    cache's precision), so cached and uncached paths give bit-identical inputs."""
+    if pre_size:
+        img = shrink_longest(img, pre_size)
+    return img.astype(np.float16).astype(np.float32)
+
+
+def shrink_longest(img: np.ndarray, size: int) -> np.ndarray:
+    """Shrink (never enlarge) a 2-D image so its longer side is at most ``size`` (area filter)."""
+    import cv2
+
+    h, w = img.shape
+    scale = size / max(h, w)
+    if scale >= 1:
+        return img
+    return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))),
+                      interpolation=cv2.INTER_AREA)

@@ -5,7 +5,7 @@ Localization", ICCV 2017) weights each channel of a convolutional layer's activa
 spatial mean of the gradient of the target score with respect to it, sums the weighted channels
 and keeps the positive part. The computation itself is pytorch-grad-cam's ``GradCAM``; this module
 picks the layer to hook (:func:`resolve_target_layer`, one per backbone family, see
-:data:`fracture_ops.training.models.CAM_LAYERS`), the score to explain (the positive logit for a
+:data:`fracture_ops.model.network.CAM_LAYERS`), the score to explain (the positive logit for a
 one-logit binary head, the class logit otherwise) and maps the map back from the model input to the
 original radiograph.
 
@@ -135,11 +135,11 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarra
 def default_layer_name(model, backbone: str) -> str | None:
     """The dotted name of the layer Grad-CAM hooks by default.
 
-    Known families come from :data:`~fracture_ops.training.models.CAM_LAYERS`; for other timm
+    Known families come from :data:`~fracture_ops.model.network.CAM_LAYERS`; for other timm
     models (e.g. ``test_resnet``, whose name does not start with ``resnet``) it is timm's last
     feature stage, ``feature_info[-1]["module"]`` (``layer4`` there), not a pooling layer.
     """
-    from fracture_ops.training.models import CAM_LAYERS
+    from fracture_ops.model.network import CAM_LAYERS
 
     family = next((f for f in CAM_LAYERS if backbone.startswith(f)), None)
     if family:
@@ -154,12 +154,12 @@ def default_layer_name(model, backbone: str) -> str | None:
 def resolve_target_layer(model, backbone: str, layer: str | None = None):
     """The module to hook: ``layer`` (a dotted path such as ``layer3`` or ``stages.-1``) or
     :func:`default_layer_name` (for known families the same module as
-    :func:`fracture_ops.training.models.cam_target_layer`).
+    :func:`fracture_ops.model.network.cam_target_layer`).
 
     Raises:
         ConfigError: ``layer`` does not name a module of the model.
     """
-    from fracture_ops.training.models import cam_target_layer
+    from fracture_ops.model.network import cam_target_layer
 
     path = layer or default_layer_name(model, backbone)
     if path is None:
@@ -191,11 +191,11 @@ def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
         BadInputError: the file is missing or is not a fracture-ops checkpoint.
     """
 
-    from fracture_ops.training.models import build_model
+    from fracture_ops.model.network import build_model
 
     if not storage.exists(model_uri):
         raise BadInputError(f"model file not found: {model_uri}")
-    from fracture_ops.training.checkpoint import load_weights
+    from fracture_ops.model.checkpoint import load_weights
 
     blob = load_weights(storage.read_bytes(model_uri), "model.pt")
     if not isinstance(blob, dict) or not {"state_dict", "info", "transform"} <= set(blob):
@@ -237,7 +237,7 @@ class GradCamExplainer:
             ClassifierOutputTarget,
         )
 
-        from fracture_ops.training.transforms import build_transforms
+        from fracture_ops.model.preprocess import build_transforms
 
         names = list(loaded.info["class_names"])
         self.class_name = class_name or names[0]
@@ -261,7 +261,7 @@ class GradCamExplainer:
         """
         import cv2
 
-        from fracture_ops.training.datasets import preprocess
+        from fracture_ops.model.preprocess import preprocess
 
         small = preprocess(image, self.loaded.pre_size)
         tensor = self.transform(small)["image"][None].to(self.cam.device)

@@ -33,6 +33,8 @@ from pydantic import Field, field_validator
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError
+from fracture_ops.registry.client import CLASSIFIER
+from fracture_ops.model import prediction_log as layout
 from fracture_ops.monitoring import index as pages
 from fracture_ops.monitoring.drift import DriftOutcome, DriftSettings, analyse_drift, has_label
 
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 
 STEP = "drift"
 EXPERIMENT = "fracture-drift"
-PARTITION_RE = re.compile(r"date=(\d{4}-\d{2}-\d{2})")
+PARTITION_RE = layout.PARTITION_RE
 
 
 class DriftConfig(StepConfig, DriftSettings):
@@ -48,8 +50,9 @@ class DriftConfig(StepConfig, DriftSettings):
 
     section: ClassVar[str] = STEP
     date: str | None = None  # report date YYYY-MM-DD; None = the newest partition in the log
-    window_days: int = Field(1, ge=1, le=366)
-    model_name: str = "fracture-classifier"
+    window_days: int = Field(1, ge=1, le=366, description="days of the prediction log, up to and "
+                             "including the report date, compared with the reference")
+    model_name: str = CLASSIFIER
     model_version: str | None = None  # None = the version most common in the window
     min_rows: int = Field(30, ge=1)
     prediction_log_uri: str = ""  # default <artifact_root>/prediction_log
@@ -77,7 +80,7 @@ def drift_root(cfg: DriftConfig) -> str:
 
 
 def _log_root(cfg: DriftConfig) -> str:
-    return cfg.prediction_log_uri or storage.join(cfg.artifact_root, "prediction_log")
+    return cfg.prediction_log_uri or layout.prediction_log_root(cfg.artifact_root)
 
 
 def partition_dates(log_root: str) -> list[str]:
@@ -99,8 +102,8 @@ def read_window(log_root: str, dates: list[str]) -> tuple[pd.DataFrame, list[str
     Returns:
         ``(rows, partition files read)``; no rows (an empty frame) when none exist.
     """
-    files = [u for d in dates for u in storage.list_files(storage.join(log_root, f"date={d}"),
-                                                             (".parquet",))]
+    # the part files only: quarantine lists and batch summaries beside them are not rows
+    files = [u for d in dates for u in layout.list_parts(layout.partition_uri(log_root, d))]
     frames = [storage.read_parquet(u) for u in files]
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), files
 
@@ -137,8 +140,8 @@ def reference_location(cfg: DriftConfig, version: str) -> str:
     """The reference table of ``version`` (the contract's path unless ``reference_uri`` is set)."""
     if cfg.reference_uri:
         return cfg.reference_uri
-    return storage.join(cfg.artifact_root, "reference", cfg.model_name, f"v{version}",
-                        "reference.parquet")
+    return storage.join(layout.reference_dir(cfg.artifact_root, cfg.model_name, version),
+                        layout.REFERENCE_FILE)
 
 
 def read_reference(uri: str) -> pd.DataFrame:
@@ -340,18 +343,16 @@ def drift_step(cfg: DriftConfig) -> dict:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """CLI: ``fracture-ops drift [--date 2026-11-05 --window-days 1 --model-version 3]``."""
-    from fracture_ops.cli_common import add_common_args
+    from fracture_ops.cli_common import add_common_args, add_field_flags
 
     parser.add_argument("--date", help="report date YYYY-MM-DD (default: newest log partition)")
     parser.add_argument("--newest", action="store_true",
                         help="report on the newest log partition (the default without --date)")
-    parser.add_argument("--window-days", type=int, help="days of the log up to --date (default 1)")
-    parser.add_argument("--model-name", help="registered model (default fracture-classifier)")
+    parser.add_argument("--model-name", help=f"registered model (default {CLASSIFIER})")
     parser.add_argument("--model-version", help="version to compare (default: most common in window)")
-    parser.add_argument("--drift-share-threshold", type=float,
-                        help="share of drifted feature columns that flags drift (default 0.3)")
     parser.add_argument("--no-mlflow", dest="log_mlflow", action="store_false", default=None,
                         help="do not log to the fracture-drift MLflow experiment")
+    add_field_flags(parser, DriftConfig, "window_days", "drift_share_threshold")
     add_common_args(parser)
 
 
@@ -359,8 +360,6 @@ def run_cli(args: argparse.Namespace) -> dict:
     """Run the drift step from parsed CLI arguments."""
     from fracture_ops.cli_common import config_from_args
 
-    cfg = config_from_args(DriftConfig, args, date=args.date, window_days=args.window_days,
-                           model_name=args.model_name, model_version=args.model_version,
-                           drift_share_threshold=args.drift_share_threshold,
-                           log_mlflow=args.log_mlflow)
+    cfg = config_from_args(DriftConfig, args, date=args.date, model_name=args.model_name,
+                           model_version=args.model_version, log_mlflow=args.log_mlflow)
     return drift_step(cfg)

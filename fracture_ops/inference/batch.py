@@ -3,7 +3,7 @@
 ``fracture-ops infer INCOMING [--date YYYY-MM-DD]`` walks INCOMING (a folder or ``s3://``
 prefix) for ``.png``/``.jpg``/``.jpeg``/``.dcm`` files, resolves ``models:/fracture-classifier
 @champion`` to its version, and writes one Parquet part per batch into
-``<artifact_root>/prediction_log/date=<date>/`` (layout: :mod:`fracture_ops.inference.layout`).
+``<artifact_root>/prediction_log/date=<date>/`` (layout: :mod:`fracture_ops.model.prediction_log`).
 
 Privacy: DICOM files are de-identified (PS3.15 Annex E, :mod:`fracture_ops.deid`) before
 anything reads them; rows are keyed by ``image_id`` = a keyed hash (HMAC with the de-id secret)
@@ -34,20 +34,19 @@ from pydantic import Field, field_validator
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded
-from fracture_ops.inference import layout
+from fracture_ops.model import prediction_log as layout
+from fracture_ops.registry.client import CHAMPION_URI, ModelRef, resolve_model
 from fracture_ops.inference.score import (
     IMAGE_SUFFIXES,
-    ModelRef,
     ScoreInput,
     ScoreResult,
     load_scorer,
-    resolve_model,
     score_inputs,
 )
 
 log = logging.getLogger(__name__)
 STEP = "infer"
-DEFAULT_MODEL_URI = "models:/fracture-classifier@champion"
+DEFAULT_MODEL_URI = CHAMPION_URI
 SUMMARY_QUARANTINE_LIMIT = 50  # the summary travels through XCom: list a few, the files list all
 
 
@@ -75,7 +74,8 @@ class InferConfig(ScoringConfig):
     """Config of the ``infer`` step (YAML section ``infer``)."""
 
     section: ClassVar[str] = "infer"
-    incoming_uri: str = Field("", description="folder or s3:// prefix of new studies (recursive)")
+    incoming_uri: str = Field("data/incoming", description="folder or s3:// prefix of new studies "
+                              "(searched recursively)")
     date: str = Field("", validate_default=True,
                       description="partition date YYYY-MM-DD (Airflow: {{ ds }}); "
                                   "default: today UTC")
@@ -193,7 +193,7 @@ class _CamWriter:
     """Writes a Grad-CAM overlay (``cam/<image_id>.png``) for every positive image of a batch."""
 
     def __init__(self, model_pt: str, class_names: list[str], folder: str):
-        from fracture_ops.explain.gradcam import GradCamExplainer, load_classifier, overlay
+        from fracture_ops.model.gradcam import GradCamExplainer, load_classifier, overlay
 
         self._explainer_cls, self._overlay = GradCamExplainer, overlay
         self.loaded = load_classifier(model_pt)

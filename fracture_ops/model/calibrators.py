@@ -30,7 +30,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 from fracture_ops.errors import BadInputError
-from fracture_ops.evaluation.predictions import TASKS, probabilities
+from fracture_ops.model.outputs import TASKS, probabilities
 
 Method = Literal["none", "temperature", "isotonic"]
 METHODS = ("none", "temperature", "isotonic")

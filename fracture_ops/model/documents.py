@@ -1,55 +1,24 @@
-"""Plumbing shared by the evaluation steps (calibrate, tune_thresholds, evaluate).
-
-Reading the predictions folder and the optional calibration/thresholds documents, and finishing a
-step folder (resolved config, then ``_SUCCESS`` last) live here so the step modules stay short.
+"""The calibration and thresholds documents that calibrate and tune_thresholds write, and that
+evaluation, Grad-CAM, packaging and the pyfunc model read: ``calibration.json`` (a fitted
+:class:`~fracture_ops.model.calibrators.Calibrator`) and ``thresholds.json`` (one threshold per
+class, with the calibration method it was tuned under).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
-from pydantic import BaseModel
 
 from fracture_ops import storage
-from fracture_ops.config import write_resolved
-from fracture_ops.errors import BadInputError, ConfigError
-from fracture_ops.evaluation.calibrators import Calibrator
-from fracture_ops.evaluation.predictions import load_predictions, quarantine_bad_rows
+from fracture_ops.errors import BadInputError
+from fracture_ops.model.calibrators import Calibrator
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
 THRESHOLDS_FILE = "thresholds.json"
-QUARANTINE_FILE = "quarantine.json"
 DEFAULT_THRESHOLD = 0.5
-
-
-@dataclass
-class Predictions:
-    """A clean predictions table with its task, classes and quarantined rows."""
-
-    df: pd.DataFrame
-    task: str
-    class_names: list[str]
-    quarantined: list[dict]
-
-
-def read_predictions(uri: str, error_budget: float) -> Predictions:
-    """Load and clean a predictions folder.
-
-    Raises:
-        ConfigError: ``uri`` is empty.
-        BadInputError: the folder or its columns are missing.
-        ErrorBudgetExceeded: too many unusable rows.
-    """
-    if not uri:
-        raise ConfigError("predictions_uri is required (the folder holding predictions.parquet)")
-    df, task, class_names = load_predictions(uri)
-    clean, quarantined = quarantine_bad_rows(df, task, class_names, error_budget)
-    return Predictions(clean, task, class_names, quarantined)
 
 
 def resolve_document(uri: str, filename: str) -> str:
@@ -112,16 +81,3 @@ def read_thresholds(
     if missing:
         raise BadInputError(f"thresholds file {path} lacks classes {missing}")
     return np.array([float(stored[c]) for c in class_names]), path
-
-
-def finish_step(cfg: BaseModel, out_dir: str, summary: dict, quarantined: list[dict]) -> dict:
-    """Write quarantine.json and config.resolved.yaml, then ``_SUCCESS`` (last); return the summary.
-
-    The quarantined rows go to their own file so that the fitted documents (calibration.json,
-    thresholds.json) depend on the validation rows alone.
-    """
-    storage.write_json(storage.join(out_dir, QUARANTINE_FILE), {"rows": quarantined})
-    write_resolved(cfg, out_dir)
-    storage.mark_success(out_dir, summary)
-    log.info("wrote %s", out_dir)
-    return summary

@@ -35,6 +35,7 @@ NUMERIC_FEATURES = ["feat_mean", "feat_std", "feat_p01", "feat_p99", "feat_heigh
                     "feat_emb_norm"]
 CATEGORICAL_FEATURES = ["view", "laterality", "body_region", "source_format"]
 LABEL = "label"
+PROB_PREFIX, DECISION_PREFIX, FEATURE_PREFIX = "prob_", "decision_", "feat_"
 QUARANTINE_COLUMNS = ["image_id", "batch_id", "source_suffix", "reason"]
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -43,6 +44,9 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 def prediction_log_root(artifact_root: str) -> str:
     """``<artifact_root>/prediction_log``."""
     return storage.join(artifact_root, PREDICTION_LOG)
+
+
+PARTITION_RE = re.compile(r"date=(\d{4}-\d{2}-\d{2})")
 
 
 def partition_uri(log_root: str, date: str) -> str:
@@ -86,7 +90,7 @@ def class_columns(class_names: list[str]) -> list[str]:
     """``prob_<c>``, ``decision_<c>`` for every class, in class order."""
     out: list[str] = []
     for c in class_names:
-        out += [f"prob_{c}", f"decision_{c}"]
+        out += [f"{PROB_PREFIX}{c}", f"{DECISION_PREFIX}{c}"]
     return out
 
 

@@ -4,7 +4,7 @@ Report mode reads the train step's folder (``model.pt``, ``predictions.parquet``
 with the calibration and thresholds fitted on validation (this run's ``calibrate`` and
 ``tune_thresholds`` folders when they exist; raw sigmoid/softmax and 0.5 otherwise), picks the top
 positive predictions, the false negatives and the false positives, and explains each with Grad-CAM
-(Selvaraju et al., ICCV 2017; see :mod:`fracture_ops.explain.gradcam`). Images are found through
+(Selvaraju et al., ICCV 2017; see :mod:`fracture_ops.model.gradcam`). Images are found through
 the split table named in ``model_info.json`` (``split_uri``). When fracture boxes are available
 (this run's ``ingest/boxes.parquet`` or ``boxes_uri``) each case also gets the share of CAM energy
 inside its boxes relative to their area (1 = chance).
@@ -96,15 +96,12 @@ def class_scores(rows: pd.DataFrame, task: str, class_names: list[str], calibrat
         ``(prob, decision, label, threshold)``: float, bool and int arrays, and the class's
         threshold (None for multiclass, where the decision is the arg-max class).
     """
-    from fracture_ops.evaluation.predictions import logits, targets
+    from fracture_ops.model.outputs import decisions, logits, targets
 
     k = class_names.index(class_name)
     probs = calibrator.transform(logits(rows, class_names))
-    if task == "multiclass":
-        decision, threshold = probs.argmax(axis=1) == k, None
-    else:
-        threshold = float(thresholds[k])
-        decision = probs[:, k] >= threshold
+    decision = decisions(probs, task, thresholds)[:, k].astype(bool)
+    threshold = None if task == "multiclass" else float(thresholds[k])
     return probs[:, k], decision, targets(rows, class_names)[:, k], threshold
 
 
@@ -160,7 +157,7 @@ def _explain_case(explainer, image: np.ndarray, boxes: list[tuple], cfg: CamConf
     """CAM of one image; the localisation ratio in original pixels, the pictures at display size."""
     import cv2
 
-    from fracture_ops.explain.gradcam import box_energy, overlay
+    from fracture_ops.model.gradcam import box_energy, overlay
     from fracture_ops.explain.report import fit_for_display, png_data_uri
 
     cam = explainer.explain(image).cam
@@ -223,8 +220,8 @@ def _header(cfg: CamConfig, info: dict, explainer, sources: dict, n_rows: int) -
 
 
 def _open_model(cfg: CamConfig, train_dir: str):
-    from fracture_ops.explain.gradcam import GradCamExplainer, load_classifier
-    from fracture_ops.training.loop import resolve_device
+    from fracture_ops.model.gradcam import GradCamExplainer, load_classifier
+    from fracture_ops.model.network import resolve_device
 
     model_uri = storage.join(train_dir, "model.pt")
     if not storage.exists(model_uri):
@@ -234,7 +231,7 @@ def _open_model(cfg: CamConfig, train_dir: str):
 
 
 def _calibration(cfg: CamConfig, train_dir: str, task: str, class_names: list[str]):
-    from fracture_ops.evaluation.steps import read_calibrator, read_thresholds
+    from fracture_ops.model.documents import read_calibrator, read_thresholds
 
     cal_uri = _resolve(cfg.calibration_uri, train_dir, "calibrate", "calibration.json")
     thr_uri = _resolve(cfg.thresholds_uri, train_dir, "tune_thresholds", "thresholds.json")
@@ -257,8 +254,8 @@ def cam_step(cfg: CamConfig) -> dict:
         ErrorBudgetExceeded: too many selected images could not be read.
         ConfigError: unknown class or target layer.
     """
-    from fracture_ops.evaluation.predictions import split_rows
-    from fracture_ops.evaluation.steps import read_predictions
+    from fracture_ops.model.outputs import split_rows
+    from fracture_ops.model.outputs import read_predictions
     from fracture_ops.explain.report import render_report
 
     train_dir = cfg.train_dir or cfg.output_dir("train")
@@ -316,7 +313,7 @@ def explain_image(cfg: CamConfig, image_uri: str, out_png: str | None = None) ->
     from PIL import Image
 
     from fracture_ops.data.images import read_image
-    from fracture_ops.explain.gradcam import overlay
+    from fracture_ops.model.gradcam import overlay
 
     image = read_image(image_uri)[0]
     train_dir = cfg.train_dir or cfg.output_dir("train")
@@ -327,14 +324,13 @@ def explain_image(cfg: CamConfig, image_uri: str, out_png: str | None = None) ->
         result = explainer.explain(image)
     finally:
         explainer.close()
+    from fracture_ops.model.outputs import decisions
+
     k = info["class_names"].index(explainer.class_name)
-    prob = float(calibrator.transform(result.logits[None].astype(np.float64))[0, k])
-    if info["task"] == "multiclass":
-        positive = int(np.argmax(result.logits)) == k
-        threshold = None
-    else:
-        threshold = float(thresholds[k])
-        positive = prob >= threshold
+    probs = calibrator.transform(result.logits[None].astype(np.float64))
+    prob = float(probs[0, k])
+    positive = bool(decisions(probs, info["task"], thresholds)[0, k])
+    threshold = None if info["task"] == "multiclass" else float(thresholds[k])
     out = out_png or storage.join(cfg.output_dir("cam_image"), "overlay.png")
     buf = io.BytesIO()
     Image.fromarray(overlay(image, result.cam, cfg.alpha)).save(buf, format="PNG")

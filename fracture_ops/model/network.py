@@ -14,6 +14,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Grad-CAM target layers per backbone family (see explain/); kept next to the factory on purpose.
+# backbones the trigger form proposes (any timm model name is accepted); test_resnet is timm's tiny
+# test network, for demos and tests on a CPU
+BACKBONES = ["efficientnet_b0", "efficientnet_b3", "densenet121", "resnet18", "resnet50",
+             "convnext_nano", "test_resnet"]
 CAM_LAYERS = {"efficientnet": "bn2", "densenet": "features.norm5", "resnet": "layer4",
               "convnext": "stages.-1", "mobilenet": "bn2", "regnet": "final_conv"}
 
@@ -87,3 +91,12 @@ def cam_target_layer(model, backbone: str):
     for part in CAM_LAYERS[family].split("."):
         node = node[int(part)] if part.lstrip("-").isdigit() else getattr(node, part)
     return node
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

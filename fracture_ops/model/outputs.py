@@ -11,13 +11,14 @@ An optional ``body_region`` column enables per-region metrics.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy.special import expit, softmax
 
 from fracture_ops import storage
-from fracture_ops.errors import BadInputError, ErrorBudgetExceeded
+from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +201,39 @@ def write_predictions(folder_uri: str, df: pd.DataFrame, task: str, class_names:
         storage.join(folder_uri, MODEL_INFO_FILE), {"task": task, "class_names": list(class_names)}
     )
     return storage.write_parquet(storage.join(folder_uri, PREDICTIONS_FILE), df)
+
+
+def decisions(probs: np.ndarray, task: str, thresholds: np.ndarray) -> np.ndarray:
+    """The decision rule, the one place it is written: 0/1 decisions ``(n, C)``, ``p >= threshold``
+    per class (binary, multilabel), or the one-hot arg-max class (multiclass; thresholds unused).
+    Evaluation, threshold tuning, the pyfunc model, batch inference and Grad-CAM all call this."""
+    if task == "multiclass":
+        out = np.zeros(probs.shape, dtype=np.int64)
+        out[np.arange(len(probs)), probs.argmax(axis=1)] = 1
+        return out
+    return (probs >= np.asarray(thresholds)[None, :]).astype(np.int64)
+
+
+@dataclass
+class Predictions:
+    """A clean predictions table with its task, classes and quarantined rows."""
+
+    df: pd.DataFrame
+    task: str
+    class_names: list[str]
+    quarantined: list[dict]
+
+
+def read_predictions(uri: str, error_budget: float) -> Predictions:
+    """Load and clean a predictions folder.
+
+    Raises:
+        ConfigError: ``uri`` is empty.
+        BadInputError: the folder or its columns are missing.
+        ErrorBudgetExceeded: too many unusable rows.
+    """
+    if not uri:
+        raise ConfigError("predictions_uri is required (the folder holding predictions.parquet)")
+    df, task, class_names = load_predictions(uri)
+    clean, quarantined = quarantine_bad_rows(df, task, class_names, error_budget)
+    return Predictions(clean, task, class_names, quarantined)

@@ -1,0 +1,161 @@
+"""The MLflow pyfunc model: images in, calibrated probabilities and per-class decisions out.
+
+Input: a DataFrame with one string column ``image``: a local path / ``s3://`` URI, or the
+base64-encoded bytes of a PNG, JPEG or DICOM file. Output: for every class ``c``, ``prob_<c>``
+(calibrated probability) and ``decision_<c>`` (0/1 at the tuned threshold; for a multi-class task
+the decision is the arg-max class). Artifacts: ``model.pt`` (weights and network description),
+``calibration.json`` and ``thresholds.json``. The model applies exactly the evaluation's transform,
+so it reproduces the evaluation's probabilities.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+try:  # the class must subclass PythonModel; keep the module importable without mlflow too
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # pragma: no cover - mlflow is part of the train extra
+    PythonModel = object
+
+
+# the models-from-code file ``package`` logs (importing it registers the model with MLflow)
+CODE_FILE = Path(__file__).with_name("pyfunc_code.py")
+
+
+def _looks_like_base64(s: str) -> bool:
+    return len(s) > 256 and not s.startswith(("/", "s3://", ".")) and "\n" not in s[:100]
+
+
+def decode_input(value: str) -> np.ndarray:
+    """Read one ``image`` cell (URI or base64 file bytes) into a [0,1] grayscale array."""
+    from fracture_ops.data.images import read_image
+
+    if _looks_like_base64(value):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raw = None
+        if raw is not None:
+            suffix = ".dcm" if raw[128:132] == b"DICM" else ".img"
+            with tempfile.NamedTemporaryFile(suffix=suffix) as fh:
+                fh.write(raw)
+                fh.flush()
+                return read_image(fh.name)[0]
+    return read_image(value)[0]
+
+
+class FractureClassifier(PythonModel):
+    """pyfunc wrapper around the trained timm network plus calibration and thresholds."""
+
+    def load_context(self, context) -> None:
+
+        from fracture_ops.model.calibrators import Calibrator
+        from fracture_ops.model.network import build_model
+        from fracture_ops.model.preprocess import build_transforms
+
+        from fracture_ops.model.checkpoint import load_weights
+
+        self.model_path = context.artifacts["model"]
+        blob = load_weights(self.model_path, "model.pt")
+        self.info = info = blob["info"]
+        self.task, self.class_names = info["task"], list(info["class_names"])
+        self.model = build_model(info["backbone"], self.task, len(self.class_names), None, quiet=True)
+        self.model.load_state_dict(blob["state_dict"])
+        self.model.eval()
+        tf = blob["transform"]
+        self.pre_size = tf.get("pre_size")
+        self.transform = build_transforms(tf["image_size"], False, clahe=tf.get("clahe", False))
+        with open(context.artifacts["calibration"], encoding="utf-8") as fh:
+            doc = json.load(fh)
+        self.calibrator = Calibrator.from_dict(doc.get("calibrator", doc))
+        with open(context.artifacts["thresholds"], encoding="utf-8") as fh:
+            th = json.load(fh)
+        th = th.get("thresholds", th)
+        self.thresholds = np.array([float(th[c]) for c in self.class_names])
+
+    def logits(self, images: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
+        """Raw logits for decoded images (eval transform, CPU or the model's device)."""
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(images), batch_size):
+                x = torch.stack([self.transform(im)["image"] for im in images[i:i + batch_size]])
+                out.append(self.model(x.contiguous(memory_format=torch.channels_last)).float().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)))
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """Calibrated probabilities and decisions for every row of ``model_input``."""
+        if "image" not in model_input.columns:
+            raise ValueError("input needs a string column 'image' (URI or base64 file bytes)")
+        from fracture_ops.model.preprocess import preprocess
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        def load(value) -> np.ndarray:
+            return preprocess(decode_input(str(value)), self.pre_size)
+
+        # decoding (PIL/pydicom release the GIL) overlaps across threads; order is kept
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(load, model_input["image"]))
+        probs = self.calibrator.transform(self.logits(images))
+        probs = probs.reshape(len(images), -1)
+        from fracture_ops.model.outputs import decisions
+
+        decided = decisions(probs, self.task, self.thresholds)
+        out = pd.DataFrame(index=model_input.index)
+        for k, c in enumerate(self.class_names):
+            out[f"prob_{c}"] = probs[:, k]
+            out[f"decision_{c}"] = decided[:, k].astype("int64")
+        return out
+
+
+def load_classifier_dir(model_dir: str) -> FractureClassifier:
+    """A downloaded classifier model, built by this package's own code.
+
+    ``mlflow.pyfunc.load_model`` would run the model-code file stored with the model (or unpickle
+    an object, for models logged before models-from-code); whoever can write the artifact store
+    could change either. This reads only the ``MLmodel`` file's artifact paths and the weights
+    (``weights_only=True``), so loading runs no code that came with the model.
+
+    Raises:
+        BadInputError: the folder is not a fracture-ops classifier model.
+    """
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import yaml
+
+    from fracture_ops.errors import BadInputError
+
+    root = Path(model_dir)
+    try:
+        meta = yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8"))
+        artifacts = meta["flavors"]["python_function"]["artifacts"]
+        paths = {k: root / artifacts[k]["path"] for k in ("model", "calibration", "thresholds")}
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise BadInputError(f"{model_dir} is not a fracture-ops classifier model: {exc}") from exc
+    for key, path in paths.items():
+        if not path.resolve().is_relative_to(root.resolve()) or not path.is_file():
+            raise BadInputError(f"{model_dir}: artifact {key!r} missing or outside the model folder")
+    clf = FractureClassifier()
+    clf.load_context(SimpleNamespace(artifacts={k: str(v) for k, v in paths.items()}, model_config={}))
+    return clf
+
+
+def example_input(image_uri: str) -> pd.DataFrame:
+    """A one-row input example holding the base64 bytes of a real image."""
+    from fracture_ops import storage
+
+    return pd.DataFrame({"image": [base64.b64encode(storage.read_bytes(image_uri)).decode("ascii")]})
+
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
