@@ -128,7 +128,7 @@ def test_pyfunc_model_reproduces_evaluation_in_fresh_process(pipeline, tmp_path)
                          env=_env(pipeline["tmp"]), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["cols"] == ["prob_fracture", "decision_fracture"]
+    assert out["cols"] == ["prob_fracture", "decision_fracture", "error"]
     np.testing.assert_allclose(out["p"], expected, atol=1e-5)
     threshold = storage.read_json(pipeline["th"]["thresholds_uri"])["thresholds"]["fracture"]
     assert out["d"] == [int(p >= threshold) for p in out["p"]]
@@ -218,3 +218,39 @@ def test_killed_training_resumes_same_mlflow_run(tmp_path, sig):
     assert steps == set(range(6))
     exp = client.get_experiment_by_name("fracture-classifier")
     assert len(client.search_runs([exp.experiment_id])) == 1  # no second run was created
+
+
+def test_one_unreadable_image_never_fails_the_batch(pipeline, tmp_path, realdata):
+    """A truncated JPEG (cut from a real FracAtlas radiograph),
+    a missing file and bad bytes: those rows carry an error naming why; every other row gets
+    exactly the probabilities and decisions it gets when the batch holds only the good rows."""
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    from fracture_ops.model.pyfunc import load_classifier_dir
+
+    model_dir = mlflow.artifacts.download_artifacts(artifact_uri=pipeline["pkg"]["model_uri"],
+                                                    dst_path=str(tmp_path / "m"))
+    model = load_classifier_dir(model_dir)
+    good = [str(u) for u in storage.read_parquet(
+        storage.read_json(storage.join(pipeline["train"]["train_dir"], "model_info.json"))["split_uri"]
+    )["image_uri"].head(3)]
+    source = sorted((realdata / "fracatlas" / "images").rglob("*.jpg"))[0].read_bytes()
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(source[: len(source) // 3])
+    bad_bytes = base64.b64encode(b"not an image at all" * 40).decode()
+    rows = [good[0], str(truncated), good[1], str(tmp_path / "missing.png"), bad_bytes, good[2]]
+    out = model.predict(None, pd.DataFrame({"image": rows}, index=range(10, 16)))
+    alone = model.predict(None, pd.DataFrame({"image": good}))
+    assert list(out.index) == list(range(10, 16))
+    errors = out["error"].tolist()
+    assert [e is None for e in errors] == [True, False, True, False, False, True]
+    assert "truncated" in errors[1].lower() or "decode" in errors[1].lower() or "image" in errors[1].lower()
+    assert "missing.png" in errors[3] or "No such file" in errors[3] or "not found" in errors[3].lower()
+    prob_cols = [c for c in out.columns if c.startswith(("prob_", "decision_"))]
+    assert out.loc[[11, 13, 14], prob_cols].isna().all().all()
+    got = out.loc[[10, 12, 15], prob_cols].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, alone[prob_cols].reset_index(drop=True))
+    assert alone["error"].isna().all()

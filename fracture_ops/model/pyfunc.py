@@ -3,7 +3,8 @@
 Input: a DataFrame with one string column ``image``: a local path / ``s3://`` URI, or the
 base64-encoded bytes of a PNG, JPEG or DICOM file. Output: for every class ``c``, ``prob_<c>``
 (calibrated probability) and ``decision_<c>`` (0/1 at the tuned threshold; for a multi-class task
-the decision is the arg-max class). Artifacts: ``model.pt`` (weights and network description),
+the decision is the arg-max class), and ``error``: None, or why that row's image could not be read
+(that row gets no probability; the others are scored as they would be alone). Artifacts: ``model.pt`` (weights and network description),
 ``calibration.json`` and ``thresholds.json``. The model applies exactly the evaluation's transform,
 so it reproduces the evaluation's probabilities.
 """
@@ -93,29 +94,56 @@ class FractureClassifier(PythonModel):
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """Calibrated probabilities and decisions for every row of ``model_input``."""
+        """Calibrated probabilities and decisions for every row of ``model_input`` that can be
+        read; one image that cannot be read never fails the batch.
+
+        Returns:
+            per class ``prob_<c>`` (float, NaN for an unreadable row) and ``decision_<c>``
+            (nullable ``Int64``, missing for an unreadable row), and ``error``: None, or why that
+            row's image could not be read (``ImageDecodeError: truncated JPEG``, a missing file,
+            bad base64). The rows that were read are scored exactly as they would be alone.
+        """
         if "image" not in model_input.columns:
             raise ValueError("input needs a string column 'image' (URI or base64 file bytes)")
-        from fracture_ops.model.preprocess import preprocess
-
         from concurrent.futures import ThreadPoolExecutor
 
-        def load(value) -> np.ndarray:
-            return preprocess(decode_input(str(value)), self.pre_size)
+        from fracture_ops.model.outputs import decisions
 
         # decoding (PIL/pydicom release the GIL) overlaps across threads; order is kept
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            images = list(pool.map(load, model_input["image"]))
-        probs = self.calibrator.transform(self.logits(images))
-        probs = probs.reshape(len(images), -1)
-        from fracture_ops.model.outputs import decisions
-
-        decided = decisions(probs, self.task, self.thresholds)
+            loaded = list(pool.map(self._load, model_input["image"]))
+        ok = [i for i, (img, _) in enumerate(loaded) if img is not None]
+        probs = np.full((len(loaded), len(self.class_names)), np.nan)
+        decided = np.zeros(probs.shape, dtype=np.int64)
+        if ok:
+            scored = self.calibrator.transform(self.logits([loaded[i][0] for i in ok]))
+            probs[ok] = scored.reshape(len(ok), -1)
+            decided[ok] = decisions(probs[ok], self.task, self.thresholds)
+        bad = np.array([img is None for img, _ in loaded], dtype=bool)
         out = pd.DataFrame(index=model_input.index)
         for k, c in enumerate(self.class_names):
             out[f"prob_{c}"] = probs[:, k]
-            out[f"decision_{c}"] = decided[:, k].astype("int64")
+            out[f"decision_{c}"] = pd.array(np.where(bad, 0, decided[:, k]), dtype="Int64")
+            out.loc[bad, f"decision_{c}"] = pd.NA
+        out["error"] = pd.Series([err for _, err in loaded], index=model_input.index, dtype=object)
         return out
+
+    def _load(self, value) -> tuple[np.ndarray | None, str | None]:
+        """One decoded, preprocessed image, or ``(None, why it could not be read)``."""
+        from fracture_ops.errors import BadInputError
+        from fracture_ops.model.preprocess import preprocess
+
+        try:
+            return preprocess(decode_input(str(value)), self.pre_size), None
+        # a decode error (read_image raises ImageDecodeError), a missing file, bad base64
+        except (BadInputError, OSError, ValueError, EOFError) as exc:
+            return None, _reason(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    """``<ExceptionType>: <first line of the message>`` (at most 300 characters)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:300].rstrip(": ")
 
 
 def load_classifier_dir(model_dir: str) -> FractureClassifier:

@@ -106,6 +106,11 @@ def score_version(model_uri: str, images: list[str], class_name: str) -> tuple[n
     # built by this package's code from the weights: nothing stored with the model runs
     model = load_classifier_dir(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     out = model.predict(None, pd.DataFrame({"image": images}))
+    failed = out["error"].notna()
+    if failed.any():  # both models must score the same images: a test image that fails is bad data
+        first = int(np.flatnonzero(failed.to_numpy())[0])
+        raise BadInputError(f"gate: {int(failed.sum())} test image(s) could not be read, e.g. "
+                            f"{images[first]}: {out['error'].iloc[first]}")
     return out[f"prob_{class_name}"].to_numpy(float), out[f"decision_{class_name}"].to_numpy(int)
 
 

@@ -47,6 +47,7 @@ def _signature(class_names: list[str]):
     outputs = []
     for c in class_names:
         outputs += [ColSpec("double", f"prob_{c}"), ColSpec("long", f"decision_{c}")]
+    outputs.append(ColSpec("string", "error", required=False))  # why a row could not be read
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema(outputs))
 
 
