@@ -41,8 +41,11 @@ class LoopConfig:
 
     @classmethod
     def from_train(cls, cfg) -> LoopConfig:
-        """The loop's fields of a TrainConfig."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+        """The loop's fields of a TrainConfig (keeping the last weights: no early stopping)."""
+        values = {f.name: getattr(cfg, f.name) for f in fields(cls)}
+        if getattr(cfg, "weights", "best") == "last":
+            values["patience"] = cfg.epochs
+        return cls(**values)
 
 
 @dataclass

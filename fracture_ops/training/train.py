@@ -64,6 +64,10 @@ class TrainConfig(StepConfig):
     grad_clip: float = 1.0
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     patience: int = 5
+    weights: Literal["best", "last"] = Field(
+        "best", description="the weights the model keeps: best (the epoch with the highest "
+        "validation AUROC, early stopping after `patience` epochs without gain) or last (every "
+        "epoch runs; no choice made on the validation images: cross-validation folds)")
     loss: Literal["bce", "ce", "focal"] = Field("bce", description="loss: bce (binary, "
                                                 "multi-label), focal, ce (multi-class)")
     focal_gamma: float = 2.0
@@ -79,6 +83,9 @@ class TrainConfig(StepConfig):
     seed: int = Field(0, ge=0, description="seed of the split, the training and the bootstrap")
     deterministic: bool = True
     experiment: str = CLASSIFIER
+    # where the step writes, under the run folder (cross-validation trains into cv/fold-<k>)
+    step_folder: str = Field("train", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+    mlflow_parent_run_id: str | None = None  # shows the run under a parent (a CV run's folds)
 
 
 def _split_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
@@ -111,7 +118,8 @@ def resume_key(cfg: TrainConfig) -> str:
 
     keep = cfg.model_dump(include={"split_uri", "task", "class_names", "label_column", "backbone",
                                    "image_size", "batch_size", "epochs", "lr", "weight_decay",
-                                   "scheduler", "warmup_epochs", "loss", "balanced", "seed"})
+                                   "scheduler", "warmup_epochs", "loss", "balanced", "seed",
+                                   "weights"})
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -217,7 +225,7 @@ def train_step(cfg: TrainConfig) -> dict:
     from fracture_ops.training.losses import build_loss
     from fracture_ops.model.network import build_model, resolve_device
 
-    out = cfg.output_dir("train")
+    out = cfg.output_dir(cfg.step_folder)
     local, remote = _local_folder(cfg, out), storage.is_s3(out)
     key_uri = storage.join(out, "resume_key.txt")
     resuming = (storage.exists(storage.join(out, "last.pt")) and not storage.is_complete(out)
@@ -245,7 +253,9 @@ def train_step(cfg: TrainConfig) -> dict:
     tags = {"manifest_hash": manifest_hash(table.drop(columns=["split"])),
             "split_hash": table_hash(table, ["image_id", "patient_id", "split"]),
             "backbone": cfg.backbone, "task": cfg.task, "fracture_ops.step": "train"}
-    mlflow, run, resumed = tracking.start_or_resume(out, cfg.experiment, f"train-{cfg.run_id}", tags)
+    parent = {"mlflow.parentRunId": cfg.mlflow_parent_run_id} if cfg.mlflow_parent_run_id else {}
+    mlflow, run, resumed = tracking.start_or_resume(
+        out, cfg.experiment, f"{cfg.step_folder.replace('/', '-')}-{cfg.run_id}", {**tags, **parent})
     with run:
         if not resumed:
             mlflow.log_params(tracking.flatten(cfg.model_dump(mode="json")))
@@ -259,14 +269,14 @@ def train_step(cfg: TrainConfig) -> dict:
                     on_epoch_start=lambda epoch: _reseed(loaders["train"], cfg.seed + epoch))
         from fracture_ops.model.checkpoint import load_weights, plain
 
-        best = load_weights(local / "best.pt", "checkpoint best.pt")
-        model.load_state_dict(best["model"])
+        kept = f"{cfg.weights}.pt"
+        model.load_state_dict(load_weights(local / kept, f"checkpoint {kept}")["model"])
         logits = {s: predict_logits(model, loaders[s], device) for s in ("val", "test") if s in loaders}
         preds = _predictions(parts, targets, logits, cfg.class_names)
         info = {"task": cfg.task, "class_names": cfg.class_names, "backbone": cfg.backbone,
                 "image_size": cfg.image_size, "best_epoch": state.best_epoch,
                 "best_val_auroc": state.best_score, "epochs_run": state.epoch,
-                "mlflow_run_id": run.info.run_id, "split_uri": cfg.split_uri,
+                "weights": cfg.weights, "mlflow_run_id": run.info.run_id, "split_uri": cfg.split_uri,
                 "experiment": cfg.experiment, **tags}
         torch.save({"state_dict": model.state_dict(), "info": plain(info),
                     "transform": {"image_size": cfg.image_size, "clahe": cfg.clahe,

@@ -1,0 +1,112 @@
+"""Cross-validation (`fracture-ops cv`): patient-grouped folds, the train step's own code,
+out-of-fold predictions in the predictions contract, pooled AUROC with patient-bootstrap
+intervals, parent and child MLflow runs, and a resumable rerun."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fracture_ops import storage
+
+pytestmark = pytest.mark.slow
+FOLDS, SIZE, EPOCHS = 3, 128, 12
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory):
+    from fracture_ops.data.split import SplitConfig, split_step
+    from fracture_ops.data.synthetic import SynthConfig, synth_step
+    from fracture_ops.workflows.cv import CVConfig, cv_step
+
+    tmp = tmp_path_factory.mktemp("cv")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    root = dict(artifact_root=str(tmp / "art"), run_id="cv")
+    synth_step(SynthConfig(out_dir=str(tmp / "syn"), n_patients=240, image_size=SIZE, seed=3))
+    split = split_step(SplitConfig(manifest_uri=str(tmp / "syn" / "manifest.parquet"), **root))
+    cfg = CVConfig(split_uri=split["split_uri"], folds=FOLDS, backbone="test_resnet", image_size=SIZE,
+                   epochs=EPOCHS, batch_size=16, lr=3e-3, n_bootstrap=200, **root)
+    summary = cv_step(cfg)
+    yield dict(tmp=tmp, cfg=cfg, summary=summary, split=storage.read_parquet(split["split_uri"]))
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def test_every_fold_separates_the_synthetic_classes(cv_run):
+    s = cv_run["summary"]
+    assert [f["fold"] for f in s["per_fold"]] == list(range(1, FOLDS + 1))
+    assert all(f["auroc"] >= 0.95 for f in s["per_fold"]), s["per_fold"]
+    low, high = s["pooled"]["ci95"]
+    assert low <= s["pooled"]["auroc"] <= high and s["pooled"]["auroc"] >= 0.95
+    assert len(s["mean_val_auroc_per_epoch"]) == EPOCHS and 1 <= s["recommended_epochs"] <= EPOCHS
+
+
+def test_folds_hold_whole_patients_and_leave_the_test_set_alone(cv_run):
+    split, out = cv_run["split"], cv_run["cfg"].output_dir("cv")
+    oof = storage.read_parquet(storage.join(out, "oof", "predictions.parquet"))
+    pool = split[split["split"] != "test"]
+    # every training-pool image is predicted exactly once, by the fold that did not train on it
+    assert sorted(oof["image_id"]) == sorted(pool["image_id"])
+    assert not set(oof["image_id"]) & set(split.loc[split["split"] == "test", "image_id"])
+    folds_of_patient = oof.groupby("patient_id")["fold"].nunique()
+    assert (folds_of_patient == 1).all(), "a patient appears in two folds"
+    for k in range(1, FOLDS + 1):
+        fold_split = storage.read_parquet(storage.join(out, "splits", f"fold-{k}.parquet"))
+        train_p = set(fold_split.loc[fold_split["split"] == "train", "patient_id"])
+        val_p = set(fold_split.loc[fold_split["split"] == "val", "patient_id"])
+        assert not train_p & val_p and val_p == set(oof.loc[oof["fold"] == k, "patient_id"])
+        assert "test" not in set(fold_split["split"])
+    # stratified: each fold's positive share is near the pool's
+    shares = oof.groupby("fold")["y_fracture"].mean()
+    assert (shares - pool["label"].eq("fracture").mean()).abs().max() < 0.12, shares.to_dict()
+
+
+def test_oof_predictions_are_the_fold_models_predictions_and_keep_every_epoch(cv_run):
+    out = cv_run["cfg"].output_dir("cv")
+    oof = storage.read_parquet(storage.join(out, "oof", "predictions.parquet"))
+    for k in range(1, FOLDS + 1):
+        fold_dir = storage.join(out, f"fold-{k}")
+        info = storage.read_json(storage.join(fold_dir, "model_info.json"))
+        assert info["weights"] == "last" and info["epochs_run"] == EPOCHS  # no early stopping
+        preds = storage.read_parquet(storage.join(fold_dir, "predictions.parquet"))
+        val = preds[preds["split"] == "val"].set_index("image_id")["logit_fracture"]
+        mine = oof[oof["fold"] == k].set_index("image_id")["logit_fracture"]
+        pd.testing.assert_series_equal(mine.sort_index(), val.sort_index())
+
+
+def test_mlflow_has_one_parent_with_a_child_per_fold(cv_run):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(cv_run["summary"]["mlflow_run_id"])
+    assert parent.data.metrics["cv_auroc_pooled"] == pytest.approx(cv_run["summary"]["pooled"]["auroc"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == FOLDS
+
+
+def test_a_rerun_reuses_the_finished_folds(cv_run, caplog):
+    import logging
+
+    from fracture_ops.workflows.cv import cv_step
+
+    with caplog.at_level(logging.INFO, logger="fracture_ops.workflows.cv"):
+        again = cv_step(cv_run["cfg"])
+    assert caplog.text.count("already trained with this configuration") == FOLDS
+    assert again["pooled"] == cv_run["summary"]["pooled"]
+    assert again["per_fold"] == cv_run["summary"]["per_fold"]
+
+
+def test_too_few_patients_for_the_folds_is_a_clear_error():
+    from fracture_ops.errors import ManifestError
+    from fracture_ops.workflows.cv import assign_folds
+
+    pool = pd.DataFrame({"patient_id": ["a", "a", "b", "c"], "label": ["fracture", "normal"] * 2})
+    with pytest.raises(ManifestError, match="3 patients cannot fill 5 folds"):
+        assign_folds(pool, np.array([1, 0, 1, 0]), 5, 0)
