@@ -110,3 +110,47 @@ def test_too_few_patients_for_the_folds_is_a_clear_error():
     pool = pd.DataFrame({"patient_id": ["a", "a", "b", "c"], "label": ["fracture", "normal"] * 2})
     with pytest.raises(ManifestError, match="3 patients cannot fill 5 folds"):
         assign_folds(pool, np.array([1, 0, 1, 0]), 5, 0)
+
+
+def test_refit_trains_on_every_training_patient_and_calibrates_on_out_of_fold(cv_run, tmp_path):
+    """The refit uses train+val (counts asserted against a normal train run on the same split),
+    keeps its last weights, writes only test predictions; calibration and thresholds fitted on the
+    out-of-fold predictions never see a test row (corrupting the test logits changes nothing)."""
+    from fracture_ops.evaluation.calibration import CalibrateConfig, calibrate_step
+    from fracture_ops.evaluation.evaluate import EvaluateConfig, evaluate_step
+    from fracture_ops.evaluation.thresholds import TuneThresholdsConfig, tune_thresholds_step
+    from fracture_ops.training.train import TrainConfig, train_step
+
+    cfg, split, s = cv_run["cfg"], cv_run["split"], cv_run["summary"]
+    base = dict(split_uri=cfg.split_uri, backbone="test_resnet", image_size=SIZE, batch_size=16,
+                lr=3e-3, artifact_root=cfg.artifact_root)
+    refit = train_step(TrainConfig(**base, epochs=s["recommended_epochs"], refit=True, run_id="refit"))
+    held = train_step(TrainConfig(**base, epochs=2, run_id="held"))  # the train/val path
+    info = storage.read_json(storage.join(refit["train_dir"], "model_info.json"))
+    held_info = storage.read_json(storage.join(held["train_dir"], "model_info.json"))
+    pool = split[split["split"] != "test"]
+    assert info["refit"] and info["weights"] == "last" and info["epochs_run"] == s["recommended_epochs"]
+    assert info["images"]["train"] == len(pool) and info["images"]["val"] == 0
+    assert info["patients"]["train"] == pool["patient_id"].nunique()
+    assert held_info["images"]["train"] < info["images"]["train"] == (
+        held_info["images"]["train"] + held_info["images"]["val"])
+    preds = storage.read_parquet(refit["predictions_uri"])
+    assert set(preds["split"]) == {"test"} and len(preds) == int((split["split"] == "test").sum())
+
+    oof = s["oof_uri"]
+    root = dict(artifact_root=cfg.artifact_root, run_id="refit")
+    cal = calibrate_step(CalibrateConfig(predictions_uri=oof, **root))
+    th = tune_thresholds_step(TuneThresholdsConfig(predictions_uri=oof,
+                                                   calibration_uri=cal["calibration_uri"], **root))
+    doc = storage.read_json(cal["calibration_uri"])
+    assert doc["fitted_on"] == "val" and doc["n_images"] == s["images"]
+    ev = evaluate_step(EvaluateConfig(predictions_uri=refit["train_dir"],
+                                      calibration_uri=cal["calibration_uri"],
+                                      thresholds_uri=th["thresholds_uri"], n_bootstrap=200, **root))
+    assert ev["split"] == "test" and ev["headline"]["auroc"] >= 0.95, ev["headline"]
+    # the test rows cannot move the calibration: corrupt them and fit again
+    bad = preds.assign(logit_fracture=-preds["logit_fracture"] * 100)
+    storage.write_parquet(refit["predictions_uri"], bad)
+    again = calibrate_step(CalibrateConfig(predictions_uri=oof, artifact_root=cfg.artifact_root,
+                                           run_id="refit2"))
+    assert storage.read_json(again["calibration_uri"])["calibrator"] == doc["calibrator"]

@@ -214,7 +214,9 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
         device: str, ckpt: Checkpointer, on_epoch: Callable[[dict], None],
         progress: Callable = lambda it: it,
         on_epoch_start: Callable[[int], None] | None = None) -> LoopState:
-    """Train until ``cfg.epochs`` or early stopping; resume from ``last.pt`` when present."""
+    """Train until ``cfg.epochs`` or early stopping; resume from ``last.pt`` when present.
+
+    Without ``val_loader`` (a refit) every epoch runs and no score is kept."""
     model.to(device).to(memory_format=torch.channels_last)
     loss_fn.to(device)  # class weights are buffers of the loss
     opt, sched, mode = build_optimizer(model, cfg, len(train_loader))
@@ -231,11 +233,15 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
             on_epoch_start(state.epoch)
         stats = train_one_epoch(model, train_loader, loss_fn, opt, sched, mode, scaler, device,
                                 dtype, cfg.grad_clip, progress)
-        logits = predict_logits(model, val_loader, device, dtype)
-        score = val_auroc(logits, val_targets, cfg.task)
-        stats.update(epoch=state.epoch, val_auroc=score,
-                     val_loss=float(loss_fn(torch.from_numpy(logits).to(device),
-                                            torch.from_numpy(val_targets).to(device))))
+        if val_loader is None:  # a refit: no validation images
+            stats.update(epoch=state.epoch)
+            score = math.nan
+        else:
+            logits = predict_logits(model, val_loader, device, dtype)
+            score = val_auroc(logits, val_targets, cfg.task)
+            stats.update(epoch=state.epoch, val_auroc=score,
+                         val_loss=float(loss_fn(torch.from_numpy(logits).to(device),
+                                                torch.from_numpy(val_targets).to(device))))
         if sched is not None and mode == "epoch":
             sched.step(score if not math.isnan(score) else 0.0)
         state.epoch += 1

@@ -21,7 +21,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
@@ -83,9 +83,20 @@ class TrainConfig(StepConfig):
     seed: int = Field(0, ge=0, description="seed of the split, the training and the bootstrap")
     deterministic: bool = True
     experiment: str = CLASSIFIER
+    refit: bool = Field(False, description="train on the train and val patients together for "
+                        "`epochs` epochs and keep the last weights (no validation, no early "
+                        "stopping); calibration and thresholds then come from the cv step's "
+                        "out-of-fold predictions")
     # where the step writes, under the run folder (cross-validation trains into cv/fold-<k>)
     step_folder: str = Field("train", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
     mlflow_parent_run_id: str | None = None  # shows the run under a parent (a CV run's folds)
+
+    @model_validator(mode="after")
+    def _refit_keeps_last(self) -> TrainConfig:
+        """A refit has no validation images to choose an epoch on: it keeps the last weights."""
+        if self.refit and self.weights != "last":
+            object.__setattr__(self, "weights", "last")
+        return self
 
 
 def _split_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
@@ -93,7 +104,10 @@ def _split_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFram
         raise ManifestError("train: split_uri is required (the split step's split.parquet)")
     table = storage.read_parquet(cfg.split_uri)
     parts = {s: table[table["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
-    for s in ("train", "val"):
+    if cfg.refit:  # every training patient trains; nothing is held out but the test set
+        parts["train"] = table[table["split"] != "test"].reset_index(drop=True)
+        parts["val"] = parts["val"].iloc[:0]
+    for s in ("train",) if cfg.refit else ("train", "val"):
         if parts[s].empty:
             raise ManifestError(f"train: the {s} split of {cfg.split_uri} is empty")
     return table, parts
@@ -102,7 +116,7 @@ def _split_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFram
 def _check_both_outcomes(targets: dict[str, np.ndarray], cfg: TrainConfig) -> None:
     """Model selection needs a defined validation AUROC: each class needs positives and negatives
     in train and val (for binary: some images labelled ``class_names[0]`` and some not)."""
-    for s in ("train", "val"):
+    for s in ("train",) if cfg.refit else ("train", "val"):
         y = targets[s]
         pos = y.sum(0)
         bad = [cfg.class_names[k] for k in range(y.shape[1]) if pos[k] == 0 or pos[k] == len(y)]
@@ -261,7 +275,7 @@ def train_step(cfg: TrainConfig) -> dict:
             mlflow.log_params(tracking.flatten(cfg.model_dump(mode="json")))
         loop_cfg = LoopConfig.from_train(cfg)
         t0 = time.perf_counter()
-        state = fit(model, loaders["train"], loaders["val"], targets["val"], loss_fn, loop_cfg,
+        state = fit(model, loaders["train"], loaders.get("val"), targets["val"], loss_fn, loop_cfg,
                     device, Checkpointer(local, on_save=_uploader(out) if remote else None),
                     lambda st: mlflow.log_metrics({k: v for k, v in st.items() if k != "epoch"},
                                                   step=st["epoch"]),
@@ -275,8 +289,12 @@ def train_step(cfg: TrainConfig) -> dict:
         preds = _predictions(parts, targets, logits, cfg.class_names)
         info = {"task": cfg.task, "class_names": cfg.class_names, "backbone": cfg.backbone,
                 "image_size": cfg.image_size, "best_epoch": state.best_epoch,
-                "best_val_auroc": state.best_score, "epochs_run": state.epoch,
-                "weights": cfg.weights, "mlflow_run_id": run.info.run_id, "split_uri": cfg.split_uri,
+                "best_val_auroc": state.best_score if np.isfinite(state.best_score) else None,
+                "epochs_run": state.epoch,
+                "weights": cfg.weights, "refit": cfg.refit,
+                "images": {s: len(parts[s]) for s in parts},
+                "patients": {s: int(parts[s]["patient_id"].nunique()) for s in parts},
+                "mlflow_run_id": run.info.run_id, "split_uri": cfg.split_uri,
                 "experiment": cfg.experiment, **tags}
         torch.save({"state_dict": model.state_dict(), "info": plain(info),
                     "transform": {"image_size": cfg.image_size, "clahe": cfg.clahe,
@@ -285,8 +303,9 @@ def train_step(cfg: TrainConfig) -> dict:
         write_predictions(out, preds, cfg.task, cfg.class_names)
         storage.write_json(storage.join(out, MODEL_INFO_FILE), info)
         storage.write_json(storage.join(out, "history.json"), state.history)
-        mlflow.log_metrics({"best_val_auroc": state.best_score,
-                            "train_wall_s": time.perf_counter() - t0})
+        mlflow.log_metrics({"train_wall_s": time.perf_counter() - t0,
+                            **({"best_val_auroc": state.best_score}
+                               if np.isfinite(state.best_score) else {})})
         if remote:
             storage.write_bytes(storage.join(out, "model.pt"), (local / "model.pt").read_bytes())
         mlflow.log_artifact(str(local / "model.pt"), "checkpoint")
@@ -306,7 +325,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("split", nargs="?", help="split.parquet from the split step")
     add_field_flags(parser, TrainConfig, "backbone", "image_size", "epochs", "batch_size", "lr",
-                    "loss", "seed", "pretrained_path", "device")
+                    "loss", "seed", "weights", "refit", "pretrained_path", "device")
     add_common_args(parser)
 
 
