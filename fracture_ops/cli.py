@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "split": ("fracture_ops.data.split", "patient-wise stratified train/val/test split"),
     "detect": ("fracture_ops.detection.cli", "YOLOv8 fracture localisation: train, val, predict"),
     "train": ("fracture_ops.training.train", "train a classifier (timm backbone) on a split"),
+    "fit": ("fracture_ops.workflows.fit", "train by the path the data set's size calls for: "
+            "train/val when large, cross-validation then a refit when small (the DAG's train task)"),
     "cv": ("fracture_ops.workflows.cv", "patient-grouped K-fold cross-validation of the training "
            "recipe: pooled out-of-fold AUROC with intervals, recommended epochs"),
     "calibrate": ("fracture_ops.evaluation.calibration", "fit temperature/isotonic calibration on val"),

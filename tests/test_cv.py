@@ -154,3 +154,45 @@ def test_refit_trains_on_every_training_patient_and_calibrates_on_out_of_fold(cv
     again = calibrate_step(CalibrateConfig(predictions_uri=oof, artifact_root=cfg.artifact_root,
                                            run_id="refit2"))
     assert storage.read_json(again["calibration_uri"])["calibrator"] == doc["calibrator"]
+
+
+def test_fit_takes_cv_and_refit_for_a_small_data_set(cv_run, caplog):
+    """The DAG's train task (`fit`) below the size threshold: the cv step (its finished folds
+    reused), a refit on every training patient, and a train folder whose val rows are the
+    out-of-fold predictions, so calibrate and tune-thresholds fit on them unchanged."""
+    import logging
+
+    from fracture_ops.evaluation.calibration import CalibrateConfig, calibrate_step
+    from fracture_ops.workflows.fit import FitConfig, fit_step
+
+    cfg, split = cv_run["cfg"], cv_run["split"]
+    fit_cfg = FitConfig(**cfg.model_dump(exclude={"weights"}), cv_below_images=10**6)
+    with caplog.at_level(logging.INFO, logger="fracture_ops.workflows"):
+        s = fit_step(fit_cfg)
+    assert s["fit_path"] == "cv+refit" and s["cv_auroc_pooled"] == cv_run["summary"]["pooled"]["auroc"]
+    assert caplog.text.count("already trained with this configuration") == FOLDS
+    info = storage.read_json(storage.join(s["train_dir"], "model_info.json"))
+    pool = split[split["split"] != "test"]
+    assert info["fit_path"] == "cv+refit" and info["refit"] and info["images"]["train"] == len(pool)
+    preds = storage.read_parquet(s["predictions_uri"])
+    oof = storage.read_parquet(storage.join(cv_run["summary"]["oof_uri"], "predictions.parquet"))
+    val = preds[preds["split"] == "val"].set_index("image_id")["logit_fracture"].sort_index()
+    pd.testing.assert_series_equal(val, oof.set_index("image_id")["logit_fracture"].sort_index())
+    assert (preds["split"] == "test").sum() == (split["split"] == "test").sum()
+    cal = calibrate_step(CalibrateConfig(predictions_uri=s["train_dir"],
+                                         artifact_root=cfg.artifact_root, run_id=cfg.run_id))
+    assert storage.read_json(cal["calibration_uri"])["n_images"] == len(pool)
+    assert storage.is_complete(s["train_dir"])
+
+
+def test_fit_keeps_the_train_val_path_for_a_large_data_set(cv_run):
+    from fracture_ops.workflows.fit import FitConfig, fit_step
+
+    cfg, split = cv_run["cfg"], cv_run["split"]
+    fields = cfg.model_dump(exclude={"weights", "epochs", "run_id"})
+    s = fit_step(FitConfig(**fields, epochs=2, run_id="large", cv_below_images=0))
+    info = storage.read_json(storage.join(s["train_dir"], "model_info.json"))
+    assert s["fit_path"] == info["fit_path"] == "train" and not info["refit"]
+    preds = storage.read_parquet(s["predictions_uri"])
+    assert (preds["split"] == "val").sum() == (split["split"] == "val").sum()
+    assert not storage.exists(FitConfig(**fields, run_id="large").output_dir("cv"))

@@ -237,7 +237,8 @@ def test_profile_sets_the_model_fields_left_at_their_defaults():
                "image_size": int(args[args.index("--image-size") + 1]),
                "epochs": int(args[args.index("--epochs") + 1]),
                "batch_size": int(args[args.index("--batch-size") + 1]),
-               "lr": float(args[args.index("--lr") + 1])}
+               "lr": float(args[args.index("--lr") + 1]),
+               "cv_below_images": int(args[args.index("--cv-below-images") + 1])}
         assert got == {f: want[f] for f in PROFILE_FIELDS}, over
         for f in PROFILE_FIELDS:  # a field the user set wins over the profile
             if f in over:

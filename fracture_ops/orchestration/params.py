@@ -31,10 +31,11 @@ FORMS_FILE = Path(__file__).with_name("trigger_forms.json")
 # Training profiles: the model-size fields set together. A profile fills each of these fields
 # the user left at its default; a field set to anything else wins. "gpu" is the fields' own
 # defaults (TrainConfig's: a GPU pod), "cpu-quick" the demo's small model for a laptop's CPU.
-PROFILE_FIELDS = ("backbone", "image_size", "epochs", "batch_size", "lr")
+PROFILE_FIELDS = ("backbone", "image_size", "epochs", "batch_size", "lr", "cv_below_images")
 PROFILES: dict[str, dict[str, Any]] = {
+    # no cross-validation: minutes, not the accuracy of a small data set's best path
     "cpu-quick": {"backbone": "test_resnet", "image_size": 128, "epochs": 12, "batch_size": 16,
-                  "lr": 0.003},
+                  "lr": 0.003, "cv_below_images": 0},
     "gpu": {},  # TrainConfig's defaults
 }
 
@@ -56,15 +57,15 @@ def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
     from fracture_ops.detection.yolo import DetectConfig
     from fracture_ops.inference.batch import InferConfig
     from fracture_ops.monitoring.drift_step import DriftConfig
-    from fracture_ops.training.train import TrainConfig
+    from fracture_ops.workflows.fit import FitConfig
 
     root = {"artifact_root": (StepConfig, "artifact_root")}
     return {
         "fracture_training": {
             "source_uri": (IngestConfig, "source_uri"), "layout": (IngestConfig, "layout"),
             **root, "raw_root": (StepConfig, "raw_root"),
-            **{f: (TrainConfig, f) for f in ("backbone", "image_size", "epochs", "batch_size", "lr",
-                                             "loss")},
+            **{f: (FitConfig, f) for f in ("backbone", "image_size", "epochs", "batch_size", "lr",
+                                           "loss", "cv_below_images")},
             "seed": (SplitConfig, "seed"),  # split and train (TrainConfig.seed: same field, test)
             "max_bad_fraction": (ValidateConfig, "max_bad_fraction"),
             "detect_epochs": (DetectConfig, "epochs"),
@@ -116,7 +117,7 @@ DAG_ONLY: dict[str, dict[str, dict[str, Any]]] = {
                     "description": "Model size, set together for the fields below left at their "
                     "defaults. cpu-quick: test_resnet, 128 px, 12 epochs, batch 16, lr 3e-3 (the "
                     "demo's model; minutes on a laptop CPU, for trying the platform, not for "
-                    "accuracy). gpu: the fields as shown (meant for a GPU pod, hours on a CPU). "
+                    "accuracy; no cross-validation). gpu: the fields as shown (meant for a GPU pod, hours on a CPU). "
                     "Default: gpu with the Kubernetes runner, cpu-quick with the local one.",
                     "values_display": {"cpu-quick": "cpu-quick: small model, minutes on a CPU",
                                        "gpu": "gpu: full model, needs a GPU pod"}},

@@ -108,8 +108,10 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           cpu="2", memory="4Gi", ephemeral="8Gi", secrets=("s3", "deid")),
     _spec("split", "split", "--seed", "{{ params.seed }}", pos=(f"{RUN}/deidentify/manifest.deid.parquet",),
           outputs=("split/split.parquet",), reads=("deidentify",)),
-    # model-size fields through the trigger form's profile (params.resolve_profile)
-    _spec("train", "train", "--backbone", profile_template("backbone"),
+    # model-size fields through the trigger form's profile (params.resolve_profile); a small data
+    # set is cross-validated, then refitted on every training patient (workflows/fit.py)
+    _spec("train", "fit", "--cv-below-images", profile_template("cv_below_images"),
+          "--backbone", profile_template("backbone"),
           "--image-size", profile_template("image_size"), "--epochs", profile_template("epochs"),
           "--batch-size", profile_template("batch_size"), "--lr", profile_template("lr"),
           "--loss", "{{ params.loss }}", "--seed", "{{ params.seed }}",

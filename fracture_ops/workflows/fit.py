@@ -1,0 +1,109 @@
+"""The ``fit`` step (the training DAG's ``train`` task): the train/val path for a large data set,
+cross-validation and a refit for a small one.
+
+A small data set (fewer training-pool images than ``cv_below_images``) loses too much to a
+held-out validation slice: the slice is small, so the epoch picked on it and the thresholds tuned
+on it are noise, and its images never train the model. There ``fit`` runs the ``cv`` step, then
+``train --refit`` on every training patient for the epoch count the folds recommend, and writes
+the train folder the later steps expect, with one difference they need not know about: its
+``val`` rows are the folds' out-of-fold predictions (each image predicted by a model that never
+saw its patient), so ``calibrate`` and ``tune-thresholds`` fit on every training patient instead
+of a slice, and never on a test row. ``model_info.json`` says which path ran (``fit_path``).
+
+A large data set takes the ``train`` step as it is (best epoch on validation, early stopping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import ClassVar, Literal
+
+import pandas as pd
+from pydantic import Field
+
+from fracture_ops import storage
+from fracture_ops.errors import ConfigError
+from fracture_ops.model.outputs import MODEL_INFO_FILE, PREDICTIONS_FILE, write_predictions
+from fracture_ops.training.train import TrainConfig, train_step
+from fracture_ops.workflows.cv import CVConfig, cv_step, training_pool
+
+log = logging.getLogger(__name__)
+STEP = "fit"
+
+
+class FitConfig(CVConfig):
+    """Config of the ``fit`` step: the ``train`` and ``cv`` fields plus the switch between them."""
+
+    section: ClassVar[str] = STEP
+    weights: Literal["best", "last"] = Field(
+        "best", description="weights of the train/val path: best (early stopping on validation "
+        "AUROC) or last")
+    cv_below_images: int = Field(1000, ge=0, le=1_000_000, description="cross-validate, then "
+                                 "refit on every training patient, when the training pool "
+                                 "(train + val) holds fewer images than this; 0: never")
+
+
+def _train_fields(cfg: FitConfig) -> dict:
+    return cfg.model_dump(exclude={"folds", "n_bootstrap", "cv_below_images"})
+
+
+def fit_step(cfg: FitConfig) -> dict:
+    """Train on ``cfg.split_uri`` by the path its size calls for; the train folder either way.
+
+    Raises:
+        ConfigError: no ``split_uri``.
+        ManifestError: as ``train`` and ``cv``.
+    """
+    if not cfg.split_uri:
+        raise ConfigError("fit: split_uri is required (the split step's split.parquet)")
+    pool = training_pool(storage.read_parquet(cfg.split_uri))
+    if len(pool) >= cfg.cv_below_images:
+        log.info("fit: %d training images >= %d: the train/val path", len(pool), cfg.cv_below_images)
+        summary = train_step(TrainConfig(**_train_fields(cfg)))
+        return _record_path(summary, "train", {})
+    log.info("fit: %d training images < %d: %d-fold cross-validation, then a refit on all of them",
+             len(pool), cfg.cv_below_images, cfg.folds)
+    cv = cv_step(CVConfig(**cfg.model_dump(exclude={"cv_below_images", "weights"})))
+    refit = train_step(TrainConfig(**{**_train_fields(cfg), "refit": True,
+                                      "epochs": cv["recommended_epochs"]}))
+    out = refit["train_dir"]
+    info = storage.read_json(storage.join(out, MODEL_INFO_FILE))
+    test_rows = storage.read_parquet(storage.join(out, PREDICTIONS_FILE))
+    oof = storage.read_parquet(storage.join(cv["oof_uri"], PREDICTIONS_FILE))
+    # val rows: the out-of-fold predictions (calibration and thresholds fit on them); test rows:
+    # the refit model's
+    write_predictions(out, pd.concat([oof, test_rows], ignore_index=True), info["task"],
+                      info["class_names"])
+    extra = {"cv_uri": storage.join(cfg.output_dir("cv"), "cv.json"),
+             "cv_auroc_pooled": cv["pooled"]["auroc"], "cv_auroc_ci95": cv["pooled"]["ci95"],
+             "val_rows": "out-of-fold predictions of the cv folds"}
+    storage.write_json(storage.join(out, MODEL_INFO_FILE), {**info, "fit_path": "cv+refit", **extra})
+    return _record_path(refit, "cv+refit", extra)
+
+
+def _record_path(summary: dict, path: str, extra: dict) -> dict:
+    out = summary["train_dir"]
+    if path == "train":
+        info = storage.read_json(storage.join(out, MODEL_INFO_FILE))
+        storage.write_json(storage.join(out, MODEL_INFO_FILE), {**info, "fit_path": path})
+    summary = {**summary, "fit_path": path, **extra}
+    storage.mark_success(out, summary)  # again, last: the folder is final only now
+    return summary
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """CLI: ``fracture-ops fit SPLIT [--cv-below-images N] --backbone B --epochs E ...``."""
+    from fracture_ops.cli_common import add_common_args, add_field_flags
+
+    parser.add_argument("split", nargs="?", help="split.parquet from the split step")
+    add_field_flags(parser, FitConfig, "cv_below_images", "folds", "backbone", "image_size",
+                    "epochs", "batch_size", "lr", "loss", "seed", "pretrained_path", "device")
+    add_common_args(parser)
+
+
+def run_cli(args: argparse.Namespace) -> dict:
+    """Run the fit step from parsed CLI arguments."""
+    from fracture_ops.cli_common import config_from_args
+
+    return fit_step(config_from_args(FitConfig, args, split_uri=args.split))
