@@ -38,9 +38,10 @@ up: install  ## start Airflow (standalone) and the MLflow UI on loopback, DAGs l
 down:  ## stop what `make up` started
 	@$(BIN)/python -m fracture_ops.orchestration.devstack down
 
-lint: install  ## ruff, and the layering contracts of pyproject.toml (lint-imports; see ARCHITECTURE.md)
+lint: install  ## ruff, the layering contracts (lint-imports; see ARCHITECTURE.md), trigger forms up to date
 	$(BIN)/ruff check fracture_ops dags tests benchmarks
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-logo
+	$(BIN)/python -m fracture_ops.orchestration.params --check
 
 bench: install  ## run the benchmarks (prints ratios against their baselines)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

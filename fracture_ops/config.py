@@ -47,7 +47,7 @@ class StepConfig(BaseModel):
     # where identifying data (raw paths, original ids) may be written: see raw_dir()
     raw_root: str = Field("", description="raw zone for the identifying tables before "
                           "de-identification (its own bucket and credentials, with an expiry); "
-                          "empty: <artifact_root>-raw")
+                          "empty: $FRACTURE_OPS_RAW_ROOT or <artifact_root>-raw")
 
     @field_validator("run_id")
     @classmethod

@@ -335,6 +335,16 @@ def mark_success(folder: str, summary: dict | None = None) -> str:
     return write_json(join(folder, SUCCESS_MARKER), summary or {})
 
 
+def unmark_success(folder: str) -> None:
+    """Remove the ``_SUCCESS`` marker before changing a finished folder (absent: nothing to do)."""
+    marker = join(folder, SUCCESS_MARKER)
+    if is_s3(marker):
+        bucket, key = split_s3(marker)
+        s3_client().delete_object(Bucket=bucket, Key=key)
+    else:
+        Path(marker).unlink(missing_ok=True)
+
+
 def is_complete(folder: str) -> bool:
     """True when the folder's step finished (its ``_SUCCESS`` marker exists)."""
     return exists(join(folder, SUCCESS_MARKER))

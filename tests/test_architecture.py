@@ -4,6 +4,7 @@ follow the data, and names defined once (ARCHITECTURE.md)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -81,6 +82,8 @@ def test_trigger_params_equal_the_step_configs():
             default = cls.model_fields[field].get_default(call_default_factory=True)
             if name == "artifact_root":
                 default = default_artifact_root()
+            if name == "raw_root":
+                default = os.environ.get("FRACTURE_OPS_RAW_ROOT", "")
             assert param.value == default, (dag_id, name)
             for key in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
                         "enum", "examples"):
@@ -164,3 +167,12 @@ def test_the_decision_rule_is_written_once():
     found = sorted({str(p.relative_to(REPO)) for p in (REPO / "fracture_ops").rglob("*.py")
                     if pattern.search(code_only(p))})
     assert found == ["fracture_ops/model/outputs.py"], found
+
+
+def test_the_raw_root_form_default_follows_the_environment(monkeypatch):
+    from fracture_ops.orchestration.params import dag_params
+
+    monkeypatch.setenv("FRACTURE_OPS_RAW_ROOT", "s3://site-raw-zone")
+    assert dag_params("fracture_training")["raw_root"]["default"] == "s3://site-raw-zone"
+    monkeypatch.delenv("FRACTURE_OPS_RAW_ROOT")
+    assert dag_params("fracture_training")["raw_root"]["default"] == ""

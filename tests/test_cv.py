@@ -196,3 +196,31 @@ def test_fit_keeps_the_train_val_path_for_a_large_data_set(cv_run):
     preds = storage.read_parquet(s["predictions_uri"])
     assert (preds["split"] == "val").sum() == (split["split"] == "val").sum()
     assert not storage.exists(FitConfig(**fields, run_id="large").output_dir("cv"))
+
+
+def test_a_fold_is_reused_only_for_the_same_rows(cv_run):
+    """Fold split files have one path whatever the input: reuse is decided by their content."""
+    from fracture_ops.workflows.cv import _fold_config, _fold_done
+
+    cfg = cv_run["cfg"]
+    out = cfg.output_dir("cv")
+    split_uri = storage.join(out, "splits", "fold-1.parquet")
+    table = storage.read_parquet(split_uri)
+    fold_cfg = _fold_config(cfg, 0, split_uri, "parent")
+    assert _fold_done(fold_cfg, table)
+    assert not _fold_done(fold_cfg, table.iloc[1:])  # another split's fold
+    moved = table.assign(split=np.where(table["split"] == "val", "train", "val"))
+    assert not _fold_done(fold_cfg, moved)  # other patients held out
+    relabelled = table.assign(label=np.where(table["label"] == "fracture", "normal", "fracture"))
+    assert not _fold_done(fold_cfg, relabelled)  # same ids, other labels
+
+
+def test_fit_falls_back_to_train_val_when_folds_cannot_hold_both_outcomes():
+    from fracture_ops.workflows.fit import FitConfig, _why_not_cv
+
+    pool = pd.DataFrame({"patient_id": [f"p{i}" for i in range(20)],
+                         "label": ["fracture"] * 3 + ["normal"] * 17})
+    cfg = FitConfig(split_uri="x", folds=5)
+    assert "too few patients per outcome" in _why_not_cv(pool, cfg)
+    assert _why_not_cv(pool, FitConfig(split_uri="x", folds=3)) == ""
+    assert "cv_below_images=10" in _why_not_cv(pool, FitConfig(split_uri="x", cv_below_images=10))

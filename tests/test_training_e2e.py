@@ -231,6 +231,8 @@ def test_one_unreadable_image_never_fails_the_batch(pipeline, tmp_path, realdata
 
     from fracture_ops.model.pyfunc import load_classifier_dir
 
+    # this module's store (a test before may have pointed MLflow's global tracking URI elsewhere)
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline['tmp'] / 'mlflow.db'}")
     model_dir = mlflow.artifacts.download_artifacts(artifact_uri=pipeline["pkg"]["model_uri"],
                                                     dst_path=str(tmp_path / "m"))
     model = load_classifier_dir(model_dir)

@@ -87,7 +87,10 @@ def build_reference_step(cfg: ReferenceConfig) -> dict:
     out_dir = layout.reference_dir(cfg.artifact_root, ref.name, ref.version)
     if storage.is_complete(out_dir) and not cfg.force:
         log.info("reference for %s v%s already complete; skipping", ref.name, ref.version)
-        return {**storage.read_json(storage.join(out_dir, storage.SUCCESS_MARKER)), "skipped": True}
+        # the model URI from the registry, never from a file in the artifact store
+        return {**storage.read_json(storage.join(out_dir, storage.SUCCESS_MARKER)),
+                "model_name": ref.name, "model_version": ref.version, "model_uri": ref.uri,
+                "skipped": True}
     dcfg = deid_config(cfg)
     keys = load_keys(dcfg)
     scorer = load_scorer(ref, cfg.device)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from airflow.sdk import Asset
 
+from fracture_ops.registry.client import CLASSIFIER
 from fracture_ops.registry.webhooks import REGISTRY_EVENTS_NAME, REGISTRY_EVENTS_URI
 
 CLEAN_MANIFEST = Asset(name="fracture_ops_clean_manifest", uri="fracture-ops://datasets/clean-manifest")
 SPLIT = Asset(name="fracture_ops_split", uri="fracture-ops://datasets/split")
-CANDIDATE_MODEL = Asset(name="fracture_ops_candidate_model", uri="fracture-ops://models/fracture-classifier")
+CANDIDATE_MODEL = Asset(name="fracture_ops_candidate_model", uri=f"fracture-ops://models/{CLASSIFIER}")
 PREDICTION_LOG = Asset(name="fracture_ops_prediction_log", uri="fracture-ops://logs/predictions")
 DRIFT_DETECTED = Asset(name="fracture_ops_drift_detected", uri="fracture-ops://monitoring/drift")
 # created by the registry webhook receiver (fracture_ops.registry.webhooks) on a new version,

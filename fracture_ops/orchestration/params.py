@@ -101,12 +101,19 @@ def _stored_forms() -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def _resolve_env_default(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """The artifact root's default is computed where the DAG is parsed (the config's rule:
-    ``$FRACTURE_OPS_ARTIFACT_ROOT`` or ``data/artifacts``), so the form shows a real path."""
-    if name == "artifact_root" and not schema.get("default"):
+    """The roots' defaults are computed where the DAG is parsed, by the config's rules: the
+    artifact root is ``$FRACTURE_OPS_ARTIFACT_ROOT`` or ``data/artifacts`` (the form shows a real
+    path); the raw root is ``$FRACTURE_OPS_RAW_ROOT`` or empty (then ``<artifact_root>-raw``)."""
+    if schema.get("default"):
+        return schema
+    if name == "artifact_root":
         from fracture_ops.config import default_artifact_root
 
         return {**schema, "default": default_artifact_root()}
+    if name == "raw_root":
+        from fracture_ops.config import RAW_ROOT_ENV
+
+        return {**schema, "default": os.environ.get(RAW_ROOT_ENV, "")}
     return schema
 
 

@@ -32,6 +32,9 @@ TAG_APPROVED_BY = "approved_by"             # typed by the reviewer; trusted onl
 TAG_VERIFIED_BY = "approval.verified_by"    # stamped by the approval app from the login
 TAG_GATE = "gate"                           # pending | passed | failed (set by the gate step)
 TAG_GATE_CHAMPION = "gate.champion_version"  # the champion the gate compared against
+TAG_GATE_REASONS = "gate.reasons"
+TAG_GATE_TEST_SET = "gate.test_set_hash"    # the test set both models scored
+TAG_GATE_EVIDENCE = "gate.evidence"
 TAG_MODEL_CARD = "model_card"
 TAG_ROLLED_BACK = "rolled_back_at"
 

@@ -27,7 +27,16 @@ from pydantic import Field
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError
-from fracture_ops.registry.client import CHAMPION, CLASSIFIER, TAG_GATE, TAG_GATE_CHAMPION, alias_version
+from fracture_ops.registry.client import (
+    CHAMPION,
+    CLASSIFIER,
+    TAG_GATE,
+    TAG_GATE_CHAMPION,
+    TAG_GATE_EVIDENCE,
+    TAG_GATE_REASONS,
+    TAG_GATE_TEST_SET,
+    alias_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +174,9 @@ def gate_step(cfg: GateConfig) -> dict:
         mlflow.log_dict({"passed": result.passed, "reasons": result.reasons, **result.evidence},
                         "gate/gate.json")
     verdict = "passed" if result.passed else "failed"
-    tags = {TAG_GATE: verdict, "gate.reasons": "; ".join(result.reasons)[:4000] or "none",
+    tags = {TAG_GATE: verdict, TAG_GATE_REASONS: "; ".join(result.reasons)[:4000] or "none",
             TAG_GATE_CHAMPION: str(champion["version"]) if champion else "none",
-            "gate.test_set_hash": test_hash, "gate.evidence": f"runs:/{version.run_id}/gate/gate.json"}
+            TAG_GATE_TEST_SET: test_hash, TAG_GATE_EVIDENCE: f"runs:/{version.run_id}/gate/gate.json"}
     for k, v in tags.items():
         client.set_model_version_tag(cfg.model_name, version_no, k, v)
     log.info("gate %s for %s v%s: %s", verdict, cfg.model_name, version_no, result.reasons or "all rules met")

@@ -242,7 +242,7 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
             stats.update(epoch=state.epoch, val_auroc=score,
                          val_loss=float(loss_fn(torch.from_numpy(logits).to(device),
                                                 torch.from_numpy(val_targets).to(device))))
-        if sched is not None and mode == "epoch":
+        if sched is not None and mode == "epoch" and val_loader is not None:  # plateau needs a score
             sched.step(score if not math.isnan(score) else 0.0)
         state.epoch += 1
         improved = not math.isnan(score) and score > state.best_score

@@ -46,7 +46,9 @@ def _signature(class_names: list[str]):
 
     outputs = []
     for c in class_names:
-        outputs += [ColSpec("double", f"prob_{c}"), ColSpec("long", f"decision_{c}")]
+        # null (NaN) for a row whose image could not be read (see the error column)
+        outputs += [ColSpec("double", f"prob_{c}", required=False),
+                    ColSpec("long", f"decision_{c}", required=False)]
     outputs.append(ColSpec("string", "error", required=False))  # why a row could not be read
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema(outputs))
 

@@ -133,7 +133,7 @@ def resume_key(cfg: TrainConfig) -> str:
     keep = cfg.model_dump(include={"split_uri", "task", "class_names", "label_column", "backbone",
                                    "image_size", "batch_size", "epochs", "lr", "weight_decay",
                                    "scheduler", "warmup_epochs", "loss", "balanced", "seed",
-                                   "weights"})
+                                   "weights", "refit"})
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

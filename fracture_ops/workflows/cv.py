@@ -88,7 +88,7 @@ def assign_folds(pool: pd.DataFrame, strata: np.ndarray, folds: int, seed: int) 
     return out
 
 
-def _strata(pool: pd.DataFrame, cfg: CVConfig) -> np.ndarray:
+def outcome_strata(pool: pd.DataFrame, cfg: CVConfig) -> np.ndarray:
     if cfg.task == "multilabel":
         cols = [f"lbl_{c}" for c in cfg.class_names if f"lbl_{c}" in pool.columns]
         return pool[cols[0]].to_numpy() if cols else np.zeros(len(pool))
@@ -102,11 +102,19 @@ def _fold_config(cfg: CVConfig, k: int, split_uri: str, parent: str) -> TrainCon
     return TrainConfig(**fields)
 
 
-def _fold_done(fold_cfg: TrainConfig) -> bool:
+def _fold_done(fold_cfg: TrainConfig, fold_table: pd.DataFrame) -> bool:
+    """A fold trained with this configuration on exactly this fold's rows (the split file's path
+    is the same for every run: its content is compared, by the train step's split hash)."""
+    from fracture_ops.data.manifest import manifest_hash, table_hash
+
     out = fold_cfg.output_dir(fold_cfg.step_folder)
-    key = storage.join(out, "resume_key.txt")
-    return (storage.is_complete(out) and storage.exists(key)
-            and storage.read_text(key).strip() == resume_key(fold_cfg))
+    key, info_uri = storage.join(out, "resume_key.txt"), storage.join(out, "model_info.json")
+    if not (storage.is_complete(out) and storage.exists(key) and storage.exists(info_uri)
+            and storage.read_text(key).strip() == resume_key(fold_cfg)):
+        return False
+    info = storage.read_json(info_uri)
+    return (info.get("split_hash") == table_hash(fold_table, ["image_id", "patient_id", "split"])
+            and info.get("manifest_hash") == manifest_hash(fold_table.drop(columns=["split"])))
 
 
 def _auroc(y: np.ndarray, p: np.ndarray) -> float | None:
@@ -146,7 +154,7 @@ def cv_step(cfg: CVConfig) -> dict:
         raise ConfigError("cv: split_uri is required (a split.parquet or a manifest)")
     out = cfg.output_dir(STEP)
     pool = training_pool(storage.read_parquet(cfg.split_uri))
-    fold = assign_folds(pool, _strata(pool, cfg), cfg.folds, cfg.seed)
+    fold = assign_folds(pool, outcome_strata(pool, cfg), cfg.folds, cfg.seed)
     storage.write_text(storage.join(out, "folds.json"),
                        pool.assign(fold=fold)[["patient_id", "fold"]].drop_duplicates()
                        .astype({"patient_id": str}).to_json(orient="records"))
@@ -158,10 +166,11 @@ def cv_step(cfg: CVConfig) -> dict:
     frames, histories, per_fold = [], [], []
     for k in progress(range(cfg.folds), "cv folds", total=cfg.folds):
         split_uri = storage.join(out, "splits", f"fold-{k + 1}.parquet")
-        storage.write_parquet(split_uri, pool.drop(columns=["split"], errors="ignore")
-                              .assign(split=np.where(fold == k, "val", "train")))
+        fold_table = pool.drop(columns=["split"], errors="ignore").assign(
+            split=np.where(fold == k, "val", "train"))
+        storage.write_parquet(split_uri, fold_table)
         fold_cfg = _fold_config(cfg, k, split_uri, parent_id)
-        if _fold_done(fold_cfg):
+        if _fold_done(fold_cfg, storage.read_parquet(split_uri)):
             log.info("cv: fold %d/%d already trained with this configuration", k + 1, cfg.folds)
         else:
             train_step(fold_cfg)

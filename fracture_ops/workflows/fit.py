@@ -1,10 +1,13 @@
 """The ``fit`` step (the training DAG's ``train`` task): the train/val path for a large data set,
 cross-validation and a refit for a small one.
 
-A small data set (fewer training-pool images than ``cv_below_images``) loses too much to a
+A small data set (fewer training-pool images than ``cv_below_images``, and enough patients of
+each outcome to fill every fold; else the train/val path, with a warning) loses too much to a
 held-out validation slice: the slice is small, so the epoch picked on it and the thresholds tuned
 on it are noise, and its images never train the model. There ``fit`` runs the ``cv`` step, then
-``train --refit`` on every training patient for the epoch count the folds recommend, and writes
+``train --refit`` on every training patient with the folds' schedule (same epochs: the
+out-of-fold logits then describe the refitted model; ``cv.json`` recommends an epoch count for
+the next run), and writes
 the train folder the later steps expect, with one difference they need not know about: its
 ``val`` rows are the folds' out-of-fold predictions (each image predicted by a model that never
 saw its patient), so ``calibrate`` and ``tune-thresholds`` fit on every training patient instead
@@ -44,6 +47,23 @@ class FitConfig(CVConfig):
                                  "(train + val) holds fewer images than this; 0: never")
 
 
+def _why_not_cv(pool: pd.DataFrame, cfg: FitConfig) -> str:
+    """Why the train/val path is taken ("" when cross-validation is): a large data set, or too
+    few patients with (or without) the positive label to give every fold both outcomes."""
+    from fracture_ops.workflows.cv import outcome_strata
+
+    if len(pool) >= cfg.cv_below_images:
+        return f"{len(pool)} training images >= cv_below_images={cfg.cv_below_images}"
+    strata = pd.Series(outcome_strata(pool, cfg), index=pool.index).astype(str)
+    per_class = pool.assign(_s=strata).groupby("_s")["patient_id"].nunique()
+    if len(per_class) < 2 or int(per_class.min()) < cfg.folds:
+        log.warning("fit: a small data set, but %s patients per outcome cannot give %d folds "
+                    "both outcomes: falling back to the train/val path",
+                    per_class.to_dict(), cfg.folds)
+        return f"too few patients per outcome for {cfg.folds} folds: {per_class.to_dict()}"
+    return ""
+
+
 def _train_fields(cfg: FitConfig) -> dict:
     return cfg.model_dump(exclude={"folds", "n_bootstrap", "cv_below_images"})
 
@@ -58,16 +78,19 @@ def fit_step(cfg: FitConfig) -> dict:
     if not cfg.split_uri:
         raise ConfigError("fit: split_uri is required (the split step's split.parquet)")
     pool = training_pool(storage.read_parquet(cfg.split_uri))
-    if len(pool) >= cfg.cv_below_images:
-        log.info("fit: %d training images >= %d: the train/val path", len(pool), cfg.cv_below_images)
+    reason = _why_not_cv(pool, cfg)
+    if reason:
+        log.info("fit: the train/val path (%s)", reason)
         summary = train_step(TrainConfig(**_train_fields(cfg)))
-        return _record_path(summary, "train", {})
+        return _record_path(summary, "train", {"fit_reason": reason})
     log.info("fit: %d training images < %d: %d-fold cross-validation, then a refit on all of them",
              len(pool), cfg.cv_below_images, cfg.folds)
     cv = cv_step(CVConfig(**cfg.model_dump(exclude={"cv_below_images", "weights"})))
-    refit = train_step(TrainConfig(**{**_train_fields(cfg), "refit": True,
-                                      "epochs": cv["recommended_epochs"]}))
+    # the refit runs the folds' schedule (same epochs), so the out-of-fold logits that calibration
+    # and thresholds fit on describe it; cv.json's recommended epochs are for the next run
+    refit = train_step(TrainConfig(**{**_train_fields(cfg), "refit": True}))
     out = refit["train_dir"]
+    storage.unmark_success(out)  # not final until its val rows are the out-of-fold predictions
     info = storage.read_json(storage.join(out, MODEL_INFO_FILE))
     test_rows = storage.read_parquet(storage.join(out, PREDICTIONS_FILE))
     oof = storage.read_parquet(storage.join(cv["oof_uri"], PREDICTIONS_FILE))
@@ -85,8 +108,9 @@ def fit_step(cfg: FitConfig) -> dict:
 def _record_path(summary: dict, path: str, extra: dict) -> dict:
     out = summary["train_dir"]
     if path == "train":
+        storage.unmark_success(out)
         info = storage.read_json(storage.join(out, MODEL_INFO_FILE))
-        storage.write_json(storage.join(out, MODEL_INFO_FILE), {**info, "fit_path": path})
+        storage.write_json(storage.join(out, MODEL_INFO_FILE), {**info, "fit_path": path, **extra})
     summary = {**summary, "fit_path": path, **extra}
     storage.mark_success(out, summary)  # again, last: the folder is final only now
     return summary
