@@ -16,6 +16,11 @@ Header + pixels: ``--n-pixel`` synthetic radiographs of ``--pixel-size`` (defaul
 2.7 megapixels) with a burned-in name/ID/date block, de-identified one at a time in one process
 with the default pixel policy (detect, blank, verify); every output is checked to have text
 blanked and to pass verification. Reported as radiographs per second per core.
+
+Goals (the exit status is 1 when one is not met; ``--no-goals`` to report only): header-only
+folder mode >= 2x dicognito, and the pixel path >= 1 radiograph per second per core. The OCR
+engine rebuilds rapidocr's ONNX sessions with the CPU memory arena on and hands Tesseract an
+uncompressed PGM: before those two changes the pixel path ran at 0.86 radiographs/s per core here.
 """
 
 from __future__ import annotations
@@ -158,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-pixel", type=int, default=8, help="radiographs for the pixel path")
     parser.add_argument("--pixel-size", type=int, nargs=2, default=(1500, 1800),
                         metavar=("ROWS", "COLS"))
+    parser.add_argument("--no-goals", action="store_true",
+                        help="exit 0 even when a goal is not met (figures only)")
     args = parser.parse_args(argv)
     os.environ.pop("FRACTURE_OPS_DEID_SECRET", None)  # the dev secret is fine for a benchmark
     logging.getLogger("fracture_ops.deid").setLevel(logging.ERROR)  # quiet dev-secret warning
@@ -188,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
               f"thread): {1 / per_file:.2f} radiographs/s per core  ({per_file:.2f} s each; "
               f"header only: {header_per_file * 1000:.1f} ms each, pixel path "
               f"{per_file / header_per_file:.0f}x the header-only time)")
-    return 0
+    goals = {"header-only folder mode >= 2x dicognito": folder_ratio >= 2.0,
+             "pixel path >= 1 radiograph/s per core": 1 / per_file >= 1.0}
+    for goal, met in goals.items():
+        print(f"goal {goal}: {'met' if met else 'NOT MET'}")
+    return 0 if all(goals.values()) or args.no_goals else 1
 
 
 if __name__ == "__main__":

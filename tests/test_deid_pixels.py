@@ -117,6 +117,41 @@ def test_engine_interface_and_site_engine_by_path():
         get_engine("nope")
 
 
+def test_faster_sessions_find_and_read_exactly_what_rapidocr_own_sessions_do():
+    """The engine rebuilds rapidocr's ONNX sessions with the memory arena on (for speed): the
+    boxes and the text must be the same as with the sessions rapidocr builds itself."""
+    from rapidocr_onnxruntime.utils import OrtInferSession
+
+    pil = Image.new("L", (900, 700), 40)
+    draw = ImageDraw.Draw(pil)
+    draw.text((30, 40), "DOE^JANE 1987-03-04", fill=235, font=ImageFont.load_default(size=30))
+    draw.text((500, 600), "ID 55012", fill=10, font=ImageFont.load_default(size=26))
+    img = np.asarray(pil)
+    fast = RapidOcrEngine()
+    det, rec = fast._models()
+    assert det.infer.session.get_session_options().enable_cpu_mem_arena
+    boxes, texts = fast.locate(img), fast.read(img, fast.locate(img))
+    from rapidocr_onnxruntime.main import DEFAULT_CFG_PATH, read_yaml, update_model_path
+
+    cfg = update_model_path(read_yaml(DEFAULT_CFG_PATH))
+    plain = RapidOcrEngine()
+    pdet, prec = plain._models()
+    one = {"intra_op_num_threads": 1, "inter_op_num_threads": 1}
+    pdet.infer = OrtInferSession(dict(cfg["Det"], **one))  # rapidocr's own: arena off
+    prec.session = OrtInferSession(dict(cfg["Rec"], **one))
+    assert not pdet.infer.session.get_session_options().enable_cpu_mem_arena
+    assert boxes and plain.locate(img) == boxes
+    assert plain.read(img, boxes) == texts and any("55012" in t for t, _ in texts)
+
+
+@pytest.mark.skipif(not engine_available("tesseract"), reason="tesseract-ocr is not installed")
+def test_tesseract_reads_the_frame_it_is_given():
+    pil = Image.new("L", (700, 200), 20)
+    ImageDraw.Draw(pil).text((20, 60), "SMITH 40427", fill=240, font=ImageFont.load_default(size=48))
+    words = [t.text for t in get_engine("tesseract").detect(np.asarray(pil))]
+    assert "40427" in words and "SMITH" in words
+
+
 # ------------------------------------------------------------------ real radiographs
 
 def _real_files(realdata: Path) -> list[Path]:

@@ -130,9 +130,12 @@ def parallel_map(fn, items: list, keys: DeidKeys, cfg: DeidConfig, desc: str):
         return
     # fork: works from any caller (no importable __main__ needed); the initializer drops the
     # parent's OCR engines so each worker builds its own ONNX Runtime sessions
+    # OCR files take a second each: one at a time keeps the workers evenly loaded; header-only
+    # files take milliseconds, so they travel in chunks (fewer pipe round trips per file)
+    chunk = 1 if cfg.pixels.enabled else max(1, min(32, len(items) // (workers * 4)))
     with ProcessPoolExecutor(workers, mp_context=get_context("fork"),
                              initializer=_init_worker, initargs=(keys, cfg)) as pool:
-        results = pool.map(_call, [(fn, item) for item in items], chunksize=1)
+        results = pool.map(_call, [(fn, item) for item in items], chunksize=chunk)
         yield from progress(results, desc=desc, total=len(items))
 
 
