@@ -44,7 +44,7 @@ lint: install  ## ruff, the layering contracts (lint-imports; see ARCHITECTURE.m
 	$(BIN)/python -m fracture_ops.orchestration.params --check
 
 bench: install  ## run the benchmarks (prints ratios against their baselines)
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@status=0; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || status=1; done; exit $$status
 
 clean:  ## remove demo outputs (keeps .venv)
 	rm -rf $(DEMO_ROOT)

@@ -115,3 +115,144 @@ def test_decode_cache_skips_decoding_after_first_epoch(tmp_path, monkeypatch, sy
     second = [ds[i][0] for i in range(len(ds))]
     assert len(calls) == 6  # epoch 2 decoded nothing
     assert all(torch.allclose(a, b, atol=2e-3) for a, b in zip(first, second))  # float16 cache
+
+
+@pytest.mark.parametrize("resize", ["letterbox", "squash"])
+def test_training_geometry_is_the_served_geometry(resize):
+    """With the random parts switched off, a training view is exactly the eval input: the model
+    trains on the geometry it is served (a crop-only training view once met letterboxed eval)."""
+    img = np.random.default_rng(1).random((40, 72), dtype=np.float32)
+    train = build_transforms(48, True, resize=resize, crop_scale=1.0, rotate_limit=0.0,
+                             brightness_contrast=0.0)
+    served = build_transforms(48, False, resize=resize)
+    assert torch.equal(train(img)["image"], served(img)["image"])
+    pad_rows = served(img)["image"][0, :8].std()
+    assert bool(pad_rows < 1e-4) == (resize == "letterbox")  # letterbox pads, squash fills
+    with pytest.raises(ValueError, match="letterbox or squash"):
+        build_transforms(48, False, resize="crop")
+
+
+def test_crop_scale_and_brightness_are_random_in_training_only():
+    img = np.random.default_rng(2).random((64, 64), dtype=np.float32)
+    tf = build_transforms(48, True, crop_scale=0.5, rotate_limit=0.0, brightness_contrast=0.0,
+                          seed=0)
+    views = [tf(img)["image"] for _ in range(4)]
+    assert not all(torch.equal(views[0], v) for v in views[1:])
+    still = build_transforms(48, True, crop_scale=1.0, rotate_limit=0.0, brightness_contrast=0.3,
+                             seed=0)
+    assert not all(torch.equal(still(img)["image"], still(img)["image"]) for _ in range(4))
+
+
+def test_label_smoothing_moves_targets_toward_the_uniform_value():
+    logits = torch.tensor([[2.0], [-1.0], [0.3]])
+    y = torch.tensor([[1.0], [0.0], [1.0]])
+    smooth = build_loss("bce", "binary", label_smoothing=0.2)
+    expect = torch.nn.functional.binary_cross_entropy_with_logits(logits, y * 0.8 + 0.1)
+    assert float(smooth(logits, y)) == pytest.approx(float(expect))
+    assert float(smooth(logits, y)) != pytest.approx(float(build_loss("bce", "binary")(logits, y)))
+    three = torch.tensor([[2.0, 0.1, -1.0]])
+    ce = build_loss("ce", "multiclass", label_smoothing=0.3)
+    want = torch.nn.functional.cross_entropy(three, torch.tensor([0]), label_smoothing=0.3)
+    assert float(ce(three, torch.tensor([[1.0, 0.0, 0.0]]))) == pytest.approx(float(want))
+    with pytest.raises(ConfigError, match="focal"):
+        build_loss("focal", "multiclass", label_smoothing=0.1)
+
+
+def test_ema_weights_are_validated_and_kept(tmp_path):
+    """With ``ema_decay`` the loop validates the averaged weights and saves them beside the raw
+    ones; the validation loss it records is the averaged model's, not the raw model's."""
+    from fracture_ops.training.loop import Checkpointer, LoopConfig, fit
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    y = (x[:, 0].mean((1, 2)) > 0).float()[:, None]
+    data = torch.utils.data.TensorDataset(x, y)
+    train = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
+    val = torch.utils.data.DataLoader(data, batch_size=64)
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                   torch.nn.Linear(4, 1))
+
+    cfg = LoopConfig(epochs=3, lr=0.05, weight_decay=0.0, scheduler="none", warmup_epochs=0,
+                     grad_clip=0.0, amp="off", patience=3, task="binary", ema_decay=0.9,
+                     tta_hflip=False)
+    loss = torch.nn.BCEWithLogitsLoss()
+    model = net()
+    state = fit(model, train, val, y.numpy(), loss, cfg, "cpu", Checkpointer(tmp_path), lambda s: None)
+    blob = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert blob["ema"] is not None
+    averaged, raw = net(), net()
+    averaged.load_state_dict(blob["ema"])
+    raw.load_state_dict(blob["model"])
+    with torch.no_grad():
+        ema_loss, raw_loss = float(loss(averaged.eval()(x), y)), float(loss(raw.eval()(x), y))
+    assert ema_loss != pytest.approx(raw_loss, abs=1e-4)
+    assert state.history[-1]["val_loss"] == pytest.approx(ema_loss, abs=1e-5)
+    off = net()
+    fit(off, train, val, y.numpy(), loss, LoopConfig(**{**cfg.__dict__, "ema_decay": 0.0}), "cpu",
+        Checkpointer(tmp_path / "off"), lambda s: None)
+    assert torch.load(tmp_path / "off" / "last.pt", weights_only=True)["ema"] is None
+
+
+def test_test_time_flip_averages_the_mirror_image_everywhere_a_model_is_scored():
+    from fracture_ops.model.network import tta_logits
+    from fracture_ops.training.loop import predict_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 6, 1)).eval()
+    x = torch.randn(5, 3, 4, 6)
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(-1))
+        assert torch.allclose(tta_logits(model, x, False), plain)
+        assert torch.allclose(tta_logits(model, x, True), (plain + mirrored) / 2)
+        assert not torch.allclose(plain, mirrored)
+    loader = [(x, torch.zeros(5, 1))]
+    got = predict_logits(model, loader, "cpu", tta_hflip=True)
+    assert np.allclose(got, ((plain + mirrored) / 2).numpy(), atol=1e-6)
+
+
+def test_a_flip_averaging_model_scores_the_same_in_pyfunc_batch_inference_and_grad_cam(tmp_path):
+    """A model packaged with ``tta_hflip`` averages the mirror image wherever it is scored: the
+    served pyfunc model, batch inference's scorer (which splits timm's forward for embeddings)
+    and the score Grad-CAM reports; all three agree, and differ from the unflipped logits."""
+    import json
+
+    from fracture_ops.inference.score import Scorer
+    from fracture_ops.model.gradcam import GradCamExplainer, load_classifier
+    from fracture_ops.registry.client import ModelRef
+
+    torch.manual_seed(0)
+    net = build_model("test_resnet", "binary", 1, None, quiet=True).eval()
+    info = {"task": "binary", "class_names": ["fracture"], "backbone": "test_resnet"}
+    torch.save({"state_dict": net.state_dict(), "info": info,
+                "transform": {"image_size": 64, "clahe": False, "resize": "squash",
+                              "tta_hflip": True, "pre_size": 74}}, tmp_path / "model.pt")
+    (tmp_path / "calibration.json").write_text(json.dumps({"method": "none", "task": "binary"}))
+    (tmp_path / "thresholds.json").write_text(json.dumps({"thresholds": {"fracture": 0.5}}))
+    (tmp_path / "MLmodel").write_text(
+        "flavors:\n  python_function:\n    artifacts:\n"
+        + "".join(f"      {k}:\n        path: {f}\n" for k, f in (
+            ("model", "model.pt"), ("calibration", "calibration.json"),
+            ("thresholds", "thresholds.json"))))
+    img = np.zeros((90, 70), np.float32)
+    img[10:40, 5:30] = 1.0  # not mirror-symmetric
+    scorer = Scorer(ModelRef("fracture-classifier", "1"), str(tmp_path), "cpu")
+    from fracture_ops.model.preprocess import preprocess
+
+    small = preprocess(img, 74)
+    served = scorer.clf.logits([small])[0, 0]
+    x = scorer.clf.transform(small)["image"][None]
+    with torch.no_grad():
+        plain, mirrored = float(net(x)[0, 0]), float(net(x.flip(-1))[0, 0])
+    assert served == pytest.approx((plain + mirrored) / 2, abs=1e-5)
+    assert abs(plain - mirrored) > 1e-4
+    prob = scorer.score([small])["probs"][0, 0]
+    assert prob == pytest.approx(1 / (1 + np.exp(-served)), abs=1e-5)
+    explainer = GradCamExplainer(load_classifier(str(tmp_path / "model.pt")))
+    try:
+        assert float(explainer.explain(img).logits[0]) == pytest.approx(served, abs=1e-4)
+    finally:
+        explainer.close()

@@ -83,6 +83,9 @@ class Scorer:
             feats = self.model.forward_features(x.contiguous(memory_format=torch.channels_last))
             emb = self.model.forward_head(feats, pre_logits=True)
             logits = self.model.forward_head(feats)  # == model(x): timm's forward is these two
+            if self.clf.tta_hflip:  # the model's test-time flip, as the pyfunc model scores
+                mirrored = x.flip(-1).contiguous(memory_format=torch.channels_last)
+                logits = (logits + self.model(mirrored)) / 2
         probs = self.clf.calibrator.transform(logits.float().cpu().numpy()).reshape(len(images), -1)
         out = {"probs": probs, "decisions": decisions(probs, self.clf.task, self.clf.thresholds)}
         out.update(F.embedding_features(emb.float().cpu().numpy()))

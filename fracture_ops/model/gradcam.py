@@ -182,6 +182,8 @@ class LoadedModel:
     image_size: int
     clahe: bool
     pre_size: int | None = None  # the shrink every served/evaluated image goes through first
+    resize: str = "letterbox"  # the input geometry: letterbox or squash
+    tta_hflip: bool = False  # scores average the mirror image's logits
 
 
 def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
@@ -206,12 +208,14 @@ def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
     model.to(device).eval()
     tf = blob["transform"]
     return LoadedModel(model, info, int(tf["image_size"]), bool(tf.get("clahe", False)),
-                       tf.get("pre_size"))
+                       tf.get("pre_size"), tf.get("resize", "letterbox"),
+                       bool(tf.get("tta_hflip", False)))
 
 
 @dataclass
 class CamResult:
-    """One explained image: the map in original pixels and the raw logits of that forward pass."""
+    """One explained image: the map in original pixels and the raw logits of that forward pass
+    (averaged with the mirror image's when the model scores with a test-time flip)."""
 
     cam: np.ndarray
     logits: np.ndarray
@@ -250,7 +254,8 @@ class GradCamExplainer:
         # one sigmoid logit: explain the positive score; K logits: the class's own logit
         self.target = (BinaryClassifierOutputTarget(1) if loaded.info["task"] == "binary"
                        else ClassifierOutputTarget(names.index(self.class_name)))
-        self.transform = build_transforms(loaded.image_size, False, clahe=loaded.clahe)
+        self.transform = build_transforms(loaded.image_size, False, clahe=loaded.clahe,
+                                          resize=loaded.resize)
         self.cam = GradCAM(model=loaded.model, target_layers=[layer])
 
     def explain(self, image: np.ndarray) -> CamResult:
@@ -267,7 +272,16 @@ class GradCamExplainer:
         tensor = self.transform(small)["image"][None].to(self.cam.device)
         maps = self.cam(input_tensor=tensor, targets=[self.target])
         logits = self.cam.outputs.detach().float().cpu().numpy()[0]
-        geom = letterbox_geometry(small.shape[0], small.shape[1], self.loaded.image_size)
+        if self.loaded.tta_hflip:  # the reported score is the served one (mirror averaged)
+            import torch
+
+            with torch.no_grad():
+                mirrored = self.loaded.model(tensor.flip(-1)).detach().float().cpu().numpy()[0]
+            logits = (logits + mirrored) / 2
+        size = self.loaded.image_size
+        geom = (letterbox_geometry(small.shape[0], small.shape[1], size)
+                if self.loaded.resize == "letterbox"  # squash: the whole input is the image
+                else Letterbox(size, small.shape[0], small.shape[1], size, size, 0, 0))
         cam = cam_to_original(maps[0], geom)
         if cam.shape != image.shape:
             cam = np.clip(cv2.resize(cam, (image.shape[1], image.shape[0]),

@@ -100,3 +100,14 @@ def resolve_device(device: str = "auto") -> str:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def tta_logits(model, x, hflip: bool):
+    """The model's logits for a batch; with ``hflip`` (test-time augmentation) the mean of the
+    logits of the batch and of its horizontal mirror. Every place that scores a trained model
+    (validation, out-of-fold and test predictions, the served pyfunc model, batch inference,
+    Grad-CAM's reported score) goes through here with the model's own setting."""
+    out = model(x)
+    if hflip:
+        out = (out + model(x.flip(-1))) / 2
+    return out

@@ -4,10 +4,13 @@ Inputs are 2-D float32 radiographs in [0, 1] from :func:`fracture_ops.data.image
 Outputs are 3xHxW float tensors: grayscale replicated to three channels, normalised with the
 ImageNet mean/std so ImageNet-pretrained backbones see what they expect.
 
-Train: random resized crop (mild: 85-100 % of the area), rotation of at most 10 degrees, mild
-brightness/contrast, optional CLAHE, and horizontal flip only when the config allows it
-(laterality markers and left/right anatomy matter on radiographs). Eval: deterministic
-longest-side resize and pad to a square, so nothing of the image is cropped away.
+Geometry (``resize``): ``letterbox`` (default) shrinks the longer side to the output size and
+pads the shorter one, so nothing of the image is cropped away and its proportions stay;
+``squash`` resizes both sides to the output size. Eval is that geometry alone (deterministic).
+Train starts from the same geometry (so the model trains on what it will be shown), then a
+random resized crop of ``crop_scale``-100 % of that square, rotation of at most 10 degrees,
+brightness/contrast by up to ``brightness_contrast``, optional CLAHE, and horizontal flip only
+when the config allows it (laterality markers and left/right anatomy matter on radiographs).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe: bool = False,
-                     rotate_limit: float = 10.0, seed: int | None = None):
+                     rotate_limit: float = 10.0, seed: int | None = None,
+                     resize: str = "letterbox", crop_scale: float = 0.85,
+                     brightness_contrast: float = 0.1):
     """Build the albumentations pipeline.
 
     Args:
@@ -32,6 +37,9 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
         hflip: allow horizontal flips (train only).
         clahe: apply CLAHE (contrast-limited adaptive histogram equalisation) in both modes.
         rotate_limit: maximum rotation in degrees (capped at 10).
+        resize: ``letterbox`` (keep proportions, pad) or ``squash`` (both sides to the size).
+        crop_scale: smallest area fraction of the random resized crop (train; 1.0: no crop).
+        brightness_contrast: brightness and contrast limit of the random change (train; 0: off).
         seed: seed of the pipeline's own random generator (albumentations 2 ignores global seeds);
             DataLoader workers reseed it per worker (see ``datasets._seed_worker``).
 
@@ -46,18 +54,25 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
     if clahe:
         ops += [A.FromFloat(max_value=255, dtype="uint8"), A.CLAHE(clip_limit=2.0, p=1.0),
                 A.ToFloat(max_value=255)]
-    if train:
-        ops += [
-            A.RandomResizedCrop(size=(image_size, image_size), scale=(0.85, 1.0), ratio=(0.9, 1.1)),
-            A.Rotate(limit=min(float(rotate_limit), 10.0), border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.7),
-            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
-        ]
-        if hflip:
-            ops.append(A.HorizontalFlip(p=0.5))
+    if resize not in ("letterbox", "squash"):
+        raise ValueError(f"resize must be letterbox or squash, not {resize!r}")
+    if resize == "squash":
+        ops.append(A.Resize(image_size, image_size))
     else:
         ops += [A.LongestMaxSize(max_size=image_size),
                 A.PadIfNeeded(min_height=image_size, min_width=image_size,
                               border_mode=cv2.BORDER_CONSTANT, fill=0)]
+    if train:
+        if crop_scale < 1.0:
+            ops.append(A.RandomResizedCrop(size=(image_size, image_size), scale=(crop_scale, 1.0),
+                                           ratio=(0.9, 1.1)))
+        ops.append(A.Rotate(limit=min(float(rotate_limit), 10.0), border_mode=cv2.BORDER_CONSTANT,
+                            fill=0, p=0.7))
+        if brightness_contrast > 0:
+            ops.append(A.RandomBrightnessContrast(brightness_limit=brightness_contrast,
+                                                  contrast_limit=brightness_contrast, p=0.5))
+        if hflip:
+            ops.append(A.HorizontalFlip(p=0.5))
     ops += [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=1.0), ToTensorV2()]
     pipeline = A.Compose(ops, seed=seed)
 

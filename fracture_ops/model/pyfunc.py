@@ -73,7 +73,9 @@ class FractureClassifier(PythonModel):
         self.model.eval()
         tf = blob["transform"]
         self.pre_size = tf.get("pre_size")
-        self.transform = build_transforms(tf["image_size"], False, clahe=tf.get("clahe", False))
+        self.tta_hflip = bool(tf.get("tta_hflip", False))
+        self.transform = build_transforms(tf["image_size"], False, clahe=tf.get("clahe", False),
+                                          resize=tf.get("resize", "letterbox"))
         with open(context.artifacts["calibration"], encoding="utf-8") as fh:
             doc = json.load(fh)
         self.calibrator = Calibrator.from_dict(doc.get("calibrator", doc))
@@ -86,11 +88,14 @@ class FractureClassifier(PythonModel):
         """Raw logits for decoded images (eval transform, CPU or the model's device)."""
         import torch
 
+        from fracture_ops.model.network import tta_logits
+
         out = []
         with torch.inference_mode():
             for i in range(0, len(images), batch_size):
                 x = torch.stack([self.transform(im)["image"] for im in images[i:i + batch_size]])
-                out.append(self.model(x.contiguous(memory_format=torch.channels_last)).float().numpy())
+                x = x.contiguous(memory_format=torch.channels_last)
+                out.append(tta_logits(self.model, x, self.tta_hflip).float().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """The training loop: AdamW, cosine-with-warm-up or ReduceLROnPlateau, AMP on CUDA, gradient
-clipping, early stopping on validation AUROC, best/last checkpoints with resume.
+clipping, an optional exponential moving average of the weights (validated and kept in place of
+the raw weights), early stopping on validation AUROC, best/last checkpoints with resume.
 
 The loop knows nothing about files or MLflow: :func:`fit` takes the model, loaders and a
 ``on_epoch`` callback, and a :class:`Checkpointer` that saves and restores the full training state
@@ -38,6 +39,8 @@ class LoopConfig:
     amp: str  # auto | bf16 | fp16 | off
     patience: int
     task: str
+    ema_decay: float  # 0: no weight averaging
+    tta_hflip: bool  # validation scores average the mirrored images' logits
 
     @classmethod
     def from_train(cls, cfg) -> LoopConfig:
@@ -108,10 +111,11 @@ class Checkpointer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.on_save = on_save  # e.g. copy the checkpoint to S3 so another pod can resume
 
-    def save(self, name: str, model, opt, sched, scaler, state: LoopState) -> None:
+    def save(self, name: str, model, opt, sched, scaler, state: LoopState, ema=None) -> None:
         from fracture_ops.model.checkpoint import plain
 
         blob = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "ema": ema.module.state_dict() if ema is not None else None,
                 "scheduler": plain(sched.state_dict()) if sched else None,
                 "scaler": scaler.state_dict() if scaler else None,
                 "state": plain(state.__dict__), "rng": _rng_state()}
@@ -121,7 +125,7 @@ class Checkpointer:
         if self.on_save is not None:
             self.on_save(self.folder / name)
 
-    def restore(self, model, opt, sched, scaler) -> LoopState | None:
+    def restore(self, model, opt, sched, scaler, ema=None) -> LoopState | None:
         path = self.folder / "last.pt"
         if not path.exists():
             return None
@@ -129,6 +133,8 @@ class Checkpointer:
 
         blob = load_weights(path, "checkpoint last.pt")
         model.load_state_dict(blob["model"])
+        if ema is not None and blob.get("ema"):
+            ema.module.load_state_dict(blob["ema"])
         opt.load_state_dict(blob["optimizer"])
         if sched is not None and blob["scheduler"]:
             sched.load_state_dict(blob["scheduler"])
@@ -155,15 +161,19 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
 
 
-def predict_logits(model: nn.Module, loader, device: str, dtype: torch.dtype | None = None) -> np.ndarray:
-    """Logits for every sample of a loader (eval mode, no grad)."""
+def predict_logits(model: nn.Module, loader, device: str, dtype: torch.dtype | None = None,
+                   tta_hflip: bool = False) -> np.ndarray:
+    """Logits for every sample of a loader (eval mode, no grad; ``tta_hflip``: averaged with the
+    mirrored images' logits, see :func:`fracture_ops.model.network.tta_logits`)."""
+    from fracture_ops.model.network import tta_logits
+
     model.eval()
     out = []
     with torch.inference_mode():
         for x, _ in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-                out.append(model(x).float().cpu())
+                out.append(tta_logits(model, x, tta_hflip).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
 
 
@@ -179,8 +189,10 @@ def val_auroc(logits: np.ndarray, targets: np.ndarray, task: str) -> float:
 
 
 def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, device, dtype,
-                    grad_clip: float, progress: Callable) -> dict:
-    """One pass over the training loader; returns loss, images/s and lr."""
+                    grad_clip: float, progress: Callable, ema=None, step0: int = 0) -> dict:
+    """One pass over the training loader; returns loss, images/s and lr. With ``ema`` (timm's
+    ``ModelEmaV3``) the average is updated after every optimiser step (``step0``: the steps
+    taken before this epoch, for the average's warm-up)."""
     model.train()
     total, n, t0 = 0.0, 0, time.perf_counter()
     for x, y in progress(loader):
@@ -203,6 +215,9 @@ def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, devi
             opt.step()
         if sched is not None and sched_mode == "step":
             sched.step()
+        if ema is not None:
+            step0 += 1
+            ema.update(model, step=step0)
         total += float(loss.detach()) * len(x)
         n += len(x)
     elapsed = time.perf_counter() - t0
@@ -222,7 +237,14 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
     opt, sched, mode = build_optimizer(model, cfg, len(train_loader))
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    state = ckpt.restore(model, opt, sched, scaler) or LoopState()
+    ema = None
+    if cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        # warm-up: the average starts short (decay grows with the steps) so a run of a few
+        # hundred steps is not dominated by its random initial weights
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+    state = ckpt.restore(model, opt, sched, scaler, ema) or LoopState()
     if state.epoch:
         log.info("resumed at epoch %d (best val AUROC %.4f)", state.epoch, state.best_score)
     while state.epoch < cfg.epochs:
@@ -232,12 +254,14 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
         if on_epoch_start is not None:
             on_epoch_start(state.epoch)
         stats = train_one_epoch(model, train_loader, loss_fn, opt, sched, mode, scaler, device,
-                                dtype, cfg.grad_clip, progress)
+                                dtype, cfg.grad_clip, progress, ema,
+                                state.epoch * len(train_loader))
         if val_loader is None:  # a refit: no validation images
             stats.update(epoch=state.epoch)
             score = math.nan
         else:
-            logits = predict_logits(model, val_loader, device, dtype)
+            logits = predict_logits(ema.module if ema is not None else model, val_loader, device,
+                                    dtype, cfg.tta_hflip)
             score = val_auroc(logits, val_targets, cfg.task)
             stats.update(epoch=state.epoch, val_auroc=score,
                          val_loss=float(loss_fn(torch.from_numpy(logits).to(device),
@@ -252,8 +276,8 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
         state.history.append(stats)
         on_epoch(stats)
         if improved or not (ckpt.folder / "best.pt").exists():
-            ckpt.save("best.pt", model, opt, sched, scaler, state)
-        ckpt.save("last.pt", model, opt, sched, scaler, state)
+            ckpt.save("best.pt", model, opt, sched, scaler, state, ema)
+        ckpt.save("last.pt", model, opt, sched, scaler, state, ema)
         log.info("epoch %d/%d loss %.4f val AUROC %.4f %.1f img/s", state.epoch, cfg.epochs,
                  stats["train_loss"], score, stats["images_per_s"])
     return state

@@ -68,8 +68,20 @@ def class_weights(targets: np.ndarray, task: str) -> np.ndarray:
     return (len(targets) - pos) / np.clip(pos, 1, None)
 
 
+class SmoothedTargets(nn.Module):
+    """Label smoothing in front of a sigmoid loss (BCE, focal): targets move ``eps`` toward 1/2."""
+
+    def __init__(self, loss: nn.Module, eps: float):
+        super().__init__()
+        self.loss, self.eps = loss, float(eps)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, target * (1 - self.eps) + 0.5 * self.eps)
+
+
 def build_loss(name: str, task: str, train_targets: np.ndarray | None = None,
-               balanced: bool = False, gamma: float = 2.0) -> nn.Module:
+               balanced: bool = False, gamma: float = 2.0,
+               label_smoothing: float = 0.0) -> nn.Module:
     """Build the loss for a task.
 
     Args:
@@ -78,10 +90,27 @@ def build_loss(name: str, task: str, train_targets: np.ndarray | None = None,
         train_targets: N x K targets of the training split (for balanced weights).
         balanced: weight classes by inverse training prevalence.
         gamma: focal loss focusing parameter.
+        label_smoothing: move targets this far toward the uniform value (0: off).
 
     Raises:
         ConfigError: a loss that does not fit the task (e.g. ``ce`` for multi-label).
     """
+    from fracture_ops.errors import ConfigError
+
+    loss = _base_loss(name, task, train_targets, balanced, gamma)
+    if label_smoothing <= 0:
+        return loss
+    if isinstance(loss, OneHotCrossEntropy):  # softmax: toward 1/K, torch's own smoothing
+        loss.ce.label_smoothing = float(label_smoothing)
+        return loss
+    if task == "multiclass":
+        raise ConfigError("label_smoothing is not supported with the multi-class focal loss; "
+                          "use loss 'ce'")
+    return SmoothedTargets(loss, label_smoothing)
+
+
+def _base_loss(name: str, task: str, train_targets: np.ndarray | None, balanced: bool,
+               gamma: float) -> nn.Module:
     from fracture_ops.errors import ConfigError
 
     w = None

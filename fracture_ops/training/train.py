@@ -58,10 +58,12 @@ class TrainConfig(StepConfig):
                         "validation AUROC may stop sooner)")
     batch_size: int = Field(32, ge=1, le=1024, description="training batch size")
     lr: float = Field(1e-3, gt=0, le=1, description="peak learning rate of AdamW")
-    weight_decay: float = 1e-4
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0,
+                                description="AdamW weight decay (not on norms and biases)")
     scheduler: Literal["cosine", "plateau", "none"] = "cosine"
-    warmup_epochs: float = 1.0
-    grad_clip: float = 1.0
+    warmup_epochs: float = Field(1.0, ge=0.0,
+                                 description="linear learning-rate warm-up before the cosine")
+    grad_clip: float = Field(1.0, ge=0.0, description="gradient norm clipping (0: off)")
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     patience: int = 5
     weights: Literal["best", "last"] = Field(
@@ -73,9 +75,28 @@ class TrainConfig(StepConfig):
     focal_gamma: float = 2.0
     balanced: bool = False
     drop_rate: float = 0.0
-    hflip: bool = False
-    clahe: bool = False
-    rotate_limit: float = Field(10.0, ge=0, le=10)
+    hflip: bool = Field(False, description="random horizontal flips in training (label-invariant "
+                        "for fracture presence; off by default because left/right anatomy and "
+                        "laterality markers can matter to other labels)")
+    clahe: bool = Field(False, description="contrast-limited adaptive histogram equalisation of "
+                        "every image (training and serving)")
+    rotate_limit: float = Field(10.0, ge=0, le=10, description="random rotation limit in degrees "
+                                "(training; 0: off)")
+    resize: Literal["letterbox", "squash"] = Field(
+        "letterbox", description="image geometry in training and serving: letterbox (keep the "
+        "proportions, pad to a square) or squash (stretch both sides to the size)")
+    crop_scale: float = Field(0.85, ge=0.3, le=1.0, description="smallest area fraction of the "
+                              "training random resized crop (1.0: no crop)")
+    brightness_contrast: float = Field(0.1, ge=0.0, le=0.5, description="limit of the random "
+                                       "brightness and contrast change in training (0: off)")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="label smoothing of the "
+                                   "training targets (0: off)")
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="decay of the exponential moving "
+                             "average of the weights (timm ModelEmaV3, with warm-up) that is "
+                             "validated and kept instead of the raw weights; 0: off")
+    tta_hflip: bool = Field(False, description="test-time augmentation: every score (validation, "
+                            "out-of-fold, test, serving) averages the logits of the image and of "
+                            "its mirror image")
     workers: int = 0
     cache: bool = True
     cache_dir: str | None = None  # default <artifact_root>/cache/decoded
@@ -133,7 +154,9 @@ def resume_key(cfg: TrainConfig) -> str:
     keep = cfg.model_dump(include={"split_uri", "task", "class_names", "label_column", "backbone",
                                    "image_size", "batch_size", "epochs", "lr", "weight_decay",
                                    "scheduler", "warmup_epochs", "loss", "balanced", "seed",
-                                   "weights", "refit"})
+                                   "weights", "refit", "resize", "crop_scale", "hflip", "clahe",
+                                   "rotate_limit", "brightness_contrast", "label_smoothing",
+                                   "ema_decay", "tta_hflip"})
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -163,7 +186,8 @@ def _datasets(cfg: TrainConfig, parts: dict[str, pd.DataFrame], targets: dict[st
         if storage.is_s3(folder):
             raise ManifestError("cache_dir must be a local folder (a pod volume), not s3://")
         cache = DecodeCache(folder, pre)
-    kw = dict(hflip=cfg.hflip, clahe=cfg.clahe, rotate_limit=cfg.rotate_limit)
+    kw = dict(hflip=cfg.hflip, clahe=cfg.clahe, rotate_limit=cfg.rotate_limit, resize=cfg.resize,
+              crop_scale=cfg.crop_scale, brightness_contrast=cfg.brightness_contrast)
     train_tf = build_transforms(cfg.image_size, True, seed=cfg.seed, **kw)
     eval_tf = build_transforms(cfg.image_size, False, **kw)
     return {s: ManifestDataset(parts[s], targets[s], train_tf if s == "train" else eval_tf,
@@ -262,7 +286,8 @@ def train_step(cfg: TrainConfig) -> dict:
     loaders = {s: make_loader(ds[s], cfg.batch_size, s == "train", cfg.workers, device, cfg.seed)
                for s in ds if len(ds[s])}
     model = build_model(cfg.backbone, cfg.task, len(cfg.class_names), cfg.pretrained_path, cfg.drop_rate)
-    loss_fn = build_loss(cfg.loss, cfg.task, targets["train"], cfg.balanced, cfg.focal_gamma)
+    loss_fn = build_loss(cfg.loss, cfg.task, targets["train"], cfg.balanced, cfg.focal_gamma,
+                         cfg.label_smoothing)
     write_resolved(cfg, out)
     tags = {"manifest_hash": manifest_hash(table.drop(columns=["split"])),
             "split_hash": table_hash(table, ["image_id", "patient_id", "split"]),
@@ -284,8 +309,10 @@ def train_step(cfg: TrainConfig) -> dict:
         from fracture_ops.model.checkpoint import load_weights, plain
 
         kept = f"{cfg.weights}.pt"
-        model.load_state_dict(load_weights(local / kept, f"checkpoint {kept}")["model"])
-        logits = {s: predict_logits(model, loaders[s], device) for s in ("val", "test") if s in loaders}
+        blob = load_weights(local / kept, f"checkpoint {kept}")
+        model.load_state_dict(blob.get("ema") or blob["model"])  # the averaged weights, if any
+        logits = {s: predict_logits(model, loaders[s], device, tta_hflip=cfg.tta_hflip)
+                  for s in ("val", "test") if s in loaders}
         preds = _predictions(parts, targets, logits, cfg.class_names)
         info = {"task": cfg.task, "class_names": cfg.class_names, "backbone": cfg.backbone,
                 "image_size": cfg.image_size, "best_epoch": state.best_epoch,
@@ -298,7 +325,9 @@ def train_step(cfg: TrainConfig) -> dict:
                 "experiment": cfg.experiment, **tags}
         torch.save({"state_dict": model.state_dict(), "info": plain(info),
                     "transform": {"image_size": cfg.image_size, "clahe": cfg.clahe,
-                                  "pre_size": pre_size(cfg)}}, local / "model.pt")
+                                  "resize": cfg.resize, "tta_hflip": cfg.tta_hflip,
+                                  "pre_size": pre_size(cfg)}},
+                   local / "model.pt")
         # the predictions folder in the contract's layout (checked), then the full model info
         write_predictions(out, preds, cfg.task, cfg.class_names)
         storage.write_json(storage.join(out, MODEL_INFO_FILE), info)
@@ -319,13 +348,19 @@ def train_step(cfg: TrainConfig) -> dict:
     return summary
 
 
+# the training recipe's knobs, as flags of train, cv and fit (see the README's real-data section)
+RECIPE_FLAGS = ("weight_decay", "warmup_epochs", "grad_clip", "hflip", "clahe", "rotate_limit",
+                "resize", "crop_scale", "brightness_contrast", "label_smoothing", "ema_decay",
+                "tta_hflip")
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """CLI: ``fracture-ops train SPLIT --backbone B --image-size S --epochs E``."""
     from fracture_ops.cli_common import add_common_args, add_field_flags
 
     parser.add_argument("split", nargs="?", help="split.parquet from the split step")
     add_field_flags(parser, TrainConfig, "backbone", "image_size", "epochs", "batch_size", "lr",
-                    "loss", "seed", "weights", "refit", "pretrained_path", "device")
+                    "loss", "seed", "weights", "refit", "pretrained_path", "device", *RECIPE_FLAGS)
     add_common_args(parser)
 
 

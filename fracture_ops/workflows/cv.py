@@ -44,7 +44,7 @@ from fracture_ops.model.outputs import (
     targets,
     write_predictions,
 )
-from fracture_ops.training.train import TrainConfig, resume_key, train_step
+from fracture_ops.training.train import RECIPE_FLAGS, TrainConfig, resume_key, train_step
 
 log = logging.getLogger(__name__)
 STEP = "cv"
@@ -213,7 +213,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("split", nargs="?", help="split.parquet of the split step (its test rows "
                         "are left out) or a manifest (every row is used)")
     add_field_flags(parser, CVConfig, "folds", "backbone", "image_size", "epochs", "batch_size",
-                    "lr", "loss", "seed", "weights", "pretrained_path", "device")
+                    "lr", "loss", "seed", "weights", "pretrained_path", "device", *RECIPE_FLAGS)
     add_common_args(parser)
 
 

@@ -28,7 +28,7 @@ from pydantic import Field
 from fracture_ops import storage
 from fracture_ops.errors import ConfigError
 from fracture_ops.model.outputs import MODEL_INFO_FILE, PREDICTIONS_FILE, write_predictions
-from fracture_ops.training.train import TrainConfig, train_step
+from fracture_ops.training.train import RECIPE_FLAGS, TrainConfig, train_step
 from fracture_ops.workflows.cv import CVConfig, cv_step, training_pool
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("split", nargs="?", help="split.parquet from the split step")
     add_field_flags(parser, FitConfig, "cv_below_images", "folds", "backbone", "image_size",
-                    "epochs", "batch_size", "lr", "loss", "seed", "pretrained_path", "device")
+                    "epochs", "batch_size", "lr", "loss", "seed", "pretrained_path", "device",
+                    *RECIPE_FLAGS)
     add_common_args(parser)
 
 
