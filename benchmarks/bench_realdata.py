@@ -16,8 +16,8 @@ Both arms' out-of-fold predictions are pooled over the folds and scored the same
 a patient-bootstrap 95% interval; the difference with a paired bootstrap interval). The exit status
 is 1 when the platform is not ahead by ``--margin`` (default 0.05).
 
-Defaults fit about 25 minutes on 2 CPU cores (160 px, 15 epochs); ``--image-size 224`` is the
-size of the comparison in the issue (about 40 minutes). Run: ``python benchmarks/bench_realdata.py``.
+Defaults take about 26 minutes on 2 CPU cores (160 px, 15 epochs; measured: plain loop 12 min,
+platform 14 min); ``--image-size 224`` is the size of the first comparison (about 50 minutes). Run: ``python benchmarks/bench_realdata.py``.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def run_platform(table: pd.DataFrame, work: Path, args) -> tuple[pd.DataFrame, d
     oof = storage.read_parquet(storage.join(summary["oof_uri"], "predictions.parquet"))
     recipe = cfg.model_dump(include={"batch_size", "lr", "weight_decay", "scheduler",
                                      "warmup_epochs", "loss", "hflip", "clahe", "rotate_limit",
-                                     "weights", "folds"} | set(RECIPE_FIELDS))
+                                     "weights", "folds"} | set(RECIPE_FIELDS) | set(overrides))
     return oof, recipe
 
 

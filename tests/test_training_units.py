@@ -141,6 +141,8 @@ def test_crop_scale_and_brightness_are_random_in_training_only():
     still = build_transforms(48, True, crop_scale=1.0, rotate_limit=0.0, brightness_contrast=0.3,
                              seed=0)
     assert not all(torch.equal(still(img)["image"], still(img)["image"]) for _ in range(4))
+    served = build_transforms(48, False, crop_scale=0.5, brightness_contrast=0.3)
+    assert all(torch.equal(served(img)["image"], served(img)["image"]) for _ in range(4))
 
 
 def test_label_smoothing_moves_targets_toward_the_uniform_value():
@@ -156,6 +158,8 @@ def test_label_smoothing_moves_targets_toward_the_uniform_value():
     assert float(ce(three, torch.tensor([[1.0, 0.0, 0.0]]))) == pytest.approx(float(want))
     with pytest.raises(ConfigError, match="focal"):
         build_loss("focal", "multiclass", label_smoothing=0.1)
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+    assert float(smooth.unsmoothed(logits, y)) == pytest.approx(float(plain))  # validation loss
 
 
 def test_ema_weights_are_validated_and_kept(tmp_path):
@@ -256,3 +260,54 @@ def test_a_flip_averaging_model_scores_the_same_in_pyfunc_batch_inference_and_gr
         assert float(explainer.explain(img).logits[0]) == pytest.approx(served, abs=1e-4)
     finally:
         explainer.close()
+
+
+def _toy_fit(folder, epochs: int, ema_decay: float = 0.9):
+    from fracture_ops.training.loop import Checkpointer, LoopConfig, fit
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).float()[:, None]
+    data = torch.utils.data.TensorDataset(x, y)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 1))
+    cfg = LoopConfig(epochs=epochs, lr=0.05, weight_decay=0.0, scheduler="none", warmup_epochs=0,
+                     grad_clip=0.0, amp="off", patience=10, task="binary", ema_decay=ema_decay,
+                     tta_hflip=False)
+    fit(model, torch.utils.data.DataLoader(data, batch_size=8, shuffle=True),
+        torch.utils.data.DataLoader(data, batch_size=48), y.numpy(), torch.nn.BCEWithLogitsLoss(),
+        cfg, "cpu", Checkpointer(folder), lambda s: None)
+    return torch.load(folder / "last.pt", weights_only=True)
+
+
+def test_a_resumed_run_continues_the_weight_average():
+    """Killed after two epochs and resumed for a third, the run ends with the same averaged (and
+    raw) weights as one that ran three epochs straight: the average and its warm-up step count
+    come back from the checkpoint."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        straight = _toy_fit(Path(tmp) / "straight", 3)
+        _toy_fit(Path(tmp) / "killed", 2)
+        resumed = _toy_fit(Path(tmp) / "killed", 3)
+        fresh_ema = _toy_fit(Path(tmp) / "fresh", 1)["ema"]
+    for key in straight["ema"]:
+        assert torch.allclose(straight["ema"][key].float(), resumed["ema"][key].float(), atol=1e-6), key
+        assert torch.allclose(straight["model"][key].float(), resumed["model"][key].float(), atol=1e-6)
+    assert any(not torch.allclose(fresh_ema[k].float(), straight["ema"][k].float())
+               for k in fresh_ema)
+
+
+def test_squash_grad_cam_maps_the_whole_input_onto_the_image():
+    from fracture_ops.model.gradcam import Letterbox, cam_to_original, letterbox_geometry
+
+    cam = np.zeros((32, 32), np.float32)
+    cam[:, :16] = 1.0  # left half of the model input
+    squash = cam_to_original(cam, Letterbox(32, 40, 80, 32, 32, 0, 0))
+    assert squash.shape == (40, 80)
+    assert squash[:, :38].min() > 0.9 and squash[:, 42:].max() < 0.1  # left half of the image
+    boxed = cam_to_original(cam, letterbox_geometry(40, 80, 32))  # padding rows cropped away
+    assert boxed.shape == (40, 80) and boxed[:, :38].min() > 0.9

@@ -9,11 +9,12 @@ picks the layer to hook (:func:`resolve_target_layer`, one per backbone family, 
 one-logit binary head, the class logit otherwise) and maps the map back from the model input to the
 original radiograph.
 
-The evaluation transform letterboxes: albumentations ``LongestMaxSize`` (longest side to
-``image_size``, the other side ``round(side * scale)``) then ``PadIfNeeded`` (centred, the odd
+The evaluation transform letterboxes by default: albumentations ``LongestMaxSize`` (longest side
+to ``image_size``, the other side ``round(side * scale)``) then ``PadIfNeeded`` (centred, the odd
 pixel of padding after the image). :func:`letterbox_geometry` reproduces that arithmetic and
 :func:`cam_to_original` crops the padding away and resizes the rest to the original height and
-width, so overlays and box-overlap checks are in original pixels.
+width, so overlays and box-overlap checks are in original pixels. A model trained with
+``resize: squash`` fills the whole input: its map is resized to the original as it is.
 """
 
 from __future__ import annotations

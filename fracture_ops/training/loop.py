@@ -263,9 +263,10 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
             logits = predict_logits(ema.module if ema is not None else model, val_loader, device,
                                     dtype, cfg.tta_hflip)
             score = val_auroc(logits, val_targets, cfg.task)
+            plain_loss = getattr(loss_fn, "unsmoothed", loss_fn)  # comparable across recipes
             stats.update(epoch=state.epoch, val_auroc=score,
-                         val_loss=float(loss_fn(torch.from_numpy(logits).to(device),
-                                                torch.from_numpy(val_targets).to(device))))
+                         val_loss=float(plain_loss(torch.from_numpy(logits).to(device),
+                                                   torch.from_numpy(val_targets).to(device))))
         if sched is not None and mode == "epoch" and val_loader is not None:  # plateau needs a score
             sched.step(score if not math.isnan(score) else 0.0)
         state.epoch += 1

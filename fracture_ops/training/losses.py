@@ -69,13 +69,22 @@ def class_weights(targets: np.ndarray, task: str) -> np.ndarray:
 
 
 class SmoothedTargets(nn.Module):
-    """Label smoothing in front of a sigmoid loss (BCE, focal): targets move ``eps`` toward 1/2."""
+    """Label smoothing in front of a loss: sigmoid losses (BCE, focal) see targets moved ``eps``
+    toward 1/2; the softmax cross-entropy uses torch's own smoothing (toward 1/K). ``unsmoothed``
+    is the plain loss, for validation losses that stay comparable between recipes."""
 
     def __init__(self, loss: nn.Module, eps: float):
         super().__init__()
         self.loss, self.eps = loss, float(eps)
 
+    @property
+    def unsmoothed(self) -> nn.Module:
+        return self.loss
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.loss, OneHotCrossEntropy):
+            return nn.functional.cross_entropy(logits, target.argmax(1), weight=self.loss.ce.weight,
+                                               label_smoothing=self.eps)
         return self.loss(logits, target * (1 - self.eps) + 0.5 * self.eps)
 
 
@@ -100,10 +109,7 @@ def build_loss(name: str, task: str, train_targets: np.ndarray | None = None,
     loss = _base_loss(name, task, train_targets, balanced, gamma)
     if label_smoothing <= 0:
         return loss
-    if isinstance(loss, OneHotCrossEntropy):  # softmax: toward 1/K, torch's own smoothing
-        loss.ce.label_smoothing = float(label_smoothing)
-        return loss
-    if task == "multiclass":
+    if task == "multiclass" and not isinstance(loss, OneHotCrossEntropy):
         raise ConfigError("label_smoothing is not supported with the multi-class focal loss; "
                           "use loss 'ce'")
     return SmoothedTargets(loss, label_smoothing)
