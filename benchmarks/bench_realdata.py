@@ -44,10 +44,17 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
 def load_square(uri: str, size: int) -> np.ndarray:
     """The plain loop's preprocessing: greyscale, squashed to size x size, 3 channels, ImageNet
     normalisation."""
-    from PIL import Image
+    from PIL import Image, ImageFile
 
-    with Image.open(uri) as im:
-        a = np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    # what a plain loop does with a JPEG cut short by a few bytes (the platform's decode policy
+    # reads those too, up to 10% missing); set only while this arm reads, so the platform's own
+    # truncation check sees the files as they are
+    before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+    try:
+        with Image.open(uri) as im:
+            a = np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
     return (np.repeat(a[None], 3, axis=0) - IMAGENET_MEAN) / IMAGENET_STD
 
 
