@@ -130,6 +130,7 @@ def fracatlas_manifest(root: Path) -> tuple[pd.DataFrame, list[str]]:
 
 def run_platform(table: pd.DataFrame, work: Path, args) -> tuple[pd.DataFrame, dict]:
     from fracture_ops import storage
+    from fracture_ops.training.train import RECIPE_FLAGS
     from fracture_ops.workflows.cv import CVConfig, cv_step
 
     manifest = work / "manifest.parquet"
@@ -141,14 +142,11 @@ def run_platform(table: pd.DataFrame, work: Path, args) -> tuple[pd.DataFrame, d
                    n_bootstrap=200, **overrides)
     summary = cv_step(cfg)
     oof = storage.read_parquet(storage.join(summary["oof_uri"], "predictions.parquet"))
-    recipe = cfg.model_dump(include={"batch_size", "lr", "weight_decay", "scheduler",
-                                     "warmup_epochs", "loss", "hflip", "clahe", "rotate_limit",
-                                     "weights", "folds"} | set(RECIPE_FIELDS) | set(overrides))
+    recipe = cfg.model_dump(include={"batch_size", "lr", "scheduler", "loss", "weights", "folds",
+                                     *RECIPE_FLAGS, *overrides})
     return oof, recipe
 
 
-RECIPE_FIELDS = ("resize", "crop_scale", "brightness_contrast", "label_smoothing", "ema_decay",
-                 "tta_hflip")
 # the platform arm: the recipe flags that measured best here so far (see the README), on top of
 # the cv step's defaults; --set changes them for a screening run
 SMALL_DATA_RECIPE = {"batch_size": 8, "hflip": True, "resize": "squash", "ema_decay": 0.998,
