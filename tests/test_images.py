@@ -400,3 +400,77 @@ def test_real_dicoms_match_their_previews(realdata):
             assert r > 0.9, (path.name, r)
         assert _spread(img) > 0.3, path.name
     assert seen_m1 == 2
+
+
+# ----------------------------------------------------------------------------- scaled JPEG decoding
+
+def _gradient_jpeg(path: Path, w: int, h: int, mode: str = "L") -> None:
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = ((np.sin(xx / 37.0) + np.cos(yy / 23.0)) * 60 + 128).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    (img.convert("RGB") if mode == "RGB" else img).save(path, "JPEG", quality=92)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_max_side_decodes_a_large_jpeg_at_reduced_scale(tmp_path, mode):
+    from fracture_ops.model.preprocess import shrink_longest
+
+    path = tmp_path / "big.jpg"
+    _gradient_jpeg(path, 2000, 1600, mode)
+    full, meta_full = read_image(str(path))
+    small, meta = read_image(str(path), max_side=240)
+    # 2000 / 8 = 250 >= 240: the decoder's 1/8 scale, never below the requested side
+    assert small.shape == (200, 250)
+    assert (meta.width, meta.height, meta.channels) == (2000, 1600, meta_full.channels)
+    assert meta.photometric == meta_full.photometric
+    # the same picture as decoding in full and shrinking (DCT-domain scaling differs only slightly)
+    ref = shrink_longest(full, 240)
+    got = shrink_longest(small, 240)
+    assert got.shape == ref.shape
+    assert float(np.abs(got - ref).mean()) < 0.01
+    # deterministic: the same file and size give the same pixels
+    assert np.array_equal(small, read_image(str(path), max_side=240)[0])
+
+
+def test_max_side_leaves_small_jpegs_and_pngs_as_they_are(tmp_path):
+    jpg, png = tmp_path / "small.jpg", tmp_path / "big.png"
+    _gradient_jpeg(jpg, 400, 300)
+    Image.fromarray((np.arange(1000 * 800) % 251).reshape(800, 1000).astype(np.uint8)).save(png)
+    for path in (jpg, png):  # 400 < 2 x 240: no reduction; PNG has no scaled decoding
+        assert np.array_equal(read_image(str(path), max_side=240)[0], read_image(str(path))[0])
+
+
+def test_truncated_jpeg_with_max_side_is_measured_as_validation_measures_it(tmp_path):
+    path = tmp_path / "cut.jpg"
+    _gradient_jpeg(path, 2000, 1600)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.97)])
+    full, meta_full = read_image(str(path))
+    img, meta = read_image(str(path), max_side=240)
+    assert meta.warnings == meta_full.warnings and meta.warnings[0].startswith("truncated:")
+    assert np.array_equal(img, full)
+
+
+@pytest.mark.realdata
+def test_real_fracatlas_scaled_decoding_keeps_the_truncation_policy(realdata):
+    """Training and serving decode at the model's pre_size: the same files are kept, warned and
+    refused as by validation's full decode, and each image is the full decode to within a few
+    gray levels once shrunk to the model's size."""
+    from fracture_ops.model.preprocess import shrink_longest
+
+    files = sorted((realdata / "fracatlas" / "images").rglob("*.jpg"))
+    warned, refused, reduced = set(), set(), 0
+    for path in files:
+        try:
+            img, meta = read_image(str(path), max_side=257)
+        except ImageDecodeError:
+            refused.add(path.stem)
+            continue
+        warned |= {path.stem} if meta.warnings else set()
+        reduced += img.shape != (meta.height, meta.width)
+        if path.stem in {files[0].stem, files[-1].stem}:
+            ref = shrink_longest(read_image(str(path))[0], 257)
+            assert float(np.abs(shrink_longest(img, 257) - ref).mean()) < 0.01
+    assert warned == {"IMG0004189", "IMG0004255"}
+    assert refused == TRUNCATED_FRACATLAS - warned
+    assert reduced >= 30  # the 2304 x 2880 radiographs of the subset (40): decoded at 1/8

@@ -243,9 +243,9 @@ def test_dicom_is_deidentified_and_no_phi_is_written(champion, incoming, first_r
         shutil.copy(p, folder / p.name)
     decoded, real_decode = [], score._decode
 
-    def spy(data, fmt):  # what the decoder (hence the model and the features) receives
+    def spy(data, fmt, max_side=None):  # what the decoder (so the model and features) receives
         decoded.append(data)
-        return real_decode(data, fmt)
+        return real_decode(data, fmt, max_side)
 
     monkeypatch.setattr(score, "_decode", spy)
     summary = _infer(champion, folder, "phi", date="2026-11-22", cam_positives=True)

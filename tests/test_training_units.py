@@ -106,8 +106,9 @@ def test_decode_cache_skips_decoding_after_first_epoch(tmp_path, monkeypatch, sy
 
     m = storage.read_parquet(storage.join(synthetic_small.out_dir, "manifest.parquet")).head(6)
     calls = []
-    real = datasets.read_image
-    monkeypatch.setattr(datasets, "read_image", lambda uri: calls.append(uri) or real(uri))
+    real = datasets.read_model_input
+    monkeypatch.setattr(datasets, "read_model_input",
+                        lambda uri, size: calls.append(uri) or real(uri, size))
     ds = ManifestDataset(m, np.zeros((6, 1), np.float32), build_transforms(64, False),
                          cache=DecodeCache(tmp_path / "cache", 80))
     first = [ds[i][0] for i in range(len(ds))]
@@ -311,3 +312,33 @@ def test_squash_grad_cam_maps_the_whole_input_onto_the_image():
     assert squash[:, :38].min() > 0.9 and squash[:, 42:].max() < 0.1  # left half of the image
     boxed = cam_to_original(cam, letterbox_geometry(40, 80, 32))  # padding rows cropped away
     assert boxed.shape == (40, 80) and boxed[:, :38].min() > 0.9
+
+
+def test_training_serving_and_batch_inference_read_a_large_jpeg_identically(tmp_path):
+    """Training (with and without the decode cache), the served model and batch inference all
+    decode a multi-megapixel JPEG at reduced scale and get bit-identical model inputs."""
+    from PIL import Image
+
+    from fracture_ops.data.images import read_image
+    from fracture_ops.inference.score import ScoreInput, decode_input
+    from fracture_ops.model.pyfunc import FractureClassifier
+
+    yy, xx = np.mgrid[0:1800, 0:2200]
+    arr = ((np.sin(xx / 41.0) * np.cos(yy / 29.0)) * 90 + 128).clip(0, 255).astype(np.uint8)
+    path = str(tmp_path / "big.jpg")
+    Image.fromarray(arr).save(path, "JPEG", quality=90)
+    table = pd.DataFrame({"image_uri": [path]})
+    y = np.zeros((1, 1), np.float32)
+    plain = ManifestDataset(table, y, lambda image: {"image": image}, pre_size=257).load(0)
+    cache = DecodeCache(tmp_path / "cache", 257)
+    cached = [ManifestDataset(table, y, lambda image: {"image": image}, cache=cache).load(0)
+              for _ in range(2)]  # the first fills the cache, the second reads it
+    served = FractureClassifier()
+    served.pre_size = 257
+    served_img, err = served._load(path)
+    batch = decode_input(ScoreInput("x", path), open(path, "rb").read(), 257, None, None).image
+    assert err is None and plain.shape == (210, 257)  # 2200 x 1800 decoded at 1/8 (275 x 225), shrunk
+    for other in (*cached, served_img, batch):
+        assert np.array_equal(other, plain)
+    full = read_image(path)[0]
+    assert full.shape == (1800, 2200)

@@ -43,6 +43,7 @@ would let other threads accept truncated files silently.
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,8 @@ class ImageMeta:
 
 
 def read_image(
-    uri: str, *, max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION
+    uri: str, *, max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
+    max_side: int | None = None,
 ) -> tuple[np.ndarray, ImageMeta]:
     """Read a PNG, JPEG or DICOM file as a 2-D float32 grayscale image in [0, 1].
 
@@ -101,9 +103,19 @@ def read_image(
         uri: local path or ``s3://`` URI.
         max_missing_fraction: largest part of a truncated JPEG that may be missing (filled by the
             decoder) for the image to be kept with a warning.
+        max_side: the caller shrinks the image so its longer side is at most this afterwards
+            (the model's ``pre_size``). A JPEG is then decoded at 1/2, 1/4 or 1/8 scale in the
+            DCT domain (libjpeg's scaled decoding, Pillow's ``draft``), never below ``max_side``
+            on the longer side, and straight to luminance (the JPEG's Y channel); this is 3-4x
+            faster on multi-megapixel radiographs. Other formats, and JPEGs smaller than twice
+            ``max_side``, are decoded in full. The same file and ``max_side`` always give the same
+            pixels, so training, evaluation and serving, which all pass their ``pre_size``, see
+            identical inputs. A truncated JPEG is decoded in full (its missing part is measured
+            as validation measures it).
 
     Returns:
-        ``(image, meta)``: ``image`` has shape ``(height, width)``, dtype float32, bone bright.
+        ``(image, meta)``: ``image`` has shape ``(height, width)`` (reduced when ``max_side``
+        let the decoder scale; ``meta`` keeps the file's own size), dtype float32, bone bright.
 
     Raises:
         ImageDecodeError: the file is missing, unreadable, not an image, corrupt, uses an
@@ -114,7 +126,7 @@ def read_image(
     fmt = sniff_format(data, uri)
     if fmt == "dicom":
         return _decode_dicom(data, uri)
-    return _decode_pil(data, uri, fmt, max_missing_fraction)
+    return _decode_pil(data, uri, fmt, max_missing_fraction, max_side if fmt == "jpeg" else None)
 
 
 def read_image_size(uri: str) -> tuple[int, int]:
@@ -231,33 +243,56 @@ def _read_bytes(uri: str) -> bytes:
 
 # --------------------------------------------------------------------------- PNG / JPEG (Pillow)
 
-def _decode_pil(data: bytes, uri: str, fmt: str, max_missing: float) -> tuple[np.ndarray, ImageMeta]:
+def _decode_pil(data: bytes, uri: str, fmt: str, max_missing: float,
+                max_side: int | None = None) -> tuple[np.ndarray, ImageMeta]:
     warnings: list[str] = []
+    file_info: dict = {}
     try:
-        im = _open_loaded(data)
+        im = _open_loaded(data, max_side=max_side, file_info=file_info)
     except OSError as exc:
         if fmt != "jpeg" or "truncated" not in str(exc):
             raise ImageDecodeError(uri, f"corrupt {fmt}: {_describe(exc)}") from exc
-        im = _open_loaded(data + _JPEG_EOI, uri, fmt)
+        # full scale, as validation decodes it, so the missing part is measured the same way
+        # and a file validation kept is never refused later (truncated files are rare)
+        im = _open_loaded(data + _JPEG_EOI, uri, fmt, file_info=file_info)
         warnings.append(_truncation_warning(np.asarray(im), uri, max_missing))
     except Exception as exc:  # UnidentifiedImageError, SyntaxError (bad CRC), zlib.error, bombs
         raise ImageDecodeError(uri, f"corrupt {fmt}: {_describe(exc)}") from exc
-    mode, bands = im.mode, len(im.getbands())
+    mode, bands = file_info.get("mode", im.mode), file_info.get("bands", len(im.getbands()))
+    width, height = file_info.get("size", im.size)
     bit_depth = _png_bit_depth(data) if fmt == "png" else 8
     img = _pil_to_gray(im, bit_depth)
     if img.size == 0:
         raise ImageDecodeError(uri, "empty pixel data")
-    meta = ImageMeta(uri=uri, format=fmt, width=im.width, height=im.height, channels=bands,
+    meta = ImageMeta(uri=uri, format=fmt, width=width, height=height, channels=bands,
                      bit_depth=bit_depth, photometric=mode, warnings=tuple(warnings))
     return img, meta
 
 
-def _open_loaded(data: bytes, uri: str | None = None, fmt: str = ""):
-    """Open and fully decode with Pillow; with ``uri`` set, wrap every failure as ImageDecodeError."""
+def draft_request(width: int, height: int, max_side: int) -> tuple[int, int] | None:
+    """The size to ask Pillow's JPEG ``draft`` for so the decoded longer side stays at least
+    ``max_side`` (libjpeg picks the largest 1/2, 1/4, 1/8 reduction that is not smaller than the
+    request), or None when the image is not at least twice ``max_side`` (no reduction)."""
+    if max_side <= 0 or max(width, height) < 2 * max_side:
+        return None
+    scale = max_side / max(width, height)
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
+def _open_loaded(data: bytes, uri: str | None = None, fmt: str = "", *,
+                 max_side: int | None = None, file_info: dict | None = None):
+    """Open and fully decode with Pillow; with ``uri`` set, wrap every failure as ImageDecodeError.
+    With ``max_side`` a JPEG is decoded scaled (see :func:`read_image`); ``file_info`` receives the
+    file's own size, mode and band count."""
     from PIL import Image
 
     try:
         im = Image.open(io.BytesIO(data))
+        if file_info is not None:
+            file_info.update(size=im.size, mode=im.mode, bands=len(im.getbands()))
+        request = draft_request(*im.size, max_side) if max_side and im.format == "JPEG" else None
+        if request is not None and im.mode in ("L", "RGB", "YCbCr"):
+            im.draft("L", request)
         im.load()
         return im
     except Exception as exc:

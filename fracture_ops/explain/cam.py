@@ -153,14 +153,16 @@ def _label_text(positive: bool, class_name: str) -> str:
     return class_name if positive else f"not {class_name}"
 
 
-def _explain_case(explainer, image: np.ndarray, boxes: list[tuple], cfg: CamConfig) -> dict:
-    """CAM of one image; the localisation ratio in original pixels, the pictures at display size."""
+def _explain_case(explainer, image: np.ndarray, boxes: list[tuple], cfg: CamConfig,
+                  model_input: np.ndarray | None = None) -> dict:
+    """CAM of one image; the localisation ratio in original pixels, the pictures at display size.
+    ``model_input``: the same file as the model reads it (``read_model_input``)."""
     import cv2
 
     from fracture_ops.model.gradcam import box_energy, overlay
     from fracture_ops.explain.report import fit_for_display, png_data_uri
 
-    cam = explainer.explain(image).cam
+    cam = explainer.explain(image, model_input).cam
     out: dict = {"box_energy_ratio": None}
     scaled = _scaled_boxes(boxes, image.shape) if boxes else []
     if scaled:
@@ -182,6 +184,7 @@ def _explain_all(explainer, rows: pd.DataFrame, sections: dict[str, list[int]], 
     """Explain each selected row once; returns ``(cases per section, quarantined)``."""
     from fracture_ops.cli_common import progress
     from fracture_ops.data.images import read_image
+    from fracture_ops.model.preprocess import read_model_input
     from fracture_ops.errors import ImageDecodeError
 
     prob, decision, label, threshold = scores
@@ -194,7 +197,8 @@ def _explain_all(explainer, rows: pd.DataFrame, sections: dict[str, list[int]], 
             if image_id not in uris:
                 raise BadInputError("image_id not in the split table")
             image = read_image(uris[image_id])[0]
-            done[i] = _explain_case(explainer, image, boxes.get(image_id, []), cfg)
+            model_input = read_model_input(uris[image_id], explainer.loaded.pre_size)
+            done[i] = _explain_case(explainer, image, boxes.get(image_id, []), cfg, model_input)
         except (ImageDecodeError, BadInputError) as exc:
             quarantined.append({"image_id": image_id, "reason": str(getattr(exc, "cause", exc))})
             done[i] = None
@@ -313,6 +317,7 @@ def explain_image(cfg: CamConfig, image_uri: str, out_png: str | None = None) ->
     from PIL import Image
 
     from fracture_ops.data.images import read_image
+    from fracture_ops.model.preprocess import read_model_input
     from fracture_ops.model.gradcam import overlay
 
     image = read_image(image_uri)[0]
@@ -321,7 +326,7 @@ def explain_image(cfg: CamConfig, image_uri: str, out_png: str | None = None) ->
     try:
         info = explainer.loaded.info
         calibrator, thresholds, _ = _calibration(cfg, train_dir, info["task"], info["class_names"])
-        result = explainer.explain(image)
+        result = explainer.explain(image, read_model_input(image_uri, explainer.loaded.pre_size))
     finally:
         explainer.close()
     from fracture_ops.model.outputs import decisions

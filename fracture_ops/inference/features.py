@@ -4,6 +4,9 @@
   image, measured on a copy shrunk with area averaging so its longer side is at most
   :data:`STATS_SIZE`: the figures then do not depend on the model's input size (reference and
   log stay comparable across model versions) and a 3000 x 2500 radiograph costs milliseconds.
+  Batch inference measures them on the image as decoded for the model (a JPEG at 1/2-1/8 scale,
+  longer side >= the model's ``pre_size``), which is the same image up to that shrink when
+  ``pre_size`` >= :data:`STATS_SIZE` (image size 224 and up).
 - Size (height, width, aspect = width / height) and stored bit depth, from the file.
 - View, laterality and body region from the DICOM tags View Position (0018,5101), Image
   Laterality (0020,0062) (else Laterality (0020,0060)) and Body Part Examined (0018,0015), read

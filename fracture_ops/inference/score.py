@@ -139,14 +139,15 @@ def _read(uri: str) -> bytes:
         raise
 
 
-def _decode(data: bytes, fmt: str):
-    """Decode bytes with :func:`read_image` (through a temporary file: it reads URIs)."""
+def _decode(data: bytes, fmt: str, max_side: int | None = None):
+    """Decode bytes with :func:`read_image` (through a temporary file: it reads URIs), at the
+    reduced JPEG scale the model's own reads use (``max_side``: its ``pre_size``)."""
     from fracture_ops.data.images import read_image
 
     with tempfile.NamedTemporaryFile(suffix=".dcm" if fmt == "dicom" else f".{fmt}") as fh:
         fh.write(data)
         fh.flush()
-        return read_image(fh.name)
+        return read_image(fh.name, max_side=max_side)
 
 
 def load_input(item: ScoreInput, pre_size: int | None, keys, deid_cfg) -> LoadedImage:
@@ -180,7 +181,7 @@ def decode_input(item: ScoreInput, data: bytes, pre_size: int | None, keys,
 
         data, _ = deidentify_dicom_bytes(data, keys, deid_cfg)  # the original bytes go no further
         cats = F.dicom_categoricals(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))
-    img, meta = _decode(data, fmt)
+    img, meta = _decode(data, fmt, pre_size)
     feats = {**F.intensity_features(img), **cats, "source_format": fmt,
              **F.size_features(meta.height, meta.width, meta.bit_depth)}
     return LoadedImage(item, preprocess(img, pre_size), feats, meta.warnings)

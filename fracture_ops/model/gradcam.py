@@ -259,17 +259,20 @@ class GradCamExplainer:
                                           resize=loaded.resize)
         self.cam = GradCAM(model=loaded.model, target_layers=[layer])
 
-    def explain(self, image: np.ndarray) -> CamResult:
+    def explain(self, image: np.ndarray, model_input: np.ndarray | None = None) -> CamResult:
         """Grad-CAM of one ``H x W`` [0, 1] image, mapped to its ``H x W`` pixels.
 
         The image goes through the same preprocessing as in evaluation and serving (shrink to
         ``pre_size``, float16 rounding), so the explained forward pass is the one that is scored.
+        ``model_input``: the image as the model reads the file
+        (:func:`~fracture_ops.model.preprocess.read_model_input`, a JPEG decoded at reduced
+        scale), when ``image`` is the full-resolution decode shown in a report.
         """
         import cv2
 
         from fracture_ops.model.preprocess import preprocess
 
-        small = preprocess(image, self.loaded.pre_size)
+        small = preprocess(image if model_input is None else model_input, self.loaded.pre_size)
         tensor = self.transform(small)["image"][None].to(self.cam.device)
         maps = self.cam(input_tensor=tensor, targets=[self.target])
         logits = self.cam.outputs.detach().float().cpu().numpy()[0]

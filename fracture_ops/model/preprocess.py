@@ -93,6 +93,19 @@ def preprocess(img: np.ndarray, pre_size: int | None) -> np.ndarray:
     return img.astype(np.float16).astype(np.float32)
 
 
+def read_model_input(uri: str, pre_size: int | None) -> np.ndarray:
+    """Decode ``uri`` and :func:`preprocess` it: the one way training, evaluation, batch
+    inference and the served model read an image file for the network. JPEGs are decoded at a
+    reduced scale no smaller than ``pre_size`` (see :func:`fracture_ops.data.images.read_image`).
+
+    Raises:
+        ImageDecodeError: the file cannot be read (see ``read_image``).
+    """
+    from fracture_ops.data.images import read_image
+
+    return preprocess(read_image(uri, max_side=pre_size)[0], pre_size)
+
+
 def shrink_longest(img: np.ndarray, size: int) -> np.ndarray:
     """Shrink (never enlarge) a 2-D image so its longer side is at most ``size`` (area filter)."""
     import cv2

@@ -35,8 +35,9 @@ def _looks_like_base64(s: str) -> bool:
     return len(s) > 256 and not s.startswith(("/", "s3://", ".")) and "\n" not in s[:100]
 
 
-def decode_input(value: str) -> np.ndarray:
-    """Read one ``image`` cell (URI or base64 file bytes) into a [0,1] grayscale array."""
+def decode_input(value: str, max_side: int | None = None) -> np.ndarray:
+    """Read one ``image`` cell (URI or base64 file bytes) into a [0,1] grayscale array
+    (``max_side``: see :func:`fracture_ops.data.images.read_image`)."""
     from fracture_ops.data.images import read_image
 
     if _looks_like_base64(value):
@@ -49,8 +50,11 @@ def decode_input(value: str) -> np.ndarray:
             with tempfile.NamedTemporaryFile(suffix=suffix) as fh:
                 fh.write(raw)
                 fh.flush()
-                return read_image(fh.name)[0]
-    return read_image(value)[0]
+                return read_image(fh.name, max_side=max_side)[0]
+    return read_image(value, max_side=max_side)[0]
+
+
+BATCH_SIZE = 32  # images per forward pass in predict
 
 
 class FractureClassifier(PythonModel):
@@ -84,19 +88,21 @@ class FractureClassifier(PythonModel):
         th = th.get("thresholds", th)
         self.thresholds = np.array([float(th[c]) for c in self.class_names])
 
-    def logits(self, images: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
+    def logits(self, images: list[np.ndarray], batch_size: int = BATCH_SIZE) -> np.ndarray:
         """Raw logits for decoded images (eval transform, CPU or the model's device)."""
+        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+        out = [self._forward(b) for b in batches]
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)))
+
+    def _forward(self, images: list[np.ndarray]) -> np.ndarray:
         import torch
 
         from fracture_ops.model.network import tta_logits
 
-        out = []
         with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
-                x = torch.stack([self.transform(im)["image"] for im in images[i:i + batch_size]])
-                x = x.contiguous(memory_format=torch.channels_last)
-                out.append(tta_logits(self.model, x, self.tta_hflip).float().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)))
+            x = torch.stack([self.transform(im)["image"] for im in images])
+            x = x.contiguous(memory_format=torch.channels_last)
+            return tta_logits(self.model, x, self.tta_hflip).float().numpy()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """Calibrated probabilities and decisions for every row of ``model_input`` that can be
@@ -110,27 +116,34 @@ class FractureClassifier(PythonModel):
         """
         if "image" not in model_input.columns:
             raise ValueError("input needs a string column 'image' (URI or base64 file bytes)")
-        from concurrent.futures import ThreadPoolExecutor
-
         from fracture_ops.model.outputs import decisions
 
-        # decoding (PIL/pydicom release the GIL) overlaps across threads; order is kept
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            loaded = list(pool.map(self._load, model_input["image"]))
-        ok = [i for i, (img, _) in enumerate(loaded) if img is not None]
-        probs = np.full((len(loaded), len(self.class_names)), np.nan)
+        values = model_input["image"].tolist()
+        errors: list[str | None] = [None] * len(values)
+        raw = np.zeros((len(values), len(self.class_names)), dtype=np.float32)
+        batch: list[np.ndarray] = []
+        rows: list[int] = []
+        for i, (img, err) in enumerate(_decoded(values, self._load, BATCH_SIZE)):
+            errors[i] = err
+            if img is not None:
+                batch.append(img)
+                rows.append(i)
+            if len(batch) == BATCH_SIZE or (i == len(values) - 1 and batch):
+                raw[rows[-len(batch):]] = self._forward(batch)  # decoding goes on meanwhile
+                batch = []
+        probs = np.full((len(values), len(self.class_names)), np.nan)
         decided = np.zeros(probs.shape, dtype=np.int64)
-        if ok:
-            scored = self.calibrator.transform(self.logits([loaded[i][0] for i in ok]))
-            probs[ok] = scored.reshape(len(ok), -1)
-            decided[ok] = decisions(probs[ok], self.task, self.thresholds)
-        bad = np.array([img is None for img, _ in loaded], dtype=bool)
+        if rows:
+            scored = self.calibrator.transform(raw[rows])
+            probs[rows] = scored.reshape(len(rows), -1)
+            decided[rows] = decisions(probs[rows], self.task, self.thresholds)
+        bad = np.array([e is not None for e in errors], dtype=bool)
         out = pd.DataFrame(index=model_input.index)
         for k, c in enumerate(self.class_names):
             out[f"prob_{c}"] = probs[:, k]
             out[f"decision_{c}"] = pd.array(np.where(bad, 0, decided[:, k]), dtype="Int64")
             out.loc[bad, f"decision_{c}"] = pd.NA
-        out["error"] = pd.Series([err for _, err in loaded], index=model_input.index, dtype=object)
+        out["error"] = pd.Series(errors, index=model_input.index, dtype=object)
         return out
 
     def _load(self, value) -> tuple[np.ndarray | None, str | None]:
@@ -139,10 +152,32 @@ class FractureClassifier(PythonModel):
         from fracture_ops.model.preprocess import preprocess
 
         try:
-            return preprocess(decode_input(str(value)), self.pre_size), None
+            return preprocess(decode_input(str(value), self.pre_size), self.pre_size), None
         # a decode error (read_image raises ImageDecodeError), a missing file, bad base64
         except (BadInputError, OSError, ValueError, EOFError) as exc:
             return None, _reason(exc)
+
+
+def _decoded(values: list, load, batch_size: int):
+    """``load(v)`` for every value, in order, decoded by a thread pool (Pillow, pydicom and
+    OpenCV release the GIL) that runs ahead of the consumer by at most two batches, so decoding
+    overlaps the forward pass and memory stays bounded on large inputs."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    window = 2 * batch_size
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        it = iter(values)
+        pending = deque(pool.submit(load, v) for v, _ in zip(it, range(window)))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, _END)
+            if nxt is not _END:
+                pending.append(pool.submit(load, nxt))
+            yield result
+
+
+_END = object()
 
 
 def _reason(exc: BaseException) -> str:

@@ -20,8 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fracture_ops import storage
-from fracture_ops.data.images import read_image
-from fracture_ops.model.preprocess import preprocess
+from fracture_ops.model.preprocess import read_model_input
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,8 @@ class DecodeCache:
         if not storage.is_s3(uri):
             st = os.stat(uri)
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        digest = hashlib.sha1(f"{uri}|{stamp}|{self.cache_size}".encode()).hexdigest()
+        # v2: JPEGs decoded at reduced scale (read_model_input); older entries are not reused
+        digest = hashlib.sha1(f"v2|{uri}|{stamp}|{self.cache_size}".encode()).hexdigest()
         return self.folder / digest[:2] / f"{digest}.npy"
 
     def load(self, uri: str) -> np.ndarray:
@@ -74,7 +74,7 @@ class DecodeCache:
                 return np.load(path).astype(np.float32)
             except (OSError, ValueError):  # a torn write from a killed worker: redo it
                 pass
-        img = preprocess(read_image(uri)[0], self.cache_size)
+        img = read_model_input(uri, self.cache_size)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, img.astype(np.float16))
@@ -106,7 +106,7 @@ class ManifestDataset(Dataset):
         """The decoded image ``i`` (cached and resized when a cache is set)."""
         if self.cache is not None:
             return self.cache.load(self.uris[i])
-        return preprocess(read_image(self.uris[i])[0], self.pre_size)
+        return read_model_input(self.uris[i], self.pre_size)
 
     def __getitem__(self, i: int):
         return self.transform(self.load(i))["image"], self.targets[i]
