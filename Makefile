@@ -9,7 +9,7 @@ RUN_ID ?= demo
 export NO_ALBUMENTATIONS_UPDATE=1 GX_ANALYTICS_ENABLED=False MLFLOW_DISABLE_TELEMETRY=true \
        HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: help install demo test lint bench clean up down
+.PHONY: help install demo test lint bench gpu-check clean up down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ lint: install  ## ruff, the layering contracts (lint-imports; see ARCHITECTURE.m
 
 bench: install  ## run the benchmarks (prints ratios against their baselines)
 	@status=0; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || status=1; done; exit $$status
+
+gpu-check: install  ## on a CUDA machine: GPU training throughput, a YOLOv8n epoch, gpu tests (<8 min)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:  ## remove demo outputs (keeps .venv)
 	rm -rf $(DEMO_ROOT)

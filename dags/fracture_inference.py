@@ -14,9 +14,12 @@ DOC = """
 ### fracture_inference
 Daily (or when triggered): make sure the champion's drift reference exists (its validation split
 scored once per model version), then score the studies under `incoming_uri` (a folder or an s3://
-prefix; DICOM is de-identified first) with `models:/fracture-classifier@champion`. Predictions
-(calibrated probability, decision, model version) and per-image features go to
-`<artifact_root>/prediction_log/date=<ds>/`; re-running a date replaces its rows, never duplicates.
+prefix; DICOM is de-identified first) with `models:/fracture-classifier@champion`, pinned to one
+version for the whole run. `infer_plan` splits the day's new images into at most `shards` shards;
+`infer` runs once per shard (mapped tasks: a failed shard is retried alone); `infer_merge` writes
+every shard's rows as one part of `<artifact_root>/prediction_log/date=<ds>/` (predictions,
+model version, per-image features). Re-running a date, a shard or the merge replaces rows, never
+duplicates or loses them.
 
 *Research and education only; not for clinical use.*
 """
@@ -34,9 +37,9 @@ prefix; DICOM is de-identified first) with `models:/fracture-classifier@champion
     tags=["fracture-ops", "inference"],
 )
 def fracture_inference():
-    # reference, then infer, which scores with the version the reference was built for (the
-    # pinned model URI of the reference's summary, passed as an XComArg)
-    build_tasks(INFERENCE_STEPS, outlets={"infer": [PREDICTION_LOG]})
+    # reference -> infer_plan (the version the reference was built for, pinned) -> infer, one
+    # mapped task per shard -> infer_merge into the date partition
+    build_tasks(INFERENCE_STEPS, outlets={"infer_merge": [PREDICTION_LOG]})
 
 
 fracture_inference()

@@ -43,6 +43,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "package": ("fracture_ops.training.package", "log the MLflow pyfunc model with calibration+thresholds"),
     "register": ("fracture_ops.registry.register", "register the packaged model as the new challenger"),
     "infer": ("fracture_ops.inference.batch", "score new studies with the champion model into the prediction log"),
+    "infer-plan": ("fracture_ops.inference.shards:plan", "sharded inference, 1/3: split the day's "
+                   "new studies into shards scored by one task each, with a pinned model version"),
+    "infer-shard": ("fracture_ops.inference.shards:shard", "sharded inference, 2/3: score one "
+                    "shard of a plan into the run folder"),
+    "infer-merge": ("fracture_ops.inference.shards:merge", "sharded inference, 3/3: write every "
+                    "shard's rows as the batch's one part of the date partition"),
     "reference": ("fracture_ops.inference.reference", "score the champion's validation split into its drift reference table"),
     "drift": ("fracture_ops.monitoring.drift_step", "Evidently drift report of the latest prediction-log window vs the reference"),
     "gate": ("fracture_ops.registry.gates", "challenger vs champion on the same test set (never promotes)"),
@@ -55,6 +61,18 @@ EPILOG = (
 )
 
 
+def step_entry(command: str, which: str):
+    """A subcommand's ``configure_parser`` (``which="configure"``) or ``run_cli`` (``"run"``).
+
+    ``module:name`` in :data:`COMMANDS` names a module holding several subcommands, as
+    ``configure_<name>_parser`` and ``run_<name>_cli``.
+    """
+    module, _, name = COMMANDS[command][0].partition(":")
+    attr = (f"configure_{name}_parser" if which == "configure" else f"run_{name}_cli") if name \
+        else ("configure_parser" if which == "configure" else "run_cli")
+    return getattr(importlib.import_module(module), attr)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """Build the parser; with ``only``, import and configure just that subcommand."""
     parser = argparse.ArgumentParser(
@@ -64,10 +82,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<step>")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
         if name == only:
-            importlib.import_module(module).configure_parser(p)
+            step_entry(name, "configure")(p)
     return parser
 
 
@@ -90,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fracture-ops`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     only = next((a for a in argv if a in COMMANDS), None)
+    if only in ("train", "fit"):  # --nproc-per-node N > 1: the same command under torchrun
+        from fracture_ops.training.distributed import launch, split_launch
+
+        try:
+            nproc, rest = split_launch(argv)
+        except errors.ConfigError as exc:
+            print(f"fracture-ops {only}: error: {exc}", file=sys.stderr)
+            return errors.EXIT_USAGE
+        if nproc > 1 and "RANK" not in os.environ:
+            return launch(nproc, rest)
     parser = build_parser(only)
     args = parser.parse_args(argv)
     if not args.command:
@@ -105,15 +133,17 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.verbose)
     log = logging.getLogger("fracture_ops.cli")
-    module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        summary = module.run_cli(args)
+        summary = step_entry(args.command, "run")(args)
     except errors.FractureOpsError as exc:
         log.error("%s failed: %s", args.command, exc)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     text = json.dumps(summary or {}, sort_keys=True, default=str)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports the step
+        log.info("rank %s done: %s", os.environ["RANK"], text)
+        return errors.EXIT_OK
     xcom = os.environ.get("FRACTURE_OPS_XCOM_FILE")
     if xcom:
         os.makedirs(os.path.dirname(xcom) or ".", exist_ok=True)

@@ -52,3 +52,18 @@ def s3():
     else:
         os.environ["S3_ENDPOINT_URL"] = old
     server.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests need CUDA: where torch sees none they skip, saying so."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False); "
+                                   "run make gpu-check on a GPU machine")
+    for item in gpu:
+        item.add_marker(skip)

@@ -162,7 +162,8 @@ def test_promotion_inference_and_drift_dags_green(services, tmp_path):
     synth_step(SynthConfig(out_dir=str(tmp_path / "incoming"), n_patients=20, image_size=96,
                            dicom_fraction=0.3, seed=11))
     n_images = len(list((tmp_path / "incoming" / "images").iterdir()))
-    conf = {"incoming_uri": str(tmp_path / "incoming" / "images"), "artifact_root": str(art)}
+    conf = {"incoming_uri": str(tmp_path / "incoming" / "images"), "artifact_root": str(art),
+            "shards": 3}
     for _ in range(2):  # the second run of the same date must not duplicate rows
         res = airflow(["dags", "test", "fracture_inference", "2026-11-20", "-c", json.dumps(conf)], env)
         assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
@@ -171,6 +172,16 @@ def test_promotion_inference_and_drift_dags_green(services, tmp_path):
         part = pd.concat(pd.read_parquet(p) for p in (art / "prediction_log" / "date=2026-11-20").glob("part-*.parquet"))
         assert len(part) == n_images and part["image_id"].is_unique
         assert set(part["model_version"].astype(str)) == {challenger.version}
+    # infer ran as three mapped task instances (one per shard), all green, then one merge
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(services["airflow_db"].replace("postgresql://", "postgresql+psycopg2://"))
+    with engine.connect() as c:
+        mapped = c.execute(sa.text("SELECT DISTINCT map_index, state FROM task_instance WHERE dag_id = "
+                                   "'fracture_inference' AND task_id = 'infer'")).fetchall()
+    engine.dispose()
+    assert sorted(mapped) == [(0, "success"), (1, "success"), (2, "success")]
+    assert _task_states(services["airflow_db"], "fracture_inference")["infer_merge"][0] == "success"
     # the drift run of 2026-11-21 reports on the complete day before: 2026-11-20
     res = airflow(["dags", "test", "fracture_drift", "2026-11-21", "-c",
                    json.dumps({"artifact_root": str(art), "window_days": 1, "drift_share_threshold": 0.3})], env)

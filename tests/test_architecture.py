@@ -135,10 +135,15 @@ def test_the_inference_pod_gets_the_model_uri_from_the_reference_summary():
     from tests.test_security import _all_step_pods
 
     pods = _all_step_pods()
-    (c,) = [c for c in pods["infer"]["spec"]["containers"] if c["name"] == "base"]
+    (c,) = [c for c in pods["infer_plan"]["spec"]["containers"] if c["name"] == "base"]
     args = c["args"]
     assert args[args.index("--model-uri") + 1] == "models:/fracture-classifier/3"
     assert not any("xcom_pull" in a for a in args)
+    # each shard's pod reads that pinned version from this run's plan, never an alias
+    (c,) = [c for c in pods["infer"]["spec"]["containers"] if c["name"] == "base"]
+    args = c["args"]
+    assert "--model-uri" not in args and args[args.index("--shard") + 1] == "0"
+    assert args[args.index("--plan") + 1].endswith("/runs/manual__2026-01-01T00-00-00-00-00/infer_plan/plan.json")
 
 
 def test_registry_names_are_defined_once():

@@ -29,7 +29,10 @@ TRAINING_EDGES = {
 EXPECTED_EDGES = {
     "fracture_training": TRAINING_EDGES,
     "fracture_promotion": set(),
-    "fracture_inference": {("reference", "infer")},
+    # infer is mapped (one task per shard) over the list infer_shards reads from the plan
+    "fracture_inference": {("reference", "infer_plan"), ("infer_plan", "infer_shards"),
+                           ("infer_shards", "infer"), ("infer_plan", "infer"),
+                           ("infer_plan", "infer_merge"), ("infer", "infer_merge")},
     "fracture_drift": {("drift", "drift_detected"), ("drift", "retraining_signal"),
                        ("drift_detected", "retraining_signal")},
 }
@@ -106,7 +109,7 @@ def test_trigger_form_params_have_descriptions(dagbag):
         assert params.get_param(name).description, name
 
 
-def _rendered_training_pod(image: str):
+def _rendered_training_pod(image: str, **params):
     from kubernetes.client import ApiClient
 
     from fracture_ops.orchestration.params import defaults
@@ -115,7 +118,7 @@ def _rendered_training_pod(image: str):
     assert bag.import_errors == {}
     dag = bag.dags["fracture_training"]
     op = dag.get_task("train")
-    context = {"params": defaults(artifact_root="s3://fracture-ops-artifacts"),
+    context = {"params": defaults(artifact_root="s3://fracture-ops-artifacts", **params),
                "run_id": "manual__2026-01-01T00:00:00+00:00", "dag": dag, "task": op}
     op.render_template_fields(context)
     pod = op.build_pod_request_obj(dry_run=True)
@@ -154,6 +157,27 @@ def test_rendered_training_pod(tmp_path):
     kubernetes_validate.validate(manifest, "1.30.0", strict=True)
 
 
+def test_multi_gpu_training_pod_requests_n_gpus_and_runs_the_same_command_under_torchrun():
+    """gpus=4: the pod requests and is limited to 4 GPUs and passes --nproc-per-node 4 (the CLI
+    then runs the step under torchrun, one process per GPU); every other argument is the
+    one-GPU pod's; the pod validates against the Kubernetes schema."""
+    import kubernetes_validate
+
+    image = "registry.example.org/fracture-ops/training:1.2.3"
+    pods = {n: _rendered_training_pod(image, gpus=n)[0] for n in (1, 4)}
+    args = {}
+    for n, manifest in pods.items():
+        (c,) = [c for c in manifest["spec"]["containers"] if c["name"] == "base"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == str(n)
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == str(n)
+        assert c["command"] == ["fracture-ops"]
+        at = c["args"].index("--nproc-per-node")
+        assert c["args"][at + 1] == str(n)
+        args[n] = c["args"][:at] + c["args"][at + 2:]
+        kubernetes_validate.validate(manifest, "1.30.0", strict=True)
+    assert args[1] == args[4]
+
+
 def test_cpu_steps_do_not_request_gpus():
     from fracture_ops.orchestration.specs import TRAINING_STEPS
 
@@ -169,14 +193,15 @@ def test_every_step_spec_renders_to_a_valid_cli_command():
                                                   TRAINING_STEPS, render_args)
 
     params = defaults(artifact_root="/data/art") | {"incoming_uri": "/data/incoming", "window_days": 1,
-                                                     "drift_share_threshold": 0.3}
+                                                     "drift_share_threshold": 0.3, "shards": 4}
     from types import SimpleNamespace
 
     from airflow.sdk.execution_time import macros
 
     ti = SimpleNamespace(xcom_pull=lambda task_ids=None, **kw: {"model_version": "3", "model_uri": "models:/fracture-classifier/3"})
     context = {"params": params, "run_id": "scheduled__2026-11-20T00:00:00+00:00", "ds": "2026-11-20",
-               "macros": macros, "ti": ti, "inputs": {"model_uri": "models:/fracture-classifier/3"}}
+               "macros": macros, "ti": ti,
+               "inputs": {"model_uri": "models:/fracture-classifier/3", "shard": 2}}
     for steps in (TRAINING_STEPS, PROMOTION_STEPS, INFERENCE_STEPS, DRIFT_STEPS):
         for spec in steps.values():
             args = render_args(spec, context)
@@ -186,8 +211,12 @@ def test_every_step_spec_renders_to_a_valid_cli_command():
             assert parsed.artifact_root == "/data/art"
             if spec.name == "drift":
                 assert parsed.date == "2026-11-19"  # the complete day before the logical date
-            if spec.name == "infer":
+            if spec.name == "infer_plan":
                 assert (parsed.date, parsed.model_uri) == ("2026-11-20", "models:/fracture-classifier/3")
+                assert (parsed.shards, parsed.incoming) == (4, "/data/incoming")
+            if spec.name == "infer":  # one shard of this run's plan
+                assert parsed.shard == 2 and parsed.incoming == "/data/incoming"
+                assert parsed.plan_uri.endswith("/infer_plan/plan.json")
 
 
 @pytest.mark.parametrize("exit_code,fails_fast", [(3, True), (4, True), (2, True), (1, False), (137, False)])

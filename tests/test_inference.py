@@ -445,3 +445,110 @@ def test_s3_incoming_and_s3_prediction_log(champion, incoming, s3):
     again = _infer(champion, "s3://fo-infer/incoming", "s3", **kw)
     assert again["batch_id"] == first["batch_id"]
     assert layout.list_parts("s3://fo-infer/log/date=2026-11-29") == [first["part_uri"]]
+
+
+# ----------------------------------------------------------------------------- sharded inference
+
+def _sharded(champion, incoming_uri, run_id, shards, log_root, date=DATE, only=None):
+    """infer-plan, then each shard (or those in ``only``), then infer-merge (unless ``only``)."""
+    from fracture_ops.inference.shards import (MergeConfig, PlanConfig, ShardConfig, merge_step,
+                                               plan_step, shard_step)
+
+    root = dict(artifact_root=str(champion["art"]), run_id=run_id)
+    plan = plan_step(PlanConfig(incoming_uri=str(incoming_uri), date=date, shards=shards,
+                                prediction_log_uri=str(log_root), batch_size=16, **root))
+    done = [shard_step(ShardConfig(incoming_uri=str(incoming_uri), plan_uri=plan["plan_uri"],
+                                   shard=k, batch_size=16, **root))
+            for k in (plan["shards"] if only is None else only)]
+    if only is not None:
+        return plan, done, None
+    return plan, done, merge_step(MergeConfig(plan_uri=plan["plan_uri"], **root))
+
+
+def _partition(log_root: Path, date: str = DATE) -> dict[str, pd.DataFrame]:
+    folder = log_root / f"date={date}"
+    return {p.name: pd.read_parquet(p) for p in sorted(folder.glob("*.parquet"))}
+
+
+def _assert_same_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    probs = [c for c in a.columns if c.startswith("prob_") or c.startswith("feat_emb")]
+    pd.testing.assert_frame_equal(a.drop(columns=probs), b.drop(columns=probs))
+    np.testing.assert_allclose(a[probs].to_numpy(float), b[probs].to_numpy(float), atol=1e-6)
+
+
+def test_sharded_inference_equals_one_run_and_a_shard_rerun_changes_nothing(champion, incoming,
+                                                                             tmp_path):
+    whole = _infer(champion, incoming["folder"], "unsharded", prediction_log_uri=str(tmp_path / "one"))
+    plan, done, merged = _sharded(champion, incoming["folder"], "sharded", 4, tmp_path / "four")
+    # four disjoint shards of near-equal size cover every input exactly once
+    from fracture_ops.inference.shards import read_plan
+
+    ids = read_plan(plan["plan_uri"])["shards"]
+    flat = [i for s in ids for i in s]
+    assert plan["shards"] == [0, 1, 2, 3] and len(flat) == len(set(flat)) == whole["inputs"]
+    assert max(map(len, ids)) - min(map(len, ids)) <= 1
+    assert sum(d["rows"] + d["quarantined"] for d in done) == whole["inputs"]
+    assert {d["model_version"] for d in done} == {champion["version"]}
+    # the merged partition is the unsharded run's: same batch, same part, same rows
+    one, four = _partition(tmp_path / "one"), _partition(tmp_path / "four")
+    assert sorted(one) == sorted(four) and merged["batch_id"] == whole["batch_id"]
+    assert merged["rows"] == whole["rows"] and merged["quarantined"] == whole["quarantined"]
+    for name in one:
+        _assert_same_rows(one[name], four[name])
+    # rerun shard 2 and the merge: nothing duplicated, nothing lost, same files
+    _sharded(champion, incoming["folder"], "sharded", 4, tmp_path / "four", only=[2])
+    from fracture_ops.inference.shards import MergeConfig, merge_step
+
+    merge_step(MergeConfig(plan_uri=plan["plan_uri"], artifact_root=str(champion["art"]),
+                           run_id="sharded"))
+    again = _partition(tmp_path / "four")
+    assert sorted(again) == sorted(four)
+    for name in four:
+        pd.testing.assert_frame_equal(again[name], four[name])
+    # a whole new DAG run of the same day and files is the same batch: it replaces its own part
+    plan2, _, merged2 = _sharded(champion, incoming["folder"], "sharded2", 2, tmp_path / "four")
+    assert plan2["batch_id"] == plan["batch_id"] and merged2["rows"] == merged["rows"]
+    again = _partition(tmp_path / "four")
+    assert sorted(again) == sorted(four)
+    for name in four:
+        _assert_same_rows(again[name], four[name])
+    # a file arriving later that day makes a new batch: only it is planned, the rest is logged
+    extra = tmp_path / "extra"
+    shutil.copytree(incoming["folder"], extra)
+    _sharded(champion, extra, "late1", 4, tmp_path / "late")
+    shutil.copy(next(champion["syn"].glob("images/*.png")), extra / "late_arrival.png")
+    plan3, _, merged3 = _sharded(champion, extra, "late2", 4, tmp_path / "late")
+    assert plan3["to_score"] == 1 and plan3["shards"] == [0] and merged3["rows"] == 1
+    assert len(_partition(tmp_path / "late")) == 2 * 2  # two batches: a part and a quarantine each
+
+
+def test_merge_refuses_an_unfinished_shard_and_a_shard_refuses_other_plans(champion, incoming,
+                                                                           tmp_path):
+    from fracture_ops.inference.shards import MergeConfig, ShardConfig, merge_step, shard_step
+
+    plan, _, _ = _sharded(champion, incoming["folder"], "part", 3, tmp_path / "log", only=[0, 2])
+    root = dict(artifact_root=str(champion["art"]), run_id="part")
+    with pytest.raises(RuntimeError, match="shard 1"):
+        merge_step(MergeConfig(plan_uri=plan["plan_uri"], **root))
+    assert not (tmp_path / "log").exists() or not _partition(tmp_path / "log")  # nothing written
+    with pytest.raises(ConfigError, match="shard 3 is not in the plan"):
+        shard_step(ShardConfig(incoming_uri=str(incoming["folder"]), plan_uri=plan["plan_uri"],
+                               shard=3, **root))
+    with pytest.raises(ConfigError, match="no readable inference plan"):
+        merge_step(MergeConfig(plan_uri=str(tmp_path / "nope.json"), **root))
+
+
+@pytest.mark.realdata
+def test_fracatlas_in_four_shards_gives_the_unsharded_rows(champion, realdata, tmp_path):
+    """300 real FracAtlas JPEGs: four mapped shards and a merge give exactly the rows of one
+    unsharded run (probabilities to 1e-6), truncated files quarantined the same way."""
+    folder = realdata / "fracatlas" / "images"
+    whole = _infer(champion, folder, "fa-one", date="2026-11-27", batch_size=32,
+                   prediction_log_uri=str(tmp_path / "one"))
+    _, done, merged = _sharded(champion, folder, "fa-four", 4, tmp_path / "four", date="2026-11-27")
+    assert [d["inputs"] for d in done] == [75, 75, 75, 75]
+    assert whole["inputs"] == 300 and merged["rows"] == whole["rows"] == 300 - whole["quarantined"]
+    one, four = _partition(tmp_path / "one", "2026-11-27"), _partition(tmp_path / "four", "2026-11-27")
+    assert sorted(one) == sorted(four)
+    for name in one:
+        _assert_same_rows(one[name], four[name])

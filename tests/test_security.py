@@ -42,7 +42,8 @@ def attacker_config(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("step,param", [("ingest", "source_uri"), ("infer", "incoming_uri")])
+@pytest.mark.parametrize("step,param", [("ingest", "source_uri"), ("infer_plan", "incoming_uri"),
+                                        ("infer", "incoming_uri")])
 def test_a_flag_in_a_trigger_param_is_refused_and_changes_nothing(tmp_path, monkeypatch,
                                                                    attacker_config, step, param,
                                                                    capsys):
@@ -53,8 +54,9 @@ def test_a_flag_in_a_trigger_param_is_refused_and_changes_nothing(tmp_path, monk
     params = defaults(artifact_root=str(art)) | {"incoming_uri": "/data/in", param: value}
     spec = (TRAINING_STEPS | INFERENCE_STEPS)[step]
     ti = SimpleNamespace(xcom_pull=lambda task_ids=None, **kw: {"model_version": "3", "model_uri": "models:/fracture-classifier/3"})
-    args = render_args(spec, {"params": params, "run_id": "manual__x", "ds": "2026-11-20",
-                              "ti": ti, "inputs": {"model_uri": "models:/fracture-classifier/3"}})
+    args = render_args(spec, {"params": params | {"shards": 2}, "run_id": "manual__x",
+                              "ds": "2026-11-20", "ti": ti,
+                              "inputs": {"model_uri": "models:/fracture-classifier/3", "shard": 0}})
     # the value travels as a positional after "--", never as a flag
     assert args[args.index("--") + 1] == value and args.count("--") == 1
     before = _files(tmp_path)
@@ -209,18 +211,27 @@ def _all_step_pods():
 
     bag = _dagbag({"FRACTURE_OPS_RUNNER": "kubernetes"})
     assert bag.import_errors == {}
+    from fracture_ops.orchestration.specs import INFERENCE_STEPS, render_args
+
     params = defaults(artifact_root="s3://fracture-ops-artifacts") | {
-        "incoming_uri": "s3://incoming/today", "window_days": 7, "drift_share_threshold": 0.3}
+        "incoming_uri": "s3://incoming/today", "window_days": 7, "drift_share_threshold": 0.3,
+        "shards": 4}
     ti = SimpleNamespace(xcom_pull=lambda task_ids=None, **kw: {"model_version": "3", "model_uri": "models:/fracture-classifier/3"})
     pods = {}
     for dag in bag.dags.values():
         for op in dag.tasks:
-            if not hasattr(op, "build_pod_request_obj"):
-                continue
             context = {"params": params, "run_id": "manual__2026-01-01T00:00:00+00:00",
                        "ds": "2026-01-01", "dag": dag, "task": op, "ti": ti}
             from airflow.sdk.execution_time import macros
             context["macros"] = macros
+            if hasattr(op, "expand_input") and hasattr(op.operator_class, "build_pod_request_obj"):
+                # a mapped pod (one per shard): the first shard's, with the arguments the
+                # mapping task renders for it
+                spec = INFERENCE_STEPS[op.task_id]
+                args = render_args(spec, {**context, "inputs": {spec.expand[0]: 0}})
+                op = op.unmap({"arguments": args})
+            if not hasattr(op, "build_pod_request_obj"):
+                continue
             op.render_template_fields(context)
             pods[op.task_id] = ApiClient().sanitize_for_serialization(
                 op.build_pod_request_obj(dry_run=True))
@@ -244,7 +255,10 @@ def test_the_deid_secret_reaches_only_the_pods_that_use_it(step_pods):
         # holds the registry's
         if task in ("ingest", "validate", "deidentify", "split"):
             assert "fracture-ops-mlflow" not in refs, task
-    assert with_key == {"deidentify", "infer", "reference"}
+        if task == "infer_merge":  # reads shard tables, writes the partition: the store only
+            assert refs == {"fracture-ops-s3"}, refs
+    # infer_plan keys the image ids of the incoming files with the de-id secret
+    assert with_key == {"deidentify", "infer_plan", "infer", "reference"}
 
 
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",

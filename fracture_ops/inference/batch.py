@@ -23,6 +23,7 @@ import hashlib
 import io
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -176,12 +177,16 @@ def quarantine_frame(result: ScoreResult, batch_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=layout.QUARANTINE_COLUMNS).astype(str)
 
 
-def check_budget(result: ScoreResult, attempted: int, max_bad_fraction: float, what: str) -> None:
-    """Raise when more than ``max_bad_fraction`` of the attempted inputs were quarantined.
+def check_budget(result: ScoreResult | int, attempted: int, max_bad_fraction: float,
+                 what: str) -> None:
+    """Raise when more than ``max_bad_fraction`` of the attempted inputs were quarantined
+    (``result``: the scoring result, or the count of quarantined inputs).
 
     Raises:
         ErrorBudgetExceeded: the budget was exceeded (or scoring stopped early because of it).
     """
+    if isinstance(result, int):
+        result = ScoreResult(pd.DataFrame(), [None] * result)
     bad = len(result.quarantined)
     if result.stopped_early or (attempted and bad / attempted > max_bad_fraction):
         raise ErrorBudgetExceeded(f"{what}: {bad} of {attempted} input(s) quarantined"
@@ -233,15 +238,55 @@ def _cam_writer(cfg: InferConfig, scorer, out_dir: str) -> _CamWriter | None:
         return None
 
 
-def _summary(cfg: InferConfig, ref: ModelRef, batch_id: str, partition: str,
-             items: list[ScoreInput], scored: set[str], bad: set[str]) -> dict:
-    ids = {i.image_id for i in items}
-    return {"step": STEP, "model_name": ref.name, "model_version": ref.version,
-            "model_uri": ref.uri, "batch_id": batch_id, "date": cfg.date, "partition": partition,
-            "part_uri": None, "inputs": len(items), "already_scored": len(ids & scored),
-            "already_quarantined": len(ids & bad), "rows": 0,
+def batch_summary(cfg: InferConfig, b: Batch) -> dict:
+    """The summary of a batch before scoring (rows and quarantine counts at zero)."""
+    ids = {i.image_id for i in b.items}
+    return {"step": STEP, "model_name": b.ref.name, "model_version": b.ref.version,
+            "model_uri": b.ref.uri, "batch_id": b.batch_id, "date": cfg.date,
+            "partition": b.partition, "part_uri": None, "inputs": len(b.items),
+            "already_scored": len(ids & b.scored), "already_quarantined": len(ids & b.quarantined),
+            "rows": 0,
             "quarantined": 0, "quarantine": [], "decode_warnings": 0, "cam_overlays": 0,
             "output_dir": cfg.output_dir(STEP)}
+
+
+@dataclass
+class Batch:
+    """What one scoring batch of a date works on (see :func:`prepare_batch`)."""
+
+    keys: Any
+    deid: Any
+    items: list[ScoreInput]
+    ref: ModelRef
+    batch_id: str
+    partition: str
+    scored: set[str]
+    quarantined: set[str]
+    todo: list[ScoreInput]
+
+
+def prepare_batch(cfg: InferConfig) -> Batch:
+    """List the incoming files, pin the model version, name the batch and leave out what the
+    date's partition already holds (shared by ``infer`` and the sharded plan).
+
+    Raises:
+        ConfigError: no incoming_uri, a non-registry model_uri, no de-id secret, bad deid options.
+        BadInputError: missing incoming folder, or no such registered model/alias.
+    """
+    from fracture_ops.deid.config import load_keys
+
+    if not cfg.incoming_uri:
+        raise ConfigError(f"{cfg.section}: incoming_uri is not set")
+    storage.check_data_uri(cfg.incoming_uri, f"{cfg.section}: incoming_uri")
+    dcfg = deid_config(cfg)
+    keys = load_keys(dcfg)
+    items = list_inputs(cfg.incoming_uri, keys)
+    ref = resolve_model(cfg.model_uri)
+    batch_id = batch_id_for([i.image_id for i in items], ref)
+    partition = layout.partition_uri(cfg.log_root(), cfg.date)
+    scored, bad = handled_elsewhere(partition, batch_id)
+    todo = [i for i in items if i.image_id not in scored and i.image_id not in bad]
+    return Batch(keys, dcfg, items, ref, batch_id, partition, scored, bad, todo)
 
 
 def infer_step(cfg: InferConfig) -> dict:
@@ -257,42 +302,30 @@ def infer_step(cfg: InferConfig) -> dict:
         ErrorBudgetExceeded: more than ``max_bad_fraction`` of the inputs quarantined (the
             partition is then left unchanged; the run folder holds ``quarantine.json``).
     """
-    from fracture_ops.deid.config import load_keys
-
-    if not cfg.incoming_uri:
-        raise ConfigError("infer: incoming_uri is not set")
-    storage.check_data_uri(cfg.incoming_uri, "infer: incoming_uri")
-    dcfg = deid_config(cfg)
-    keys = load_keys(dcfg)
-    items = list_inputs(cfg.incoming_uri, keys)
-    ref = resolve_model(cfg.model_uri)
-    batch_id = batch_id_for([i.image_id for i in items], ref)
-    partition = layout.partition_uri(cfg.log_root(), cfg.date)
-    scored, bad = handled_elsewhere(partition, batch_id)
-    todo = [i for i in items if i.image_id not in scored and i.image_id not in bad]
+    b = prepare_batch(cfg)
     out_dir = cfg.output_dir(STEP)
     storage.reset_dir(out_dir)
     write_resolved(cfg, out_dir)
-    summary = _summary(cfg, ref, batch_id, partition, items, scored, bad)
-    if not todo:
+    summary = batch_summary(cfg, b)
+    if not b.todo:
         log.warning("infer: nothing to score (%d input(s), %d already handled in the partition)",
-                    len(items), len(items) - len(todo))
+                    len(b.items), len(b.items))
         storage.mark_success(out_dir, summary)
         return summary
-    result, class_names, stats = _score_batch(cfg, todo, ref, keys, dcfg, out_dir)
-    quarantine = quarantine_frame(result, batch_id)
+    result, class_names, stats = score_batch(cfg, b.todo, b.ref, b.keys, b.deid, out_dir)
+    quarantine = quarantine_frame(result, b.batch_id)
     storage.write_json(storage.join(out_dir, "quarantine.json"), quarantine.to_dict("records"))
-    check_budget(result, len(todo), cfg.max_bad_fraction, STEP)
+    check_budget(result, len(b.todo), cfg.max_bad_fraction, STEP)
     summary.update(stats)
-    _write_batch(partition, batch_id, finalize_rows(result.rows, batch_id, cfg.date, ref),
-                 quarantine, class_names, summary)
+    write_batch(b.partition, b.batch_id, finalize_rows(result.rows, b.batch_id, cfg.date, b.ref),
+                quarantine, class_names, summary)
     storage.mark_success(out_dir, summary)
     log.info("infer: %d row(s), %d quarantined, model %s v%s, batch %s", summary["rows"],
-             summary["quarantined"], ref.name, ref.version, batch_id)
+             summary["quarantined"], b.ref.name, b.ref.version, b.batch_id)
     return summary
 
 
-def _score_batch(cfg: InferConfig, todo: list[ScoreInput], ref: ModelRef, keys, dcfg,
+def score_batch(cfg: InferConfig, todo: list[ScoreInput], ref: ModelRef, keys, dcfg,
                  out_dir: str) -> tuple[ScoreResult, list[str], dict]:
     """Load the model and score ``todo`` (with CAM overlays when asked); returns the result,
     the class names and run statistics for the summary."""
@@ -312,7 +345,7 @@ def _score_batch(cfg: InferConfig, todo: list[ScoreInput], ref: ModelRef, keys, 
     return result, scorer.class_names, stats
 
 
-def _write_batch(partition: str, batch_id: str, rows: pd.DataFrame, quarantine: pd.DataFrame,
+def write_batch(partition: str, batch_id: str, rows: pd.DataFrame, quarantine: pd.DataFrame,
                  class_names: list[str], summary: dict) -> None:
     """Write the part (replacing an earlier run's), its quarantine table and its summary."""
     summary.update(part_uri=layout.write_table(layout.part_uri(partition, batch_id), rows,

@@ -123,6 +123,8 @@ def step_task(name: str, outlets: list | None = None, steps: dict[str, StepSpec]
     """
     spec = steps[name]
     inputs = xcom_inputs(spec, upstream)
+    if spec.expand:
+        return mapped_task(spec, outlets, upstream, inputs)
     if runner_kind() == "kubernetes":
         from fracture_ops.orchestration.pods import pod_operator
 
@@ -135,3 +137,44 @@ def step_task(name: str, outlets: list | None = None, steps: dict[str, StepSpec]
 
     _run.__doc__ = f"fracture-ops {spec.args[0]} (local runner)"
     return _run(inputs=inputs) if inputs else _run()  # TaskFlow resolves the inputs first
+
+
+def mapped_task(spec: StepSpec, outlets: list | None, upstream: dict | None, inputs: dict):
+    """One task per element of an upstream summary's list (:attr:`StepSpec.expand`), by
+    Airflow's dynamic task mapping: a small task reads the list and turns it into the mapped
+    values (the local runner's ``inputs`` dicts, or the pods' rendered argument lists, since
+    Airflow does not render templates in values that come through XCom); then the step's task
+    is expanded over them."""
+    from airflow.sdk import XComArg, get_current_context, task
+
+    name, task_id, key = spec.expand
+    if not upstream or task_id not in upstream:
+        raise ValueError(f"step {spec.name!r} is mapped over {task_id!r}: pass it in upstream")
+    source = upstream[task_id]
+    summary = source if isinstance(source, XComArg) else source.output
+    kube = runner_kind() == "kubernetes"
+
+    @task(task_id=f"{spec.name}_{key}", owner=OWNER, retries=2)
+    def _elements(summary: dict, static: dict | None = None) -> list:
+        if not isinstance(summary, dict) or not isinstance(summary.get(key), list):
+            raise KeyError(f"the {task_id} summary has no list {key!r}")
+        values = [{**(static or {}), name: v} for v in summary[key]]
+        if not kube:
+            return values
+        from fracture_ops.orchestration.specs import render_args
+
+        context = get_current_context()
+        return [render_args(spec, {**context, "inputs": v}) for v in values]
+
+    elements = _elements(summary, inputs) if inputs else _elements(summary)
+    if kube:
+        from fracture_ops.orchestration.pods import pod_operator
+
+        return pod_operator(spec, mapped_arguments=elements, **task_kwargs(spec, outlets))
+
+    @task(**task_kwargs(spec, outlets))
+    def _run(inputs: dict) -> dict:
+        return run_local_step(spec, {**get_current_context(), "inputs": inputs})
+
+    _run.__doc__ = f"fracture-ops {spec.args[0]} (local runner, one task per {name})"
+    return _run.expand(inputs=elements)

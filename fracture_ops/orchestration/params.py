@@ -56,6 +56,7 @@ def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
     from fracture_ops.data.validation import ValidateConfig
     from fracture_ops.detection.yolo import DetectConfig
     from fracture_ops.inference.batch import InferConfig
+    from fracture_ops.inference.shards import PlanConfig
     from fracture_ops.monitoring.drift_step import DriftConfig
     from fracture_ops.workflows.fit import FitConfig
 
@@ -70,7 +71,8 @@ def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
             "max_bad_fraction": (ValidateConfig, "max_bad_fraction"),
             "detect_epochs": (DetectConfig, "epochs"),
         },
-        "fracture_inference": {"incoming_uri": (InferConfig, "incoming_uri"), **root},
+        "fracture_inference": {"incoming_uri": (InferConfig, "incoming_uri"), **root,
+                               "shards": (PlanConfig, "shards")},
         "fracture_drift": {**root, "window_days": (DriftConfig, "window_days"),
                            "drift_share_threshold": (DriftConfig, "drift_share_threshold")},
         "fracture_promotion": dict(root),
@@ -130,6 +132,10 @@ DAG_ONLY: dict[str, dict[str, dict[str, Any]]] = {
                                        "gpu": "gpu: full model, needs a GPU pod"}},
         "detection": {"default": False, "type": "boolean",
                       "description": "Also train the YOLOv8 localisation track on the boxes."},
+        "gpus": {"default": 1, "type": "integer", "minimum": 1, "maximum": 8,
+                 "description": "GPUs of the training pod. More than 1: the pod requests them and "
+                 "trains one model with one process per GPU (DDP under torchrun), the same "
+                 "command otherwise. With the local runner: that many processes."},
     },
 }
 

@@ -140,8 +140,14 @@ def pod_arguments(spec: StepSpec, inputs: dict | None = None) -> list:
 
 
 def pod_operator(spec: StepSpec, settings: PodSettings | None = None, inputs: dict | None = None,
-                 **task_kwargs):
-    """Build the pod operator for a spec (same task kwargs as the local runner's task)."""
+                 mapped_arguments=None, **task_kwargs):
+    """Build the pod operator for a spec (same task kwargs as the local runner's task).
+
+    ``mapped_arguments``: for a spec with :attr:`~StepSpec.expand`, the XComArg holding one
+    rendered argument list per mapped task; the operator is then mapped over it (one pod per
+    element, Airflow's dynamic task mapping). Values that come through XCom are not rendered
+    as templates by Airflow, so the list arrives rendered.
+    """
     from airflow.providers.cncf.kubernetes.secret import Secret
     from kubernetes.client import models as k8s
 
@@ -150,8 +156,10 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, inputs: di
     limits = dict(requests)
     tolerations, selector = [], {}
     if spec.gpu:
-        limits[GPU_RESOURCE] = str(spec.gpu)
-        requests[GPU_RESOURCE] = str(spec.gpu)
+        # a trigger parameter's count is a template the provider renders in the resources
+        count = ("{{ params." + spec.gpus_param + " }}") if spec.gpus_param else str(spec.gpu)
+        limits[GPU_RESOURCE] = count
+        requests[GPU_RESOURCE] = count
         tolerations = [k8s.V1Toleration(key=s.gpu_taint_key, operator="Exists", effect="NoSchedule")]
         selector = dict(s.gpu_node_selector)
     volume = k8s.V1Volume(name="dataset-cache", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
@@ -169,15 +177,15 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, inputs: di
         ca_env = [k8s.V1EnvVar(name="AWS_CA_BUNDLE", value=ca_file),
                   k8s.V1EnvVar(name="MLFLOW_TRACKING_SERVER_CERT_PATH", value=ca_file)]
     passthrough = [k8s.V1EnvVar(name=k, value=os.environ[k]) for k in s.passthrough_env if k in os.environ]
-    op = _operator_class()(
+    operator = _operator_class()
+    operator.sidecar_resources = dict(s.sidecar_resources)
+    kwargs = dict(
         name=f"fracture-ops-{spec.name.replace('_', '-')}",
         namespace=s.namespace,
         service_account_name=s.service_account,
         automount_service_account_token=False,
         image=s.training_image if spec.image == "training" else s.platform_image,
         cmds=["fracture-ops"],
-        # Airflow renders the same Jinja templates as the local runner, and resolves the XComArgs
-        arguments=pod_arguments(spec, inputs),
         env_vars=[k8s.V1EnvVar(name="FRACTURE_OPS_CACHE_DIR", value=s.cache_mount),
                   k8s.V1EnvVar(name="FRACTURE_OPS_XCOM_FILE", value="/airflow/xcom/return.json"),
                   k8s.V1EnvVar(name="FRACTURE_OPS_NO_PROGRESS", value="1"),
@@ -204,5 +212,7 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, inputs: di
                 "app.kubernetes.io/component": "step"},
         **task_kwargs,
     )
-    op.sidecar_resources = dict(s.sidecar_resources)
-    return op
+    if mapped_arguments is not None:
+        return operator.partial(**kwargs).expand(arguments=mapped_arguments)
+    # Airflow renders the same Jinja templates as the local runner, and resolves the XComArgs
+    return operator(arguments=pod_arguments(spec, inputs), **kwargs)

@@ -36,6 +36,8 @@ class StepSpec:
             than it asked for).
         ephemeral: local disk (``/tmp`` and logs) requested and limited, e.g. ``2Gi``.
         gpu: number of ``nvidia.com/gpu`` to request (0 = CPU pool).
+        gpus_param: the trigger parameter that sets the GPU count instead (rendered when the
+            pod is built; the step's arguments pass the same count as ``--nproc-per-node``).
         image: which image the pod runs: ``training`` (CUDA) or ``platform`` (CPU).
         retries: retries on infrastructure failures (bad-data exits are never retried).
         retry_delay_s: first retry delay; doubles each retry (exponential back-off).
@@ -49,6 +51,9 @@ class StepSpec:
             ``(name, task, key)``: the DAG passes ``task``'s XCom ``key`` as an XComArg, and an
             argument that is exactly ``{{ inputs.<name> }}`` receives it (the pod's argument
             list holds the XComArg itself; the local runner renders it from ``inputs``).
+        expand: ``(name, task, key)``: the DAG runs one task per element of the list ``key`` of
+            ``task``'s summary (Airflow's dynamic task mapping), each receiving its element as
+            the input ``name`` (``{{ inputs.<name> }}``); empty: one task.
         secrets: which credentials the step's pod gets (``s3``: the object store; ``mlflow``:
             tracking and registry as the pipeline identity, which cannot move ``champion``;
             ``promoter``: the promoter identity, the promotion step's alone; ``deid``: the
@@ -63,6 +68,7 @@ class StepSpec:
     memory: str = "2Gi"
     ephemeral: str = "2Gi"
     gpu: int = 0
+    gpus_param: str = ""
     image: str = "platform"
     retries: int = 2
     retry_delay_s: int = 30
@@ -70,6 +76,7 @@ class StepSpec:
     outputs: tuple[str, ...] = field(default_factory=tuple)
     reads: tuple[str, ...] = ()
     inputs: tuple[tuple[str, str, str], ...] = ()
+    expand: tuple[str, str, str] | tuple[()] = ()
     secrets: tuple[str, ...] = ("s3",)
 
 
@@ -110,7 +117,8 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           outputs=("split/split.parquet",), reads=("deidentify",)),
     # model-size fields through the trigger form's profile (params.resolve_profile); a small data
     # set is cross-validated, then refitted on every training patient (workflows/fit.py)
-    _spec("train", "fit", "--cv-below-images", profile_template("cv_below_images"),
+    _spec("train", "fit", "--nproc-per-node", "{{ params.gpus }}",
+          "--cv-below-images", profile_template("cv_below_images"),
           "--backbone", profile_template("backbone"),
           "--image-size", profile_template("image_size"), "--epochs", profile_template("epochs"),
           "--batch-size", profile_template("batch_size"), "--lr", profile_template("lr"),
@@ -118,7 +126,7 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           pos=(f"{RUN}/split/split.parquet",),
           cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
           outputs=("train/model.pt", "train/predictions.parquet"), reads=("split",),
-          secrets=("s3", "mlflow")),
+          secrets=("s3", "mlflow"), gpus_param="gpus"),
     _spec("calibrate", "calibrate", "--predictions", f"{RUN}/train",
           outputs=("calibrate/calibration.json",), reads=("train",)),
     _spec("tune_thresholds", "tune-thresholds", "--predictions", f"{RUN}/train",
@@ -158,14 +166,23 @@ PROMOTION_STEPS: dict[str, StepSpec] = {s.name: s for s in [
 INFERENCE_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     _spec("reference", "reference", image="training", outputs=(),
           secrets=("s3", "mlflow", "deid")),
-    # score with the version the reference was built for (its pinned models:/<name>/<version>, an
-# XComArg of the reference task; a promotion may land in between);
-    # runs without a logical date score into today's partition
-    _spec("infer", "infer", "--date", "{{ ds if ds is defined else '' }}",
-          "--model-uri", input_ref("model_uri"), inputs=(("model_uri", "reference", "model_uri"),),
-          reads=("reference",), pos=("{{ params.incoming_uri }}",), image="training",
+    # plan the day's batch with the version the reference was built for (its pinned
+    # models:/<name>/<version>, an XComArg of the reference task; a promotion may land in
+    # between): ids only, cut into shards; runs without a logical date plan today's partition
+    _spec("infer_plan", "infer-plan", "--date", "{{ ds if ds is defined else '' }}",
+          "--model-uri", input_ref("model_uri"), "--shards", "{{ params.shards }}",
+          inputs=(("model_uri", "reference", "model_uri"),), reads=("reference",),
+          pos=("{{ params.incoming_uri }}",), image="training", outputs=("infer_plan/plan.json",),
+          secrets=("s3", "mlflow", "deid"), timeout_s=1800),
+    # one mapped task per shard (the plan's "shards" list), each into its own run-folder shard
+    _spec("infer", "infer-shard", "--plan", f"{RUN}/infer_plan/plan.json",
+          "--shard", input_ref("shard"), expand=("shard", "infer_plan", "shards"),
+          reads=("infer_plan",), pos=("{{ params.incoming_uri }}",), image="training",
           secrets=("s3", "mlflow", "deid"),
           cpu="2", memory="8Gi", ephemeral="8Gi", timeout_s=4 * 3600),
+    # every shard's rows as the batch's one part of the date partition (atomic, rerun-safe)
+    _spec("infer_merge", "infer-merge", "--plan", f"{RUN}/infer_plan/plan.json",
+          reads=("infer_plan", "infer"), timeout_s=1800),
 ]}
 
 DRIFT_STEPS: dict[str, StepSpec] = {s.name: s for s in [

@@ -113,11 +113,13 @@ class ManifestDataset(Dataset):
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, device: str,
-                seed: int = 0) -> DataLoader:
-    """A DataLoader with worker processes, pinned memory on CUDA, and a seeded shuffle."""
+                seed: int = 0, sampler=None) -> DataLoader:
+    """A DataLoader with worker processes, pinned memory on CUDA, and a seeded shuffle (or the
+    given ``sampler``'s order, e.g. a rank's part under distributed training)."""
     gen = torch.Generator()
     gen.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=workers,
                       pin_memory=device.startswith("cuda"), persistent_workers=workers > 0,
                       generator=gen, drop_last=False,
                       worker_init_fn=_seed_worker if workers > 0 else None)

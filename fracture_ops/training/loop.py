@@ -177,6 +177,15 @@ def predict_logits(model: nn.Module, loader, device: str, dtype: torch.dtype | N
     return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
 
 
+def _validate(model, loader, targets: np.ndarray, loss_fn, cfg: LoopConfig, device: str,
+              dtype) -> tuple[float, float]:
+    """Validation AUROC and loss (without label smoothing: comparable across recipes)."""
+    logits = predict_logits(model, loader, device, dtype, cfg.tta_hflip)
+    plain_loss = getattr(loss_fn, "unsmoothed", loss_fn)
+    loss = float(plain_loss(torch.from_numpy(logits).to(device), torch.from_numpy(targets).to(device)))
+    return val_auroc(logits, targets, cfg.task), loss
+
+
 def val_auroc(logits: np.ndarray, targets: np.ndarray, task: str) -> float:
     """Macro AUROC over classes with both outcomes present (NaN when none)."""
     from sklearn.metrics import roc_auc_score
@@ -194,7 +203,8 @@ def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, devi
     ``ModelEmaV3``) the average is updated after every optimiser step (``step0``: the steps
     taken before this epoch, for the average's warm-up)."""
     model.train()
-    total, n, t0 = 0.0, 0, time.perf_counter()
+    # the loss is summed on the device: reading it every step would wait for the GPU each time
+    total, n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     for x, y in progress(loader):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
@@ -217,21 +227,47 @@ def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, devi
             sched.step()
         if ema is not None:
             step0 += 1
-            ema.update(model, step=step0)
-        total += float(loss.detach()) * len(x)
+            ema.update(_unwrapped(model), step=step0)
+        total += loss.detach() * len(x)
         n += len(x)
+    total = float(total)  # one wait for the device, then the clock stops
     elapsed = time.perf_counter() - t0
     return {"train_loss": total / max(n, 1), "images_per_s": n / max(elapsed, 1e-9),
-            "lr": opt.param_groups[0]["lr"]}
+            "lr": opt.param_groups[0]["lr"], "images": n}
+
+
+def _unwrapped(model):
+    """The network inside DistributedDataParallel (its parameters, without ``module.``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _gathered(stats: dict, dist) -> dict:
+    """Training loss (image-weighted mean) and throughput (sum) over every rank, and how many
+    images each rank trained on."""
+    from fracture_ops.training import distributed
+
+    if not dist.enabled:
+        return stats
+    parts = distributed.gather(dist, (stats["train_loss"], stats["images"], stats["images_per_s"]))
+    n = sum(p[1] for p in parts)
+    return {**stats, "train_loss": sum(p[0] * p[1] for p in parts) / max(n, 1), "images": n,
+            "images_per_s": sum(p[2] for p in parts), "images_per_rank": [p[1] for p in parts]}
 
 
 def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: LoopConfig,
         device: str, ckpt: Checkpointer, on_epoch: Callable[[dict], None],
         progress: Callable = lambda it: it,
-        on_epoch_start: Callable[[int], None] | None = None) -> LoopState:
+        on_epoch_start: Callable[[int], None] | None = None, dist=None) -> LoopState:
     """Train until ``cfg.epochs`` or early stopping; resume from ``last.pt`` when present.
 
-    Without ``val_loader`` (a refit) every epoch runs and no score is kept."""
+    Without ``val_loader`` (a refit) every epoch runs and no score is kept. ``dist``: the
+    process group (:mod:`fracture_ops.training.distributed`; default one process): the model is
+    trained through DDP, rank 0 validates, saves and reports, the others follow its score."""
+    from fracture_ops.training import distributed
+
+    dist = dist or distributed.SINGLE
     model.to(device).to(memory_format=torch.channels_last)
     loss_fn.to(device)  # class weights are buffers of the loss
     opt, sched, mode = build_optimizer(model, cfg, len(train_loader))
@@ -247,26 +283,26 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
     state = ckpt.restore(model, opt, sched, scaler, ema) or LoopState()
     if state.epoch:
         log.info("resumed at epoch %d (best val AUROC %.4f)", state.epoch, state.best_score)
+    trained = distributed.wrap(model, dist, device)
     while state.epoch < cfg.epochs:
         if state.epoch - state.best_epoch > cfg.patience and state.best_epoch >= 0:
             log.info("early stopping: no val AUROC gain for %d epochs", cfg.patience)
             break
         if on_epoch_start is not None:
             on_epoch_start(state.epoch)
-        stats = train_one_epoch(model, train_loader, loss_fn, opt, sched, mode, scaler, device,
-                                dtype, cfg.grad_clip, progress, ema,
-                                state.epoch * len(train_loader))
+        stats = _gathered(train_one_epoch(trained, train_loader, loss_fn, opt, sched, mode, scaler,
+                                          device, dtype, cfg.grad_clip, progress, ema,
+                                          state.epoch * len(train_loader)), dist)
         if val_loader is None:  # a refit: no validation images
             stats.update(epoch=state.epoch)
             score = math.nan
         else:
-            logits = predict_logits(ema.module if ema is not None else model, val_loader, device,
-                                    dtype, cfg.tta_hflip)
-            score = val_auroc(logits, val_targets, cfg.task)
-            plain_loss = getattr(loss_fn, "unsmoothed", loss_fn)  # comparable across recipes
-            stats.update(epoch=state.epoch, val_auroc=score,
-                         val_loss=float(plain_loss(torch.from_numpy(logits).to(device),
-                                                   torch.from_numpy(val_targets).to(device))))
+            val = None
+            if dist.is_main:
+                val = _validate(ema.module if ema is not None else model, val_loader, val_targets,
+                                loss_fn, cfg, device, dtype)
+            score, val_loss = distributed.broadcast(dist, val)
+            stats.update(epoch=state.epoch, val_auroc=score, val_loss=val_loss)
         if sched is not None and mode == "epoch" and val_loader is not None:  # plateau needs a score
             sched.step(score if not math.isnan(score) else 0.0)
         state.epoch += 1
@@ -275,10 +311,11 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
             state.best_score, state.best_epoch = (score if not math.isnan(score) else -math.inf,
                                                   state.epoch - 1)
         state.history.append(stats)
-        on_epoch(stats)
-        if improved or not (ckpt.folder / "best.pt").exists():
-            ckpt.save("best.pt", model, opt, sched, scaler, state, ema)
-        ckpt.save("last.pt", model, opt, sched, scaler, state, ema)
+        if dist.is_main:
+            on_epoch(stats)
+            if improved or not (ckpt.folder / "best.pt").exists():
+                ckpt.save("best.pt", model, opt, sched, scaler, state, ema)
+            ckpt.save("last.pt", model, opt, sched, scaler, state, ema)
         log.info("epoch %d/%d loss %.4f val AUROC %.4f %.1f img/s", state.epoch, cfg.epochs,
                  stats["train_loss"], score, stats["images_per_s"])
     return state

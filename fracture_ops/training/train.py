@@ -225,13 +225,19 @@ def _local_folder(cfg: TrainConfig, out: str) -> Path:
     return folder
 
 
-def _reseed(loader, seed: int) -> None:
+def _reseed(loader, seed: int, epoch: int, dist=None) -> None:
     """Shuffle and augment epoch ``e`` from ``seed + e``, so a resumed run replays the same
-    epochs an uninterrupted one would (workers reseed the augmentation from the generator)."""
-    loader.generator.manual_seed(seed)
+    epochs an uninterrupted one would (workers reseed the augmentation from the generator).
+    Under several processes the sampler shuffles from ``seed + e`` on every rank and cuts its
+    disjoint parts; each rank augments from its own stream."""
+    rank = dist.rank if dist is not None else 0
+    stream = seed + epoch + 1_000_003 * rank  # rank 0 (one process): seed + epoch, as before
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(stream)
     pipeline = getattr(loader.dataset.transform, "pipeline", None)
     if pipeline is not None and loader.num_workers == 0:
-        pipeline.set_random_seed(seed)
+        pipeline.set_random_seed(stream)
 
 
 def _uploader(out: str):
@@ -250,47 +256,78 @@ def train_step(cfg: TrainConfig) -> dict:
     Raises:
         ManifestError: missing or empty splits, unknown labels.
         ConfigError: unknown backbone, missing pretrained weights, loss/task mismatch.
+
+    Under ``torchrun --nproc-per-node N`` the N processes train one model together
+    (:mod:`fracture_ops.training.distributed`); rank 0 returns the summary, the others
+    ``{"train_dir", "rank", "world_size"}``.
     """
+    from fracture_ops.training import distributed
+    from fracture_ops.model.network import resolve_device
+
+    dist, device = distributed.init(resolve_device(cfg.device))
+    summary = _train(cfg, dist, device)
+    distributed.barrier(dist)  # the others wait until rank 0 has written everything
+    return summary
+
+
+def _prepare_folder(cfg: TrainConfig, out: str, local: Path, dist) -> None:
+    """Resume a killed attempt's folder (same config) or start afresh; rank 0 decides and
+    clears, every rank fetches the checkpoints it restores from."""
+    from fracture_ops.training import distributed
+
+    remote = storage.is_s3(out)
+    key_uri = storage.join(out, "resume_key.txt")
+    resuming = None
+    if dist.is_main:
+        resuming = (storage.exists(storage.join(out, "last.pt")) and not storage.is_complete(out)
+                    and storage.exists(key_uri)
+                    and storage.read_text(key_uri).strip() == resume_key(cfg))
+        if not resuming:
+            storage.reset_dir(out)
+        storage.write_text(key_uri, resume_key(cfg))
+    resuming = distributed.broadcast(dist, resuming)
+    if not resuming and remote:
+        storage.reset_dir(str(local))
+    elif resuming and remote:  # another pod was killed: fetch its checkpoints
+        for name in ("last.pt", "best.pt"):
+            if storage.exists(storage.join(out, name)):
+                (local / name).write_bytes(storage.read_bytes(storage.join(out, name)))
+    distributed.barrier(dist)
+
+
+def _train(cfg: TrainConfig, dist, device: str) -> dict:
+    """:func:`train_step` in one process of the group (``dist``; one process: rank 0 of 1)."""
     import torch
 
     from fracture_ops import tracking
     from fracture_ops.cli_common import progress
+    from fracture_ops.training import distributed
     from fracture_ops.training.datasets import make_loader, targets_for
-    from fracture_ops.training.loop import (
-        Checkpointer,
-        LoopConfig,
-        fit,
-        predict_logits,
-        seed_everything,
-    )
+    from fracture_ops.training.loop import Checkpointer, LoopConfig, fit, predict_logits, seed_everything
     from fracture_ops.training.losses import build_loss
-    from fracture_ops.model.network import build_model, resolve_device
+    from fracture_ops.model.network import build_model
 
     out = cfg.output_dir(cfg.step_folder)
     local, remote = _local_folder(cfg, out), storage.is_s3(out)
-    key_uri = storage.join(out, "resume_key.txt")
-    resuming = (storage.exists(storage.join(out, "last.pt")) and not storage.is_complete(out)
-                and storage.exists(key_uri) and storage.read_text(key_uri).strip() == resume_key(cfg))
-    if not resuming:
-        storage.reset_dir(out)
-        if remote:
-            storage.reset_dir(str(local))
-    elif remote:  # another pod was killed: fetch its checkpoints
-        for name in ("last.pt", "best.pt"):
-            if storage.exists(storage.join(out, name)):
-                (local / name).write_bytes(storage.read_bytes(storage.join(out, name)))
-    storage.write_text(key_uri, resume_key(cfg))
+    _prepare_folder(cfg, out, local, dist)
     seed_everything(cfg.seed, cfg.deterministic)
-    device = resolve_device(cfg.device)
     table, parts = _split_frames(cfg)
     targets = {s: targets_for(parts[s], cfg.task, cfg.class_names, cfg.label_column) for s in parts}
     _check_both_outcomes(targets, cfg)
     ds = _datasets(cfg, parts, targets)
-    loaders = {s: make_loader(ds[s], cfg.batch_size, s == "train", cfg.workers, device, cfg.seed)
+    sampler = distributed.train_sampler(ds["train"], dist, cfg.seed)
+    loaders = {s: make_loader(ds[s], distributed.per_rank_batch(cfg.batch_size, dist) if s == "train"
+                              else cfg.batch_size, s == "train", cfg.workers, device, cfg.seed,
+                              sampler=sampler if s == "train" else None)
                for s in ds if len(ds[s])}
     model = build_model(cfg.backbone, cfg.task, len(cfg.class_names), cfg.pretrained_path, cfg.drop_rate)
     loss_fn = build_loss(cfg.loss, cfg.task, targets["train"], cfg.balanced, cfg.focal_gamma,
                          cfg.label_smoothing)
+    if not dist.is_main:  # the other ranks train, and leave the rest to rank 0
+        fit(model, loaders["train"], loaders.get("val"), targets["val"], loss_fn,
+            LoopConfig.from_train(cfg), device, Checkpointer(local), lambda st: None,
+            on_epoch_start=lambda epoch: _reseed(loaders["train"], cfg.seed, epoch, dist), dist=dist)
+        return {"train_dir": out, "rank": dist.rank, "world_size": dist.world_size}
     write_resolved(cfg, out)
     tags = {"manifest_hash": manifest_hash(table.drop(columns=["split"])),
             "split_hash": table_hash(table, ["image_id", "patient_id", "split"]),
@@ -305,10 +342,12 @@ def train_step(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         state = fit(model, loaders["train"], loaders.get("val"), targets["val"], loss_fn, loop_cfg,
                     device, Checkpointer(local, on_save=_uploader(out) if remote else None),
-                    lambda st: mlflow.log_metrics({k: v for k, v in st.items() if k != "epoch"},
+                    lambda st: mlflow.log_metrics({k: v for k, v in st.items() if k != "epoch"
+                                                   and isinstance(v, int | float)},
                                                   step=st["epoch"]),
                     progress=lambda it: progress(it, "train", total=len(it)),
-                    on_epoch_start=lambda epoch: _reseed(loaders["train"], cfg.seed + epoch))
+                    on_epoch_start=lambda epoch: _reseed(loaders["train"], cfg.seed, epoch, dist),
+                    dist=dist)
         from fracture_ops.model.checkpoint import load_weights, plain
 
         kept = f"{cfg.weights}.pt"
@@ -320,7 +359,7 @@ def train_step(cfg: TrainConfig) -> dict:
         info = {"task": cfg.task, "class_names": cfg.class_names, "backbone": cfg.backbone,
                 "image_size": cfg.image_size, "best_epoch": state.best_epoch,
                 "best_val_auroc": state.best_score if np.isfinite(state.best_score) else None,
-                "epochs_run": state.epoch,
+                "epochs_run": state.epoch, "world_size": dist.world_size,
                 "weights": cfg.weights, "refit": cfg.refit,
                 "recipe": cfg.model_dump(include={"batch_size", "lr", "loss", *RECIPE_FLAGS}),
                 "images": {s: len(parts[s]) for s in parts},
@@ -365,6 +404,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("split", nargs="?", help="split.parquet from the split step")
     add_field_flags(parser, TrainConfig, "backbone", "image_size", "epochs", "batch_size", "lr",
                     "loss", "seed", "weights", "refit", "pretrained_path", "device", *RECIPE_FLAGS)
+    from fracture_ops.training.distributed import add_launch_flag
+
+    add_launch_flag(parser)
     add_common_args(parser)
 
 

@@ -152,6 +152,11 @@ def cv_step(cfg: CVConfig) -> dict:
 
     if not cfg.split_uri:
         raise ConfigError("cv: split_uri is required (a split.parquet or a manifest)")
+    from fracture_ops.training.distributed import from_env
+
+    if from_env().enabled:  # small data (cv's use) needs no second GPU; the folds are separate runs
+        raise ConfigError("cv runs in one process: run it without torchrun (fit takes the cv "
+                          "path only below cv_below_images training images)")
     out = cfg.output_dir(STEP)
     pool = training_pool(storage.read_parquet(cfg.split_uri))
     fold = assign_folds(pool, outcome_strata(pool, cfg), cfg.folds, cfg.seed)

@@ -82,6 +82,8 @@ def fit_step(cfg: FitConfig) -> dict:
     if reason:
         log.info("fit: the train/val path (%s)", reason)
         summary = train_step(TrainConfig(**_train_fields(cfg)))
+        if "rank" in summary:  # a torchrun process other than rank 0: rank 0 records the path
+            return summary
         return _record_path(summary, "train", {"fit_reason": reason})
     log.info("fit: %d training images < %d: %d-fold cross-validation, then a refit on all of them",
              len(pool), cfg.cv_below_images, cfg.folds)
@@ -124,6 +126,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_field_flags(parser, FitConfig, "cv_below_images", "folds", "backbone", "image_size",
                     "epochs", "batch_size", "lr", "loss", "seed", "pretrained_path", "device",
                     *RECIPE_FLAGS)
+    from fracture_ops.training.distributed import add_launch_flag
+
+    add_launch_flag(parser)
     add_common_args(parser)
 
 
