@@ -163,7 +163,8 @@ def bench_inference(backbone: str, size: int, n: int, repeats: int) -> dict:
         model = build_model(backbone, "binary", 1, quiet=True).eval()
         info = {"task": "binary", "class_names": ["fracture"], "backbone": backbone}
         torch.save({"state_dict": model.state_dict(), "info": info,
-                    "transform": {"image_size": size, "pre_size": int(size * 1.15)}}, tmp / "model.pt")
+                    "transform": {"image_size": size, "pre_size": int(size * 1.15), "jpeg_draft": True}},
+                   tmp / "model.pt")
         (tmp / "cal.json").write_text(json.dumps({"calibrator": {"method": "none", "task": "binary"}}))
         (tmp / "th.json").write_text(json.dumps({"thresholds": {"fracture": 0.5}}))
         ctx = SimpleNamespace(artifacts={"model": str(tmp / "model.pt"), "calibration": str(tmp / "cal.json"),

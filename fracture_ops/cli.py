@@ -116,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         except errors.ConfigError as exc:
             print(f"fracture-ops {only}: error: {exc}", file=sys.stderr)
             return errors.EXIT_USAGE
+        if nproc > 1 and only == "fit":
+            from fracture_ops.workflows.fit import takes_cv_path
+
+            if takes_cv_path(build_parser(only).parse_args(rest)):
+                logging.getLogger("fracture_ops.cli").warning(
+                    "fit: a small data set is cross-validated in one process; "
+                    "--nproc-per-node %d applies to the large-data path only", nproc)
+                nproc, argv = 1, rest
         if nproc > 1 and "RANK" not in os.environ:
             return launch(nproc, rest)
     parser = build_parser(only)

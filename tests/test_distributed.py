@@ -215,3 +215,20 @@ def test_launched_ranks_failing_on_bad_input_keep_the_bad_input_exit_code(tmp_pa
                              str(tmp_path / "split.parquet"), "--artifact-root", str(tmp_path / "art")],
                             env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert single.returncode == 3 and res.returncode == 3, res.stderr[-2000:]  # no val split
+
+
+def test_fit_cross_validates_small_data_in_one_process_and_launches_large(split, monkeypatch,
+                                                                         tmp_path):
+    """--nproc-per-node 2 (the DAG's gpus): a small data set takes fit's cross-validation path
+    in one process instead of failing; with cross-validation off the command is launched."""
+    from fracture_ops import cli
+    from fracture_ops.workflows import fit
+
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda n, argv: launched.append((n, argv)) or 0)
+    monkeypatch.setattr(fit, "fit_step", lambda cfg: {"fit": "ran here", "cv": cfg.cv_below_images})
+    base = ["fit", split["split_uri"], "--nproc-per-node", "2", "--artifact-root", str(tmp_path)]
+    assert cli.main(base) == 0 and launched == []
+    assert cli.main([*base, "--cv-below-images", "0"]) == 0
+    assert launched == [(2, ["fit", split["split_uri"], "--artifact-root", str(tmp_path),
+                             "--cv-below-images", "0"])]

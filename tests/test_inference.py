@@ -552,3 +552,22 @@ def test_fracatlas_in_four_shards_gives_the_unsharded_rows(champion, realdata, t
     assert sorted(one) == sorted(four)
     for name in one:
         _assert_same_rows(one[name], four[name])
+
+
+def test_the_error_budget_is_the_whole_batch_s_not_each_shard_s(champion, tmp_path):
+    """One broken file among eleven, in four shards: 1/11 is within the 10 % budget, although
+    its shard of three is not; three broken files (27 %) fail the merge, the partition untouched."""
+    src = sorted((champion["syn"] / "images").glob("*.png"))[:10]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in src:
+        shutil.copy(p, folder / p.name)
+    (folder / "broken_0.png").write_text("not an image")
+    _, done, merged = _sharded(champion, folder, "budget1", 4, tmp_path / "log")
+    assert merged["rows"] == 10 and merged["quarantined"] == 1
+    assert sum(d["quarantined"] for d in done) == 1
+    for i in (1, 2):
+        (folder / f"broken_{i}.png").write_text("not an image")
+    with pytest.raises(ErrorBudgetExceeded):
+        _sharded(champion, folder, "budget2", 4, tmp_path / "log2")
+    assert not (tmp_path / "log2").exists() or not _partition(tmp_path / "log2")

@@ -334,11 +334,55 @@ def test_training_serving_and_batch_inference_read_a_large_jpeg_identically(tmp_
     cached = [ManifestDataset(table, y, lambda image: {"image": image}, cache=cache).load(0)
               for _ in range(2)]  # the first fills the cache, the second reads it
     served = FractureClassifier()
-    served.pre_size = 257
+    served.pre_size, served.jpeg_draft = 257, True  # a model trained with reduced-scale decoding
     served_img, err = served._load(path)
-    batch = decode_input(ScoreInput("x", path), open(path, "rb").read(), 257, None, None).image
+    batch = decode_input(ScoreInput("x", path), open(path, "rb").read(), 257, None, None,
+                         max_side=257).image
     assert err is None and plain.shape == (210, 257)  # 2200 x 1800 decoded at 1/8 (275 x 225), shrunk
     for other in (*cached, served_img, batch):
         assert np.array_equal(other, plain)
+    # a model trained before reduced-scale decoding (no jpeg_draft in its model.pt) is served as
+    # it was trained: full decoding, then the shrink
+    from fracture_ops.model.preprocess import preprocess
+
     full = read_image(path)[0]
     assert full.shape == (1800, 2200)
+    served.jpeg_draft = False
+    old_img, _ = served._load(path)
+    assert np.array_equal(old_img, preprocess(full, 257)) and not np.array_equal(old_img, plain)
+
+
+def test_predict_keeps_every_row_on_its_own_image_beyond_the_decode_window(tmp_path):
+    """More rows than the decode-ahead window (two batches) and a partial last batch: every row
+    gets exactly the probability of its own image scored alone, in order."""
+    import json
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from fracture_ops.model.pyfunc import BATCH_SIZE, FractureClassifier
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(2 * BATCH_SIZE + 7):
+        path = tmp_path / f"im{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (40 + i % 5, 48), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    torch.manual_seed(0)
+    net = build_model("test_resnet", "binary", 1, quiet=True).eval()
+    torch.save({"state_dict": net.state_dict(),
+                "info": {"task": "binary", "class_names": ["fracture"], "backbone": "test_resnet"},
+                "transform": {"image_size": 32, "pre_size": 37, "jpeg_draft": True}},
+               tmp_path / "model.pt")
+    (tmp_path / "cal.json").write_text(json.dumps({"calibrator": {"method": "none", "task": "binary"}}))
+    (tmp_path / "th.json").write_text(json.dumps({"thresholds": {"fracture": 0.5}}))
+    clf = FractureClassifier()
+    clf.load_context(SimpleNamespace(artifacts={"model": str(tmp_path / "model.pt"),
+                                                "calibration": str(tmp_path / "cal.json"),
+                                                "thresholds": str(tmp_path / "th.json")}))
+    out = clf.predict(None, pd.DataFrame({"image": paths}))
+    alone = np.array([clf.predict(None, pd.DataFrame({"image": [p]}))["prob_fracture"].iloc[0]
+                      for p in paths])
+    assert out["error"].isna().all() and len(out) == len(paths)
+    np.testing.assert_allclose(out["prob_fracture"].to_numpy(float), alone, atol=1e-6)
+    assert len(np.unique(alone.round(6))) > len(paths) // 2  # the images do score differently

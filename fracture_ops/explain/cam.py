@@ -197,7 +197,8 @@ def _explain_all(explainer, rows: pd.DataFrame, sections: dict[str, list[int]], 
             if image_id not in uris:
                 raise BadInputError("image_id not in the split table")
             image = read_image(uris[image_id])[0]
-            model_input = read_model_input(uris[image_id], explainer.loaded.pre_size)
+            model_input = read_model_input(uris[image_id], explainer.loaded.pre_size,
+                                           explainer.loaded.jpeg_draft)
             done[i] = _explain_case(explainer, image, boxes.get(image_id, []), cfg, model_input)
         except (ImageDecodeError, BadInputError) as exc:
             quarantined.append({"image_id": image_id, "reason": str(getattr(exc, "cause", exc))})
@@ -326,7 +327,8 @@ def explain_image(cfg: CamConfig, image_uri: str, out_png: str | None = None) ->
     try:
         info = explainer.loaded.info
         calibrator, thresholds, _ = _calibration(cfg, train_dir, info["task"], info["class_names"])
-        result = explainer.explain(image, read_model_input(image_uri, explainer.loaded.pre_size))
+        result = explainer.explain(image, read_model_input(image_uri, explainer.loaded.pre_size,
+                                                           explainer.loaded.jpeg_draft))
     finally:
         explainer.close()
     from fracture_ops.model.outputs import decisions

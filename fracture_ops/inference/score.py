@@ -69,6 +69,12 @@ class Scorer:
     def pre_size(self) -> int | None:
         return self.clf.pre_size
 
+    @property
+    def decode_side(self) -> int | None:
+        """The JPEG decoding scale's floor: ``pre_size`` for models trained with reduced-scale
+        decoding, None (full decoding) for older ones."""
+        return self.clf.pre_size if self.clf.jpeg_draft else None
+
     def score(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Score preprocessed images (see :func:`load_input`) in one forward pass.
 
@@ -150,7 +156,8 @@ def _decode(data: bytes, fmt: str, max_side: int | None = None):
         return read_image(fh.name, max_side=max_side)
 
 
-def load_input(item: ScoreInput, pre_size: int | None, keys, deid_cfg) -> LoadedImage:
+def load_input(item: ScoreInput, pre_size: int | None, keys, deid_cfg,
+               max_side: int | None = None) -> LoadedImage:
     """Read, de-identify (DICOM: header and burned-in text), decode and describe one file.
 
     Args:
@@ -158,17 +165,19 @@ def load_input(item: ScoreInput, pre_size: int | None, keys, deid_cfg) -> Loaded
         pre_size: the model's pre-transform size (``Scorer.pre_size``).
         keys: :class:`~fracture_ops.deid.profile.DeidKeys`.
         deid_cfg: :class:`~fracture_ops.deid.config.DeidConfig` (profile options, blank regions).
+        max_side: JPEGs are decoded at a reduced scale no smaller than this
+            (``Scorer.decode_side``; None: in full).
 
     Raises:
         ImageDecodeError: missing, unreadable or undecodable file.
         Exception: de-identification or decoder errors (callers quarantine them).
     """
-    return decode_input(item, _read(item.uri), pre_size, keys, deid_cfg)
+    return decode_input(item, _read(item.uri), pre_size, keys, deid_cfg, max_side)
 
 
 def decode_input(item: ScoreInput, data: bytes, pre_size: int | None, keys,
-                 deid_cfg) -> LoadedImage:
-    """:func:`load_input` for bytes already read."""
+                 deid_cfg, max_side: int | None = None) -> LoadedImage:
+    """:func:`load_input` for bytes already read (``max_side``: :attr:`Scorer.decode_side`)."""
     from fracture_ops.data.images import sniff_format
     from fracture_ops.model.preprocess import preprocess
 
@@ -181,7 +190,7 @@ def decode_input(item: ScoreInput, data: bytes, pre_size: int | None, keys,
 
         data, _ = deidentify_dicom_bytes(data, keys, deid_cfg)  # the original bytes go no further
         cats = F.dicom_categoricals(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))
-    img, meta = _decode(data, fmt, pre_size)
+    img, meta = _decode(data, fmt, max_side)
     feats = {**F.intensity_features(img), **cats, "source_format": fmt,
              **F.size_features(meta.height, meta.width, meta.bit_depth)}
     return LoadedImage(item, preprocess(img, pre_size), feats, meta.warnings)
@@ -198,13 +207,14 @@ def quarantine_reason(exc: Exception) -> str:
     return f"unreadable: {type(exc).__name__}"
 
 
-def _safe_load(item: ScoreInput, pre_size, keys, deid_cfg) -> LoadedImage | Quarantined:
+def _safe_load(item: ScoreInput, pre_size, keys, deid_cfg,
+               max_side: int | None = None) -> LoadedImage | Quarantined:
     try:
         data = _read(item.uri)  # storage outages propagate (a retry may help), missing files not
     except ImageDecodeError as exc:
         return Quarantined(item, quarantine_reason(exc))
     try:
-        return decode_input(item, data, pre_size, keys, deid_cfg)
+        return decode_input(item, data, pre_size, keys, deid_cfg, max_side)
     except Exception as exc:  # noqa: BLE001 - one bad file never stops the batch
         return Quarantined(item, quarantine_reason(exc))
 
@@ -260,7 +270,7 @@ def score_inputs(items: list[ScoreInput], scorer: Scorer, keys, deid_cfg, *, bat
     from fracture_ops.cli_common import progress
 
     def load(item: ScoreInput):
-        return _safe_load(item, scorer.pre_size, keys, deid_cfg)
+        return _safe_load(item, scorer.pre_size, keys, deid_cfg, scorer.decode_side)
 
     result, batch, frames = ScoreResult(rows=pd.DataFrame()), [], []
     window = max(2 * batch_size, 2 * workers)

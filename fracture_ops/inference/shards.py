@@ -154,9 +154,11 @@ def shard_step(cfg: ShardConfig) -> dict:
     Returns:
         The shard's summary: ``rows``, ``quarantined``, ``model_version``, ``class_names``...
 
+    Files that cannot be scored are quarantined without an error budget here: the merge
+    applies ``max_bad_fraction`` to the whole batch, as one ``infer`` run would.
+
     Raises:
         ConfigError: no/unreadable plan, a shard number outside the plan, bad de-id options.
-        ErrorBudgetExceeded: more than ``max_bad_fraction`` of the shard's inputs quarantined.
     """
     from fracture_ops.deid.config import load_keys
 
@@ -180,12 +182,14 @@ def shard_step(cfg: ShardConfig) -> dict:
                "model_version": ref.version, "inputs": len(ids), "rows": 0, "class_names": []}
     result = ScoreResult(pd.DataFrame())
     if todo:
-        result, class_names, stats = score_batch(cfg, todo, ref, keys, dcfg, out_dir)
+        # no error budget per shard: a shard of a few files with one bad file would fail a
+        # batch that is within its budget; infer-merge applies it to the whole batch
+        unbudgeted = cfg.model_copy(update={"max_bad_fraction": 1.0})
+        result, class_names, stats = score_batch(unbudgeted, todo, ref, keys, dcfg, out_dir)
         summary.update(stats, class_names=class_names)
     result.quarantined.extend(gone)
     quarantine = quarantine_frame(result, plan["batch_id"])
     storage.write_parquet(storage.join(out_dir, "quarantine.parquet"), quarantine)
-    check_budget(result, len(ids), cfg.max_bad_fraction, f"infer shard {cfg.shard}")
     storage.write_parquet(storage.join(out_dir, "rows.parquet"), result.rows)
     summary.update(rows=len(result.rows), quarantined=len(quarantine))
     storage.mark_success(out_dir, summary)
@@ -228,7 +232,7 @@ def merge_step(cfg: MergeConfig) -> dict:
         if str(done["model_version"]) != str(plan["model_version"]):
             raise RuntimeError(f"infer-merge: shard {k} scored with version {done['model_version']}, "
                                f"the plan pins {plan['model_version']}")
-        if done["rows"]:
+        if done["class_names"]:  # the shard scored (some rows may all be quarantined)
             rows.append(_read_frame(storage.join(folder, "rows.parquet")))
             class_names = class_names or done["class_names"]
         quarantines.append(_read_frame(storage.join(folder, "quarantine.parquet")))
@@ -247,10 +251,11 @@ def merge_step(cfg: MergeConfig) -> dict:
         storage.write_json(storage.join(out_dir, "quarantine.json"), quarantine.to_dict("records"))
         raise
     ref = ModelRef(plan["model_name"], str(plan["model_version"]))
-    scored = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-    if scored.empty:  # every input quarantined, within the budget: the part records nothing
-        storage.mark_success(out_dir, {**summary, "quarantined": len(quarantine)})
+    if not rows:  # every listed file had gone: nothing was scored, only quarantined
+        summary.update(quarantined=len(quarantine))
+        storage.mark_success(out_dir, summary)
         return summary
+    scored = pd.concat([r for r in rows if len(r)] or rows[:1], ignore_index=True)
     write_batch(plan["partition"], plan["batch_id"],
                 finalize_rows(scored, plan["batch_id"], plan["date"], ref), quarantine,
                 class_names, summary)

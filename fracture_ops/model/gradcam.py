@@ -185,6 +185,7 @@ class LoadedModel:
     pre_size: int | None = None  # the shrink every served/evaluated image goes through first
     resize: str = "letterbox"  # the input geometry: letterbox or squash
     tta_hflip: bool = False  # scores average the mirror image's logits
+    jpeg_draft: bool = False  # JPEGs decoded at reduced scale, as in its training
 
 
 def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
@@ -210,7 +211,7 @@ def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
     tf = blob["transform"]
     return LoadedModel(model, info, int(tf["image_size"]), bool(tf.get("clahe", False)),
                        tf.get("pre_size"), tf.get("resize", "letterbox"),
-                       bool(tf.get("tta_hflip", False)))
+                       bool(tf.get("tta_hflip", False)), bool(tf.get("jpeg_draft", False)))
 
 
 @dataclass

@@ -93,17 +93,19 @@ def preprocess(img: np.ndarray, pre_size: int | None) -> np.ndarray:
     return img.astype(np.float16).astype(np.float32)
 
 
-def read_model_input(uri: str, pre_size: int | None) -> np.ndarray:
+def read_model_input(uri: str, pre_size: int | None, jpeg_draft: bool = True) -> np.ndarray:
     """Decode ``uri`` and :func:`preprocess` it: the one way training, evaluation, batch
     inference and the served model read an image file for the network. JPEGs are decoded at a
-    reduced scale no smaller than ``pre_size`` (see :func:`fracture_ops.data.images.read_image`).
+    reduced scale no smaller than ``pre_size`` (see :func:`fracture_ops.data.images.read_image`)
+    for models trained so (``jpeg_draft`` in model.pt's transform; models trained before that
+    decode in full, as they were trained).
 
     Raises:
         ImageDecodeError: the file cannot be read (see ``read_image``).
     """
     from fracture_ops.data.images import read_image
 
-    return preprocess(read_image(uri, max_side=pre_size)[0], pre_size)
+    return preprocess(read_image(uri, max_side=pre_size if jpeg_draft else None)[0], pre_size)
 
 
 def shrink_longest(img: np.ndarray, size: int) -> np.ndarray:

@@ -77,6 +77,8 @@ class FractureClassifier(PythonModel):
         self.model.eval()
         tf = blob["transform"]
         self.pre_size = tf.get("pre_size")
+        # reduced-scale JPEG decoding as in training (models trained before it: full decoding)
+        self.jpeg_draft = bool(tf.get("jpeg_draft", False))
         self.tta_hflip = bool(tf.get("tta_hflip", False))
         self.transform = build_transforms(tf["image_size"], False, clahe=tf.get("clahe", False),
                                           resize=tf.get("resize", "letterbox"))
@@ -152,7 +154,8 @@ class FractureClassifier(PythonModel):
         from fracture_ops.model.preprocess import preprocess
 
         try:
-            return preprocess(decode_input(str(value), self.pre_size), self.pre_size), None
+            side = self.pre_size if self.jpeg_draft else None
+            return preprocess(decode_input(str(value), side), self.pre_size), None
         # a decode error (read_image raises ImageDecodeError), a missing file, bad base64
         except (BadInputError, OSError, ValueError, EOFError) as exc:
             return None, _reason(exc)
@@ -164,11 +167,12 @@ def _decoded(values: list, load, batch_size: int):
     overlaps the forward pass and memory stays bounded on large inputs."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
 
     window = 2 * batch_size
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         it = iter(values)
-        pending = deque(pool.submit(load, v) for v, _ in zip(it, range(window)))
+        pending = deque(pool.submit(load, v) for v in islice(it, window))
         while pending:
             result = pending.popleft().result()
             nxt = next(it, _END)

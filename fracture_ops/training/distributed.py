@@ -11,9 +11,11 @@ How the step divides the work (see :func:`fracture_ops.training.train.train_step
   (:class:`~torch.utils.data.DistributedSampler` with ``drop_last``: ``len // N`` images each,
   reshuffled per epoch from ``seed + epoch``, so a resumed run replays the same epochs);
 - ``batch_size`` stays the global batch (each rank takes ``batch_size // N``), so the number of
-  optimiser steps per epoch, the learning-rate schedule and the checkpoints do not depend on N:
-  a run killed under N processes resumes under M (weights are saved unwrapped, without DDP's
-  ``module.`` prefix; every rank holds the same optimiser state, so rank 0's is every rank's);
+  optimiser steps per epoch and the learning-rate schedule stay those of one process (up to the
+  epoch's last partial batch, which N > 1 processes drop: each rank takes ``len // N`` images);
+  checkpoints hold no trace of N, so a run killed under N processes resumes under M (weights
+  are saved unwrapped, without DDP's ``module.`` prefix; every rank holds the same optimiser
+  state, so rank 0's is every rank's);
 - gradients are averaged by DDP; training loss and throughput are gathered from every rank;
   rank 0 alone validates (on the whole validation set), logs to MLflow, writes checkpoints,
   predictions and the model, and the others follow its early-stopping decision.

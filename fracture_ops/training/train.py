@@ -265,9 +265,9 @@ def train_step(cfg: TrainConfig) -> dict:
     from fracture_ops.model.network import resolve_device
 
     dist, device = distributed.init(resolve_device(cfg.device))
-    summary = _train(cfg, dist, device)
-    distributed.barrier(dist)  # the others wait until rank 0 has written everything
-    return summary
+    # no collective follows fit: the other ranks return while rank 0 predicts, writes and
+    # uploads (however long that takes; torchrun waits for every rank)
+    return _train(cfg, dist, device)
 
 
 def _prepare_folder(cfg: TrainConfig, out: str, local: Path, dist) -> None:
@@ -369,7 +369,7 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
         torch.save({"state_dict": model.state_dict(), "info": plain(info),
                     "transform": {"image_size": cfg.image_size, "clahe": cfg.clahe,
                                   "resize": cfg.resize, "tta_hflip": cfg.tta_hflip,
-                                  "pre_size": pre_size(cfg)}},
+                                  "pre_size": pre_size(cfg), "jpeg_draft": True}},
                    local / "model.pt")
         # the predictions folder in the contract's layout (checked), then the full model info
         write_predictions(out, preds, cfg.task, cfg.class_names)

@@ -132,6 +132,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
 
 
+def takes_cv_path(args: argparse.Namespace) -> bool:
+    """Whether ``fit`` with these arguments cross-validates (a small data set): the launcher
+    then runs it as one process whatever ``--nproc-per-node`` asks (folds are separate, short
+    runs; several GPUs serve the large-data path). False when the config or split cannot be
+    read: the step itself then reports why."""
+    from fracture_ops.cli_common import config_from_args
+    from fracture_ops.errors import FractureOpsError
+
+    try:
+        cfg = config_from_args(FitConfig, args, split_uri=args.split)
+        return bool(cfg.split_uri) and not _why_not_cv(
+            training_pool(storage.read_parquet(cfg.split_uri)), cfg)
+    except (FractureOpsError, OSError, ValueError, KeyError):
+        return False
+
+
 def run_cli(args: argparse.Namespace) -> dict:
     """Run the fit step from parsed CLI arguments."""
     from fracture_ops.cli_common import config_from_args
