@@ -18,11 +18,8 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from contextlib import closing
-from itertools import islice
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +29,7 @@ from fracture_ops import storage
 from fracture_ops.errors import ImageDecodeError
 from fracture_ops.inference import features as F
 from fracture_ops.model.outputs import decisions
+from fracture_ops.model.prefetch import prefetch
 from fracture_ops.registry.client import ModelRef
 
 log = logging.getLogger(__name__)
@@ -219,24 +217,6 @@ def _safe_load(item: ScoreInput, pre_size, keys, deid_cfg,
         return Quarantined(item, quarantine_reason(exc))
 
 
-def _prefetch(items: list[ScoreInput], load: Callable, workers: int,
-              window: int) -> Iterator[LoadedImage | Quarantined]:
-    """Load items in a thread pool, in order, holding at most ``window`` results in memory."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        it = iter(items)
-        pending = deque(pool.submit(load, x) for x in islice(it, window))
-        try:
-            while pending:
-                result = pending.popleft().result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(load, nxt))
-                yield result
-        finally:
-            for fut in pending:  # stopped early: do not decode the rest
-                fut.cancel()
-
-
 @dataclass
 class ScoreResult:
     """Rows scored, files quarantined, and whether the error budget stopped the run early."""
@@ -274,7 +254,7 @@ def score_inputs(items: list[ScoreInput], scorer: Scorer, keys, deid_cfg, *, bat
 
     result, batch, frames = ScoreResult(rows=pd.DataFrame()), [], []
     window = max(2 * batch_size, 2 * workers)
-    with closing(_prefetch(items, load, workers, window)) as stream:
+    with closing(prefetch(items, load, workers, window)) as stream:
         for loaded in progress(stream, desc=desc, total=len(items)):
             if isinstance(loaded, Quarantined):
                 result.quarantined.append(loaded)

@@ -125,7 +125,11 @@ class FractureClassifier(PythonModel):
         raw = np.zeros((len(values), len(self.class_names)), dtype=np.float32)
         batch: list[np.ndarray] = []
         rows: list[int] = []
-        for i, (img, err) in enumerate(_decoded(values, self._load, BATCH_SIZE)):
+        from fracture_ops.model.prefetch import prefetch
+
+        # decoding runs up to two batches ahead of the forward pass, in order
+        decoded = prefetch(values, self._load, min(8, os.cpu_count() or 1), 2 * BATCH_SIZE)
+        for i, (img, err) in enumerate(decoded):
             errors[i] = err
             if img is not None:
                 batch.append(img)
@@ -159,29 +163,6 @@ class FractureClassifier(PythonModel):
         # a decode error (read_image raises ImageDecodeError), a missing file, bad base64
         except (BadInputError, OSError, ValueError, EOFError) as exc:
             return None, _reason(exc)
-
-
-def _decoded(values: list, load, batch_size: int):
-    """``load(v)`` for every value, in order, decoded by a thread pool (Pillow, pydicom and
-    OpenCV release the GIL) that runs ahead of the consumer by at most two batches, so decoding
-    overlaps the forward pass and memory stays bounded on large inputs."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-    from itertools import islice
-
-    window = 2 * batch_size
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        it = iter(values)
-        pending = deque(pool.submit(load, v) for v in islice(it, window))
-        while pending:
-            result = pending.popleft().result()
-            nxt = next(it, _END)
-            if nxt is not _END:
-                pending.append(pool.submit(load, nxt))
-            yield result
-
-
-_END = object()
 
 
 def _reason(exc: BaseException) -> str:
