@@ -177,20 +177,17 @@ def quarantine_frame(result: ScoreResult, batch_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=layout.QUARANTINE_COLUMNS).astype(str)
 
 
-def check_budget(result: ScoreResult | int, attempted: int, max_bad_fraction: float,
-                 what: str) -> None:
-    """Raise when more than ``max_bad_fraction`` of the attempted inputs were quarantined
-    (``result``: the scoring result, or the count of quarantined inputs).
+def check_budget(bad: int, attempted: int, max_bad_fraction: float, what: str,
+                 stopped_early: bool = False) -> None:
+    """Raise when more than ``max_bad_fraction`` of the ``attempted`` inputs (``bad`` of them)
+    were quarantined, or when scoring stopped early because of it.
 
     Raises:
-        ErrorBudgetExceeded: the budget was exceeded (or scoring stopped early because of it).
+        ErrorBudgetExceeded: the budget was exceeded.
     """
-    if isinstance(result, int):
-        result = ScoreResult(pd.DataFrame(), [None] * result)
-    bad = len(result.quarantined)
-    if result.stopped_early or (attempted and bad / attempted > max_bad_fraction):
+    if stopped_early or (attempted and bad / attempted > max_bad_fraction):
         raise ErrorBudgetExceeded(f"{what}: {bad} of {attempted} input(s) quarantined"
-                                  f"{' (stopped early)' if result.stopped_early else ''}, more "
+                                  f"{' (stopped early)' if stopped_early else ''}, more "
                                   f"than max_bad_fraction={max_bad_fraction}")
 
 
@@ -315,7 +312,8 @@ def infer_step(cfg: InferConfig) -> dict:
     result, class_names, stats = score_batch(cfg, b.todo, b.ref, b.keys, b.deid, out_dir)
     quarantine = quarantine_frame(result, b.batch_id)
     storage.write_json(storage.join(out_dir, "quarantine.json"), quarantine.to_dict("records"))
-    check_budget(result, len(b.todo), cfg.max_bad_fraction, STEP)
+    check_budget(len(result.quarantined), len(b.todo), cfg.max_bad_fraction, STEP,
+                 result.stopped_early)
     summary.update(stats)
     write_batch(b.partition, b.batch_id, finalize_rows(result.rows, b.batch_id, cfg.date, b.ref),
                 quarantine, class_names, summary)

@@ -102,7 +102,8 @@ def build_reference_step(cfg: ReferenceConfig) -> dict:
     write_resolved(cfg, out_dir)
     quarantine = quarantine_frame(result, batch_id)
     storage.write_parquet(storage.join(out_dir, "quarantine.parquet"), quarantine)
-    check_budget(result, len(items), cfg.max_bad_fraction, STEP)
+    check_budget(len(result.quarantined), len(items), cfg.max_bad_fraction, STEP,
+                 result.stopped_early)
     rows = finalize_rows(result.rows, batch_id, ref.created_date, ref)
     uri = layout.write_table(storage.join(out_dir, layout.REFERENCE_FILE), rows, scorer.class_names)
     summary = {"step": STEP, "model_name": ref.name, "model_version": ref.version,

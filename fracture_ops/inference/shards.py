@@ -24,7 +24,6 @@ equal those of one unsharded ``infer`` run over the same files (the same batch i
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 from typing import ClassVar
 
@@ -137,9 +136,10 @@ def read_plan(plan_uri: str) -> dict:
         raise ConfigError("plan_uri is not set (the plan.json that infer-plan wrote)")
     try:
         plan = storage.read_json(plan_uri)
-        plan["shards"], plan["batch_id"]  # noqa: B018 - the keys every reader needs
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"no readable inference plan at {plan_uri}: {type(exc).__name__}") from exc
+    if not isinstance(plan, dict) or not {"shards", "batch_id"} <= set(plan):
+        raise ConfigError(f"no readable inference plan at {plan_uri}: not a plan")
     return plan
 
 
@@ -198,10 +198,6 @@ def shard_step(cfg: ShardConfig) -> dict:
     return summary
 
 
-def _read_frame(uri: str) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
-
-
 def merge_step(cfg: MergeConfig) -> dict:
     """Write every shard's rows as the batch's one part of the date partition.
 
@@ -233,9 +229,9 @@ def merge_step(cfg: MergeConfig) -> dict:
             raise RuntimeError(f"infer-merge: shard {k} scored with version {done['model_version']}, "
                                f"the plan pins {plan['model_version']}")
         if done["class_names"]:  # the shard scored (some rows may all be quarantined)
-            rows.append(_read_frame(storage.join(folder, "rows.parquet")))
+            rows.append(storage.read_parquet(storage.join(folder, "rows.parquet")))
             class_names = class_names or done["class_names"]
-        quarantines.append(_read_frame(storage.join(folder, "quarantine.parquet")))
+        quarantines.append(storage.read_parquet(storage.join(folder, "quarantine.parquet")))
         for key in stats:
             stats[key] += int(done.get(key, 0))
     quarantine = pd.concat(quarantines, ignore_index=True).astype(str)
