@@ -109,22 +109,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     only = next((a for a in argv if a in COMMANDS), None)
     if only in ("train", "fit"):  # --nproc-per-node N > 1: the same command under torchrun
-        from fracture_ops.training.distributed import launch, split_launch
+        from fracture_ops.training.distributed import launch, nodes_from_env, split_launch
 
         try:
             nproc, rest = split_launch(argv)
+            nodes, node_rank = nodes_from_env()
         except errors.ConfigError as exc:
             print(f"fracture-ops {only}: error: {exc}", file=sys.stderr)
             return errors.EXIT_USAGE
-        if nproc > 1 and only == "fit":
+        if (nproc > 1 or nodes > 1) and only == "fit":
             from fracture_ops.workflows.fit import takes_cv_path
 
             if takes_cv_path(build_parser(only).parse_args(rest)):
+                if node_rank > 0:  # every node runs this command; the folds run on node 0
+                    logging.getLogger("fracture_ops.cli").warning(
+                        "fit: a small data set is cross-validated on node 0 alone; node %d has "
+                        "nothing to do", node_rank)
+                    return 0
                 logging.getLogger("fracture_ops.cli").warning(
                     "fit: a small data set is cross-validated in one process; "
-                    "--nproc-per-node %d applies to the large-data path only", nproc)
-                nproc, argv = 1, rest
-        if nproc > 1 and "RANK" not in os.environ:
+                    "--nproc-per-node %d and %d nodes apply to the large-data path only", nproc, nodes)
+                nproc, nodes, argv = 1, 1, rest
+        if (nproc > 1 or nodes > 1) and "RANK" not in os.environ:
             return launch(nproc, rest)
     parser = build_parser(only)
     args = parser.parse_args(argv)

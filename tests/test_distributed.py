@@ -232,3 +232,71 @@ def test_fit_cross_validates_small_data_in_one_process_and_launches_large(split,
     assert cli.main([*base, "--cv-below-images", "0"]) == 0
     assert launched == [(2, ["fit", split["split_uri"], "--artifact-root", str(tmp_path),
                              "--cv-below-images", "0"])]
+
+
+def test_rendezvous_of_a_trainjob_node():
+    """One node: torchrun --standalone; a TrainJob node: the Trainer's PET_* values."""
+    assert distributed.rendezvous_args({}) == ["--standalone"]
+    env = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "job-node-0-0.job",
+           "PET_MASTER_PORT": "29400"}
+    assert distributed.rendezvous_args(env) == ["--nnodes=2", "--node-rank=1",
+                                                "--master-addr=job-node-0-0.job", "--master-port=29400"]
+    with pytest.raises(ConfigError, match="PET_MASTER_ADDR, PET_MASTER_PORT"):
+        distributed.rendezvous_args({"PET_NNODES": "2", "PET_NODE_RANK": "0"})
+    for bad in ({"PET_NNODES": "2", "PET_NODE_RANK": "2"}, {"PET_NNODES": "x"}):
+        with pytest.raises(ConfigError):
+            distributed.nodes_from_env(bad)
+
+
+def test_small_data_fit_runs_on_node_zero_alone(split, monkeypatch, tmp_path):
+    """Every node of a TrainJob runs the same fit command; a small data set is cross-validated
+    by node 0 in one process, and the other nodes exit 0 at once."""
+    from fracture_ops import cli
+    from fracture_ops.workflows import fit
+
+    ran, launched = [], []
+    monkeypatch.setattr(distributed, "launch", lambda n, argv: launched.append((n, argv)) or 0)
+    monkeypatch.setattr(fit, "fit_step", lambda cfg: ran.append(cfg) or {"fit": "ran"})
+    argv = ["fit", split["split_uri"], "--nproc-per-node", "2", "--artifact-root", str(tmp_path)]
+    monkeypatch.setenv("PET_NNODES", "2")
+    monkeypatch.setenv("PET_NODE_RANK", "1")
+    assert cli.main(list(argv)) == 0 and ran == [] and launched == []
+    monkeypatch.setenv("PET_NODE_RANK", "0")
+    assert cli.main(list(argv)) == 0 and len(ran) == 1 and launched == []
+    # large data (cross-validation off): every node launches its processes
+    assert cli.main([*argv, "--cv-below-images", "0"]) == 0 and launched[0][0] == 2
+
+
+@pytest.mark.slow
+def test_two_nodes_train_as_one_job(split):
+    """Two TrainJob nodes on one machine: two `fracture-ops train --nproc-per-node 1` processes
+    with the PET_* values the Kubeflow Trainer sets (master on localhost) form one DDP job of
+    world size 2: each node trains on half of every epoch, node 0 alone logs and writes."""
+    import socket
+
+    import mlflow
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _env(split["tmp"])
+    cmd = _train_cmd(split, "nodes", 1, experiment="ddp-nodes", flag=True)
+    procs = [subprocess.Popen(cmd, env={**env, "PET_NNODES": "2", "PET_NODE_RANK": str(rank),
+                                        "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert len(_summaries(outs[0][0])) == 1 and _summaries(outs[1][0]) == []  # node 0 reports
+    train_dir = split["tmp"] / "art" / "runs" / "nodes" / "train"
+    history = json.loads((train_dir / "history.json").read_text())
+    half = split["train_images"] // 2
+    assert len(history) == EPOCHS and all(h["images_per_rank"] == [half, half] for h in history)
+    assert json.loads((train_dir / "model_info.json").read_text())["world_size"] == 2
+    auroc = _test_auroc(train_dir)
+    print(f"\ntest AUROC, 2 nodes x 1 process: {auroc:.4f}")
+    assert auroc >= 0.9
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    assert len(client.search_runs([client.get_experiment_by_name("ddp-nodes").experiment_id])) == 1

@@ -27,7 +27,8 @@ NAMESPACE = "fracture-ops"
 STEPS_NAMESPACE = "fracture-ops-steps"
 # what the step pods use lives beside them; the platform's services do not
 STEP_SIDE = {("ServiceAccount", "fracture-ops-step"), ("Role", "fracture-ops-pod-launcher"),
-             ("RoleBinding", "fracture-ops-pod-launcher"),
+             ("RoleBinding", "fracture-ops-pod-launcher"), ("Role", "fracture-ops-job-watcher"),
+             ("RoleBinding", "fracture-ops-job-watcher"),
              ("PersistentVolumeClaim", "fracture-ops-cache"), ("Secret", "fracture-ops-deid"),
              ("Secret", "fracture-ops-mlflow-promoter")}
 LAUNCHER = "fracture-ops-launcher"
@@ -83,11 +84,11 @@ def secret_value_problems(doc: dict) -> list[str]:
     return problems
 
 
-def granted_verbs(role: dict, resource: str) -> set[str]:
-    """Verbs a Role grants on a core-group resource."""
+def granted_verbs(role: dict, resource: str, group: str = "") -> set[str]:
+    """Verbs a Role grants on a resource of an API group (default: the core group)."""
     verbs: set[str] = set()
     for rule in role.get("rules", []):
-        if "" in rule.get("apiGroups", []) and resource in rule.get("resources", []):
+        if group in rule.get("apiGroups", []) and resource in rule.get("resources", []):
             verbs |= set(rule.get("verbs", []))
     return verbs
 
@@ -260,6 +261,12 @@ def _egress(policy: dict) -> list[tuple[str, str, int]]:
     out = []
     for rule in policy["spec"].get("egress", []):
         for peer in rule["to"]:
+            if "namespaceSelector" not in peer:  # a pod of the policy's own namespace
+                labels = peer["podSelector"]["matchLabels"]
+                out.append((policy["metadata"]["namespace"], "distributed" if labels.get(
+                    "fracture-ops/distributed") == "true" else str(labels), None))
+                assert "ports" not in rule  # NCCL/gloo choose their ports
+                continue
             ns = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
             labels = peer["podSelector"]["matchLabels"]
             app = labels.get("app.kubernetes.io/name") or labels.get("k8s-app")
@@ -272,12 +279,27 @@ def test_network_policies_let_steps_reach_only_mlflow_the_store_dns_and_pacs():
     deny = policies["steps-default-deny"]["spec"]
     assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
     assert "ingress" not in deny and "egress" not in deny
-    # no policy admits ingress to a step pod
-    assert not [p for p in policies.values() if p["spec"].get("ingress")]
+    # no policy admits ingress to a step pod, but the nodes of a multi-node TrainJob admit
+    # each other (and only each other)
+    peers = {"app.kubernetes.io/component": "step", "fracture-ops/distributed": "true"}
+    admitting = {n: p for n, p in policies.items() if p["spec"].get("ingress")}
+    assert list(admitting) == ["steps-distributed-peers"]
+    peer_policy = admitting["steps-distributed-peers"]["spec"]
+    assert peer_policy["podSelector"]["matchLabels"] == peers
+    assert [f for r in peer_policy["ingress"] for f in r["from"]] == [{"podSelector": {"matchLabels": peers}}]
+    assert [t for r in peer_policy["egress"] for t in r["to"]] == [{"podSelector": {"matchLabels": peers}}]
     reach = {e for p in policies.values() for e in _egress(p)}
     assert reach == {("kube-system", "kube-dns", 53), (NAMESPACE, "mlflow", 5000),
                      (NAMESPACE, "minio", 9000), (NAMESPACE, "orthanc", 8042),
-                     (NAMESPACE, "orthanc", 4242)}
+                     (NAMESPACE, "orthanc", 4242), (STEPS_NAMESPACE, "distributed", None)}
+    # only TrainJob nodes carry the peer label; a step pod does not
+    from fracture_ops.orchestration.specs import TRAINING_STEPS
+    from fracture_ops.orchestration.trainjob import TrainJobRequest, build
+
+    job = build(TRAINING_STEPS["train"], TrainJobRequest("fracture-ops-train-x", ["fit"], nodes=2, gpus=1))
+    (patch,) = job["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert peers.items() <= node["template"]["spec"]["template"]["metadata"]["labels"].items()
     # the ports are the ones the Services serve, and the PACS rule applies to PACS steps only
     ports = {(s["metadata"]["name"], p["port"]) for s in by_kind("Service") for p in s["spec"]["ports"]}
     assert ("mlflow", 5000) in ports and ("minio", 9000) in ports
@@ -388,6 +410,8 @@ def test_launcher_role_grants_pod_lifecycle_in_the_step_namespace_only():
     assert "get" in granted_verbs(role, "pods/log")
     assert "create" in granted_verbs(role, "pods/exec")  # xcom sidecar read-out
     assert {"get", "list", "watch"} <= granted_verbs(role, "events")
+    # multi-node training: the TrainJob's lifecycle (Kubeflow Trainer), in the same namespace
+    assert {"create", "get", "delete"} <= granted_verbs(role, "trainjobs", "trainer.kubeflow.org")
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
         assert "secrets" not in rule["resources"], "the launcher must not read Secrets"
@@ -504,6 +528,21 @@ def test_values_set_platform_env():
     assert env["FRACTURE_OPS_RUNNER"] == "kubernetes"
     assert env["FRACTURE_OPS_ARTIFACT_ROOT"] == "s3://fracture-ops-artifacts"
     assert values()["workers"]["serviceAccount"] == {"create": False, "name": LAUNCHER}
+
+
+def test_triggerer_watches_trainjobs_and_changes_nothing():
+    """The TrainJob sensor polls from the triggerer: its account reads TrainJobs and pods in the
+    step namespace, and may create, change or delete nothing."""
+    watcher = values()["triggerer"]["serviceAccount"]
+    assert watcher["create"] is False
+    assert one("ServiceAccount", watcher["name"], NAMESPACE)
+    bindings = [b for b in by_kind("RoleBinding") if {"kind": "ServiceAccount", "name": watcher["name"],
+                                                      "namespace": NAMESPACE} in b["subjects"]]
+    assert [b["metadata"]["namespace"] for b in bindings] == [STEPS_NAMESPACE]
+    role = one("Role", bindings[0]["roleRef"]["name"], STEPS_NAMESPACE)
+    assert granted_verbs(role, "trainjobs", "trainer.kubeflow.org") == {"get", "list", "watch"}
+    assert granted_verbs(role, "pods") == {"get", "list", "watch"}
+    assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in role["rules"])
 
 
 def test_values_log_remotely_to_s3_with_a_provided_connection():

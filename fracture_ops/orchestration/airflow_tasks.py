@@ -43,12 +43,24 @@ def task_kwargs(spec: StepSpec, outlets: list | None = None) -> dict:
             "execution_timeout": timedelta(seconds=spec.timeout_s), "outlets": outlets or []}
 
 
+def requested_nodes(spec: StepSpec, params: dict) -> int:
+    """The node count the trigger form asks of a step (1 for a step without
+    :attr:`~StepSpec.nodes_param`)."""
+    return int(params.get(spec.nodes_param) or 1) if spec.nodes_param else 1
+
+
 def run_local_step(spec: StepSpec, context: dict) -> dict:
     """Run a step with the local runner inside an Airflow task; map exit codes to retry policy."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from fracture_ops.orchestration.local_runner import StepFailed, run_step
 
+    nodes = requested_nodes(spec, context.get("params") or {})
+    if nodes > 1:
+        raise AirflowFailException(
+            f"{spec.name}: {spec.nodes_param}={nodes} needs {RUNNER_ENV}=kubernetes and the Kubeflow "
+            f"Trainer (a TrainJob over {nodes} nodes); the local runner trains on this machine only: "
+            f"trigger with {spec.nodes_param}=1")
     try:
         return run_step(spec, dict(context), emit=lambda line: log.info("%s", line))
     except StepFailed as exc:
@@ -67,13 +79,23 @@ def build_tasks(steps: dict[str, StepSpec], outlets: dict[str, list] | None = No
     return tasks
 
 
+class StepGroup:
+    """A step that is several tasks (multi-node training: route, pod or TrainJob, join):
+    upstream steps lead into ``entry``, readers of its outputs follow ``exit``."""
+
+    def __init__(self, entry, exit, members: dict):
+        self.entry, self.exit, self.members = entry, exit, members
+
+
 def wire_by_data(tasks: dict, steps: dict[str, StepSpec] = TRAINING_STEPS) -> None:
     """Draw the DAG's edges from the data: each task runs after the steps whose outputs it reads
     (:attr:`StepSpec.reads`), and after nothing else."""
     for name, task in tasks.items():
         for upstream in steps[name].reads:
             if upstream in tasks:
-                tasks[upstream] >> task
+                before = tasks[upstream]
+                (before.exit if isinstance(before, StepGroup) else before) >> (
+                    task.entry if isinstance(task, StepGroup) else task)
 
 
 class SummaryValue:
@@ -128,6 +150,8 @@ def step_task(name: str, outlets: list | None = None, steps: dict[str, StepSpec]
     if runner_kind() == "kubernetes":
         from fracture_ops.orchestration.pods import pod_operator
 
+        if spec.nodes_param:
+            return multinode_step(spec, outlets, inputs)
         return pod_operator(spec, inputs=inputs, **task_kwargs(spec, outlets))
     from airflow.sdk import get_current_context, task
 
@@ -178,3 +202,40 @@ def mapped_task(spec: StepSpec, outlets: list | None, upstream: dict | None, inp
 
     _run.__doc__ = f"fracture-ops {spec.args[0]} (local runner, one task per {name})"
     return _run.expand(inputs=elements)
+
+
+def multinode_step(spec: StepSpec, outlets: list | None, inputs: dict) -> StepGroup:
+    """A step that may span nodes (Kubernetes runner): ``<step>_nodes`` routes by the trigger
+    form's node count to the step's pod (``<step>``, 1 node) or to ``<step>_job`` (submits a
+    Kubeflow Trainer TrainJob) and ``<step>_job_wait`` (deferrable sensor on its conditions);
+    ``<step>_done`` joins whichever ran, and the steps that read the outputs follow it."""
+    from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.sdk import task
+
+    from fracture_ops.orchestration.pods import pod_operator
+    from fracture_ops.orchestration.specs import RUN_KEY
+    from fracture_ops.orchestration.trainjob_ops import TrainJobCreateOperator, TrainJobSensor
+
+    job_id = f"{spec.name}_job"
+    base = task_kwargs(spec)
+
+    @task.branch(task_id=f"{spec.name}_nodes", owner=OWNER, retries=1)
+    def route(params=None) -> str:
+        return job_id if requested_nodes(spec, params or {}) > 1 else spec.name
+
+    pod = pod_operator(spec, inputs=inputs, **base)
+    create = TrainJobCreateOperator(
+        spec=spec, arguments=list(spec.args), nodes="{{ params." + spec.nodes_param + " }}",
+        gpus=("{{ params." + spec.gpus_param + " }}") if spec.gpus_param else str(max(spec.gpu, 1)),
+        run_key=RUN_KEY, task_id=job_id, owner=OWNER, retries=2,
+        retry_delay=timedelta(seconds=spec.retry_delay_s), retry_exponential_backoff=True)
+    wait = TrainJobSensor(spec=spec, create_task_id=job_id, run_key=RUN_KEY,
+                          **{**base, "task_id": f"{job_id}_wait", "outlets": [],
+                             "execution_timeout": None})
+    done = EmptyOperator(task_id=f"{spec.name}_done", owner=OWNER, retries=1, outlets=outlets or [],
+                         trigger_rule="none_failed_min_one_success")
+    entry = route()
+    entry >> [pod, create]
+    create >> wait
+    [pod, wait] >> done
+    return StepGroup(entry, done, {"route": entry, "pod": pod, "create": create, "wait": wait, "done": done})

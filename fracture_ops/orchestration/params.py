@@ -136,6 +136,11 @@ DAG_ONLY: dict[str, dict[str, dict[str, Any]]] = {
                  "description": "GPUs of the training pod. More than 1: the pod requests them and "
                  "trains one model with one process per GPU (DDP under torchrun), the same "
                  "command otherwise. With the local runner: that many processes."},
+        "nodes": {"default": 1, "type": "integer", "minimum": 1, "maximum": 32,
+                  "description": "Nodes to train on. More than 1 (Kubernetes runner, Kubeflow "
+                  "Trainer installed): the training step runs as a TrainJob of this many nodes "
+                  "with `gpus` GPUs each, the same command on every node (DDP across nodes). "
+                  "The local runner trains on one machine only."},
     },
 }
 

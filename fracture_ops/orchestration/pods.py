@@ -46,6 +46,21 @@ class PodSettings:
                                             ("promoter", "fracture-ops-mlflow-promoter"),
                                             ("s3", "fracture-ops-s3"),
                                             ("deid", "fracture-ops-deid"))
+    # the keys of each Secret (infra/secrets/*.template.yaml), for the TrainJob's nodes, whose
+    # container takes no envFrom; True: the key may be absent (the MinIO endpoints on AWS S3)
+    secret_keys: tuple[tuple[str, tuple[tuple[str, bool], ...]], ...] = (
+        ("mlflow", (("MLFLOW_TRACKING_URI", False), ("MLFLOW_TRACKING_USERNAME", False),
+                    ("MLFLOW_TRACKING_PASSWORD", False))),
+        ("promoter", (("MLFLOW_TRACKING_URI", False), ("MLFLOW_TRACKING_USERNAME", False),
+                      ("MLFLOW_TRACKING_PASSWORD", False))),
+        ("s3", (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
+                ("S3_ENDPOINT_URL", True), ("MLFLOW_S3_ENDPOINT_URL", True))),
+        ("deid", (("FRACTURE_OPS_DEID_SECRET", False),)))
+    # the Kubeflow Trainer runtime of multi-node training (a ClusterTrainingRuntime)
+    trainer_runtime: str = field(default_factory=lambda: os.environ.get(
+        "FRACTURE_OPS_TRAINER_RUNTIME", "torch-distributed"))
+    # Kueue LocalQueue the TrainJobs are queued in ("" = no Kueue: they start at once)
+    kueue_queue: str = field(default_factory=lambda: os.environ.get("FRACTURE_OPS_KUEUE_QUEUE", ""))
     # passed through from the scheduler/worker environment (configuration, not secrets)
     passthrough_env: tuple[str, ...] = ("FRACTURE_OPS_APPROVERS", "FRACTURE_OPS_DATA_ROOTS",
                                         "FRACTURE_OPS_AUDIT_URI",
@@ -81,6 +96,61 @@ def pod_security_context(s: PodSettings):
     return k8s.V1PodSecurityContext(
         run_as_non_root=True, run_as_user=s.run_as_user, run_as_group=s.run_as_user,
         fs_group=s.run_as_user, seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
+
+
+def step_environment(s: PodSettings) -> list:
+    """The environment of every step container (pod or TrainJob node): cache, offline switches,
+    scratch paths on the writable ``/tmp``, the platform CA and the pass-through configuration."""
+    from kubernetes.client import models as k8s
+
+    env = [k8s.V1EnvVar(name="FRACTURE_OPS_CACHE_DIR", value=s.cache_mount),
+           k8s.V1EnvVar(name="FRACTURE_OPS_NO_PROGRESS", value="1"),
+           k8s.V1EnvVar(name="HF_HUB_OFFLINE", value="1"),
+           k8s.V1EnvVar(name="YOLO_OFFLINE", value="1"),
+           k8s.V1EnvVar(name="HOME", value="/tmp"), k8s.V1EnvVar(name="TMPDIR", value="/tmp"),
+           k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
+           k8s.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib")]
+    if s.ca_secret:  # MLflow and MinIO speak TLS: trust the platform's CA (boto3, MLflow client)
+        ca_file = f"{s.ca_mount}/ca.crt"
+        env += [k8s.V1EnvVar(name="AWS_CA_BUNDLE", value=ca_file),
+                k8s.V1EnvVar(name="MLFLOW_TRACKING_SERVER_CERT_PATH", value=ca_file)]
+    return env + [k8s.V1EnvVar(name=k, value=os.environ[k]) for k in s.passthrough_env if k in os.environ]
+
+
+def step_volumes(spec: StepSpec, s: PodSettings) -> tuple[list, list]:
+    """``(volumes, mounts)`` of a step container: the dataset cache, a size-limited ``/tmp``
+    (the root filesystem is read-only) and the platform CA."""
+    from kubernetes.client import models as k8s
+
+    volume = k8s.V1Volume(name="dataset-cache", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+        claim_name=s.cache_claim))
+    mount = k8s.V1VolumeMount(name="dataset-cache", mount_path=s.cache_mount)
+    tmp = k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=spec.ephemeral))
+    tmp_mount = k8s.V1VolumeMount(name="tmp", mount_path="/tmp")
+    volumes, mounts = [volume, tmp], [mount, tmp_mount]
+    if s.ca_secret:
+        volumes.append(k8s.V1Volume(name="ca", secret=k8s.V1SecretVolumeSource(
+            secret_name=s.ca_secret, items=[k8s.V1KeyToPath(key="ca.crt", path="ca.crt")])))
+        mounts.append(k8s.V1VolumeMount(name="ca", mount_path=s.ca_mount, read_only=True))
+    return volumes, mounts
+
+
+def step_placement(spec: StepSpec, s: PodSettings, gpus: str) -> tuple[dict, list, dict]:
+    """``(resources, tolerations, node selector)`` of a step container: CPU, memory and disk as
+    the spec asks (requests = limits), and for a GPU step ``gpus`` GPUs on the GPU pool."""
+    from kubernetes.client import models as k8s
+
+    resources = {"cpu": spec.cpu, "memory": spec.memory, "ephemeral-storage": spec.ephemeral}
+    if not spec.gpu:
+        return resources, [], {}
+    tolerations = [k8s.V1Toleration(key=s.gpu_taint_key, operator="Exists", effect="NoSchedule")]
+    return {**resources, GPU_RESOURCE: gpus}, tolerations, dict(s.gpu_node_selector)
+
+
+def step_labels(spec: StepSpec) -> dict[str, str]:
+    """The labels of a step's pods (the network policies select on the component)."""
+    return {"app.kubernetes.io/part-of": "fracture-ops", "fracture-ops/step": spec.name,
+            "app.kubernetes.io/component": "step"}
 
 
 def _exit_code(remote_pod, container: str) -> int | None:
@@ -152,31 +222,11 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, inputs: di
     from kubernetes.client import models as k8s
 
     s = settings or PodSettings()
-    requests = {"cpu": spec.cpu, "memory": spec.memory, "ephemeral-storage": spec.ephemeral}
+    # a trigger parameter's GPU count is a template the provider renders in the resources
+    gpus = ("{{ params." + spec.gpus_param + " }}") if spec.gpus_param else str(spec.gpu)
+    requests, tolerations, selector = step_placement(spec, s, gpus)
     limits = dict(requests)
-    tolerations, selector = [], {}
-    if spec.gpu:
-        # a trigger parameter's count is a template the provider renders in the resources
-        count = ("{{ params." + spec.gpus_param + " }}") if spec.gpus_param else str(spec.gpu)
-        limits[GPU_RESOURCE] = count
-        requests[GPU_RESOURCE] = count
-        tolerations = [k8s.V1Toleration(key=s.gpu_taint_key, operator="Exists", effect="NoSchedule")]
-        selector = dict(s.gpu_node_selector)
-    volume = k8s.V1Volume(name="dataset-cache", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-        claim_name=s.cache_claim))
-    mount = k8s.V1VolumeMount(name="dataset-cache", mount_path=s.cache_mount)
-    # the root filesystem is read-only: scratch space is an emptyDir within the disk limit
-    tmp = k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=spec.ephemeral))
-    tmp_mount = k8s.V1VolumeMount(name="tmp", mount_path="/tmp")
-    volumes, mounts, ca_env = [volume, tmp], [mount, tmp_mount], []
-    if s.ca_secret:  # MLflow and MinIO speak TLS: trust the platform's CA (boto3, MLflow client)
-        volumes.append(k8s.V1Volume(name="ca", secret=k8s.V1SecretVolumeSource(
-            secret_name=s.ca_secret, items=[k8s.V1KeyToPath(key="ca.crt", path="ca.crt")])))
-        mounts.append(k8s.V1VolumeMount(name="ca", mount_path=s.ca_mount, read_only=True))
-        ca_file = f"{s.ca_mount}/ca.crt"
-        ca_env = [k8s.V1EnvVar(name="AWS_CA_BUNDLE", value=ca_file),
-                  k8s.V1EnvVar(name="MLFLOW_TRACKING_SERVER_CERT_PATH", value=ca_file)]
-    passthrough = [k8s.V1EnvVar(name=k, value=os.environ[k]) for k in s.passthrough_env if k in os.environ]
+    volumes, mounts = step_volumes(spec, s)
     operator = _operator_class()
     operator.sidecar_resources = dict(s.sidecar_resources)
     kwargs = dict(
@@ -186,15 +236,8 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, inputs: di
         automount_service_account_token=False,
         image=s.training_image if spec.image == "training" else s.platform_image,
         cmds=["fracture-ops"],
-        env_vars=[k8s.V1EnvVar(name="FRACTURE_OPS_CACHE_DIR", value=s.cache_mount),
-                  k8s.V1EnvVar(name="FRACTURE_OPS_XCOM_FILE", value="/airflow/xcom/return.json"),
-                  k8s.V1EnvVar(name="FRACTURE_OPS_NO_PROGRESS", value="1"),
-                  k8s.V1EnvVar(name="HF_HUB_OFFLINE", value="1"),
-                  k8s.V1EnvVar(name="YOLO_OFFLINE", value="1"),
-                  k8s.V1EnvVar(name="HOME", value="/tmp"), k8s.V1EnvVar(name="TMPDIR", value="/tmp"),
-                  k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
-                  k8s.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"), *ca_env,
-                  *passthrough],
+        env_vars=[*step_environment(s),
+                  k8s.V1EnvVar(name="FRACTURE_OPS_XCOM_FILE", value="/airflow/xcom/return.json")],
         secrets=[Secret("env", None, name) for kind, name in s.secrets if kind in spec.secrets],
         security_context=pod_security_context(s),
         container_security_context=container_security_context(),
@@ -208,8 +251,7 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, inputs: di
         on_finish_action="delete_pod",
         do_xcom_push=True,
         get_logs=True,
-        labels={"app.kubernetes.io/part-of": "fracture-ops", "fracture-ops/step": spec.name,
-                "app.kubernetes.io/component": "step"},
+        labels=step_labels(spec),
         **task_kwargs,
     )
     if mapped_arguments is not None:

@@ -38,6 +38,9 @@ class StepSpec:
         gpu: number of ``nvidia.com/gpu`` to request (0 = CPU pool).
         gpus_param: the trigger parameter that sets the GPU count instead (rendered when the
             pod is built; the step's arguments pass the same count as ``--nproc-per-node``).
+        nodes_param: the trigger parameter of the node count: more than 1 runs the step as a
+            Kubeflow Trainer ``TrainJob`` over that many nodes of ``gpus_param`` GPUs each
+            (Kubernetes runner; :mod:`fracture_ops.orchestration.trainjob`).
         image: which image the pod runs: ``training`` (CUDA) or ``platform`` (CPU).
         retries: retries on infrastructure failures (bad-data exits are never retried).
         retry_delay_s: first retry delay; doubles each retry (exponential back-off).
@@ -69,6 +72,7 @@ class StepSpec:
     ephemeral: str = "2Gi"
     gpu: int = 0
     gpus_param: str = ""
+    nodes_param: str = ""
     image: str = "platform"
     retries: int = 2
     retry_delay_s: int = 30
@@ -126,7 +130,7 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           pos=(f"{RUN}/split/split.parquet",),
           cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
           outputs=("train/model.pt", "train/predictions.parquet"), reads=("split",),
-          secrets=("s3", "mlflow"), gpus_param="gpus"),
+          secrets=("s3", "mlflow"), gpus_param="gpus", nodes_param="nodes"),
     _spec("calibrate", "calibrate", "--predictions", f"{RUN}/train",
           outputs=("calibrate/calibration.json",), reads=("train",)),
     _spec("tune_thresholds", "tune-thresholds", "--predictions", f"{RUN}/train",

@@ -199,16 +199,58 @@ def split_launch(argv: list[str]) -> tuple[int, list[str]]:
     return n, out
 
 
+# what the Kubeflow Trainer's torch runtime sets on each node of a multi-node TrainJob
+NODE_ENV = ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+
+
+def nodes_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
+    """``(nodes, this node's rank)`` from the Trainer's ``PET_NNODES``/``PET_NODE_RANK``
+    (``(1, 0)`` outside a multi-node job).
+
+    Raises:
+        ConfigError: a value is not an integer, or the rank is outside ``0..nodes-1``.
+    """
+    env = os.environ if env is None else env
+    try:
+        nodes, rank = int(env.get("PET_NNODES", "1") or 1), int(env.get("PET_NODE_RANK", "0") or 0)
+    except ValueError:
+        raise ConfigError(f"PET_NNODES={env.get('PET_NNODES')!r} and PET_NODE_RANK="
+                          f"{env.get('PET_NODE_RANK')!r} must be integers") from None
+    if nodes < 1 or not 0 <= rank < nodes:
+        raise ConfigError(f"node rank {rank} is not within {nodes} nodes (PET_NNODES, PET_NODE_RANK)")
+    return nodes, rank
+
+
+def rendezvous_args(env: dict[str, str] | None = None) -> list[str]:
+    """torchrun's rendezvous: ``--standalone`` on one node; across the nodes of a TrainJob, the
+    static rendezvous at the master address the Trainer gives every node.
+
+    Raises:
+        ConfigError: a multi-node job without its master address or port.
+    """
+    env = os.environ if env is None else env
+    nodes, rank = nodes_from_env(env)
+    if nodes == 1:
+        return ["--standalone"]
+    missing = [k for k in NODE_ENV if not env.get(k)]
+    if missing:
+        raise ConfigError(f"a {nodes}-node job needs {', '.join(missing)} (set by the Kubeflow Trainer)")
+    return [f"--nnodes={nodes}", f"--node-rank={rank}", f"--master-addr={env['PET_MASTER_ADDR']}",
+            f"--master-port={env['PET_MASTER_PORT']}"]
+
+
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``fracture-ops <argv>`` in ``nproc`` processes under torchrun (``--standalone``: one
-    node) and return the exit code: 0, or the first failed rank's own code (so bad input, 3,
+    """Run ``fracture-ops <argv>`` in ``nproc`` processes under torchrun (``--standalone`` on
+    one node; on each node of a multi-node TrainJob, joined through the Trainer's master
+    address) and return the exit code: 0, or the first failed rank's own code (so bad input, 3,
     still fails without retries)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    log.info("launching %d processes under torchrun", nproc)
+    rdzv = rendezvous_args()
+    log.info("launching %d processes under torchrun (%s)", nproc, " ".join(rdzv))
     try:
-        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "fracture_ops.cli", *argv])
+        torchrun([*rdzv, f"--nproc-per-node={nproc}", "-m", "fracture_ops.cli", *argv])
     except ChildFailedError as exc:
         _, failure = exc.get_first_failure()
         return failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
