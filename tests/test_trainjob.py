@@ -376,3 +376,31 @@ def test_job_name_is_a_stable_dns_label():
     assert a == tj.job_name("manual__2026-01-01T00-00-00-00-00") != tj.job_name("other")
     assert len(a) <= 63 and tj._DNS_LABEL.match(a)
     assert a.endswith(hashlib.sha256(b"manual__2026-01-01T00-00-00-00-00/train").hexdigest()[:16])
+
+
+def test_wait_rides_out_api_errors_then_fails_retryably(monkeypatch):
+    """A few failed reads in a row (API server restart) do not end the wait; more than
+    API_ERRORS do, as a retryable failure."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    from fracture_ops.orchestration.trainjob_ops import API_ERRORS
+
+    class Flaky(FakeCluster):
+        def __init__(self, fails, *jobs):
+            super().__init__(*jobs)
+            self.fails = fails
+
+        def next(self):
+            if self.fails:
+                self.fails -= 1
+                raise ConnectionError("apiserver restarting")
+            return super().next()
+
+    (event,) = _trigger_events(Flaky(API_ERRORS, RUNNING, COMPLETE), monkeypatch, time.time() + 60)
+    assert event["status"] == "succeeded"
+    cluster = Flaky(API_ERRORS + 1, RUNNING)
+    (event,) = _trigger_events(cluster, monkeypatch, time.time() + 60)
+    assert event["status"] == "error" and "apiserver restarting" in event["message"]
+    with pytest.raises(AirflowException) as err:
+        _sensor(cluster, monkeypatch).execute_complete({"ti": TI()}, event)
+    assert not isinstance(err.value, AirflowFailException) and cluster.deleted == 0

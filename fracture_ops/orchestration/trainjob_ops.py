@@ -35,6 +35,7 @@ from fracture_ops.orchestration.specs import StepSpec
 log = logging.getLogger(__name__)
 POLL_S = 30.0
 LOG_TAIL_LINES = 40
+API_ERRORS = 5  # consecutive failed reads the wait rides out before the task fails (and retries)
 
 
 def _hook(conn_id: str | None):
@@ -171,8 +172,21 @@ class TrainJobTrigger(BaseTrigger):
             return job, api.sanitize_for_serialization(pods.items)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        errors = 0
         while True:
-            job, pods = await self.fetch()
+            try:
+                job, pods = await self.fetch()
+                errors = 0
+            except Exception as exc:  # the API server restarting, a network blip: poll again
+                errors += 1
+                if errors > API_ERRORS:
+                    yield TriggerEvent({"status": "error", "name": self.name, "exit_codes": [],
+                                        "message": f"{errors} failed reads in a row, last: {exc}"})
+                    return
+                self.log.warning("TrainJob %s: read failed (%d of %d): %s", self.name, errors,
+                                 API_ERRORS, exc)
+                await asyncio.sleep(self.poll_s)
+                continue
             st = tj.state(job, pods)
             if st.phase != "running":
                 yield TriggerEvent({"status": st.phase, "message": st.message,
@@ -309,6 +323,8 @@ class TrainJobSensor(BaseSensorOperator):
                                            f"{tj.logs_hint(self.job, self.namespace)}")
             raise AirflowException(f"TrainJob {self.job} failed ({message}; exit codes {codes or 'none'}): "
                                    "retried, resubmitting the job")
+        if status == "error":
+            raise AirflowException(f"TrainJob {self.job}: the cluster could not be read ({message}): retried")
         raise AirflowException(f"TrainJob {self.job} is gone ({message}): retried, resubmitting the job")
 
 
