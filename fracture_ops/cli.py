@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("fracture_ops.data.sources", "turn a data source layout into a canonical manifest"),
     "validate": ("fracture_ops.data.validation", "validate a manifest and its images; quarantine bad rows"),
     "deidentify": ("fracture_ops.deid.step", "de-identify DICOM (PS3.15 Annex E) in a folder or manifest"),
+    "pacs-ingest": ("fracture_ops.pacs.ingest", "pull new radiograph studies from a PACS over "
+                    "DICOMweb, de-identified on arrival, into a dataset manifest"),
     "split": ("fracture_ops.data.split", "patient-wise stratified train/val/test split"),
     "detect": ("fracture_ops.detection.cli", "YOLOv8 fracture localisation: train, val, predict"),
     "train": ("fracture_ops.training.train", "train a classifier (timm backbone) on a split"),
