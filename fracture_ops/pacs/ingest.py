@@ -10,8 +10,9 @@
    (``parts/<pseudonymous study UID>.parquet``, atomic). A study with a part is never fetched
    again; a run killed mid-study leaves no part, and the rerun fetches that study again and
    writes the same files under the same names (keyed pseudonyms), so nothing is duplicated or
-   lost. ``manifest.parquet`` is then rebuilt from the parts, and the watermark
-   (``state.json``) moves last.
+   lost. ``manifest.parquet`` is then rebuilt from the parts, and the watermark moves last.
+   The watermark is a real study date, so it is kept in the raw zone
+   (``<raw_root>/pacs/<dataset>/state.json``), never in the dataset store.
 
 The dataset lives in ``<artifact_root>/pacs/<dataset>/`` (``images/``, ``parts/``,
 ``manifest.parquet``, ``state.json``); the run folder gets ``report.json`` and ``_SUCCESS``.
@@ -96,6 +97,11 @@ class PacsIngestConfig(StepConfig):
 
 def dataset_dir(cfg: PacsIngestConfig) -> str:
     return storage.join(cfg.artifact_root, "pacs", cfg.dataset)
+
+
+def state_uri(cfg: PacsIngestConfig) -> str:
+    """The watermark (a real study date: identifying, so in the raw zone)."""
+    return storage.join(cfg.raw_root, "pacs", cfg.dataset, "state.json")
 
 
 def query_start(cfg: PacsIngestConfig, state: dict) -> str:
@@ -246,15 +252,16 @@ def pacs_ingest_step(cfg: PacsIngestConfig, deid_cfg=None, conn: PacsConnection 
     if not cfg.modalities:
         raise ConfigError("pacs-ingest: modalities is empty")
     run = Ingest(cfg, conn, deid_cfg)
-    state_uri = storage.join(run.root, "state.json")
-    state = storage.read_json(state_uri) if storage.exists(state_uri) else {}
+    state_at = state_uri(cfg)
+    state = storage.read_json(state_at) if storage.exists(state_at) else {}
     start = query_start(cfg, state)
     found = run.find_studies(start)
     done = _parts(run.root)
     new = sorted((d or "", uid) for uid, d in found.items() if run.keys.uid(uid) not in done)
     todo, left = new[:cfg.max_studies], new[cfg.max_studies:]
-    log.info("pacs-ingest: %d studies since %s, %d already ingested, %d to fetch now%s",
-             len(found), start or "the beginning", len(found) - len(new), len(todo),
+    log.info("pacs-ingest: %d studies %s, %d already ingested, %d to fetch now%s",
+             len(found), "since the watermark" if state.get("watermark") else "found",
+             len(found) - len(new), len(todo),
              f", {len(left)} left for the next run" if left else "")
     from fracture_ops.cli_common import progress
 
@@ -275,14 +282,15 @@ def pacs_ingest_step(cfg: PacsIngestConfig, deid_cfg=None, conn: PacsConnection 
     # the watermark: the next run's query (watermark - lookback) still finds them
     dates = [d for d, _ in todo if d] + ([state["watermark"]] if state.get("watermark") else [])
     watermark = max(dates) if dates else None
-    if watermark:
-        storage.write_json(state_uri, {"watermark": watermark, "updated": date.today().isoformat()})
+    moved = bool(watermark) and watermark != state.get("watermark")
+    if moved:
+        storage.write_json(state_at, {"watermark": watermark, "updated": date.today().isoformat()})
     attempted = written + len(quarantined)
     summary = {"dataset_uri": run.root, "manifest_uri": manifest_uri, "studies_found": len(found),
                "studies_ingested": len(todo), "studies_already_ingested": len(found) - len(new),
                "studies_left": len(left), "instances_written": written,
                "instances_quarantined": len(quarantined), "manifest_rows": len(manifest),
-               "watermark": watermark or ""}
+               "watermark_moved": moved}
     out_dir = cfg.output_dir(STEP)
     storage.write_json(storage.join(out_dir, "report.json"), {**summary, "quarantined": quarantined})
     if attempted and len(quarantined) / attempted > cfg.max_bad_fraction:
