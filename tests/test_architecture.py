@@ -61,7 +61,7 @@ def test_trigger_params_equal_the_step_configs():
     from fracture_ops.cli import build_parser
     from fracture_ops.config import default_artifact_root, field_schema
     from fracture_ops.orchestration import params as P
-    from fracture_ops.orchestration.specs import (DRIFT_STEPS, INFERENCE_STEPS, PROMOTION_STEPS,
+    from fracture_ops.orchestration.specs import (DRIFT_STEPS, INFERENCE_STEPS, PACS_STEPS, PROMOTION_STEPS,
                                                   TRAINING_STEPS)
 
     stored = json.loads(P.FORMS_FILE.read_text(encoding="utf-8"))
@@ -71,7 +71,8 @@ def test_trigger_params_equal_the_step_configs():
     bag = _dagbag()
     assert bag.import_errors == {}
     specs = {"fracture_training": TRAINING_STEPS, "fracture_inference": INFERENCE_STEPS,
-             "fracture_drift": DRIFT_STEPS, "fracture_promotion": PROMOTION_STEPS}
+             "fracture_drift": DRIFT_STEPS, "fracture_promotion": PROMOTION_STEPS,
+             "fracture_pacs_ingest": PACS_STEPS}
     checked = 0
     for dag_id, fields in P.dag_fields().items():
         dag_params = bag.dags[dag_id].params

@@ -35,6 +35,7 @@ EXPECTED_EDGES = {
                            ("infer_plan", "infer_merge"), ("infer", "infer_merge")},
     "fracture_drift": {("drift", "drift_detected"), ("drift", "retraining_signal"),
                        ("drift_detected", "retraining_signal")},
+    "fracture_pacs_ingest": set(),
 }
 
 

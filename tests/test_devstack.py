@@ -35,13 +35,32 @@ def _procs_under(path: str) -> list[str]:
 def test_make_up_lists_dags_then_make_down_leaves_nothing(tmp_path):
     env = {**os.environ, "FRACTURE_OPS_STACK_DIR": str(tmp_path / "stack"),
            "FRACTURE_OPS_MLFLOW_DIR": str(tmp_path / "mlflow"),
-           "AIRFLOW_PORT": str(free_port()), "MLFLOW_PORT": str(free_port())}
+           "AIRFLOW_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
+           "ORTHANC_PORT": str(free_port()), "ORTHANC_DICOM_PORT": str(free_port())}
+    env.pop("FRACTURE_OPS_PACS_URL", None)
     try:
         up = subprocess.run(["make", "-s", "up"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=420)
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
         info = json.loads((tmp_path / "stack" / "stack.json").read_text())
         assert info["admin_password_file"] in up.stdout and info["airflow_url"] in up.stdout
+        # the local PACS beside Airflow and MLflow (Orthanc: .ci/run installs it)
+        from fracture_ops.pacs.orthanc_local import missing
+
+        assert missing() is None, missing()
+        pacs = info["pacs"]
+        assert f"PACS        {pacs['url']}" in up.stdout and pacs["url"].endswith(env["ORTHANC_PORT"])
+        creds = json.loads(Path(pacs["credentials_file"]).read_text())
+        assert creds["password"] not in up.stdout
+        assert oct(Path(pacs["credentials_file"]).stat().st_mode & 0o777) == "0o600"
+        from fracture_ops.pacs.dicomweb import PacsConnection
+
+        conn = PacsConnection(url=pacs["dicomweb_url"], username=creds["username"], password=creds["password"])
+        assert conn.client().search_for_studies() == []
+        with pytest.raises(Exception, match="401"):
+            PacsConnection(url=pacs["dicomweb_url"], username="x", password="y").call(
+                "probe", lambda: PacsConnection(url=pacs["dicomweb_url"], username="x",
+                                                password="y").client().search_for_studies())
         passwords = json.loads(Path(info["admin_password_file"]).read_text())
         token = _api(f"{info['airflow_url']}/auth/token",
                      data={"username": "admin", "password": passwords["admin"]})["access_token"]

@@ -30,7 +30,7 @@ STEP_SIDE = {("ServiceAccount", "fracture-ops-step"), ("Role", "fracture-ops-pod
              ("RoleBinding", "fracture-ops-pod-launcher"), ("Role", "fracture-ops-job-watcher"),
              ("RoleBinding", "fracture-ops-job-watcher"),
              ("PersistentVolumeClaim", "fracture-ops-cache"), ("Secret", "fracture-ops-deid"),
-             ("Secret", "fracture-ops-mlflow-promoter")}
+             ("Secret", "fracture-ops-mlflow-promoter"), ("Secret", "fracture-ops-pacs")}
 LAUNCHER = "fracture-ops-launcher"
 GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
 GPU_NODE_LABEL = {"fracture-ops/pool": "gpu"}

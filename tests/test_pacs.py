@@ -256,3 +256,31 @@ def test_query_window():
         PacsIngestConfig(artifact_root="/tmp/x", since="2024-01-01")
     with pytest.raises(ValueError):
         PacsIngestConfig(artifact_root="/tmp/x", modalities=["C;R"])
+
+
+def test_the_airflow_connection_fills_the_steps_environment(monkeypatch):
+    """Under the local runner the pacs-ingest task takes the PACS from the Airflow connection
+    fracture_ops_pacs (host as a whole URL, or host + schema + port + path); other steps get
+    nothing from it."""
+    from fracture_ops.orchestration.airflow_tasks import connection_env
+    from fracture_ops.orchestration.specs import PACS_STEPS, TRAINING_STEPS
+    from fracture_ops.pacs.dicomweb import env_from_connection
+
+    monkeypatch.setenv("AIRFLOW_CONN_FRACTURE_OPS_PACS", json.dumps({
+        "conn_type": "http", "host": "pacs.hospital.example", "schema": "https", "port": 8443,
+        "login": "ingest", "password": "s3cret", "extra": {"path": "/wado/dicom-web/"}}))
+    env = connection_env(PACS_STEPS["pacs_ingest"])
+    assert env == {"FRACTURE_OPS_PACS_URL": "https://pacs.hospital.example:8443/wado/dicom-web",
+                   "FRACTURE_OPS_PACS_USERNAME": "ingest", "FRACTURE_OPS_PACS_PASSWORD": "s3cret",
+                   "FRACTURE_OPS_PACS_CONNECTION": "fracture_ops_pacs"}
+    assert connection_env(TRAINING_STEPS["ingest"]) == {}
+    conn = PacsConnection.from_env(env)
+    assert "s3cret" not in repr(conn) and conn.name == "fracture_ops_pacs"
+    assert env_from_connection("c", "http://orthanc:8042/dicom-web/")["FRACTURE_OPS_PACS_URL"] == \
+        "http://orthanc:8042/dicom-web"
+    with pytest.raises(Exception, match="no host"):
+        env_from_connection("c", "")
+    monkeypatch.delenv("AIRFLOW_CONN_FRACTURE_OPS_PACS")
+    assert connection_env(PACS_STEPS["pacs_ingest"]) == {}
+    with pytest.raises(Exception, match="FRACTURE_OPS_PACS_URL is not set"):
+        PacsConnection.from_env({})

@@ -215,7 +215,7 @@ def _all_step_pods():
 
     params = defaults(artifact_root="s3://fracture-ops-artifacts") | {
         "incoming_uri": "s3://incoming/today", "window_days": 7, "drift_share_threshold": 0.3,
-        "shards": 4}
+        "shards": 4, "dataset": "pacs", "max_studies": 500}
     ti = SimpleNamespace(xcom_pull=lambda task_ids=None, **kw: {"model_version": "3", "model_uri": "models:/fracture-classifier/3"})
     pods = {}
     for dag in bag.dags.values():
@@ -253,12 +253,17 @@ def test_the_deid_secret_reaches_only_the_pods_that_use_it(step_pods):
             with_key.add(task)
         # the pipeline's other credentials follow the same rule: no step parsing raw input
         # holds the registry's
-        if task in ("ingest", "validate", "deidentify", "split"):
+        if task in ("ingest", "validate", "deidentify", "split", "pacs_ingest"):
             assert "fracture-ops-mlflow" not in refs, task
+        # the PACS account: the PACS ingest pod alone, which alone carries the label the
+        # network policy lets reach the PACS
+        assert ("fracture-ops-pacs" in refs) == (task == "pacs_ingest"), task
+        assert (pod["metadata"]["labels"].get("fracture-ops/pacs") == "true") == (task == "pacs_ingest"), task
         if task == "infer_merge":  # reads shard tables, writes the partition: the store only
             assert refs == {"fracture-ops-s3"}, refs
-    # infer_plan keys the image ids of the incoming files with the de-id secret
-    assert with_key == {"deidentify", "infer_plan", "infer", "reference"}
+    # infer_plan keys the image ids of the incoming files with the de-id secret; pacs_ingest
+    # de-identifies what it retrieves
+    assert with_key == {"deidentify", "infer_plan", "infer", "reference", "pacs_ingest"}
 
 
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",

@@ -62,11 +62,34 @@ def run_local_step(spec: StepSpec, context: dict) -> dict:
             f"Trainer (a TrainJob over {nodes} nodes); the local runner trains on this machine only: "
             f"trigger with {spec.nodes_param}=1")
     try:
-        return run_step(spec, dict(context), emit=lambda line: log.info("%s", line))
+        return run_step(spec, dict(context), emit=lambda line: log.info("%s", line),
+                        env=connection_env(spec))
     except StepFailed as exc:
         if not exc.retryable:
             raise AirflowFailException(str(exc)) from None
         raise
+
+
+PACS_CONNECTION = "fracture_ops_pacs"
+
+
+def connection_env(spec: StepSpec) -> dict[str, str]:
+    """Credentials a step gets from Airflow connections under the local runner (pods get them
+    from Kubernetes Secrets): the PACS connection ``fracture_ops_pacs`` for a step that holds
+    the ``pacs`` credential, when the connection is defined (else the worker's environment)."""
+    if "pacs" not in spec.secrets:
+        return {}
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from fracture_ops.pacs.dicomweb import env_from_connection
+
+    try:
+        conn = BaseHook.get_connection(PACS_CONNECTION)
+    except AirflowNotFoundException:
+        return {}
+    return env_from_connection(PACS_CONNECTION, conn.host or "", conn.schema or "", conn.port,
+                               conn.login or "", conn.password or "", (conn.extra_dejson or {}).get("path", ""))
 
 
 def build_tasks(steps: dict[str, StepSpec], outlets: dict[str, list] | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""``make up`` / ``make down``: Airflow (standalone) and the MLflow UI on loopback, for the UI
+"""``make up`` / ``make down``: Airflow (standalone), the MLflow UI and a local PACS (Orthanc,
+where Debian's ``orthanc`` and ``orthanc-dicomweb`` are installed) on loopback, for the UI
 experience on one machine.
 
 ``up`` starts ``airflow standalone`` (SQLite metadata DB, LocalExecutor, the repo's ``dags/``)
@@ -33,6 +34,8 @@ def _settings() -> dict:
     return {"state": state, "airflow_home": airflow_home(),
             "airflow_port": int(os.environ.get("AIRFLOW_PORT", "8080")),
             "mlflow_port": int(os.environ.get("MLFLOW_PORT", "5000")),
+            "orthanc_port": int(os.environ.get("ORTHANC_PORT", "8042")),
+            "orthanc_dicom_port": int(os.environ.get("ORTHANC_DICOM_PORT", "4242")),
             "mlflow_dir": Path(os.environ.get("FRACTURE_OPS_MLFLOW_DIR", REPO / "data" / "mlflow")).resolve()}
 
 
@@ -118,8 +121,55 @@ def airflow_env(s: dict) -> dict:
             "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{s['airflow_port']}",
             "FRACTURE_OPS_RUNNER": "local", "PYTHONPATH": str(REPO),
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{s['mlflow_port']}",
-            "FRACTURE_OPS_DEID_SECRET": dev_secret(s["state"])[0],
+            "FRACTURE_OPS_DEID_SECRET": dev_secret(s["state"])[0], **pacs_env(s),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _pacs_credentials(s: dict) -> tuple[str, str, Path]:
+    """The local PACS account, created once under the state folder (mode 0600)."""
+    path = s["state"] / "orthanc" / "credentials.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"username": "fracture-ops", "password": secrets.token_urlsafe(16)}))
+        os.chmod(path, 0o600)
+    creds = json.loads(path.read_text())
+    return creds["username"], creds["password"], path
+
+
+def _local_pacs(s: dict):
+    from fracture_ops.pacs.orthanc_local import LocalOrthanc
+
+    user, password, _ = _pacs_credentials(s)
+    return LocalOrthanc(s["state"] / "orthanc", username=user, password=password,
+                        http_port=s["orthanc_port"], dicom_port=s["orthanc_dicom_port"])
+
+
+def pacs_env(s: dict) -> dict:
+    """The local PACS for the Airflow tasks (``fracture_pacs_ingest``), when Orthanc is installed
+    and no site PACS is configured in the environment."""
+    from fracture_ops.pacs.dicomweb import URL_ENV
+    from fracture_ops.pacs.orthanc_local import missing
+
+    if missing() or os.environ.get(URL_ENV):
+        return {}
+    return _local_pacs(s).env()
+
+
+def start_pacs(s: dict, timeout: float = 60) -> dict:
+    """Start the local Orthanc (idempotent); ``{"missing": why}`` when it is not installed."""
+    from fracture_ops.pacs.orthanc_local import missing
+
+    why = missing()
+    if why:
+        return {"missing": why}
+    server = _local_pacs(s)
+    pid_file = s["state"] / "orthanc.pid"
+    if not (pid_file.exists() and _alive(int(pid_file.read_text()))):
+        server.start(timeout=timeout)
+        pid_file.write_text(str(server.pid))
+    return {"url": server.url, "dicomweb_url": server.dicomweb_url, "dicom_port": server.dicom_port,
+            "username": server.username, "credentials_file": str(_pacs_credentials(s)[2]),
+            "pid": int(pid_file.read_text())}
 
 
 def up(timeout: float = 240) -> dict:
@@ -139,6 +189,9 @@ def up(timeout: float = 240) -> dict:
     if not (af_pid_file.exists() and _alive(int(af_pid_file.read_text()))):
         _spawn([_bin("airflow"), "standalone"], airflow_env(s), s["state"] / "airflow.log", af_pid_file)
     pids["airflow"] = int(af_pid_file.read_text())
+    pacs = start_pacs(s)
+    if pacs.get("pid"):
+        pids["orthanc"] = pacs["pid"]
     _wait(f"http://127.0.0.1:{s['mlflow_port']}/health", "MLflow", pids["mlflow"], timeout)
     _wait(f"http://127.0.0.1:{s['airflow_port']}/api/v2/monitor/health", "Airflow", pids["airflow"], timeout)
     secret_file = dev_secret(s["state"])[1]
@@ -146,7 +199,7 @@ def up(timeout: float = 240) -> dict:
             "deid_secret_file": secret_file,
             "mlflow_url": f"http://127.0.0.1:{s['mlflow_port']}",
             "admin_password_file": str(s["airflow_home"] / "simple_auth_manager_passwords.json.generated"),
-            "logs": str(s["state"]), "pids": pids}
+            "logs": str(s["state"]), "pids": pids, "pacs": {k: v for k, v in pacs.items() if k != "pid"}}
     (s["state"] / "stack.json").write_text(json.dumps(info, indent=2))
     unpause_training(info)
     return info
@@ -200,7 +253,7 @@ def down(timeout: float = 60) -> list[int]:
     """Stop both process groups (TERM, then KILL); returns the pids that were running."""
     s = _settings()
     stopped = []
-    for name in ("airflow", "mlflow"):
+    for name in ("airflow", "mlflow", "orthanc"):
         pid_file = s["state"] / f"{name}.pid"
         if not pid_file.exists():
             continue
@@ -236,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         info = up()
         print(f"Airflow UI  {info['airflow_url']}  (user admin; password in {info['admin_password_file']})")
         print(f"MLflow UI   {info['mlflow_url']}")
+        pacs = info["pacs"]
+        if pacs.get("url"):
+            print(f"PACS        {pacs['url']}  (Orthanc; DICOMweb {pacs['dicomweb_url']}, DICOM port "
+                  f"{pacs['dicom_port']}; user {pacs['username']}, password in {pacs['credentials_file']})")
+        else:
+            print(f"PACS        not started: {pacs['missing']}")
         if info["deid_secret_file"]:
             print(f"de-id key   {DEV_SECRET_NOTE} ({info['deid_secret_file']}); "
                   "export FRACTURE_OPS_DEID_SECRET for real data")

@@ -58,6 +58,7 @@ def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
     from fracture_ops.inference.batch import InferConfig
     from fracture_ops.inference.shards import PlanConfig
     from fracture_ops.monitoring.drift_step import DriftConfig
+    from fracture_ops.pacs.ingest import PacsIngestConfig
     from fracture_ops.workflows.fit import FitConfig
 
     root = {"artifact_root": (StepConfig, "artifact_root")}
@@ -76,6 +77,9 @@ def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
         "fracture_drift": {**root, "window_days": (DriftConfig, "window_days"),
                            "drift_share_threshold": (DriftConfig, "drift_share_threshold")},
         "fracture_promotion": dict(root),
+        "fracture_pacs_ingest": {**root, "raw_root": (StepConfig, "raw_root"),
+                                 "dataset": (PacsIngestConfig, "dataset"),
+                                 "max_studies": (PacsIngestConfig, "max_studies")},
     }
 
 

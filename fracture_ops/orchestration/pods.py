@@ -45,7 +45,8 @@ class PodSettings:
     secrets: tuple[tuple[str, str], ...] = (("mlflow", "fracture-ops-mlflow"),
                                             ("promoter", "fracture-ops-mlflow-promoter"),
                                             ("s3", "fracture-ops-s3"),
-                                            ("deid", "fracture-ops-deid"))
+                                            ("deid", "fracture-ops-deid"),
+                                            ("pacs", "fracture-ops-pacs"))
     # the keys of each Secret (infra/secrets/*.template.yaml), for the TrainJob's nodes, whose
     # container takes no envFrom; True: the key may be absent (the MinIO endpoints on AWS S3)
     secret_keys: tuple[tuple[str, tuple[tuple[str, bool], ...]], ...] = (
@@ -55,7 +56,9 @@ class PodSettings:
                       ("MLFLOW_TRACKING_PASSWORD", False))),
         ("s3", (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
                 ("S3_ENDPOINT_URL", True), ("MLFLOW_S3_ENDPOINT_URL", True))),
-        ("deid", (("FRACTURE_OPS_DEID_SECRET", False),)))
+        ("deid", (("FRACTURE_OPS_DEID_SECRET", False),)),
+        ("pacs", (("FRACTURE_OPS_PACS_URL", False), ("FRACTURE_OPS_PACS_USERNAME", False),
+                  ("FRACTURE_OPS_PACS_PASSWORD", False))))
     # the Kubeflow Trainer runtime of multi-node training (a ClusterTrainingRuntime)
     trainer_runtime: str = field(default_factory=lambda: os.environ.get(
         "FRACTURE_OPS_TRAINER_RUNTIME", "torch-distributed"))
@@ -148,9 +151,13 @@ def step_placement(spec: StepSpec, s: PodSettings, gpus: str) -> tuple[dict, lis
 
 
 def step_labels(spec: StepSpec) -> dict[str, str]:
-    """The labels of a step's pods (the network policies select on the component)."""
-    return {"app.kubernetes.io/part-of": "fracture-ops", "fracture-ops/step": spec.name,
-            "app.kubernetes.io/component": "step"}
+    """The labels of a step's pods (the network policies select on the component, and let
+    the pods holding the PACS credential reach the PACS)."""
+    labels = {"app.kubernetes.io/part-of": "fracture-ops", "fracture-ops/step": spec.name,
+              "app.kubernetes.io/component": "step"}
+    if "pacs" in spec.secrets:
+        labels["fracture-ops/pacs"] = "true"
+    return labels
 
 
 def _exit_code(remote_pod, container: str) -> int | None:

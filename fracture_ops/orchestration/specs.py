@@ -60,7 +60,8 @@ class StepSpec:
         secrets: which credentials the step's pod gets (``s3``: the object store; ``mlflow``:
             tracking and registry as the pipeline identity, which cannot move ``champion``;
             ``promoter``: the promoter identity, the promotion step's alone; ``deid``: the
-            de-identification key). Least privilege: only the steps that use a credential mount
+            de-identification key; ``pacs``: the PACS's DICOMweb endpoint and account, whose
+            pods alone may reach the PACS). Least privilege: only the steps that use a credential mount
             it; steps that parse untrusted input (ingest, validate, deidentify) get no registry
             credentials.
     """
@@ -187,6 +188,16 @@ INFERENCE_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     # every shard's rows as the batch's one part of the date partition (atomic, rerun-safe)
     _spec("infer_merge", "infer-merge", "--plan", f"{RUN}/infer_plan/plan.json",
           reads=("infer_plan", "infer"), timeout_s=1800),
+]}
+
+PACS_STEPS: dict[str, StepSpec] = {s.name: s for s in [
+    # new CR/DX studies from the PACS (DICOMweb), de-identified on arrival into
+    # <artifact_root>/pacs/<dataset>/; the watermark is kept in the raw zone. Its pod alone
+    # reaches the PACS (network policy on the pacs credential's label)
+    _spec("pacs_ingest", "pacs-ingest", "--dataset", "{{ params.dataset }}",
+          "--max-studies", "{{ params.max_studies }}", *RAW_ARGS,
+          cpu="2", memory="4Gi", ephemeral="8Gi", retries=3, retry_delay_s=120, timeout_s=4 * 3600,
+          outputs=("pacs_ingest/report.json",), secrets=("s3", "deid", "pacs")),
 ]}
 
 DRIFT_STEPS: dict[str, StepSpec] = {s.name: s for s in [

@@ -120,6 +120,26 @@ class PacsConnection:
         raise AssertionError("unreachable")
 
 
+def env_from_connection(name: str, host: str, schema: str = "", port: int | None = None,
+                        login: str = "", password: str = "", path: str = "") -> dict[str, str]:
+    """The step's environment from an Airflow connection's fields: ``host`` is either the whole
+    DICOMweb root (``https://pacs.example.org/dicom-web``) or a host name, completed with
+    ``schema`` (default https), ``port`` and the extra ``path`` (default ``/dicom-web``).
+
+    Raises:
+        ConfigError: no host.
+    """
+    host = (host or "").strip()
+    if not host:
+        raise ConfigError(f"PACS connection {name!r} has no host (the DICOMweb root URL)")
+    if host.startswith(("http://", "https://")):
+        url = host
+    else:
+        url = f"{schema or 'https'}://{host}{f':{port}' if port else ''}/{(path or 'dicom-web').lstrip('/')}"
+    return {URL_ENV: url.rstrip("/"), USER_ENV: login or "", PASSWORD_ENV: password or "",
+            CONNECTION_ENV: name}
+
+
 def tag_value(item: dict, tag: str, default: str = "") -> str:
     """The first value of a DICOM JSON attribute (QIDO-RS result), as a string."""
     values = (item.get(tag) or {}).get("Value") or []
