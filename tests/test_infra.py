@@ -611,3 +611,19 @@ def test_identities_reach_only_their_steps():
     for kind in ("mlflow", "promoter"):
         keys = CLIENT_SECRETS["fracture-ops-mlflow"]
         assert set(one("Secret", names[kind], STEPS_NAMESPACE)["stringData"]) == keys
+
+
+def test_bundled_orthanc_serves_dicomweb_with_auth_on_the_ports_the_pacs_policy_opens():
+    container = _container("orthanc")
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DICOM_WEB_PLUGIN_ENABLED"]["value"] == "true"
+    assert env["ORTHANC__AUTHENTICATION_ENABLED"]["value"] == "true"
+    assert env["ORTHANC__DICOM_WEB__ROOT"]["value"] == "/dicom-web/"
+    # accounts come from the Secret, never from the manifest
+    assert env["ORTHANC__REGISTERED_USERS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "fracture-ops-orthanc", "key": "ORTHANC__REGISTERED_USERS"}
+    service = one("Service", "orthanc", NAMESPACE)
+    ports = {p["port"] for p in service["spec"]["ports"]}
+    pacs_rule = one("NetworkPolicy", "steps-egress-pacs", STEPS_NAMESPACE)
+    assert ports == {p["port"] for r in pacs_rule["spec"]["egress"] for p in r["ports"]} == {8042, 4242}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
