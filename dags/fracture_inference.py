@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import Param, dag, task
 
 from fracture_ops.orchestration.airflow_tasks import build_tasks, default_args
 from fracture_ops.orchestration.assets import PREDICTION_LOG
@@ -19,7 +19,9 @@ version for the whole run. `infer_plan` splits the day's new images into at most
 `infer` runs once per shard (mapped tasks: a failed shard is retried alone); `infer_merge` writes
 every shard's rows as one part of `<artifact_root>/prediction_log/date=<ds>/` (predictions,
 model version, per-image features). Re-running a date, a shard or the merge replaces rows, never
-duplicates or loses them.
+duplicates or loses them. With `pacs_results` on, `pacs_report` sends the champion's results
+on the studies pulled from the PACS (`pacs_dataset`) back to the PACS: a DICOM SR and a Grad-CAM
+secondary capture per radiograph, under the original study (see README, "Connect a PACS").
 
 *Research and education only; not for clinical use.*
 """
@@ -39,7 +41,14 @@ duplicates or loses them.
 def fracture_inference():
     # reference -> infer_plan (the version the reference was built for, pinned) -> infer, one
     # mapped task per shard -> infer_merge into the date partition
-    build_tasks(INFERENCE_STEPS, outlets={"infer_merge": [PREDICTION_LOG]})
+    tasks = build_tasks(INFERENCE_STEPS, outlets={"infer_merge": [PREDICTION_LOG]})
+
+    # optional: results back to the PACS (trigger parameter pacs_results, off by default)
+    @task.short_circuit(task_id="pacs_results_enabled", ignore_downstream_trigger_rules=False)
+    def pacs_results_enabled(params=None) -> bool:
+        return bool(params["pacs_results"])
+
+    pacs_results_enabled() >> tasks["pacs_report"]
 
 
 fracture_inference()

@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "deidentify": ("fracture_ops.deid.step", "de-identify DICOM (PS3.15 Annex E) in a folder or manifest"),
     "pacs-ingest": ("fracture_ops.pacs.ingest", "pull new radiograph studies from a PACS over "
                     "DICOMweb, de-identified on arrival, into a dataset manifest"),
+    "pacs-report": ("fracture_ops.pacs.report", "send the champion's results (DICOM SR and "
+                    "Grad-CAM secondary capture) back to the PACS under the original studies"),
     "split": ("fracture_ops.data.split", "patient-wise stratified train/val/test split"),
     "detect": ("fracture_ops.detection.cli", "YOLOv8 fracture localisation: train, val, predict"),
     "train": ("fracture_ops.training.train", "train a classifier (timm backbone) on a split"),

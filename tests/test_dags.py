@@ -32,7 +32,8 @@ EXPECTED_EDGES = {
     # infer is mapped (one task per shard) over the list infer_shards reads from the plan
     "fracture_inference": {("reference", "infer_plan"), ("infer_plan", "infer_shards"),
                            ("infer_shards", "infer"), ("infer_plan", "infer"),
-                           ("infer_plan", "infer_merge"), ("infer", "infer_merge")},
+                           ("infer_plan", "infer_merge"), ("infer", "infer_merge"),
+                           ("pacs_results_enabled", "pacs_report")},
     "fracture_drift": {("drift", "drift_detected"), ("drift", "retraining_signal"),
                        ("drift_detected", "retraining_signal")},
     "fracture_pacs_ingest": set(),
@@ -194,7 +195,8 @@ def test_every_step_spec_renders_to_a_valid_cli_command():
                                                   TRAINING_STEPS, render_args)
 
     params = defaults(artifact_root="/data/art") | {"incoming_uri": "/data/incoming", "window_days": 1,
-                                                     "drift_share_threshold": 0.3, "shards": 4}
+                                                     "drift_share_threshold": 0.3, "shards": 4,
+                                                     "pacs_dataset": "pacs", "dataset": "pacs", "max_studies": 5}
     from types import SimpleNamespace
 
     from airflow.sdk.execution_time import macros

@@ -44,6 +44,12 @@ def _expected_id(path: Path) -> str:
 def champion(tmp_path_factory):
     """synth (30 % DICOM with fake PHI) -> split -> train -> calibrate -> tune -> evaluate ->
     package -> register (v1, champion) + a second version v2 of the same model."""
+    yield from registered_champion(tmp_path_factory)
+
+
+def registered_champion(tmp_path_factory):
+    """The ``champion`` fixture's work (a generator: set up, yield, restore the environment);
+    other test modules build their own from it."""
     import mlflow
 
     from fracture_ops.data.split import SplitConfig, split_step

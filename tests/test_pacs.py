@@ -284,3 +284,75 @@ def test_the_airflow_connection_fills_the_steps_environment(monkeypatch):
     assert connection_env(PACS_STEPS["pacs_ingest"]) == {}
     with pytest.raises(Exception, match="FRACTURE_OPS_PACS_URL is not set"):
         PacsConnection.from_env({})
+
+
+# ------------------------------------------------------------------ results back to the PACS
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    """A registered champion, trained small (the inference tests' fixture)."""
+    from tests.test_inference import registered_champion
+
+    yield from registered_champion(tmp_path_factory)
+
+
+def test_results_go_back_as_valid_sr_and_sc_under_the_original_study(orthanc, champion, tmp_path):
+    """pacs-ingest then pacs-report: per radiograph, a Comprehensive SR (probability of the
+    champion's own predict, decision, model version) and a Grad-CAM Secondary Capture reach the
+    PACS under the original study and patient, pass dciodvfy, and a rerun sends nothing more."""
+    import subprocess as sp
+
+    import mlflow
+
+    from fracture_ops.pacs.dicomweb import tag_value
+    from fracture_ops.pacs.report import PacsReportConfig, pacs_report_step
+
+    _clear(orthanc)
+    uploaded = _synthetic(tmp_path, 3)
+    _store(orthanc, uploaded)
+    pacs_ingest_step(_cfg(tmp_path, "i1", dataset="results"), conn=_conn(orthanc))
+    cfg = PacsReportConfig(artifact_root=str(tmp_path / "art"), run_id="rep1", dataset="results")
+    summary = pacs_report_step(cfg, conn=_conn(orthanc))
+    assert summary["model_version"] == champion["version"] and summary["studies_reported"] == 3
+    assert summary["objects_sent"] == 2 * len(uploaded) and summary["images_skipped"] == 0
+    client = _conn(orthanc).client()
+    manifest = _manifest(tmp_path, "results")
+    served = mlflow.pyfunc.load_model(f"models:/fracture-classifier/{champion['version']}")
+    expected = served.predict(pd.DataFrame({"image": list(manifest["image_uri"])}))
+    by_image = dict(zip(manifest["image_id"], expected["prob_fracture"]))
+    links = pd.concat([pd.read_parquet(p) for p in (tmp_path / "art-raw" / "pacs" / "results" / "links").glob("*.parquet")])
+    sop_to_image = dict(zip(links["sop_uid"], links["image_id"]))
+    found_sr = 0
+    for source in {d.StudyInstanceUID: d for d in uploaded}.values():  # one visit per study
+        study = source.StudyInstanceUID
+        results = client.search_for_instances(study_instance_uid=study, fields=["Modality", "SOPClassUID"])
+        srs = [r for r in results if tag_value(r, "00080060") == "SR"]
+        scs = [r for r in results if tag_value(r, "00080016") == "1.2.840.10008.5.1.4.1.1.7"]
+        assert len(srs) == len(scs) == 2, study  # one of each per radiograph of the study
+        for item in srs + scs:
+            ds = client.retrieve_instance(study, tag_value(item, "0020000E"), tag_value(item, "00080018"))
+            assert ds.PatientID == source.PatientID and ds.StudyInstanceUID == study
+            path = tmp_path / "result.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            check = sp.run(["dciodvfy", str(path)], capture_output=True, text=True)
+            errors = [x for x in (check.stdout + check.stderr).splitlines() if x.startswith("Error")]
+            assert errors == [], errors
+            if ds.Modality != "SR":
+                assert "research" in ds.ImageComments and champion["version"] in ds.ImageComments
+                continue
+            items = {c.ConceptNameCodeSequence[0].CodeMeaning: c for c in ds.ContentSequence}
+            assert items["Algorithm Version"].TextValue == champion["version"]
+            assert "not for clinical use" in items["Comment"].TextValue
+            ref = items["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            prob = float(items["Probability of fracture"].MeasuredValueSequence[0].NumericValue)
+            assert prob == pytest.approx(by_image[sop_to_image[ref]], abs=1e-6)
+            found_sr += 1
+    assert found_sr == len(uploaded)
+    again = pacs_report_step(PacsReportConfig(artifact_root=str(tmp_path / "art"), run_id="rep2",
+                                              dataset="results"), conn=_conn(orthanc))
+    assert again["objects_sent"] == 0 and again["studies_already_reported"] == 3
+    # the dataset store got PHI-free counts only: no SR/SC, no original UID, no name
+    phi = set().union(*(_phi_values(d) for d in uploaded))
+    for path in (tmp_path / "art").rglob("*"):
+        if path.is_file() and "pacs_report" in path.parts:
+            assert not _leaks(path.read_bytes(), phi), path

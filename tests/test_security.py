@@ -215,7 +215,8 @@ def _all_step_pods():
 
     params = defaults(artifact_root="s3://fracture-ops-artifacts") | {
         "incoming_uri": "s3://incoming/today", "window_days": 7, "drift_share_threshold": 0.3,
-        "shards": 4, "dataset": "pacs", "max_studies": 500}
+        "shards": 4, "dataset": "pacs", "max_studies": 500, "pacs_dataset": "pacs",
+        "pacs_results": False, "raw_root": ""}
     ti = SimpleNamespace(xcom_pull=lambda task_ids=None, **kw: {"model_version": "3", "model_uri": "models:/fracture-classifier/3"})
     pods = {}
     for dag in bag.dags.values():
@@ -255,10 +256,11 @@ def test_the_deid_secret_reaches_only_the_pods_that_use_it(step_pods):
         # holds the registry's
         if task in ("ingest", "validate", "deidentify", "split", "pacs_ingest"):
             assert "fracture-ops-mlflow" not in refs, task
-        # the PACS account: the PACS ingest pod alone, which alone carries the label the
-        # network policy lets reach the PACS
-        assert ("fracture-ops-pacs" in refs) == (task == "pacs_ingest"), task
-        assert (pod["metadata"]["labels"].get("fracture-ops/pacs") == "true") == (task == "pacs_ingest"), task
+        # the PACS account: the PACS ingest and report pods alone, which alone carry the label
+        # the network policy lets reach the PACS
+        pacs_steps = ("pacs_ingest", "pacs_report")
+        assert ("fracture-ops-pacs" in refs) == (task in pacs_steps), task
+        assert (pod["metadata"]["labels"].get("fracture-ops/pacs") == "true") == (task in pacs_steps), task
         if task == "infer_merge":  # reads shard tables, writes the partition: the store only
             assert refs == {"fracture-ops-s3"}, refs
     # infer_plan keys the image ids of the incoming files with the de-id secret; pacs_ingest

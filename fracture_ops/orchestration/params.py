@@ -59,6 +59,7 @@ def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
     from fracture_ops.inference.shards import PlanConfig
     from fracture_ops.monitoring.drift_step import DriftConfig
     from fracture_ops.pacs.ingest import PacsIngestConfig
+    from fracture_ops.pacs.report import PacsReportConfig
     from fracture_ops.workflows.fit import FitConfig
 
     root = {"artifact_root": (StepConfig, "artifact_root")}
@@ -73,7 +74,9 @@ def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
             "detect_epochs": (DetectConfig, "epochs"),
         },
         "fracture_inference": {"incoming_uri": (InferConfig, "incoming_uri"), **root,
-                               "shards": (PlanConfig, "shards")},
+                               "shards": (PlanConfig, "shards"),
+                               "raw_root": (StepConfig, "raw_root"),
+                               "pacs_dataset": (PacsReportConfig, "dataset")},
         "fracture_drift": {**root, "window_days": (DriftConfig, "window_days"),
                            "drift_share_threshold": (DriftConfig, "drift_share_threshold")},
         "fracture_promotion": dict(root),
@@ -125,6 +128,13 @@ def _resolve_env_default(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 # the parameters that steer the DAG itself, not a step
 DAG_ONLY: dict[str, dict[str, dict[str, Any]]] = {
+    "fracture_inference": {
+        "pacs_results": {"default": False, "type": "boolean",
+                         "description": "Also send the champion's results on the studies pulled "
+                         "from the PACS (fracture_pacs_ingest, dataset pacs_dataset) back to the "
+                         "PACS: a DICOM SR and a Grad-CAM secondary capture per radiograph, under "
+                         "the original study. Off by default."},
+    },
     "fracture_training": {
         "profile": {"default": "cpu-quick", "type": "string", "enum": list(PROFILES),
                     "description": "Model size, set together for the fields below left at their "

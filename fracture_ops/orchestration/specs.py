@@ -188,6 +188,12 @@ INFERENCE_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     # every shard's rows as the batch's one part of the date partition (atomic, rerun-safe)
     _spec("infer_merge", "infer-merge", "--plan", f"{RUN}/infer_plan/plan.json",
           reads=("infer_plan", "infer"), timeout_s=1800),
+    # optional (trigger parameter pacs_results, off by default): the champion's results on the
+    # PACS-ingested studies back to the PACS as DICOM SR + Grad-CAM secondary capture, under the
+    # original studies (identified data inside the hospital; ledger in the raw zone)
+    _spec("pacs_report", "pacs-report", "--dataset", "{{ params.pacs_dataset }}", *RAW_ARGS,
+          image="training", cpu="2", memory="8Gi", ephemeral="8Gi", retries=3, retry_delay_s=120,
+          timeout_s=4 * 3600, outputs=("pacs_report/report.json",), secrets=("s3", "mlflow", "pacs")),
 ]}
 
 PACS_STEPS: dict[str, StepSpec] = {s.name: s for s in [

@@ -12,7 +12,10 @@
    writes the same files under the same names (keyed pseudonyms), so nothing is duplicated or
    lost. ``manifest.parquet`` is then rebuilt from the parts, and the watermark moves last.
    The watermark is a real study date, so it is kept in the raw zone
-   (``<raw_root>/pacs/<dataset>/state.json``), never in the dataset store.
+   (``<raw_root>/pacs/<dataset>/state.json``), never in the dataset store; so are the links
+   from each image id to its original study, series and SOP instance UIDs
+   (``links/<study>.parquet``, written before the part), which ``pacs-report`` needs to send
+   results back under the original study.
 
 The dataset lives in ``<artifact_root>/pacs/<dataset>/`` (``images/``, ``parts/``,
 ``manifest.parquet``, ``state.json``); the run folder gets ``report.json`` and ``_SUCCESS``.
@@ -99,9 +102,14 @@ def dataset_dir(cfg: PacsIngestConfig) -> str:
     return storage.join(cfg.artifact_root, "pacs", cfg.dataset)
 
 
+def raw_dir(cfg) -> str:
+    """The dataset's raw-zone folder: the watermark and the links to the original UIDs."""
+    return storage.join(cfg.raw_root, "pacs", cfg.dataset)
+
+
 def state_uri(cfg: PacsIngestConfig) -> str:
     """The watermark (a real study date: identifying, so in the raw zone)."""
-    return storage.join(cfg.raw_root, "pacs", cfg.dataset, "state.json")
+    return storage.join(raw_dir(cfg), "state.json")
 
 
 def query_start(cfg: PacsIngestConfig, state: dict) -> str:
@@ -169,8 +177,10 @@ class Ingest:
             keep.append(tag_value(item, SERIES_UID))
         return [s for s in keep if s]
 
-    def study(self, study: str) -> tuple[list[dict], list[dict]]:
-        """Fetch, de-identify and write one study's wanted instances: ``(rows, quarantined)``.
+    def study(self, study: str) -> tuple[list[dict], list[dict], list[dict]]:
+        """Fetch, de-identify and write one study's wanted instances: ``(rows, quarantined,
+        links)``; a link ties an image id to the original study, series and SOP instance UIDs
+        (identifying: the raw zone's, for sending results back to the PACS).
 
         Raises:
             PacsAuthError, PacsUnavailable: the PACS itself failed (the run stops; nothing of
@@ -179,7 +189,7 @@ class Ingest:
         from fracture_ops.data.manifest import LATERALITIES, VIEWS
         from fracture_ops.deid.folder import process_bytes
 
-        rows, bad = [], []
+        rows, bad, links = [], [], []
         for series in self.wanted_series(study):
             instances = self.conn.call("QIDO-RS instance search", lambda s=series: self.client.search_for_instances(
                 study_instance_uid=study, series_instance_uid=s, fields=["SOPInstanceUID"]))
@@ -204,13 +214,14 @@ class Ingest:
                 uri = storage.write_bytes(storage.join(self.root, "images", f"{image_id}.dcm"), done.data)
                 view = _code(ds, "ViewPosition", VIEWS, "UNKNOWN")
                 side = _code(ds, "ImageLaterality", LATERALITIES, "") or _code(ds, "Laterality", LATERALITIES, "U")
+                links.append({"image_id": image_id, "study_uid": study, "series_uid": series, "sop_uid": sop})
                 rows.append({"image_id": image_id, "image_uri": uri, "patient_id": done.result.patient,
                              "study_id": done.result.study_uid, "label": None, "view": view,
                              "laterality": side,
                              "body_region": str(ds.get("BodyPartExamined", "") or "unknown").strip().lower(),
                              "source": "pacs", "modality": str(ds.get("Modality", "")),
                              "text_regions_blanked": int((done.pixels or {}).get("regions", 0))})
-        return rows, bad
+        return rows, bad, links
 
 
 def _parts(root: str) -> dict[str, str]:
@@ -267,8 +278,10 @@ def pacs_ingest_step(cfg: PacsIngestConfig, deid_cfg=None, conn: PacsConnection 
 
     written, quarantined = 0, []
     for _, study in progress(todo, "pacs-ingest studies"):
-        rows, bad = run.study(study)
+        rows, bad, links = run.study(study)
         key = run.keys.uid(study)
+        storage.write_parquet(storage.join(raw_dir(cfg), "links", f"{key}.parquet"),
+                              pd.DataFrame(links, columns=["image_id", "study_uid", "series_uid", "sop_uid"]))
         if bad:
             storage.write_json(storage.join(run.root, "quarantine", f"{key}.json"), bad)
         # the part last: its presence means every instance of the study is written or quarantined
