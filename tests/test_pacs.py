@@ -356,3 +356,26 @@ def test_results_go_back_as_valid_sr_and_sc_under_the_original_study(orthanc, ch
     for path in (tmp_path / "art").rglob("*"):
         if path.is_file() and "pacs_report" in path.parts:
             assert not _leaks(path.read_bytes(), phi), path
+
+
+def test_date_window_and_body_part_filters(orthanc, tmp_path):
+    """since=YYYYMMDD leaves older studies out; body_parts keeps only those series (the
+    synthetic radiographs are HAND)."""
+    _clear(orthanc)
+    _store(orthanc, _synthetic(tmp_path, 4))  # study dates 2024-01-15 .. 2024-04-15
+    recent = pacs_ingest_step(_cfg(tmp_path, "w1", dataset="window", since="20240301"), conn=_conn(orthanc))
+    assert recent["studies_found"] == 2 and recent["instances_written"] == 4
+    wrists = pacs_ingest_step(_cfg(tmp_path, "w2", dataset="wrists", body_parts=["WRIST"]), conn=_conn(orthanc))
+    assert wrists["studies_ingested"] == 4 and wrists["instances_written"] == 0
+    hands = pacs_ingest_step(_cfg(tmp_path, "w3", dataset="hands", body_parts=["hand"]), conn=_conn(orthanc))
+    assert hands["instances_written"] == 8
+
+
+def test_unreachable_pacs_exits_retryably(tmp_path):
+    """The command's exit code tells Airflow to retry (1), not to give up (2, 3, 4)."""
+    env = {**os.environ, "FRACTURE_OPS_PACS_URL": "http://127.0.0.1:9/dicom-web",
+           "FRACTURE_OPS_PACS_USERNAME": "u", "FRACTURE_OPS_PACS_PASSWORD": "p"}
+    res = subprocess.run([sys.executable, "-m", "fracture_ops.cli", "pacs-ingest", "--artifact-root",
+                          str(tmp_path / "art"), "--allow-dev-secret", "--retries", "1", "--backoff-s", "0"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "retry later" in res.stderr, res.stderr[-1000:]
