@@ -34,7 +34,8 @@ STEP_SIDE = {("ServiceAccount", "fracture-ops-step"), ("Role", "fracture-ops-pod
 LAUNCHER = "fracture-ops-launcher"
 GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
 GPU_NODE_LABEL = {"fracture-ops/pool": "gpu"}
-CLUSTER_SCOPED = {"Namespace", "RuntimeClass", "ClusterRole", "ClusterRoleBinding", "StorageClass"}
+CLUSTER_SCOPED = {"Namespace", "RuntimeClass", "ClusterRole", "ClusterRoleBinding", "StorageClass",
+                  "ClusterTrainingRuntime"}
 CLIENT_SECRETS = {
     "fracture-ops-mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
     "fracture-ops-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"},
@@ -112,6 +113,9 @@ def test_manifests_cover_the_platform():
 
 CRD_SCHEMAS = {  # custom resources, validated against the CRD their operator releases
     ("cert-manager.io/v1", "Certificate"): REPO / "tests" / "schemas" / "cert-manager.io_certificates.yaml",
+    # the served version's schema of the Kubeflow Trainer v2.3.0 CRD (JSON, which YAML reads)
+    ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"):
+        REPO / "tests" / "schemas" / "trainer.kubeflow.org_clustertrainingruntimes.json",
 }
 
 
@@ -325,7 +329,9 @@ def test_container_images_have_pinned_tags():
 def test_kustomization_applies_every_manifest_but_no_secret_template():
     kustomization = yaml.safe_load((INFRA / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
-    expected = {p.relative_to(INFRA).as_posix() for p in manifest_files() if "secrets" not in p.parts}
+    # infra/trainer/ is applied after the Kubeflow Trainer is installed (its CRDs), not by -k
+    expected = {p.relative_to(INFRA).as_posix() for p in manifest_files()
+                if "secrets" not in p.parts and "trainer" not in p.relative_to(INFRA).parts}
     assert listed == expected
     images = {i["name"]: i.get("newTag") for i in kustomization["images"]}
     for name, spec in pod_specs():
@@ -627,3 +633,26 @@ def test_bundled_orthanc_serves_dicomweb_with_auth_on_the_ports_the_pacs_policy_
     pacs_rule = one("NetworkPolicy", "steps-egress-pacs", STEPS_NAMESPACE)
     assert ports == {p["port"] for r in pacs_rule["spec"]["egress"] for p in r["ports"]} == {8042, 4242}
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_trainer_runtime_keeps_bad_input_exit_codes_and_never_restarts_in_place():
+    """The TrainJob's runtime: a failed node fails the job at once with its own exit code (no
+    in-place restart, no Job retry), exit 2/3/4 fail it by the pod failure policy, evictions do
+    not count; and it is the runtime the platform's TrainJobs name."""
+    from fracture_ops.orchestration.local_runner import NOT_RETRYABLE
+    from fracture_ops.orchestration.pods import PodSettings
+
+    runtime = one("ClusterTrainingRuntime", PodSettings().trainer_runtime)
+    assert runtime["spec"]["mlPolicy"]["torch"] == {}
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    job = node["template"]["spec"]
+    assert node["name"] == "node" and job["backoffLimit"] == 0
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["template"]["spec"]["containers"][0]["name"] == "node"
+    fail, ignore = job["podFailurePolicy"]["rules"]
+    assert fail["action"] == "FailJob" and fail["onExitCodes"]["containerName"] == "node"
+    assert sorted(fail["onExitCodes"]["values"]) == sorted(NOT_RETRYABLE)
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    # the Job template is a valid batch/v1 Job spec as well
+    kubernetes_validate.validate({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"},
+                                  "spec": job}, K8S_VERSION, strict=True)

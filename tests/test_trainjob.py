@@ -79,7 +79,7 @@ def test_rendered_trainjob_validates_and_runs_the_pods_command(kube_dag):
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
     assert trainer["resourcesPerNode"]["requests"] == trainer["resourcesPerNode"]["limits"]
     assert job["spec"]["runtimeRef"] == {"apiGroup": tj.GROUP, "kind": "ClusterTrainingRuntime",
-                                         "name": "torch-distributed"}
+                                         "name": "fracture-ops-torch"}  # infra/trainer/
     assert job["spec"]["activeDeadlineSeconds"] == pod_op.execution_timeout.total_seconds()
     # the same name on every try of the run, a DNS label
     assert job["metadata"]["name"] == tj.job_name(RUN_ID.replace(":", "-").replace("+", "-"))
@@ -243,6 +243,11 @@ def test_state_from_conditions_and_exit_codes():
     assert tj.state(COMPLETE).phase == "succeeded"
     failed = tj.state(FAILED, [_pod("n0", 0), _pod("n1", 3), _pod("n2", None, restarted=137)])
     assert failed.phase == "failed" and failed.exit_codes == (3, 137)
+    # a node that exited 3, restarted, then was killed when the job failed: its 3 still counts
+    assert tj.state(FAILED, [_pod("n0", 143, restarted=3)]).bad_input({2, 3, 4})
+    # the Trainer's activeDeadlineSeconds (the step's timeout) is a timeout, not a failure
+    deadline = tj.state(_job(("Failed", "DeadlineExceeded", "TrainJob exceeded its deadline")))
+    assert deadline.phase == "timeout"
     assert failed.bad_input({2, 3, 4}) and "FailedJobs" in failed.message
     assert not tj.state(FAILED, [_pod("n1", 1)]).bad_input({2, 3, 4})
     # a condition that is not True does not count
@@ -404,3 +409,29 @@ def test_wait_rides_out_api_errors_then_fails_retryably(monkeypatch):
     with pytest.raises(AirflowException) as err:
         _sensor(cluster, monkeypatch).execute_complete({"ti": TI()}, event)
     assert not isinstance(err.value, AirflowFailException) and cluster.deleted == 0
+
+
+def test_deadline_in_the_cluster_is_a_timeout_and_not_resubmitted(monkeypatch):
+    from airflow.sdk.exceptions import AirflowSensorTimeout
+
+    cluster = FakeCluster(_job(("Failed", "DeadlineExceeded", "TrainJob exceeded its deadline")))
+    sensor = _sensor(cluster, monkeypatch)
+    with pytest.raises(AirflowSensorTimeout):
+        sensor.execute({"ti": TI(try_number=2)})
+    assert cluster.resubmitted == 0 and cluster.deleted == 1
+
+
+def test_the_wait_reads_the_cluster_in_cluster_without_a_connection():
+    """In the triggerer pod there is no kubernetes_default connection: the async client must
+    use the pod's account (the provider's async hook does not fall back to it by itself)."""
+    from fracture_ops.orchestration.trainjob_ops import _hook, async_hook
+
+    assert async_hook(None).in_cluster is True and _hook(None).in_cluster is True
+    named = async_hook("site_k8s")
+    assert named.conn_id == "site_k8s" and named.in_cluster is None
+
+
+def test_duplicate_env_names_are_refused(kube_dag):
+    job = _rendered_job(kube_dag, nodes=2, gpus=1)
+    job["spec"]["trainer"]["env"].append(dict(job["spec"]["trainer"]["env"][0]))
+    assert any("duplicate names" in p for p in tj.problems(job))

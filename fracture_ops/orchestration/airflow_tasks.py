@@ -155,6 +155,9 @@ def xcom_inputs(spec: StepSpec, upstream: dict | None) -> dict:
         if not upstream or task_id not in upstream:
             raise ValueError(f"step {spec.name!r} takes {name!r} from task {task_id!r}: pass it in upstream")
         task = upstream[task_id]
+        if isinstance(task, StepGroup):
+            raise ValueError(f"step {spec.name!r} takes {name!r} from {task_id!r}, which may run as "
+                             "several tasks (a TrainJob): read its output files instead")
         out[name] = SummaryValue(task if isinstance(task, XComArg) else task.output, key)
     return out
 

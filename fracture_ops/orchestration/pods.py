@@ -59,9 +59,10 @@ class PodSettings:
         ("deid", (("FRACTURE_OPS_DEID_SECRET", False),)),
         ("pacs", (("FRACTURE_OPS_PACS_URL", False), ("FRACTURE_OPS_PACS_USERNAME", False),
                   ("FRACTURE_OPS_PACS_PASSWORD", False))))
-    # the Kubeflow Trainer runtime of multi-node training (a ClusterTrainingRuntime)
+    # the Kubeflow Trainer runtime of multi-node training: infra/trainer/fracture-ops-torch.yaml
+    # (torch-distributed with the steps' failure rules: no in-place restarts, exit 2/3/4 kept)
     trainer_runtime: str = field(default_factory=lambda: os.environ.get(
-        "FRACTURE_OPS_TRAINER_RUNTIME", "torch-distributed"))
+        "FRACTURE_OPS_TRAINER_RUNTIME", "fracture-ops-torch"))
     # Kueue LocalQueue the TrainJobs are queued in ("" = no Kueue: they start at once)
     kueue_queue: str = field(default_factory=lambda: os.environ.get("FRACTURE_OPS_KUEUE_QUEUE", ""))
     # passed through from the scheduler/worker environment (configuration, not secrets)

@@ -2,7 +2,8 @@
 
 With ``nodes > 1`` the training DAG does not start one pod: it submits a ``TrainJob`` that runs
 the step's own command (``fracture-ops fit --nproc-per-node G ...``) on ``nodes`` nodes of ``G``
-GPUs each, with the cluster's ``torch-distributed`` ``ClusterTrainingRuntime``. The Trainer
+GPUs each, with the platform's ``fracture-ops-torch`` ``ClusterTrainingRuntime``
+(``infra/trainer/``: the Trainer's ``torch-distributed`` with the steps' failure rules). The Trainer
 injects ``PET_NNODES``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT``; the
 step's launcher (:func:`fracture_ops.training.distributed.launch`) hands them to torchrun, so the
 argv is the single pod's argv.
@@ -44,6 +45,8 @@ PATCH_MANAGER = "fracture-ops.io/airflow"
 # the label the step namespace's network policy lets distributed nodes reach each other by
 PEER_LABEL = "fracture-ops/distributed"
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# the Failed condition's reason when activeDeadlineSeconds (the step's timeout) ran out
+DEADLINE_REASON = "DeadlineExceeded"
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -191,6 +194,10 @@ def problems(doc: dict) -> list[str]:
     out += [f"{path}: not a field of {KIND} {VERSION}" for path in unknown_fields(doc, schema())]
     if (doc.get("apiVersion"), doc.get("kind")) != (API_VERSION, KIND):
         out.append(f"apiVersion/kind: {doc.get('apiVersion')}/{doc.get('kind')} is not {API_VERSION}/{KIND}")
+    env = [e.get("name") for e in (((doc.get("spec") or {}).get("trainer") or {}).get("env") or [])]
+    dup = sorted({n for n in env if env.count(n) > 1})
+    if dup:  # a list keyed by name: the API server refuses duplicates
+        out.append(f"spec.trainer.env: duplicate names {dup}")
     name = str((doc.get("metadata") or {}).get("name", ""))
     if not _DNS_LABEL.match(name):
         out.append(f"metadata.name: {name!r} must match RFC 1035 DNS label format")
@@ -220,8 +227,9 @@ class JobState:
     """A TrainJob as the sensor sees it.
 
     Attributes:
-        phase: ``running`` (created, queued, suspended or training), ``succeeded``, ``failed``
-            or ``missing`` (no such TrainJob).
+        phase: ``running`` (created, queued, suspended or training), ``succeeded``, ``failed``,
+            ``timeout`` (failed by its ``activeDeadlineSeconds``, the step's timeout) or
+            ``missing`` (no such TrainJob).
         message: the deciding condition's reason and message.
         exit_codes: exit codes of the nodes' training containers that terminated non-zero
             (the step's own codes: 2, 3, 4 mean bad input).
@@ -251,11 +259,11 @@ def failed_exit_codes(pods: list[dict]) -> tuple[int, ...]:
         for status in ((pod.get("status") or {}).get("containerStatuses") or []):
             if status.get("name") != NODE_CONTAINER:
                 continue
-            for state in (status.get("state") or {}, status.get("lastState") or {}):
+            # both: a container killed (143) after it restarted keeps its own code in lastState
+            for state in (status.get("lastState") or {}, status.get("state") or {}):
                 term = state.get("terminated")
                 if term and term.get("exitCode"):
                     codes.append(int(term["exitCode"]))
-                    break
     return tuple(codes)
 
 
@@ -268,6 +276,8 @@ def state(job: dict | None, pods: list[dict] | None = None) -> JobState:
         cond = _condition(job, kind)
         if cond:
             message = f"{cond.get('reason', kind)}: {cond.get('message', '')}".strip(": ")
+            if phase == "failed" and cond.get("reason") == DEADLINE_REASON:
+                return JobState("timeout", message)  # the step's timeout, run out in the cluster
             codes = failed_exit_codes(pods or []) if phase == "failed" else ()
             return JobState(phase, message, codes)
     suspended = _condition(job, "Suspended")

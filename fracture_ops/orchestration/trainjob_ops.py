@@ -41,7 +41,17 @@ API_ERRORS = 5  # consecutive failed reads the wait rides out before the task fa
 def _hook(conn_id: str | None):
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-    return KubernetesHook(conn_id=conn_id)
+    return KubernetesHook(conn_id=conn_id) if conn_id else KubernetesHook(conn_id=None, in_cluster=True)
+
+
+def async_hook(conn_id: str | None):
+    """The triggerer's client: the named connection, else the pod's in-cluster account (the
+    async hook, unlike the sync one, never falls back to in-cluster config by itself)."""
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
+
+    if conn_id:
+        return AsyncKubernetesHook(conn_id=conn_id)
+    return AsyncKubernetesHook(conn_id=None, in_cluster=True)
 
 
 def _not_found(exc: BaseException) -> bool:
@@ -155,10 +165,9 @@ class TrainJobTrigger(BaseTrigger):
 
     async def fetch(self) -> tuple[dict | None, list[dict]]:
         """The job and its pods (API dicts), with the provider's async client."""
-        from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
         from kubernetes_asyncio import client as async_client
 
-        hook = AsyncKubernetesHook(conn_id=self.kubernetes_conn_id)
+        hook = async_hook(self.kubernetes_conn_id)
         async with hook.get_conn() as api:
             try:
                 job = await async_client.CustomObjectsApi(api).get_namespaced_custom_object(

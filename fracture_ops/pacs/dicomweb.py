@@ -33,7 +33,7 @@ RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
 class PacsAuthError(ConfigError):
-    """The PACS refused the account (401/403)."""
+    """The PACS refused the account (401/403), or its TLS certificate."""
 
 
 class PacsUnavailable(FractureOpsError):
@@ -74,6 +74,11 @@ class PacsConnection:
                               "e.g. https://pacs.example.org/dicom-web)")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"PACS connection {name!r}: {URL_ENV} must be an http(s) URL")
+        from urllib.parse import urlsplit
+
+        if urlsplit(url).username is not None or urlsplit(url).password is not None:
+            raise ConfigError(f"PACS connection {name!r}: {URL_ENV} must not carry a user or "
+                              f"password; use {USER_ENV} and {PASSWORD_ENV}")
         return cls(url=url, username=env.get(USER_ENV, ""), password=env.get(PASSWORD_ENV, ""),
                    name=name, **options)
 
@@ -82,6 +87,10 @@ class PacsConnection:
         import requests
         from dicomweb_client.api import DICOMwebClient
 
+        # dicomweb-client logs every request with its study, series and instance UIDs (INFO,
+        # and ERROR for refused stores): original identifiers must stay out of task logs
+        for name in ("dicomweb_client", "urllib3.connectionpool"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         session = requests.Session()
         if self.username:
             session.auth = requests.auth.HTTPBasicAuth(self.username, self.password)
@@ -108,7 +117,12 @@ class PacsConnection:
                     raise PacsRequestError(f"PACS connection {self.name!r}: {what} refused with "
                                            f"HTTP {status}") from None
                 reason = f"HTTP {status}"
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except requests.exceptions.SSLError:
+                raise PacsAuthError(f"PACS connection {self.name!r} ({self.url}): TLS failed on "
+                                    f"{what}: check the server certificate and the CA bundle "
+                                    "(REQUESTS_CA_BUNDLE)") from None
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as exc:
                 reason = type(exc).__name__
             if attempt > self.retries:
                 raise PacsUnavailable(f"PACS connection {self.name!r} ({self.url}): {what} failed "

@@ -42,6 +42,7 @@ from fracture_ops.errors import ConfigError, ErrorBudgetExceeded
 from fracture_ops.pacs.dicomweb import (
     PacsAuthError,
     PacsConnection,
+    PacsRequestError,
     PacsUnavailable,
     tag_value,
 )
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 STEP = "pacs_ingest"
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
 STUDY_DATE, MODALITY, BODY_PART = "00080020", "00080060", "00180015"
+STUDY_INSTANCES = "00201208"  # Number of Study Related Instances
 QIDO_PAGE = 200
 
 
@@ -115,9 +117,11 @@ def state_uri(cfg: PacsIngestConfig) -> str:
 def query_start(cfg: PacsIngestConfig, state: dict) -> str:
     """The earliest study date to ask for: watermark - lookback, else ``since``, else ''."""
     mark = state.get("watermark")
-    if mark:
+    if mark and _valid_date(mark):
         start = datetime.strptime(mark, "%Y%m%d").date() - timedelta(days=cfg.lookback_days)
         return start.strftime("%Y%m%d")
+    if mark:
+        log.warning("pacs-ingest: the stored watermark is not a valid date; querying from 'since'")
     return cfg.since
 
 
@@ -143,27 +147,37 @@ class Ingest:
         self.client = conn.client()
         self.root = dataset_dir(cfg)
 
-    def find_studies(self, start: str) -> dict[str, str]:
-        """Study UID -> study date of every study with a wanted modality since ``start``."""
-        found: dict[str, str] = {}
+    def find_studies(self, start: str) -> tuple[dict[str, tuple[str, int]], bool]:
+        """Study UID -> (study date, number of instances) of every study with a wanted modality
+        since ``start``, and whether the listing is complete (False when a page came back full
+        yet added nothing new: a PACS that ignores ``offset`` past its own cap)."""
+        found: dict[str, tuple[str, int]] = {}
+        complete = True
         for modality in self.cfg.modalities:
             filters = {"ModalitiesInStudy": modality}
             if start:
                 filters["StudyDate"] = f"{start}-"
             offset = 0
-            while True:  # page by page: a PACS may cap each answer (and some ignore offset)
+            while True:  # page by page until an empty page: a PACS may cap each answer
                 items = self.conn.call(f"QIDO-RS study search ({modality})", lambda f=filters, o=offset:
-                                       self.client.search_for_studies(search_filters=f, fields=["StudyDate"],
-                                                                      limit=QIDO_PAGE, offset=o))
+                                       self.client.search_for_studies(
+                                           search_filters=f, limit=QIDO_PAGE, offset=o,
+                                           fields=["StudyDate", "NumberOfStudyRelatedInstances"]))
                 before = len(found)
                 for item in items:
                     uid = tag_value(item, STUDY_UID)
                     if uid:
-                        found[uid] = tag_value(item, STUDY_DATE)
-                if len(items) < QIDO_PAGE or len(found) == before:
+                        count = tag_value(item, STUDY_INSTANCES, "0")
+                        found[uid] = (tag_value(item, STUDY_DATE), int(count) if count.isdigit() else 0)
+                if not items:
+                    break
+                if len(found) == before:  # the same page again: offset is not supported
+                    complete = False
+                    log.warning("pacs-ingest: the PACS repeats its answer past %d studies (no "
+                                "paging): the listing may be incomplete; the watermark stays", offset)
                     break
                 offset += len(items)
-        return found
+        return found, complete
 
     def wanted_series(self, study: str) -> list[str]:
         items = self.conn.call("QIDO-RS series search", lambda: self.client.search_for_series(
@@ -266,53 +280,132 @@ def pacs_ingest_step(cfg: PacsIngestConfig, deid_cfg=None, conn: PacsConnection 
     state_at = state_uri(cfg)
     state = storage.read_json(state_at) if storage.exists(state_at) else {}
     start = query_start(cfg, state)
-    found = run.find_studies(start)
+    try:
+        found, complete = run.find_studies(start)
+    except (PacsAuthError, PacsUnavailable, PacsRequestError):
+        raise
+    except Exception as exc:  # an answer we cannot read; its text may quote identifiers
+        raise PacsRequestError(f"pacs-ingest: the PACS's study search answer could not be read "
+                               f"({type(exc).__name__})") from None
     done = _parts(run.root)
-    new = sorted((d or "", uid) for uid, d in found.items() if run.keys.uid(uid) not in done)
+    # a study is fetched when it has no part yet, or when the PACS now holds more of its
+    # instances than when it was fetched (instances still arriving from the modality)
+    grown = {uid for uid, (_, n) in found.items() if run.keys.uid(uid) in done
+             and n > _recorded_instances(run.root, run.keys.uid(uid))}
+    new = sorted((d or "", uid) for uid, (d, _) in found.items()
+                 if run.keys.uid(uid) not in done or uid in grown)
     todo, left = new[:cfg.max_studies], new[cfg.max_studies:]
-    log.info("pacs-ingest: %d studies %s, %d already ingested, %d to fetch now%s",
+    log.info("pacs-ingest: %d studies %s, %d already ingested (%d grew since), %d to fetch now%s",
              len(found), "since the watermark" if state.get("watermark") else "found",
-             len(found) - len(new), len(todo),
+             len(found) - len(new) + len(grown), len(grown), len(todo),
              f", {len(left)} left for the next run" if left else "")
     from fracture_ops.cli_common import progress
 
-    written, quarantined = 0, []
-    for _, study in progress(todo, "pacs-ingest studies"):
-        rows, bad, links = run.study(study)
+    written, quarantined, failed, held = 0, [], [], []
+    for date_, study in progress(todo, "pacs-ingest studies"):
         key = run.keys.uid(study)
+        try:
+            rows, bad, links = run.study(study)
+        except (PacsAuthError, PacsUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - this study only; retried next run
+            failed.append({"study_id": key, "date": date_, "reason": type(exc).__name__})
+            log.warning("pacs-ingest: study %s failed (%s); it is fetched again next run", key,
+                        type(exc).__name__)
+            continue
         storage.write_parquet(storage.join(raw_dir(cfg), "links", f"{key}.parquet"),
                               pd.DataFrame(links, columns=["image_id", "study_uid", "series_uid", "sop_uid"]))
-        if bad:
-            storage.write_json(storage.join(run.root, "quarantine", f"{key}.json"), bad)
-        # the part last: its presence means every instance of the study is written or quarantined
-        storage.write_parquet(storage.join(run.root, "parts", f"{key}.parquet"),
-                              pd.DataFrame(rows, columns=list(rows[0]) if rows else ["image_id"]))
+        part = (key, rows, found[study][1])
         written += len(rows)
-        quarantined += bad
+        if bad:  # committed only once the run is within its error budget (below)
+            quarantined += bad
+            held.append((part, bad, date_))
+        else:
+            _commit(run.root, *part)
+    attempted = written + len(quarantined)
+    over_budget = bool(attempted) and len(quarantined) / attempted > cfg.max_bad_fraction
+    if not over_budget:  # a systemic fault (every instance refused) leaves these to a rerun
+        for part, bad, _ in held:
+            storage.write_json(storage.join(run.root, "quarantine", f"{part[0]}.json"), bad)
+            _commit(run.root, *part)
     manifest = rebuild_manifest(run.root)
     manifest_uri = storage.write_parquet(storage.join(run.root, "manifest.parquet"), manifest)
-    # studies are fetched in date order, so the studies left by the cap are never older than
-    # the watermark: the next run's query (watermark - lookback) still finds them
-    dates = [d for d, _ in todo if d] + ([state["watermark"]] if state.get("watermark") else [])
-    watermark = max(dates) if dates else None
+    again = [f["date"] for f in failed] + ([d for _, _, d in held] if over_budget else [])
+    watermark = next_watermark(state.get("watermark"), [d for d, _ in todo], again, complete)
     moved = bool(watermark) and watermark != state.get("watermark")
     if moved:
         storage.write_json(state_at, {"watermark": watermark, "updated": date.today().isoformat()})
-    attempted = written + len(quarantined)
     summary = {"dataset_uri": run.root, "manifest_uri": manifest_uri, "studies_found": len(found),
-               "studies_ingested": len(todo), "studies_already_ingested": len(found) - len(new),
+               "studies_ingested": len(todo) - len(failed), "studies_failed": len(failed),
+               "studies_already_ingested": len(found) - len(new), "studies_grown": len(grown),
                "studies_left": len(left), "instances_written": written,
                "instances_quarantined": len(quarantined), "manifest_rows": len(manifest),
-               "watermark_moved": moved}
+               "listing_complete": complete, "watermark_moved": moved}
     out_dir = cfg.output_dir(STEP)
-    storage.write_json(storage.join(out_dir, "report.json"), {**summary, "quarantined": quarantined})
-    if attempted and len(quarantined) / attempted > cfg.max_bad_fraction:
+    storage.write_json(storage.join(out_dir, "report.json"),
+                       {**summary, "quarantined": quarantined,
+                        "failed": [{k: v for k, v in f.items() if k != "date"} for f in failed]})
+    if over_budget:
         raise ErrorBudgetExceeded(f"pacs-ingest: {len(quarantined)} of {attempted} instances "
-                                  f"quarantined (> {cfg.max_bad_fraction}); see {out_dir}/report.json")
+                                  f"quarantined (> {cfg.max_bad_fraction}); their studies are not "
+                                  f"recorded and are fetched again next run; see {out_dir}/report.json")
     storage.mark_success(out_dir, summary)
-    log.info("pacs-ingest: %d instances of %d studies written, %d quarantined; manifest %d rows",
-             written, len(todo), len(quarantined), len(manifest))
+    log.info("pacs-ingest: %d instances of %d studies written, %d quarantined, %d studies failed; "
+             "manifest %d rows", written, len(todo) - len(failed), len(quarantined), len(failed),
+             len(manifest))
     return summary
+
+
+def _commit(root: str, key: str, rows: list[dict], instances: int) -> None:
+    """Record one study as ingested: its instance count, then its part (the part last: its
+    presence means every instance of the study is written or quarantined)."""
+    import pandas as pd
+
+    storage.write_json(storage.join(root, "parts", f"{key}.json"), {"instances": instances})
+    storage.write_parquet(storage.join(root, "parts", f"{key}.parquet"),
+                          pd.DataFrame(rows, columns=list(rows[0]) if rows else ["image_id"]))
+
+
+def _recorded_instances(root: str, key: str) -> int:
+    uri = storage.join(root, "parts", f"{key}.json")
+    return int(storage.read_json(uri).get("instances", 0)) if storage.exists(uri) else 0
+
+
+def _valid_date(value: str, today: date | None = None) -> bool:
+    """A real calendar date YYYYMMDD, not after tomorrow (a study dated in the future, by
+    mistake or by someone who can store studies, must not push the watermark past everything)."""
+    try:
+        day = datetime.strptime(value, "%Y%m%d").date()
+    except (TypeError, ValueError):
+        return False
+    return day <= (today or date.today()) + timedelta(days=1)
+
+
+def next_watermark(previous: str | None, fetched: list[str], held_back: list[str],
+                   complete: bool = True, today: date | None = None) -> str | None:
+    """The watermark after a run: the latest valid study date fetched, but never past a study
+    that must be fetched again (failed, or over the error budget), never moved when the listing
+    may be incomplete, and never backwards.
+
+    Args:
+        previous: the watermark before the run (None on the first run).
+        fetched: study dates of the studies fetched this run.
+        held_back: study dates of the studies to fetch again next run.
+        complete: whether the study listing was complete.
+    """
+    if not complete:
+        return previous
+    dates = [d for d in fetched if _valid_date(d, today)]
+    if previous:
+        dates.append(previous)
+    if not dates:
+        return previous
+    mark = max(dates)
+    blocked = [d for d in held_back if _valid_date(d, today)]
+    if blocked:  # the next query (watermark - lookback) must still find them
+        mark = min(mark, min(blocked))
+        mark = max(mark, previous) if previous else mark
+    return mark
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
