@@ -236,7 +236,7 @@ def test_namespaced_resources_live_in_their_namespace():
             continue
         ns = doc["metadata"].get("namespace")
         key = (doc["kind"], doc["metadata"]["name"])
-        if key in STEP_SIDE or doc["kind"] == "NetworkPolicy":
+        if key in STEP_SIDE or (doc["kind"] == "NetworkPolicy" and key[1] != "orthanc-ingress"):
             assert ns == STEPS_NAMESPACE, f"{path}: {key}"
         elif doc["kind"] == "Secret" and doc["metadata"]["name"] in {*CLIENT_SECRETS, "fracture-ops-ca"}:
             assert ns in (NAMESPACE, STEPS_NAMESPACE), f"{path}: {key}"
@@ -279,7 +279,8 @@ def _egress(policy: dict) -> list[tuple[str, str, int]]:
 
 
 def test_network_policies_let_steps_reach_only_mlflow_the_store_dns_and_pacs():
-    policies = {p["metadata"]["name"]: p for p in by_kind("NetworkPolicy")}
+    policies = {p["metadata"]["name"]: p for p in by_kind("NetworkPolicy")
+                if p["metadata"]["namespace"] == STEPS_NAMESPACE}
     deny = policies["steps-default-deny"]["spec"]
     assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
     assert "ingress" not in deny and "egress" not in deny
@@ -633,6 +634,15 @@ def test_bundled_orthanc_serves_dicomweb_with_auth_on_the_ports_the_pacs_policy_
     pacs_rule = one("NetworkPolicy", "steps-egress-pacs", STEPS_NAMESPACE)
     assert ports == {p["port"] for r in pacs_rule["spec"]["egress"] for p in r["ports"]} == {8042, 4242}
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert env["ORTHANC__DICOM_ALWAYS_ALLOW_STORE"]["value"] == "false"
+    # and only the PACS step pods reach it (its own ingress policy, both ports)
+    ingress = one("NetworkPolicy", "orthanc-ingress", NAMESPACE)["spec"]
+    assert ingress["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "orthanc"}
+    (rule,) = ingress["ingress"]
+    (peer,) = rule["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": STEPS_NAMESPACE}
+    assert peer["podSelector"]["matchLabels"]["fracture-ops/pacs"] == "true"
+    assert {p["port"] for p in rule["ports"]} == ports
 
 
 def test_trainer_runtime_keeps_bad_input_exit_codes_and_never_restarts_in_place():

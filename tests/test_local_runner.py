@@ -45,3 +45,18 @@ def test_timeout_kills_the_step_and_its_children(monkeypatch, tmp_path):
     assert err.value.exit_code == 124 and time.time() - t0 < 10
     time.sleep(6)
     assert not marker.exists()  # the grandchild died with the step's process group
+
+
+def test_the_pacs_account_reaches_only_steps_that_hold_it(monkeypatch):
+    """make up puts the local PACS account in the worker's environment: a step without the pacs
+    credential (every step but pacs-ingest and pacs-report) runs without it."""
+    monkeypatch.setattr(lr, "cli_executable", lambda: [sys.executable, "-c", (
+        "import json, os; keys = [k for k in os.environ if 'PACS' in k]; "
+        "open(os.environ['FRACTURE_OPS_XCOM_FILE'], 'w').write(json.dumps(sorted(keys)))")])
+    monkeypatch.setenv("FRACTURE_OPS_PACS_PASSWORD", "pw")
+    monkeypatch.setenv("FRACTURE_OPS_PACS_URL", "http://127.0.0.1:8042/dicom-web")
+    monkeypatch.setenv("AIRFLOW_CONN_FRACTURE_OPS_PACS", "{}")
+    plain = lr.run_step(StepSpec("train", (), secrets=("s3", "mlflow")), {}, emit=lambda line: None)
+    pacs = lr.run_step(StepSpec("pacs_ingest", (), secrets=("s3", "deid", "pacs")), {}, emit=lambda line: None)
+    assert plain == []
+    assert pacs == ["AIRFLOW_CONN_FRACTURE_OPS_PACS", "FRACTURE_OPS_PACS_PASSWORD", "FRACTURE_OPS_PACS_URL"]

@@ -54,6 +54,16 @@ def cli_executable() -> list[str]:
     return [found] if found else [sys.executable, "-m", "fracture_ops.cli"]
 
 
+# credentials a step gets only when its spec names them (least privilege, as for pods): the
+# worker's environment may hold them (make up's local PACS), its other steps must not
+WITHHELD_ENV = {"pacs": ("FRACTURE_OPS_PACS_URL", "FRACTURE_OPS_PACS_USERNAME",
+                         "FRACTURE_OPS_PACS_PASSWORD", "AIRFLOW_CONN_FRACTURE_OPS_PACS")}
+
+
+def _withheld(spec: StepSpec, name: str) -> bool:
+    return any(name in names for kind, names in WITHHELD_ENV.items() if kind not in spec.secrets)
+
+
 def command_for(spec: StepSpec, context: dict[str, Any]) -> list[str]:
     """The full command line: entrypoint + rendered arguments."""
     return cli_executable() + render_args(spec, context)
@@ -72,7 +82,8 @@ def run_step(spec: StepSpec, context: dict[str, Any], *, env: dict[str, str] | N
     emit("$ " + shlex.join([Path(cmd[0]).name, *cmd[1:]]))
     with tempfile.TemporaryDirectory() as tmp:
         xcom = Path(tmp) / "return.json"
-        proc_env = {**os.environ, **(env or {}), "FRACTURE_OPS_XCOM_FILE": str(xcom),
+        proc_env = {**{k: v for k, v in os.environ.items() if not _withheld(spec, k)}, **(env or {}),
+                    "FRACTURE_OPS_XCOM_FILE": str(xcom),
                     "FRACTURE_OPS_NO_PROGRESS": os.environ.get("FRACTURE_OPS_NO_PROGRESS", "1")}
         # its own process group, so a timeout or a killed task takes the whole step down with it
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -43,6 +43,22 @@ def result_uid(source_sop_uid: str, result: ImageResult, kind: str) -> str:
     return str(generate_uid(entropy_srcs=[source_sop_uid, result.model_name, result.model_version, kind]))
 
 
+def series_uid(study_uid: str, result: ImageResult, kind: str) -> str:
+    """One SR series and one SC series per study and model version (not one per radiograph)."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[study_uid, result.model_name, result.model_version, kind, "series"]))
+
+
+def _orientation(source) -> tuple[str, str] | None:
+    """The source's Patient Orientation (the overlay keeps its geometry), else None (unknown:
+    the attribute is written empty)."""
+    value = list(source.get("PatientOrientation", []) or [])
+    if len(value) == 2 and all(value):
+        return str(value[0]), str(value[1])
+    return None
+
+
 def _code(value: str, meaning: str, scheme: str = SCHEME):
     import highdicom as hd
 
@@ -77,7 +93,7 @@ def build_sr(source, result: ImageResult):
     root.ContentSequence = hd.sr.ContentSequence(items, is_root=False)
     sr = hd.sr.ComprehensiveSR(
         evidence=[source], content=root,
-        series_instance_uid=result_uid(source.SOPInstanceUID, result, "sr-series"),
+        series_instance_uid=series_uid(source.StudyInstanceUID, result, "sr"),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=result_uid(source.SOPInstanceUID, result, "sr"), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True)
@@ -96,14 +112,19 @@ def build_sc(source, overlay_rgb: np.ndarray, result: ImageResult):
         scale = MAX_SC_SIDE / max(rgb.shape[:2])
         size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
         rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+    orientation = _orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=result_uid(source.SOPInstanceUID, result, "sc-series"),
+        series_instance_uid=series_uid(source.StudyInstanceUID, result, "sc"),
         series_number=SC_SERIES_NUMBER,
         sop_instance_uid=result_uid(source.SOPInstanceUID, result, "sc"), instance_number=1,
-        manufacturer=MANUFACTURER, patient_orientation=("L", "F"),
+        # highdicom needs a value for the patient coordinate system; an unknown one is then
+        # written empty (Type 2), never guessed
+        manufacturer=MANUFACTURER, patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid="1.2.840.10008.1.2.1")
+    if orientation is None:
+        sc.PatientOrientation = ""
     sc.SeriesDescription = "fracture-ops Grad-CAM (research use only)"
     sc.ImageComments = (f"{RUO} Grad-CAM of {result.model_name} version {result.model_version}; "
                         f"probability {result.probability:.3f}, threshold {result.threshold:.3f}.")

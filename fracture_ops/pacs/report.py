@@ -10,7 +10,7 @@ STOW-RS, so they file under the original patient and study in the radiologist's 
 Data flow and who sees what: this path works inside the hospital, on identified data, and keeps
 it out of the dataset store. The original instance is retrieved into memory only; the links from
 image ids to original UIDs and the ledger of what was sent (``sent/<study>.v<version>.json``:
-the SR and SC UIDs) live in the raw zone (``<raw_root>/pacs/<dataset>/``), beside the ingest
+the SR and SC UIDs; a study is recorded once all its radiographs were sent) live in the raw zone (``<raw_root>/pacs/<dataset>/``), beside the ingest
 watermark. The dataset store gets only the run's PHI-free counts. The SR and SC carry the
 patient's identity because they go back to the PACS that already holds it; nothing else does.
 The overlay is drawn on the de-identified pixels (burned-in text blanked).
@@ -31,8 +31,8 @@ from pydantic import Field
 
 from fracture_ops import storage
 from fracture_ops.config import StepConfig
-from fracture_ops.errors import BadInputError
-from fracture_ops.pacs.dicomweb import PacsAuthError, PacsConnection, PacsUnavailable
+from fracture_ops.errors import BadInputError, ConfigError
+from fracture_ops.pacs.dicomweb import PacsAuthError, PacsConnection, PacsRequestError, PacsUnavailable
 from fracture_ops.registry.client import CHAMPION_URI
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def _links(cfg: PacsReportConfig) -> dict[str, tuple[str, str, str]]:
     return {r.image_id: (r.study_uid, r.series_uid, r.sop_uid) for r in table.itertuples()}
 
 
-def _ledger_uri(cfg: PacsReportConfig, study_key: str, version: str) -> str:
-    return storage.join(_raw(cfg), "sent", f"{study_key}.v{version}.json")
+def _ledger_uri(cfg: PacsReportConfig, study_key: str, model: str, version: str) -> str:
+    return storage.join(_raw(cfg), "sent", f"{study_key}.{model}.v{version}.json")
 
 
 class Reporter:
@@ -88,6 +88,9 @@ class Reporter:
         self.cfg, self.conn = cfg, conn
         self.ref = resolve_model(cfg.model_uri)
         self.clf = load_classifier_dir(mlflow.artifacts.download_artifacts(artifact_uri=self.ref.uri))
+        if self.clf.task != "binary":  # one probability, one threshold: what the SR states
+            raise ConfigError(f"pacs-report: {self.ref.name} v{self.ref.version} is a {self.clf.task} "
+                              "model; results go back to the PACS for binary fracture models only")
         self.class_name = self.clf.class_names[0]  # binary: the positive class
         self.explainer = None
         if cfg.cam:
@@ -155,7 +158,11 @@ class Reporter:
                                      "sc": str(made[1].SOPInstanceUID) if len(made) > 1 else None,
                                      "probability": result.probability, "decision": result.decision}
         if objects:
-            self.conn.call("STOW-RS of the results", lambda: self.client.store_instances(objects))
+            answer = self.conn.call("STOW-RS of the results", lambda: self.client.store_instances(objects))
+            refused = list(getattr(answer, "FailedSOPSequence", None) or [])
+            if refused:  # 202: the PACS kept some and refused others; nothing is recorded as sent
+                raise PacsRequestError(f"pacs-report: the PACS refused {len(refused)} of {len(objects)} "
+                                       "result objects")
         return sent, skipped
 
     def close(self) -> None:
@@ -182,28 +189,39 @@ def pacs_report_step(cfg: PacsReportConfig, conn: PacsConnection | None = None) 
     links = _links(cfg)
     version = reporter.ref.version
     studies = sorted(set(manifest["study_id"].astype(str)))
-    pending = [s for s in studies if not storage.exists(_ledger_uri(cfg, s, version))]
+    name = reporter.ref.name
+    pending = [s for s in studies if not storage.exists(_ledger_uri(cfg, s, name, version))]
     todo = pending[:cfg.max_studies]
     from fracture_ops.cli_common import progress
 
-    objects, skipped = 0, []
+    objects, skipped, failed = 0, [], []
     try:
         for study in progress(todo, "pacs-report studies"):
-            sent, skip = reporter.study(manifest[manifest["study_id"].astype(str) == study], links)
+            try:
+                sent, skip = reporter.study(manifest[manifest["study_id"].astype(str) == study], links)
+            except (PacsAuthError, PacsUnavailable):
+                raise
+            except Exception as exc:  # noqa: BLE001 - this study only; tried again next run
+                failed.append({"study_id": study, "reason": type(exc).__name__})
+                log.warning("pacs-report: study %s failed (%s); tried again next run", study,
+                            type(exc).__name__)
+                continue
             skipped += skip
             objects += sum(1 + (v["sc"] is not None) for v in sent.values())
-            storage.write_json(_ledger_uri(cfg, study, version),
-                               {"model": reporter.ref.name, "version": version, "images": sent,
-                                "skipped": skip})
+            if skip:  # an image not reported yet (unreadable now, or gone): the study again next run
+                continue
+            storage.write_json(_ledger_uri(cfg, study, name, version),
+                               {"model": name, "version": version, "images": sent})
     finally:
         reporter.close()
     summary = {"model_name": reporter.ref.name, "model_version": version, "studies": len(studies),
                "studies_reported": len(todo), "studies_already_reported": len(studies) - len(pending),
                "studies_left": len(pending) - len(todo), "objects_sent": objects,
-               "images_skipped": len(skipped)}
+               "images_skipped": len(skipped), "studies_failed": len(failed)}
     out_dir = cfg.output_dir(STEP)
     # PHI-free: counts and pseudonymous image ids with reasons only
-    storage.write_json(storage.join(out_dir, "report.json"), {**summary, "skipped": skipped})
+    storage.write_json(storage.join(out_dir, "report.json"), {**summary, "skipped": skipped,
+                                                              "failed": failed})
     storage.mark_success(out_dir, summary)
     log.info("pacs-report: %d objects sent for %d studies (model %s v%s), %d images skipped",
              objects, len(todo), reporter.ref.name, version, len(skipped))
