@@ -424,3 +424,40 @@ def test_watermark_rules():
     assert next_watermark("20261120", ["20261201"], ["20261110"], today=today) == "20261120"
     assert next_watermark("20261120", ["20261201"], [], complete=False, today=today) == "20261120"
     assert next_watermark(None, [], [], today=today) is None
+
+
+def test_report_refuses_a_partial_store_and_non_binary_models(monkeypatch, tmp_path):
+    """A STOW-RS answer listing refused objects fails the study (nothing recorded as sent, so it
+    is sent again next run); a multi-class model is refused before anything is sent."""
+    from types import SimpleNamespace
+
+    from fracture_ops.pacs import report
+    from fracture_ops.pacs.dicom_results import ImageResult
+    from fracture_ops.pacs.dicomweb import PacsRequestError
+
+    source = _synthetic(tmp_path, 1, instances=1)[0]
+    answer = pydicom.Dataset()
+    answer.FailedSOPSequence = [pydicom.Dataset()]
+    reporter = report.Reporter.__new__(report.Reporter)
+    reporter.conn = PacsConnection(url="http://pacs.invalid/dicom-web", retries=0)
+    reporter.client = SimpleNamespace(retrieve_instance=lambda *a: source, store_instances=lambda objs: answer)
+    reporter.explainer = None
+    result = ImageResult(0.9, True, 0.5, "fracture", "fracture-classifier", "3")
+    monkeypatch.setattr(reporter, "results", lambda rows: [({"image_id": "I1", "image_uri": "x"}, result, None)],
+                        raising=False)
+    link = {"I1": (source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID)}
+    with pytest.raises(PacsRequestError, match="refused 1 of 1"):
+        reporter.study(pd.DataFrame(), link)
+    answer.FailedSOPSequence = []
+    sent, skipped = reporter.study(pd.DataFrame(), link)
+    assert list(sent) == ["I1"] and skipped == []
+
+    class Multiclass:
+        task, class_names = "multiclass", ["normal", "fracture"]
+
+    monkeypatch.setattr("fracture_ops.registry.client.resolve_model",
+                        lambda uri: SimpleNamespace(name="m", version="1", uri="models:/m/1"))
+    monkeypatch.setattr("mlflow.artifacts.download_artifacts", lambda artifact_uri: "/nowhere")
+    monkeypatch.setattr("fracture_ops.model.pyfunc.load_classifier_dir", lambda d: Multiclass())
+    with pytest.raises(Exception, match="binary fracture models only"):
+        report.Reporter(report.PacsReportConfig(artifact_root="/tmp/x"), reporter.conn)
