@@ -121,7 +121,7 @@ def airflow_env(s: dict) -> dict:
             "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{s['airflow_port']}",
             "FRACTURE_OPS_RUNNER": "local", "PYTHONPATH": str(REPO),
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{s['mlflow_port']}",
-            "FRACTURE_OPS_DEID_SECRET": dev_secret(s["state"])[0], **pacs_env(s),
+            "FRACTURE_OPS_DEID_SECRET": dev_secret(s["state"])[0],
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
@@ -187,7 +187,9 @@ def up(timeout: float = 240) -> dict:
     pids["mlflow"] = int(mlflow_pid_file.read_text())
     af_pid_file = s["state"] / "airflow.pid"
     if not (af_pid_file.exists() and _alive(int(af_pid_file.read_text()))):
-        _spawn([_bin("airflow"), "standalone"], airflow_env(s), s["state"] / "airflow.log", af_pid_file)
+        # the local PACS for fracture_pacs_ingest (the local runner hands it to the PACS steps only)
+        _spawn([_bin("airflow"), "standalone"], {**airflow_env(s), **pacs_env(s)},
+               s["state"] / "airflow.log", af_pid_file)
     pids["airflow"] = int(af_pid_file.read_text())
     pacs = start_pacs(s)
     if pacs.get("pid"):
