@@ -109,14 +109,16 @@ def auroc_ci(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int, seed: in
     return {k: (point[k], *np.percentile(boots[k], [2.5, 97.5])) for k in point}
 
 
-def fracatlas_manifest(root: Path) -> tuple[pd.DataFrame, list[str]]:
+def fracatlas_manifest(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """The subset's manifest without the images the platform's decode policy rejects (the
-    validate step quarantines them): both arms train and are scored on the same rows."""
+    validate step quarantines them): both arms train and are scored on the same rows. Returns
+    the rows, their fracture boxes (FracAtlas' own annotations) and the reasons of those left
+    out."""
     from fracture_ops.data.images import read_image
     from fracture_ops.data.sources import from_fracatlas
     from fracture_ops.errors import ImageDecodeError
 
-    table, _, _ = from_fracatlas(str(root))
+    table, boxes, _ = from_fracatlas(str(root))
     table = table.sort_values("image_id").reset_index(drop=True)
     bad = []
     for uri in table["image_uri"]:
@@ -125,21 +127,24 @@ def fracatlas_manifest(root: Path) -> tuple[pd.DataFrame, list[str]]:
         except ImageDecodeError as exc:
             bad.append(f"{Path(uri).name}: {str(exc).split(': ', 2)[-1]}")
     keep = ~table["image_uri"].map(lambda u: any(b.startswith(Path(u).name + ":") for b in bad))
-    return table[keep].reset_index(drop=True), bad
+    table = table[keep].reset_index(drop=True)
+    return table, boxes[boxes["image_id"].isin(table["image_id"])].reset_index(drop=True), bad
 
 
-def run_platform(table: pd.DataFrame, work: Path, args) -> tuple[pd.DataFrame, dict]:
+def run_platform(table: pd.DataFrame, boxes: pd.DataFrame, work: Path,
+                 args) -> tuple[pd.DataFrame, dict]:
     from fracture_ops import storage
     from fracture_ops.training.train import RECIPE_FLAGS
     from fracture_ops.workflows.cv import CVConfig, cv_step
 
     manifest = work / "manifest.parquet"
     table.to_parquet(manifest)
+    boxes.to_parquet(work / "boxes.parquet")
     overrides = {**SMALL_DATA_RECIPE, **dict(kv.split("=", 1) for kv in args.set)}
     cfg = CVConfig(split_uri=str(manifest), artifact_root=str(work / "artifacts"),
                    run_id="bench", folds=args.folds, backbone="resnet18",
                    image_size=args.image_size, epochs=args.epochs, device="cpu", seed=args.seed,
-                   n_bootstrap=200, **overrides)
+                   n_bootstrap=200, boxes_uri=str(work / "boxes.parquet"), **overrides)
     summary = cv_step(cfg)
     oof = storage.read_parquet(storage.join(summary["oof_uri"], "predictions.parquet"))
     recipe = cfg.model_dump(include={"batch_size", "lr", "scheduler", "loss", "weights", "folds",
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from fracture_ops.workflows.cv import CVConfig, assign_folds, outcome_strata
 
     torch.set_num_threads(args.threads)
-    table, bad = fracatlas_manifest(REALDATA)
+    table, boxes, bad = fracatlas_manifest(REALDATA)
     for reason in bad:
         print(f"left out of both arms (the validate step quarantines it): {reason}")
     y = (table["label"] == "fracture").to_numpy(int)
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plain loop: {walls['plain']:.0f} s")
         if args.only != "plain":
             t0 = time.perf_counter()
-            oof, recipe = run_platform(table, Path(tmp), args)
+            oof, recipe = run_platform(table, boxes, Path(tmp), args)
             walls["platform"] = time.perf_counter() - t0
             oof = oof.set_index("image_id").loc[table["image_id"]]
             ofold = oof["fold"].to_numpy() - 1

@@ -17,6 +17,7 @@ HEAVY = ["torch", "pandas", "pydicom", "mlflow", "evidently", "timm", "albumenta
 # the edges follow the data: each task after the steps whose outputs it reads
 TRAINING_EDGES = {
     ("ingest", "validate"), ("validate", "deidentify"), ("deidentify", "split"), ("split", "train"),
+    ("deidentify", "train"),  # its boxes (box supervision)
     ("train", "calibrate"), ("train", "tune_thresholds"), ("calibrate", "tune_thresholds"),
     ("train", "evaluate"), ("calibrate", "evaluate"), ("tune_thresholds", "evaluate"),
     ("train", "cam"), ("calibrate", "cam"), ("tune_thresholds", "cam"), ("deidentify", "cam"),

@@ -84,10 +84,15 @@ def fill_record(rec: dict, done: Processed, output: str) -> None:
         rec["pixels"] = done.pixels
 
 
+def quarantine_reason(exc: Exception) -> str:
+    """Why a file was quarantined, naming neither the file nor a header value: a rejection's
+    own message, else the kind of error that made it unreadable."""
+    return str(exc) if isinstance(exc, FileRejected) else f"unreadable: {type(exc).__name__}"
+
+
 def quarantine(rec: dict, exc: Exception) -> None:
-    """Mark a record quarantined with a reason that names neither the file nor a header value."""
-    reason = str(exc) if isinstance(exc, FileRejected) else f"unreadable: {type(exc).__name__}"
-    rec.update(status="quarantined", reason=reason)
+    """Mark a record quarantined with its :func:`quarantine_reason`."""
+    rec.update(status="quarantined", reason=quarantine_reason(exc))
     scrub = getattr(exc, "result", None)
     if scrub is not None:
         rec["pixels"] = {"passed": False, "regions": scrub.regions,

@@ -205,7 +205,8 @@ def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
     if not isinstance(blob, dict) or not {"state_dict", "info", "transform"} <= set(blob):
         raise BadInputError(f"{model_uri} is not a fracture-ops model.pt (state_dict/info/transform)")
     info = blob["info"]
-    model = build_model(info["backbone"], info["task"], len(info["class_names"]), None, quiet=True)
+    model = build_model(info["backbone"], info["task"], len(info["class_names"]), None, quiet=True,
+                        global_pool=info.get("global_pool", "avg"))
     model.load_state_dict(blob["state_dict"])
     model.to(device).eval()
     tf = blob["transform"]

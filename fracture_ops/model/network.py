@@ -47,8 +47,13 @@ def resolve_weights_file(path: str) -> str:
     raise ConfigError(f"pretrained_path {path} does not exist (weights are never downloaded)")
 
 
+# timm's global pools (SelectAdaptivePool2d): avg, max, avgmax (the mean of both), catavgmax
+# (both, concatenated: twice the features)
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax")
+
+
 def build_model(backbone: str, task: str, n_classes: int, pretrained_path: str | None = None,
-                drop_rate: float = 0.0, quiet: bool = False):
+                drop_rate: float = 0.0, quiet: bool = False, global_pool: str = "avg"):
     """Create the network.
 
     Args:
@@ -58,6 +63,8 @@ def build_model(backbone: str, task: str, n_classes: int, pretrained_path: str |
         pretrained_path: local weights file or HF cache folder; None = from scratch.
         drop_rate: dropout before the classifier.
         quiet: no "from scratch" warning (when weights are loaded right after, e.g. from a checkpoint).
+        global_pool: the pooling of the last feature map before the classifier (:data:`GLOBAL_POOLS`);
+            ``max`` and ``avgmax`` keep a small local finding from being averaged away.
 
     Raises:
         ConfigError: unknown backbone or missing weights file.
@@ -69,7 +76,11 @@ def build_model(backbone: str, task: str, n_classes: int, pretrained_path: str |
 
     if not timm.is_model(backbone):
         raise ConfigError(f"unknown backbone {backbone!r} (not a timm model name)")
+    if global_pool not in GLOBAL_POOLS:
+        raise ConfigError(f"global_pool must be one of {GLOBAL_POOLS}, not {global_pool!r}")
     kwargs = dict(num_classes=n_outputs(task, n_classes), in_chans=3, drop_rate=drop_rate)
+    if global_pool != "avg":  # not every timm family takes the argument; avg is everyone's default
+        kwargs["global_pool"] = global_pool
     if pretrained_path:
         weights = resolve_weights_file(pretrained_path)
         log.info("loading pretrained weights for %s from %s", backbone, weights)

@@ -44,7 +44,8 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
             DataLoader workers reseed it per worker (see ``datasets._seed_worker``).
 
     Returns:
-        A callable ``f(image=HxW float32) -> {"image": 3xHxW torch.Tensor}``.
+        A callable ``f(image=HxW float32) -> {"image": 3xHxW torch.Tensor}``; with
+        ``mask=HxW uint8`` it also returns ``"mask"`` (HxW tensor) under the same geometry.
     """
     import albumentations as A
     import cv2
@@ -76,9 +77,12 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
     ops += [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=1.0), ToTensorV2()]
     pipeline = A.Compose(ops, seed=seed)
 
-    def apply(image: np.ndarray):
+    def apply(image: np.ndarray, mask: np.ndarray | None = None):
         rgb = np.repeat(np.asarray(image, np.float32)[..., None], 3, axis=2)
-        return pipeline(image=rgb)
+        if mask is None:
+            return pipeline(image=rgb)
+        # a box mask goes through the same geometry (resize, pad, crop, rotation, flip)
+        return pipeline(image=rgb, mask=mask)
 
     apply.pipeline = pipeline  # lets loader workers reseed it
     return apply

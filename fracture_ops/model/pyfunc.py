@@ -72,7 +72,8 @@ class FractureClassifier(PythonModel):
         blob = load_weights(self.model_path, "model.pt")
         self.info = info = blob["info"]
         self.task, self.class_names = info["task"], list(info["class_names"])
-        self.model = build_model(info["backbone"], self.task, len(self.class_names), None, quiet=True)
+        self.model = build_model(info["backbone"], self.task, len(self.class_names), None, quiet=True,
+                                 global_pool=info.get("global_pool", "avg"))
         self.model.load_state_dict(blob["state_dict"])
         self.model.eval()
         tf = blob["transform"]

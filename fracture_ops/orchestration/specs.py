@@ -128,9 +128,11 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           "--image-size", profile_template("image_size"), "--epochs", profile_template("epochs"),
           "--batch-size", profile_template("batch_size"), "--lr", profile_template("lr"),
           "--loss", "{{ params.loss }}", "--seed", "{{ params.seed }}",
+          # the de-identified boxes (absent when the data set has none) for box supervision
+          "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet",
           pos=(f"{RUN}/split/split.parquet",),
           cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
-          outputs=("train/model.pt", "train/predictions.parquet"), reads=("split",),
+          outputs=("train/model.pt", "train/predictions.parquet"), reads=("split", "deidentify"),
           secrets=("s3", "mlflow"), gpus_param="gpus", nodes_param="nodes"),
     _spec("calibrate", "calibrate", "--predictions", f"{RUN}/train",
           outputs=("calibrate/calibration.json",), reads=("train",)),

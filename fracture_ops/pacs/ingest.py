@@ -201,7 +201,7 @@ class Ingest:
                 this study is recorded, so the next run fetches it again).
         """
         from fracture_ops.data.manifest import LATERALITIES, VIEWS
-        from fracture_ops.deid.folder import process_bytes
+        from fracture_ops.deid.folder import process_bytes, quarantine_reason
 
         rows, bad, links = [], [], []
         for series in self.wanted_series(study):
@@ -218,9 +218,7 @@ class Ingest:
                 except (PacsAuthError, PacsUnavailable):
                     raise
                 except Exception as exc:  # noqa: BLE001 - quarantined with its reason
-                    from fracture_ops.errors import FileRejected
-
-                    reason = str(exc) if isinstance(exc, FileRejected) else f"unreadable: {type(exc).__name__}"
+                    reason = quarantine_reason(exc)
                     bad.append({"study_id": self.keys.uid(study), "image_id": image_id, "reason": reason})
                     log.warning("pacs-ingest: instance %s of study %s quarantined: %s", image_id,
                                 self.keys.uid(study), reason)

@@ -33,6 +33,7 @@ from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.errors import BadInputError, ConfigError
 from fracture_ops.pacs.dicomweb import PacsAuthError, PacsConnection, PacsRequestError, PacsUnavailable
+from fracture_ops.pacs.ingest import raw_dir
 from fracture_ops.registry.client import CHAMPION_URI
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,10 @@ class PacsReportConfig(StepConfig):
     timeout_s: float = Field(60.0, gt=0, le=3600)
 
 
-def _raw(cfg: PacsReportConfig) -> str:
-    return storage.join(cfg.raw_root, "pacs", cfg.dataset)
-
-
 def _links(cfg: PacsReportConfig) -> dict[str, tuple[str, str, str]]:
     import pandas as pd
 
-    folder = storage.join(_raw(cfg), "links")
+    folder = storage.join(raw_dir(cfg), "links")
     uris = storage.list_files(folder, (".parquet",)) if storage.exists(folder) else []
     if not uris:
         return {}
@@ -71,7 +68,7 @@ def _links(cfg: PacsReportConfig) -> dict[str, tuple[str, str, str]]:
 
 
 def _ledger_uri(cfg: PacsReportConfig, study_key: str, model: str, version: str) -> str:
-    return storage.join(_raw(cfg), "sent", f"{study_key}.{model}.v{version}.json")
+    return storage.join(raw_dir(cfg), "sent", f"{study_key}.{model}.v{version}.json")
 
 
 class Reporter:

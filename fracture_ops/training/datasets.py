@@ -82,6 +82,48 @@ class DecodeCache:
         return img
 
 
+def box_regions(table: pd.DataFrame, targets: np.ndarray, boxes: pd.DataFrame,
+                class_name: str) -> list[np.ndarray | None]:
+    """Where each row's finding is, for box supervision: per row an ``n x 4`` array of boxes as
+    fractions of the image (x0, y0, x1, y1), an empty array for a negative row (nothing anywhere),
+    or None where it is not known (a positive row without a box of ``class_name``: that row
+    trains on its label alone).
+
+    Args:
+        table: the split rows (``image_id``).
+        targets: their N x 1 binary targets.
+        boxes: a box table (:data:`fracture_ops.data.manifest.BOX_COLUMNS`, pixel coordinates
+            of the original image, with its ``img_w``/``img_h``).
+        class_name: the class whose boxes count (boxes of other classes are ignored).
+    """
+    sel = boxes[boxes["class_name"].astype(str) == class_name]
+    frac = pd.DataFrame({"image_id": sel["image_id"].astype(str),
+                         "x0": sel["x_min"] / sel["img_w"], "y0": sel["y_min"] / sel["img_h"],
+                         "x1": sel["x_max"] / sel["img_w"], "y1": sel["y_max"] / sel["img_h"]})
+    coords = frac[["x0", "y0", "x1", "y1"]].to_numpy(float)
+    frac = frac[np.isfinite(coords).all(axis=1)]  # no image size recorded: not a usable box
+    by_id = {k: g[["x0", "y0", "x1", "y1"]].to_numpy(np.float32).clip(0, 1)
+             for k, g in frac.groupby("image_id")}
+    out: list[np.ndarray | None] = []
+    for image_id, positive in zip(table["image_id"].astype(str), targets[:, 0] > 0.5, strict=True):
+        if not positive:
+            out.append(np.zeros((0, 4), np.float32))
+        else:
+            out.append(by_id.get(image_id))
+    return out
+
+
+def box_mask(regions: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A uint8 mask of ``shape`` (H, W) that is 1 inside the boxes (fractions of the image)."""
+    h, w = shape
+    mask = np.zeros((h, w), np.uint8)
+    for x0, y0, x1, y1 in regions:
+        c0, r0 = int(np.floor(x0 * w)), int(np.floor(y0 * h))
+        c1, r1 = max(int(np.ceil(x1 * w)), c0 + 1), max(int(np.ceil(y1 * h)), r0 + 1)
+        mask[r0:r1, c0:c1] = 1
+    return mask
+
+
 class ManifestDataset(Dataset):
     """Images and targets of one split.
 
@@ -91,13 +133,20 @@ class ManifestDataset(Dataset):
         transform: callable ``f(image=...) -> {"image": tensor}``.
         cache: optional :class:`DecodeCache`; without it every access decodes the file.
         pre_size: without a cache, resize the longest side to this first (saves augment time).
+        regions: per row, the boxes of :func:`box_regions` (box supervision): items are then
+            ``(image, target, mask, known)``, the mask under the image's own augmentation and
+            ``known`` 0 where the row's boxes are not known.
     """
 
     def __init__(self, table: pd.DataFrame, targets: np.ndarray, transform: Callable,
-                 cache: DecodeCache | None = None, pre_size: int | None = None):
+                 cache: DecodeCache | None = None, pre_size: int | None = None,
+                 regions: list[np.ndarray | None] | None = None):
         self.uris = table["image_uri"].astype(str).tolist()
         self.targets = torch.as_tensor(targets, dtype=torch.float32)
         self.transform, self.cache, self.pre_size = transform, cache, pre_size
+        if regions is not None and len(regions) != len(self.uris):
+            raise ValueError(f"{len(regions)} box regions for {len(self.uris)} rows")
+        self.regions = regions
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -109,7 +158,14 @@ class ManifestDataset(Dataset):
         return read_model_input(self.uris[i], self.pre_size)
 
     def __getitem__(self, i: int):
-        return self.transform(self.load(i))["image"], self.targets[i]
+        if self.regions is None:
+            return self.transform(self.load(i))["image"], self.targets[i]
+        image = self.load(i)
+        known = self.regions[i] is not None
+        mask = box_mask(self.regions[i] if known else np.zeros((0, 4), np.float32), image.shape[:2])
+        out = self.transform(image, mask=mask)
+        return (out["image"], self.targets[i], torch.as_tensor(np.asarray(out["mask"]), dtype=torch.float32),
+                torch.tensor(float(known)))
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, device: str,

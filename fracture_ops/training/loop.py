@@ -41,6 +41,7 @@ class LoopConfig:
     task: str
     ema_decay: float  # 0: no weight averaging
     tta_hflip: bool  # validation scores average the mirrored images' logits
+    box_weight: float  # weight of the box-supervision loss of the feature-map cells (0: off)
 
     @classmethod
     def from_train(cls, cfg) -> LoopConfig:
@@ -197,20 +198,71 @@ def val_auroc(logits: np.ndarray, targets: np.ndarray, task: str) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
+class CellLogits(nn.Module):
+    """Training wrapper for box supervision: the network's image logits and, from the same
+    classifier applied to every cell of the last feature map, a ``B x K x h x w`` map of cell
+    logits. It adds no parameters: the model that is kept and served is the network itself.
+
+    Raises:
+        ConfigError: the backbone's classifier is not one linear layer over a 4-d feature map.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        from fracture_ops.errors import ConfigError
+
+        if not isinstance(model.get_classifier(), nn.Linear):
+            raise ConfigError(f"box supervision needs a backbone whose classifier is one linear "
+                              f"layer; {type(model).__name__} has "
+                              f"{type(model.get_classifier()).__name__}")
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.forward_features(x)
+        if feats.ndim != 4:
+            from fracture_ops.errors import ConfigError
+
+            raise ConfigError("box supervision needs a backbone whose features are a B x C x h x w "
+                              f"map, not {tuple(feats.shape)}")
+        cells = self.model.get_classifier()(feats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.model.forward_head(feats), cells
+
+
+def cell_loss(cells: torch.Tensor, mask: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Box supervision: binary cross-entropy of every cell of the last feature map (its logit
+    from the classifier, ``B x 1 x h x w``) against "a box reaches into this cell" (the
+    augmented ``B x H x W`` box mask, max-pooled to ``h x w``), averaged over the images whose
+    boxes are ``known`` (negatives: every cell 0); 0 when no image in the batch is known."""
+    target = nn.functional.adaptive_max_pool2d(mask[:, None].float(), cells.shape[-2:])
+    per_image = nn.functional.binary_cross_entropy_with_logits(
+        cells, target, reduction="none").mean(dim=(1, 2, 3))
+    return (per_image * known).sum() / known.sum().clamp(min=1.0)
+
+
 def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, device, dtype,
-                    grad_clip: float, progress: Callable, ema=None, step0: int = 0) -> dict:
+                    grad_clip: float, progress: Callable, ema=None, step0: int = 0,
+                    box_weight: float = 0.0) -> dict:
     """One pass over the training loader; returns loss, images/s and lr. With ``ema`` (timm's
     ``ModelEmaV3``) the average is updated after every optimiser step (``step0``: the steps
-    taken before this epoch, for the average's warm-up)."""
+    taken before this epoch, for the average's warm-up). A model that returns image and cell
+    logits (:class:`CellLogits`) over batches with box masks adds
+    ``box_weight`` times :func:`cell_loss`."""
     model.train()
     # the loss is summed on the device: reading it every step would wait for the GPU each time
     total, n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-    for x, y in progress(loader):
+    for batch in progress(loader):
+        x, y, *boxes = batch  # box supervision: (image, target, mask, known) from the dataset
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(model(x).float(), y)
+            out = model(x)
+            if isinstance(out, tuple):  # a CellLogits network: image logits and cell logits
+                out, cells = out
+                mask, known = (t.to(device, non_blocking=True) for t in boxes)
+                loss = loss_fn(out.float(), y) + box_weight * cell_loss(cells.float(), mask, known)
+            else:
+                loss = loss_fn(out.float(), y)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -237,10 +289,12 @@ def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, devi
 
 
 def _unwrapped(model):
-    """The network inside DistributedDataParallel (its parameters, without ``module.``)."""
+    """The network inside DistributedDataParallel and :class:`CellLogits` (its parameters,
+    without ``module.`` or ``model.``)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return model.model if isinstance(model, CellLogits) else model
 
 
 def _gathered(stats: dict, dist) -> dict:
@@ -283,7 +337,11 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
     state = ckpt.restore(model, opt, sched, scaler, ema) or LoopState()
     if state.epoch:
         log.info("resumed at epoch %d (best val AUROC %.4f)", state.epoch, state.best_score)
-    trained = distributed.wrap(model, dist, device)
+    boxed = getattr(getattr(train_loader, "dataset", None), "regions", None) is not None
+    if cfg.box_weight > 0 and boxed:  # training also scores the feature-map cells against boxes
+        trained = distributed.wrap(CellLogits(model), dist, device)
+    else:
+        trained = distributed.wrap(model, dist, device)
     while state.epoch < cfg.epochs:
         if state.epoch - state.best_epoch > cfg.patience and state.best_epoch >= 0:
             log.info("early stopping: no val AUROC gain for %d epochs", cfg.patience)
@@ -292,7 +350,8 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
             on_epoch_start(state.epoch)
         stats = _gathered(train_one_epoch(trained, train_loader, loss_fn, opt, sched, mode, scaler,
                                           device, dtype, cfg.grad_clip, progress, ema,
-                                          state.epoch * len(train_loader)), dist)
+                                          state.epoch * len(train_loader), cfg.box_weight),
+                         dist)
         if val_loader is None:  # a refit: no validation images
             stats.update(epoch=state.epoch)
             score = math.nan

@@ -75,6 +75,10 @@ class TrainConfig(StepConfig):
     focal_gamma: float = 2.0
     balanced: bool = False
     drop_rate: float = 0.0
+    global_pool: Literal["avg", "max", "avgmax", "catavgmax"] = Field(
+        "avg", description="pooling of the last feature map before the classifier: avg, max, "
+        "avgmax (mean of both) or catavgmax (both side by side); max keeps a small finding from "
+        "being averaged over the whole image")
     hflip: bool = Field(False, description="random horizontal flips in training (label-invariant "
                         "for fracture presence; off by default because left/right anatomy and "
                         "laterality markers can matter to other labels)")
@@ -99,6 +103,15 @@ class TrainConfig(StepConfig):
     tta_hflip: bool = Field(False, description="test-time augmentation: every score (validation, "
                             "out-of-fold, test, serving) averages the logits of the image and of "
                             "its mirror image")
+    box_weight: float = Field(0.0, ge=0.0, le=10.0, description="box supervision (binary task): "
+                              "weight of a loss that teaches every cell of the last feature map "
+                              "whether a box of the positive class reaches into it, from "
+                              "`boxes_uri`; negatives count as boxes nowhere, positives without a "
+                              "box train on their label alone; training only, the served model "
+                              "is unchanged (0: off)")
+    boxes_uri: str = Field("", description="box table (image_id, class_name, x_min, y_min, x_max, "
+                           "y_max, img_w, img_h) keyed like the split's image ids, for "
+                           "`box_weight`; empty or absent: no box supervision")
     workers: int = 0
     cache: bool = True
     cache_dir: str | None = None  # default <artifact_root>/cache/decoded
@@ -159,7 +172,8 @@ def resume_key(cfg: TrainConfig) -> str:
                                    "weights", "refit", "resize", "crop_scale", "hflip", "clahe",
                                    "rotate_limit", "brightness_contrast", "label_smoothing",
                                    "ema_decay", "tta_hflip", "grad_clip", "pretrained_path",
-                                   "drop_rate", "focal_gamma", "patience", "amp"})
+                                   "drop_rate", "focal_gamma", "patience", "amp",
+                                   "global_pool", "box_weight", "boxes_uri"})
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -193,8 +207,46 @@ def _datasets(cfg: TrainConfig, parts: dict[str, pd.DataFrame], targets: dict[st
               crop_scale=cfg.crop_scale, brightness_contrast=cfg.brightness_contrast)
     train_tf = build_transforms(cfg.image_size, True, seed=cfg.seed, **kw)
     eval_tf = build_transforms(cfg.image_size, False, **kw)
+    regions = _train_regions(cfg, parts["train"], targets["train"])
     return {s: ManifestDataset(parts[s], targets[s], train_tf if s == "train" else eval_tf,
-                               cache=cache, pre_size=pre) for s in parts}
+                               cache=cache, pre_size=pre,
+                               regions=regions if s == "train" else None) for s in parts}
+
+
+def _train_regions(cfg: TrainConfig, train: pd.DataFrame, targets: np.ndarray):
+    """The training rows' box regions for box supervision, or None (off, or no boxes to use).
+
+    Raises:
+        ConfigError: box supervision asked for a task that is not binary.
+        ManifestError: the box table lacks a column.
+    """
+    from fracture_ops.data.manifest import BOX_COLUMNS
+    from fracture_ops.errors import ConfigError
+    from fracture_ops.training.datasets import box_regions
+
+    if cfg.box_weight <= 0:
+        return None
+    if cfg.task != "binary":
+        raise ConfigError(f"box_weight needs the binary task (boxes of {cfg.class_names[0]!r}), "
+                          f"not {cfg.task}")
+    if not cfg.boxes_uri or not storage.exists(cfg.boxes_uri):
+        log.warning("box_weight %.2f but no box table (%s): training on the labels alone",
+                    cfg.box_weight, cfg.boxes_uri or "boxes_uri empty")
+        return None
+    boxes = storage.read_parquet(cfg.boxes_uri)
+    missing = [c for c in BOX_COLUMNS if c not in boxes.columns]
+    if missing:
+        raise ManifestError(f"{cfg.boxes_uri}: box table lacks columns {missing}")
+    regions = box_regions(train, targets, boxes, cfg.class_names[0])
+    positives = int((targets[:, 0] > 0.5).sum())
+    boxed = sum(r is not None and len(r) > 0 for r in regions)
+    log.info("box supervision: %d of %d positive training images have %r boxes (weight %.2f)",
+             boxed, positives, cfg.class_names[0], cfg.box_weight)
+    if boxed == 0:
+        log.warning("no training image has a %r box in %s: training on the labels alone",
+                    cfg.class_names[0], cfg.boxes_uri)
+        return None
+    return regions
 
 
 def _predictions(parts, targets, logits, class_names) -> pd.DataFrame:
@@ -320,7 +372,8 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
                               else cfg.batch_size, s == "train", cfg.workers, device, cfg.seed,
                               sampler=sampler if s == "train" else None)
                for s in ds if len(ds[s])}
-    model = build_model(cfg.backbone, cfg.task, len(cfg.class_names), cfg.pretrained_path, cfg.drop_rate)
+    model = build_model(cfg.backbone, cfg.task, len(cfg.class_names), cfg.pretrained_path,
+                        cfg.drop_rate, global_pool=cfg.global_pool)
     loss_fn = build_loss(cfg.loss, cfg.task, targets["train"], cfg.balanced, cfg.focal_gamma,
                          cfg.label_smoothing)
     if not dist.is_main:  # the other ranks train, and leave the rest to rank 0
@@ -357,7 +410,7 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
                   for s in ("val", "test") if s in loaders}
         preds = _predictions(parts, targets, logits, cfg.class_names)
         info = {"task": cfg.task, "class_names": cfg.class_names, "backbone": cfg.backbone,
-                "image_size": cfg.image_size, "best_epoch": state.best_epoch,
+                "global_pool": cfg.global_pool, "image_size": cfg.image_size, "best_epoch": state.best_epoch,
                 "best_val_auroc": state.best_score if np.isfinite(state.best_score) else None,
                 "epochs_run": state.epoch, "world_size": dist.world_size,
                 "weights": cfg.weights, "refit": cfg.refit,
@@ -394,7 +447,7 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
 # the training recipe's knobs, as flags of train, cv and fit (see the README's real-data section)
 RECIPE_FLAGS = ("weight_decay", "warmup_epochs", "grad_clip", "hflip", "clahe", "rotate_limit",
                 "resize", "crop_scale", "brightness_contrast", "label_smoothing", "ema_decay",
-                "tta_hflip")
+                "tta_hflip", "global_pool", "box_weight")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -403,7 +456,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("split", nargs="?", help="split.parquet from the split step")
     add_field_flags(parser, TrainConfig, "backbone", "image_size", "epochs", "batch_size", "lr",
-                    "loss", "seed", "weights", "refit", "pretrained_path", "device", *RECIPE_FLAGS)
+                    "loss", "seed", "weights", "refit", "pretrained_path", "device", "boxes_uri",
+                    *RECIPE_FLAGS)
     from fracture_ops.training.distributed import add_launch_flag
 
     add_launch_flag(parser)

@@ -218,7 +218,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("split", nargs="?", help="split.parquet of the split step (its test rows "
                         "are left out) or a manifest (every row is used)")
     add_field_flags(parser, CVConfig, "folds", "backbone", "image_size", "epochs", "batch_size",
-                    "lr", "loss", "seed", "weights", "pretrained_path", "device", *RECIPE_FLAGS)
+                    "lr", "loss", "seed", "weights", "pretrained_path", "device", "boxes_uri",
+                    *RECIPE_FLAGS)
     add_common_args(parser)
 
 

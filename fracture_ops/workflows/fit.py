@@ -125,6 +125,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("split", nargs="?", help="split.parquet from the split step")
     add_field_flags(parser, FitConfig, "cv_below_images", "folds", "backbone", "image_size",
                     "epochs", "batch_size", "lr", "loss", "seed", "pretrained_path", "device",
+                    "boxes_uri",
                     *RECIPE_FLAGS)
     from fracture_ops.training.distributed import add_launch_flag
 
