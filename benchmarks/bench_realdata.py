@@ -10,7 +10,8 @@ same backbone (resnet18, from scratch), image size, epoch budget and CPU threads
   horizontal flip, AdamW lr 1e-3, cosine over the epochs, batch 16, BCE, the last epoch's weights;
 - platform: ``fracture-ops cv`` (:func:`fracture_ops.workflows.cv.cv_step`) with the recipe flags
   of :data:`SMALL_DATA_RECIPE` over the step's defaults (the recipe is printed), writing its
-  out-of-fold predictions.
+  out-of-fold predictions; it also gets FracAtlas' fracture boxes (``boxes_uri``), for box
+  supervision.
 
 Both arms' out-of-fold predictions are pooled over the folds and scored the same way (AUROC with
 a patient-bootstrap 95% interval; the difference with a paired bootstrap interval). The exit status
@@ -156,7 +157,8 @@ def run_platform(table: pd.DataFrame, boxes: pd.DataFrame, work: Path,
 # the cv step's defaults; --set changes them for a screening run
 SMALL_DATA_RECIPE = {"batch_size": 8, "hflip": True, "resize": "squash", "ema_decay": 0.998,
                      "tta_hflip": True, "weight_decay": 0.01, "rotate_limit": 0.0,
-                     "brightness_contrast": 0.0, "crop_scale": 1.0, "grad_clip": 0.0}
+                     "brightness_contrast": 0.0, "crop_scale": 1.0, "grad_clip": 0.0,
+                     "global_pool": "max", "box_weight": 1.0}
 
 
 def main(argv: list[str] | None = None) -> int:
