@@ -85,7 +85,7 @@ def test_cell_loss_counts_known_images_only():
 
 
 def test_cell_logits_are_the_classifier_on_every_cell():
-    """With average pooling the image logit is the mean of the cell logits (the classifier is
+    """With average pooling the image logit is the mean of the cell logits (the head is
     linear): the cells are the model's own evidence map, not a second head."""
     from fracture_ops.training.loop import CellLogits
 
@@ -99,10 +99,55 @@ def test_cell_logits_are_the_classifier_on_every_cell():
         assert torch.allclose(logits, model(x), atol=1e-6)
     assert sum(p.numel() for p in CellLogits(model).parameters()) == \
         sum(p.numel() for p in model.parameters())
-    headless = build_model("test_resnet", "binary", 1, quiet=True)
-    headless.reset_classifier(0)
-    with pytest.raises(ConfigError, match="linear layer"):
-        CellLogits(headless)
+
+
+@pytest.mark.parametrize("backbone,pool", [("test_resnet", "catavgmax"), ("test_resnet", "max"),
+                                           ("test_convnext", "avg"), ("test_efficientnet", "avg")])
+def test_cell_logits_go_through_the_whole_head(backbone, pool):
+    """Heads with more than a classifier (both pools side by side, a norm layer, a convolution)
+    score each cell as they score a one-cell image."""
+    from fracture_ops.training.loop import CellLogits
+
+    torch.manual_seed(0)
+    model = build_model(backbone, "binary", 1, quiet=True, global_pool=pool).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, cells = CellLogits(model)(x)
+        feats = model.forward_features(x)
+        corner = model.forward_head(feats[:, :, :1, :1])
+    assert logits.shape == (2, 1) and cells.shape == (2, 1, *feats.shape[-2:])
+    assert torch.allclose(cells[:, :, 0, 0], corner, atol=1e-5)
+
+
+def test_cell_logits_need_a_feature_map():
+    from fracture_ops.training.loop import CellLogits
+
+    model = build_model("test_vit", "binary", 1, quiet=True)
+    with pytest.raises(ConfigError, match="B x C x h x w"):
+        CellLogits(model)(torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:]))
+
+
+def test_a_view_that_loses_every_box_trains_on_its_label_alone():
+    """A random crop that takes a positive's only box out of view must not teach "no fracture
+    anywhere": that view is not known; a negative stays known whatever the crop."""
+    img = np.full((100, 100), 0.2, np.float32)
+    table = pd.DataFrame({"image_id": ["p", "n"], "image_uri": ["unused"] * 2})
+    y = np.array([[1.0], [0.0]], np.float32)
+    regions = box_regions(table, y, _boxes([("p", "fracture", 0, 0, 4, 4, 100, 100)]), "fracture")
+    tf = build_transforms(32, True, seed=0, crop_scale=0.3, rotate_limit=0, brightness_contrast=0)
+    ds = ManifestDataset(table, y, tf, regions=regions)
+    ds.load = lambda i: img
+    lost = kept = 0
+    for _ in range(40):
+        _, _, mask, known = ds[0]
+        if mask.any():
+            kept += 1
+            assert float(known) == 1.0
+        else:
+            lost += 1
+            assert float(known) == 0.0
+        assert float(ds[1][3]) == 1.0
+    assert lost and kept
 
 
 def test_the_box_loss_is_added_only_for_known_images():
@@ -221,3 +266,26 @@ def test_the_global_pool_is_rebuilt_wherever_the_model_is_loaded(tmp_path, pool)
             assert not torch.allclose(avg.eval()(x), net(x), atol=1e-4)
     with pytest.raises(ConfigError, match="global_pool"):
         build_model("test_resnet", "binary", 1, quiet=True, global_pool="median")
+
+
+def test_cv_folds_the_refit_and_the_training_dag_keep_box_supervision():
+    """The cv step's fold configs and fit's refit carry the box fields; the training DAG hands
+    the train task the run's de-identified boxes and the trigger form's weight and pool."""
+    from fracture_ops.orchestration.params import dag_fields
+    from fracture_ops.orchestration.specs import TRAINING_STEPS
+    from fracture_ops.training.train import TrainConfig
+    from fracture_ops.workflows.cv import CVConfig, _fold_config
+    from fracture_ops.workflows.fit import FitConfig, _train_fields
+
+    box = {"box_weight": 2.0, "boxes_uri": "boxes.parquet", "global_pool": "max"}
+    fold = _fold_config(CVConfig(split_uri="s", **box), 0, "fold.parquet", "parent")
+    refit = TrainConfig(**{**_train_fields(FitConfig(split_uri="s", **box)), "refit": True})
+    for cfg in (fold, refit):
+        assert (cfg.box_weight, cfg.boxes_uri, cfg.global_pool) == (2.0, "boxes.parquet", "max")
+    args = list(TRAINING_STEPS["train"].args)
+    assert args[args.index("--boxes-uri") + 1].endswith("/deidentify/boxes.deid.parquet")
+    assert args[args.index("--box-weight") + 1] == "{{ params.box_weight }}"
+    assert args[args.index("--global-pool") + 1] == "{{ params.global_pool }}"
+    assert "deidentify" in TRAINING_STEPS["train"].reads
+    fields = dag_fields()["fracture_training"]
+    assert fields["box_weight"][1] == "box_weight" and fields["global_pool"][1] == "global_pool"

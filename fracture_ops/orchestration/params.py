@@ -68,7 +68,8 @@ def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
             "source_uri": (IngestConfig, "source_uri"), "layout": (IngestConfig, "layout"),
             **root, "raw_root": (StepConfig, "raw_root"),
             **{f: (FitConfig, f) for f in ("backbone", "image_size", "epochs", "batch_size", "lr",
-                                           "loss", "cv_below_images")},
+                                           "loss", "cv_below_images", "box_weight",
+                                           "global_pool")},
             "seed": (SplitConfig, "seed"),  # split and train (TrainConfig.seed: same field, test)
             "max_bad_fraction": (ValidateConfig, "max_bad_fraction"),
             "detect_epochs": (DetectConfig, "epochs"),

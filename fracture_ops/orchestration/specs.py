@@ -130,6 +130,7 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           "--loss", "{{ params.loss }}", "--seed", "{{ params.seed }}",
           # the de-identified boxes (absent when the data set has none) for box supervision
           "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet",
+          "--box-weight", "{{ params.box_weight }}", "--global-pool", "{{ params.global_pool }}",
           pos=(f"{RUN}/split/split.parquet",),
           cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
           outputs=("train/model.pt", "train/predictions.parquet"), reads=("split", "deidentify"),

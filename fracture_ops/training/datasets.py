@@ -164,8 +164,11 @@ class ManifestDataset(Dataset):
         known = self.regions[i] is not None
         mask = box_mask(self.regions[i] if known else np.zeros((0, 4), np.float32), image.shape[:2])
         out = self.transform(image, mask=mask)
-        return (out["image"], self.targets[i], torch.as_tensor(np.asarray(out["mask"]), dtype=torch.float32),
-                torch.tensor(float(known)))
+        mask = torch.as_tensor(np.asarray(out["mask"]), dtype=torch.float32)
+        # a crop or rotation that takes every box of a positive out of view leaves nothing to
+        # point at: that view trains on its label alone, never as "no fracture anywhere"
+        known = known and (len(self.regions[i]) == 0 or bool(mask.any()))
+        return out["image"], self.targets[i], mask, torch.tensor(float(known))
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, device: str,

@@ -199,22 +199,17 @@ def val_auroc(logits: np.ndarray, targets: np.ndarray, task: str) -> float:
 
 
 class CellLogits(nn.Module):
-    """Training wrapper for box supervision: the network's image logits and, from the same
-    classifier applied to every cell of the last feature map, a ``B x K x h x w`` map of cell
-    logits. It adds no parameters: the model that is kept and served is the network itself.
+    """Training wrapper for box supervision: the network's image logits and a ``B x K x h x w``
+    map of cell logits, each cell of the last feature map put through the network's own head
+    (pooling a single cell, then whatever the head holds: norm, convolution, classifier). It
+    adds no parameters: the model that is kept and served is the network itself.
 
     Raises:
-        ConfigError: the backbone's classifier is not one linear layer over a 4-d feature map.
+        ConfigError: the backbone's features are not a ``B x C x h x w`` map.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        from fracture_ops.errors import ConfigError
-
-        if not isinstance(model.get_classifier(), nn.Linear):
-            raise ConfigError(f"box supervision needs a backbone whose classifier is one linear "
-                              f"layer; {type(model).__name__} has "
-                              f"{type(model.get_classifier()).__name__}")
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,7 +219,9 @@ class CellLogits(nn.Module):
 
             raise ConfigError("box supervision needs a backbone whose features are a B x C x h x w "
                               f"map, not {tuple(feats.shape)}")
-        cells = self.model.get_classifier()(feats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        b, c, h, w = feats.shape
+        one_cell = feats.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
+        cells = self.model.forward_head(one_cell).reshape(b, h, w, -1).permute(0, 3, 1, 2)
         return self.model.forward_head(feats), cells
 
 

@@ -106,7 +106,8 @@ class TrainConfig(StepConfig):
     box_weight: float = Field(0.0, ge=0.0, le=10.0, description="box supervision (binary task): "
                               "weight of a loss that teaches every cell of the last feature map "
                               "whether a box of the positive class reaches into it, from "
-                              "`boxes_uri`; negatives count as boxes nowhere, positives without a "
+                              "`boxes_uri` (the training DAG: the run's de-identified boxes); "
+                              "negatives count as boxes nowhere, positives without a "
                               "box train on their label alone; training only, the served model "
                               "is unchanged (0: off)")
     boxes_uri: str = Field("", description="box table (image_id, class_name, x_min, y_min, x_max, "
