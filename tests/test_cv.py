@@ -13,7 +13,7 @@ import pytest
 from fracture_ops import storage
 
 pytestmark = pytest.mark.slow
-FOLDS, SIZE, EPOCHS = 3, 128, 12
+FOLDS, SIZE, EPOCHS = 3, 128, 16
 
 
 @pytest.fixture(scope="module")
