@@ -141,9 +141,10 @@ def run_platform(table: pd.DataFrame, boxes: pd.DataFrame, work: Path,
     manifest = work / "manifest.parquet"
     table.to_parquet(manifest)
     boxes.to_parquet(work / "boxes.parquet")
-    overrides = {**SMALL_DATA_RECIPE, **dict(kv.split("=", 1) for kv in args.set)}
+    overrides = {"backbone": "resnet18", **SMALL_DATA_RECIPE,
+                 **dict(kv.split("=", 1) for kv in args.set)}
     cfg = CVConfig(split_uri=str(manifest), artifact_root=str(work / "artifacts"),
-                   run_id="bench", folds=args.folds, backbone="resnet18",
+                   run_id="bench", folds=args.folds,
                    image_size=args.image_size, epochs=args.epochs, device="cpu", seed=args.seed,
                    n_bootstrap=200, boxes_uri=str(work / "boxes.parquet"), **overrides)
     summary = cv_step(cfg)

@@ -79,6 +79,31 @@ def test_hflip_only_when_allowed():
         assert flipped_once == expect_flip
 
 
+@pytest.mark.parametrize("flags,quadrants", [({"hflip": True}, {(0, 0), (0, 1)}),
+                                               ({"vflip": True}, {(0, 0), (1, 0)}),
+                                               ({"rotate90": True}, {(0, 0), (0, 1), (1, 0), (1, 1)}),
+                                               ({}, {(0, 0)})])
+def test_orientation_augmentations_move_the_finding_and_its_mask_together(flags, quadrants):
+    """A finding in the top-left corner lands in exactly the quadrants each orientation
+    augmentation can send it to, and its box mask goes with it; evaluation never moves it."""
+    img = np.full((64, 64), 0.1, np.float32)
+    img[4:20, 6:22] = 1.0
+    mask = np.zeros((64, 64), np.uint8)
+    mask[4:20, 6:22] = 1
+    kw = dict(rotate_limit=0, crop_scale=1.0, brightness_contrast=0.0, resize="squash")
+    tf = build_transforms(64, True, seed=1, **kw, **flags)
+    seen = set()
+    for _ in range(40):
+        out = tf(img, mask)
+        bright = (out["image"][0] * 0.229 + 0.485 > 0.55)
+        assert torch.equal(bright, out["mask"].bool())
+        rows, cols = out["mask"].nonzero(as_tuple=True)
+        seen.add((int(rows.float().mean() >= 32), int(cols.float().mean() >= 32)))
+    assert seen == quadrants
+    ev = build_transforms(64, False, **kw, **flags)(img, mask)["mask"]
+    assert torch.equal(ev, torch.from_numpy(mask))
+
+
 def test_eval_transform_is_deterministic_and_pads():
     tf = build_transforms(48, False)
     img = np.random.default_rng(0).random((30, 60), dtype=np.float32)

@@ -28,7 +28,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe: bool = False,
                      rotate_limit: float = 10.0, seed: int | None = None,
                      resize: str = "letterbox", crop_scale: float = 0.85,
-                     brightness_contrast: float = 0.1):
+                     brightness_contrast: float = 0.1, vflip: bool = False,
+                     rotate90: bool = False):
     """Build the albumentations pipeline.
 
     Args:
@@ -40,6 +41,8 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
         resize: ``letterbox`` (keep proportions, pad) or ``squash`` (both sides to the size).
         crop_scale: smallest area fraction of the random resized crop (train; 1.0: no crop).
         brightness_contrast: brightness and contrast limit of the random change (train; 0: off).
+        vflip: allow vertical flips (train only).
+        rotate90: random quarter turns of the square input (train only).
         seed: seed of the pipeline's own random generator (albumentations 2 ignores global seeds);
             DataLoader workers reseed it per worker (see ``datasets._seed_worker``).
 
@@ -74,6 +77,10 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
                                                   contrast_limit=brightness_contrast, p=0.5))
         if hflip:
             ops.append(A.HorizontalFlip(p=0.5))
+        if vflip:
+            ops.append(A.VerticalFlip(p=0.5))
+        if rotate90:
+            ops.append(A.RandomRotate90(p=1.0))
     ops += [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=1.0), ToTensorV2()]
     pipeline = A.Compose(ops, seed=seed)
 

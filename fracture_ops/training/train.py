@@ -82,6 +82,11 @@ class TrainConfig(StepConfig):
     hflip: bool = Field(False, description="random horizontal flips in training (label-invariant "
                         "for fracture presence; off by default because left/right anatomy and "
                         "laterality markers can matter to other labels)")
+    vflip: bool = Field(False, description="random vertical flips in training (label-invariant for "
+                        "fracture presence; a limb radiograph upside down is still the same "
+                        "finding)")
+    rotate90: bool = Field(False, description="random quarter turns of the (square) training "
+                           "input; with hflip and vflip, all eight orientations")
     clahe: bool = Field(False, description="contrast-limited adaptive histogram equalisation of "
                         "every image (training and serving)")
     rotate_limit: float = Field(10.0, ge=0, le=10, description="random rotation limit in degrees "
@@ -170,7 +175,8 @@ def resume_key(cfg: TrainConfig) -> str:
     keep = cfg.model_dump(include={"split_uri", "task", "class_names", "label_column", "backbone",
                                    "image_size", "batch_size", "epochs", "lr", "weight_decay",
                                    "scheduler", "warmup_epochs", "loss", "balanced", "seed",
-                                   "weights", "refit", "resize", "crop_scale", "hflip", "clahe",
+                                   "weights", "refit", "resize", "crop_scale", "hflip", "vflip",
+                                   "rotate90", "clahe",
                                    "rotate_limit", "brightness_contrast", "label_smoothing",
                                    "ema_decay", "tta_hflip", "grad_clip", "pretrained_path",
                                    "drop_rate", "focal_gamma", "patience", "amp",
@@ -204,8 +210,9 @@ def _datasets(cfg: TrainConfig, parts: dict[str, pd.DataFrame], targets: dict[st
         if storage.is_s3(folder):
             raise ManifestError("cache_dir must be a local folder (a pod volume), not s3://")
         cache = DecodeCache(folder, pre)
-    kw = dict(hflip=cfg.hflip, clahe=cfg.clahe, rotate_limit=cfg.rotate_limit, resize=cfg.resize,
-              crop_scale=cfg.crop_scale, brightness_contrast=cfg.brightness_contrast)
+    kw = dict(hflip=cfg.hflip, vflip=cfg.vflip, rotate90=cfg.rotate90, clahe=cfg.clahe,
+              rotate_limit=cfg.rotate_limit, resize=cfg.resize, crop_scale=cfg.crop_scale,
+              brightness_contrast=cfg.brightness_contrast)
     train_tf = build_transforms(cfg.image_size, True, seed=cfg.seed, **kw)
     eval_tf = build_transforms(cfg.image_size, False, **kw)
     regions = _train_regions(cfg, parts["train"], targets["train"])
@@ -446,8 +453,8 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
 
 
 # the training recipe's knobs, as flags of train, cv and fit (see the README's real-data section)
-RECIPE_FLAGS = ("weight_decay", "warmup_epochs", "grad_clip", "hflip", "clahe", "rotate_limit",
-                "resize", "crop_scale", "brightness_contrast", "label_smoothing", "ema_decay",
+RECIPE_FLAGS = ("weight_decay", "warmup_epochs", "grad_clip", "hflip", "vflip", "rotate90",
+                "clahe", "rotate_limit", "resize", "crop_scale", "brightness_contrast", "label_smoothing", "ema_decay",
                 "tta_hflip", "global_pool", "box_weight")
 
 
