@@ -179,6 +179,42 @@ def test_the_box_loss_is_added_only_for_known_images():
     assert extra > 0.1 and loss == pytest.approx(label + 2.0 * extra, rel=1e-4)
 
 
+def test_mixup_blends_the_batch_and_both_images_losses():
+    """Under mixup the network sees ``lam * x + (1 - lam) * x[perm]`` and the loss is the same
+    blend of the label and cell losses against each image's own targets."""
+    from fracture_ops.training.loop import CellLogits, cell_loss, train_one_epoch
+
+    torch.manual_seed(0)
+    model = CellLogits(build_model("test_resnet", "binary", 1, quiet=True))
+    seen = []
+    forward = model.forward
+    model.forward = lambda inp: seen.append(inp.clone()) or forward(inp)
+    x = torch.randn(4, 3, 64, 64)
+    y = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    mask = torch.zeros(4, 64, 64)
+    mask[0, 10:20, 10:20] = 1
+    mask[2, 40:60, 5:25] = 1
+    known = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    bce = torch.nn.BCEWithLogitsLoss()
+    torch.manual_seed(5)
+    stats = train_one_epoch(model, [(x, y, mask, known)], bce, opt, None, "none", None, "cpu", None,
+                            0.0, lambda it: it, box_weight=2.0, mixup=0.4)
+    torch.manual_seed(5)  # the same draws as the loop's
+    lam = float(torch.distributions.Beta(0.4, 0.4).sample())
+    perm = torch.randperm(4)
+    assert 0.0 < lam < 1.0 and not torch.equal(perm, torch.arange(4))
+    assert torch.allclose(seen[0], lam * x + (1 - lam) * x[perm])
+    with torch.no_grad():
+        logits, cells = forward(seen[0])
+        expected = (lam * bce(logits, y) + (1 - lam) * bce(logits, y[perm])
+                    + 2.0 * (lam * cell_loss(cells, mask, known)
+                             + (1 - lam) * cell_loss(cells, mask[perm], known[perm])))
+        unblended = bce(logits, y) + 2.0 * cell_loss(cells, mask, known)
+    assert stats["train_loss"] == pytest.approx(float(expected), rel=1e-4)
+    assert float(unblended) != pytest.approx(float(expected), rel=1e-2)
+
+
 def _split(tmp_path, synthetic_small):
     from fracture_ops.data.split import SplitConfig, split_step
 

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ class LoopConfig:
     ema_decay: float  # 0: no weight averaging
     tta_hflip: bool  # validation scores average the mirrored images' logits
     box_weight: float  # weight of the box-supervision loss of the feature-map cells (0: off)
+    mixup: float  # alpha of mixup's Beta(alpha, alpha) mixing weight (0: off)
 
     @classmethod
     def from_train(cls, cfg) -> LoopConfig:
@@ -236,14 +238,27 @@ def cell_loss(cells: torch.Tensor, mask: torch.Tensor, known: torch.Tensor) -> t
     return (per_image * known).sum() / known.sum().clamp(min=1.0)
 
 
+def _mixed(loss_of: Callable, lam: float, perm: torch.Tensor | None, *targets) -> torch.Tensor:
+    """``loss_of(*targets)``; under mixup (``perm``: the shuffled partner of each image) the
+    blend ``lam * loss_of(*targets) + (1 - lam) * loss_of(*targets[perm])``."""
+    got = loss_of(*targets)
+    if perm is None:
+        return got
+    return lam * got + (1.0 - lam) * loss_of(*(t[perm] for t in targets))
+
+
 def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, device, dtype,
                     grad_clip: float, progress: Callable, ema=None, step0: int = 0,
-                    box_weight: float = 0.0) -> dict:
+                    box_weight: float = 0.0, mixup: float = 0.0) -> dict:
     """One pass over the training loader; returns loss, images/s and lr. With ``ema`` (timm's
     ``ModelEmaV3``) the average is updated after every optimiser step (``step0``: the steps
     taken before this epoch, for the average's warm-up). A model that returns image and cell
     logits (:class:`CellLogits`) over batches with box masks adds
-    ``box_weight`` times :func:`cell_loss`."""
+    ``box_weight`` times :func:`cell_loss`. With ``mixup`` (alpha > 0; Zhang et al., "mixup:
+    Beyond Empirical Risk Minimization", ICLR 2018) each batch is blended with a shuffled copy of
+    itself, ``lam * x + (1 - lam) * x[perm]`` with ``lam ~ Beta(alpha, alpha)``, and every loss
+    (the label loss and the cell loss) is the same blend of the losses against both images'
+    targets, so any loss and task works unchanged."""
     model.train()
     # the loss is summed on the device: reading it every step would wait for the GPU each time
     total, n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
@@ -252,14 +267,20 @@ def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, devi
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
+        lam, perm = 1.0, None
+        if mixup > 0 and len(x) > 1:  # the global torch generator: seeded and checkpointed
+            lam = float(torch.distributions.Beta(mixup, mixup).sample())
+            perm = torch.randperm(len(x)).to(device)
+            x = lam * x + (1.0 - lam) * x[perm]
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             out = model(x)
             if isinstance(out, tuple):  # a CellLogits network: image logits and cell logits
                 out, cells = out
                 mask, known = (t.to(device, non_blocking=True) for t in boxes)
-                loss = loss_fn(out.float(), y) + box_weight * cell_loss(cells.float(), mask, known)
+                loss = _mixed(partial(loss_fn, out.float()), lam, perm, y) + box_weight * _mixed(
+                    partial(cell_loss, cells.float()), lam, perm, mask, known)
             else:
-                loss = loss_fn(out.float(), y)
+                loss = _mixed(partial(loss_fn, out.float()), lam, perm, y)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -347,7 +368,8 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
             on_epoch_start(state.epoch)
         stats = _gathered(train_one_epoch(trained, train_loader, loss_fn, opt, sched, mode, scaler,
                                           device, dtype, cfg.grad_clip, progress, ema,
-                                          state.epoch * len(train_loader), cfg.box_weight),
+                                          state.epoch * len(train_loader), cfg.box_weight,
+                                          cfg.mixup),
                          dist)
         if val_loader is None:  # a refit: no validation images
             stats.update(epoch=state.epoch)

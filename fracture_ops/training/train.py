@@ -105,6 +105,9 @@ class TrainConfig(StepConfig):
                              "instead of the raw weights; 0: off. Its warm-up caps the decay at "
                              "1-(1+step)^(-2/3): about 0.98 after 450 steps, 0.998 only after "
                              "~11,000, so short runs average over their last few dozen steps")
+    mixup: float = Field(0.0, ge=0.0, le=4.0, description="mixup alpha (Zhang et al. 2018): each "
+                         "training batch is blended with a shuffled copy, weight ~ Beta(alpha, "
+                         "alpha), and the loss is the same blend of both targets' losses (0: off)")
     tta_hflip: bool = Field(False, description="test-time augmentation: every score (validation, "
                             "out-of-fold, test, serving) averages the logits of the image and of "
                             "its mirror image")
@@ -180,7 +183,7 @@ def resume_key(cfg: TrainConfig) -> str:
                                    "rotate_limit", "brightness_contrast", "label_smoothing",
                                    "ema_decay", "tta_hflip", "grad_clip", "pretrained_path",
                                    "drop_rate", "focal_gamma", "patience", "amp",
-                                   "global_pool", "box_weight", "boxes_uri"})
+                                   "global_pool", "box_weight", "boxes_uri", "mixup"})
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -455,7 +458,7 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
 # the training recipe's knobs, as flags of train, cv and fit (see the README's real-data section)
 RECIPE_FLAGS = ("weight_decay", "warmup_epochs", "grad_clip", "hflip", "vflip", "rotate90",
                 "clahe", "rotate_limit", "resize", "crop_scale", "brightness_contrast", "label_smoothing", "ema_decay",
-                "tta_hflip", "global_pool", "box_weight")
+                "tta_hflip", "global_pool", "box_weight", "mixup")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
