@@ -17,6 +17,11 @@ Both arms' out-of-fold predictions are pooled over the folds and scored the same
 a patient-bootstrap 95% interval; the difference with a paired bootstrap interval). The exit status
 is 1 when the platform is not ahead by ``--margin`` (default 0.05).
 
+A reference is printed beside them (seconds of work, not part of the goal): a logistic regression
+on image statistics alone (width, height, aspect ratio, colour mode, grey-level mean and spread;
+:func:`stats_fold`) on the same folds. It cannot see a fracture; on this subset it scores about
+0.7, so an arm near it has learnt little beyond how the images were taken and stored.
+
 Defaults take about 26 minutes on 2 CPU cores (160 px, 15 epochs; measured: plain loop 12 min,
 platform 14 min); ``--image-size 224`` is the size of the first comparison (about 50 minutes). Run: ``python benchmarks/bench_realdata.py``.
 """
@@ -59,6 +64,33 @@ def load_square(uri: str, size: int) -> np.ndarray:
     return (np.repeat(a[None], 3, axis=0) - IMAGENET_MEAN) / IMAGENET_STD
 
 
+def image_stats(uri: str) -> list[float]:
+    """What an image says without its anatomy: width, height, aspect ratio, colour mode and the
+    mean and spread of its grey levels (the reference arm's features)."""
+    from PIL import Image, ImageFile
+
+    before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+    try:
+        with Image.open(uri) as im:
+            w, h, rgb = im.size[0], im.size[1], float(im.mode == "RGB")
+            a = np.asarray(im.convert("L").resize((64, 64), Image.BILINEAR), np.float32) / 255.0
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+    return [w, h, w / h, rgb, float(a.mean()), float(a.std())]
+
+
+def stats_fold(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray) -> np.ndarray:
+    """The reference arm: a logistic regression on :func:`image_stats` (standardised on the
+    fold's training rows). It sees no fracture, only how the image was taken and stored, so the
+    AUROC it reaches is what a network can score without learning fractures."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    return model.fit(x_train, y_train).decision_function(x_held)
+
+
 def plain_fold(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray, epochs: int,
                seed: int, batch: int = 16, lr: float = 1e-3) -> np.ndarray:
     """The plain loop: resnet18 from scratch, AdamW, cosine per epoch, hflip, last epoch."""
@@ -91,13 +123,15 @@ def plain_fold(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray, epo
 
 
 def auroc_ci(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int, seed: int) -> dict:
-    """AUROC per arm and of the difference (platform - plain), each with a bootstrap 95% interval
-    over images (= patients here), the same resamples for both arms (paired)."""
+    """AUROC per arm, each with a bootstrap 95% interval over images (= patients here), the same
+    resamples for every arm (paired); with both ``plain`` and ``platform`` also their difference
+    (``diff``: platform - plain)."""
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(seed)
+    paired = {"plain", "platform"} <= scores.keys()
     point = {k: roc_auc_score(y, s) for k, s in scores.items()}
-    boots: dict[str, list[float]] = {k: [] for k in [*scores, "diff"]}
+    boots: dict[str, list[float]] = {k: [] for k in [*scores, *(["diff"] if paired else [])]}
     for _ in range(n_boot):
         idx = rng.integers(0, len(y), len(y))
         if y[idx].min() == y[idx].max():
@@ -105,8 +139,10 @@ def auroc_ci(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int, seed: in
         got = {k: roc_auc_score(y[idx], s[idx]) for k, s in scores.items()}
         for k, v in got.items():
             boots[k].append(v)
-        boots["diff"].append(got["platform"] - got["plain"])
-    point["diff"] = point["platform"] - point["plain"]
+        if paired:
+            boots["diff"].append(got["platform"] - got["plain"])
+    if paired:
+        point["diff"] = point["platform"] - point["plain"]
     return {k: (point[k], *np.percentile(boots[k], [2.5, 97.5])) for k in point}
 
 
@@ -194,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(table)} FracAtlas images ({y.sum()} fractured), {args.folds} folds, resnet18 "
           f"from scratch, {args.image_size} px, {args.epochs} epochs, {args.threads} threads")
     scores, walls = {}, {}
+    # the reference: how far image size, aspect ratio and brightness alone go on these folds
+    feats = np.array([image_stats(u) for u in table["image_uri"]])
+    reference = np.zeros(len(table))
+    for k in range(args.folds):
+        held = fold == k
+        reference[held] = stats_fold(feats[~held], y[~held], feats[held])
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
         if args.only != "platform":
@@ -217,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"platform recipe: {recipe}\nplatform: {walls['platform']:.0f} s")
     from sklearn.metrics import roc_auc_score
 
+    ref = auroc_ci(y, {"reference": reference}, args.n_boot, args.seed)["reference"]
+    print(f"reference, image statistics only (size, aspect ratio, colour mode, grey-level mean "
+          f"and spread; logistic regression, same folds): pooled AUROC {ref[0]:.3f} (95% CI "
+          f"{ref[1]:.3f} .. {ref[2]:.3f}): what a model scores here without seeing a fracture")
     for name, s in scores.items():
         per_fold = [roc_auc_score(y[fold == k], s[fold == k]) for k in range(args.folds)]
         print(f"{name}: per-fold AUROC {' '.join(f'{a:.3f}' for a in per_fold)} (mean "
