@@ -20,10 +20,11 @@ is 1 when the platform is not ahead by ``--margin`` (default 0.05).
 A reference is printed beside them (seconds of work, not part of the goal): a logistic regression
 on image statistics alone (width, height, aspect ratio, colour mode, grey-level mean and spread;
 :func:`stats_fold`) on the same folds. It cannot see a fracture; on this subset it scores about
-0.7, so an arm near it has learnt little beyond how the images were taken and stored.
+0.7, so an arm near it has learnt little that a fracture-blind model does not know.
 
-Defaults take about 26 minutes on 2 CPU cores (160 px, 15 epochs; measured: plain loop 12 min,
-platform 14 min); ``--image-size 224`` is the size of the first comparison (about 50 minutes). Run: ``python benchmarks/bench_realdata.py``.
+Defaults take 18 to 26 minutes on 2 CPU cores, depending on the machine (160 px, 15 epochs;
+measured: plain loop 7 to 11 min, platform 11 to 14 min); ``--image-size 224`` is the size of
+the first comparison (about 50 minutes). Run: ``python benchmarks/bench_realdata.py``.
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ class TrainConfig(StepConfig):
                                                 "multi-label), focal, ce (multi-class)")
     focal_gamma: float = 2.0
     balanced: bool = False
-    drop_rate: float = 0.0
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier "
+                             "(0: off)")
     global_pool: Literal["avg", "max", "avgmax", "catavgmax"] = Field(
         "avg", description="pooling of the last feature map before the classifier: avg, max, "
         "avgmax (mean of both) or catavgmax (both side by side); max keeps a small finding from "
@@ -458,7 +459,7 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
 # the training recipe's knobs, as flags of train, cv and fit (see the README's real-data section)
 RECIPE_FLAGS = ("weight_decay", "warmup_epochs", "grad_clip", "hflip", "vflip", "rotate90",
                 "clahe", "rotate_limit", "resize", "crop_scale", "brightness_contrast", "label_smoothing", "ema_decay",
-                "tta_hflip", "global_pool", "box_weight", "mixup")
+                "tta_hflip", "global_pool", "box_weight", "mixup", "drop_rate")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
