@@ -13,7 +13,10 @@ import pytest
 from fracture_ops import storage
 
 pytestmark = pytest.mark.slow
-FOLDS, SIZE, EPOCHS = 3, 128, 16
+# batch 8: at batch 16 (half the optimiser steps) the tiny test network sometimes stayed near
+# chance in a fold, depending on the seed and the machine (seeds 0-3 on one machine: 2 of 12 folds
+# below 0.95, at 0.64 and 0.82); at batch 8 all 21 folds of seeds 0-6 scored >= 0.997 there
+FOLDS, SIZE, EPOCHS, BATCH = 3, 128, 16, 8
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def cv_run(tmp_path_factory):
     synth_step(SynthConfig(out_dir=str(tmp / "syn"), n_patients=240, image_size=SIZE, seed=3))
     split = split_step(SplitConfig(manifest_uri=str(tmp / "syn" / "manifest.parquet"), **root))
     cfg = CVConfig(split_uri=split["split_uri"], folds=FOLDS, backbone="test_resnet", image_size=SIZE,
-                   epochs=EPOCHS, batch_size=16, lr=3e-3, n_bootstrap=200, **root)
+                   epochs=EPOCHS, batch_size=BATCH, lr=3e-3, n_bootstrap=200, **root)
     summary = cv_step(cfg)
     yield dict(tmp=tmp, cfg=cfg, summary=summary, split=storage.read_parquet(split["split_uri"]))
     if old is None:
@@ -122,8 +125,8 @@ def test_refit_trains_on_every_training_patient_and_calibrates_on_out_of_fold(cv
     from fracture_ops.training.train import TrainConfig, train_step
 
     cfg, split, s = cv_run["cfg"], cv_run["split"], cv_run["summary"]
-    base = dict(split_uri=cfg.split_uri, backbone="test_resnet", image_size=SIZE, batch_size=16,
-                lr=3e-3, artifact_root=cfg.artifact_root)
+    base = dict(split_uri=cfg.split_uri, backbone="test_resnet", image_size=SIZE,
+                batch_size=BATCH, lr=3e-3, artifact_root=cfg.artifact_root)
     refit = train_step(TrainConfig(**base, epochs=s["recommended_epochs"], refit=True, run_id="refit"))
     held = train_step(TrainConfig(**base, epochs=2, run_id="held"))  # the train/val path
     info = storage.read_json(storage.join(refit["train_dir"], "model_info.json"))
