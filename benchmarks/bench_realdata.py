@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -48,48 +49,64 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
 
 
-def load_square(uri: str, size: int) -> np.ndarray:
-    """The plain loop's preprocessing: greyscale, squashed to size x size, 3 channels, ImageNet
-    normalisation."""
+@contextmanager
+def lenient_open(uri: str):
+    """The image opened with Pillow as a plain loop opens it: a JPEG cut short by a few bytes
+    loads (the platform's decode policy reads those too, up to 10% missing). Set only while this
+    reads, so the platform's own truncation check sees the files as they are."""
     from PIL import Image, ImageFile
 
-    # what a plain loop does with a JPEG cut short by a few bytes (the platform's decode policy
-    # reads those too, up to 10% missing); set only while this arm reads, so the platform's own
-    # truncation check sees the files as they are
     before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
     try:
         with Image.open(uri) as im:
-            a = np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), np.float32) / 255.0
+            yield im
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def grey(im, size: int) -> np.ndarray:
+    """Greyscale, squashed to size x size, in [0, 1]."""
+    from PIL import Image
+
+    return np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), np.float32) / 255.0
+
+
+def load_square(uri: str, size: int) -> np.ndarray:
+    """The plain loop's preprocessing: greyscale, squashed to size x size, 3 channels, ImageNet
+    normalisation."""
+    with lenient_open(uri) as im:
+        a = grey(im, size)
     return (np.repeat(a[None], 3, axis=0) - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def image_stats(uri: str) -> list[float]:
     """What an image says without its anatomy: width, height, aspect ratio, colour mode and the
     mean and spread of its grey levels (the reference arm's features)."""
-    from PIL import Image, ImageFile
-
-    before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
-    try:
-        with Image.open(uri) as im:
-            w, h, rgb = im.size[0], im.size[1], float(im.mode == "RGB")
-            a = np.asarray(im.convert("L").resize((64, 64), Image.BILINEAR), np.float32) / 255.0
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
+    with lenient_open(uri) as im:
+        (w, h), rgb, a = im.size, float(im.mode == "RGB"), grey(im, 64)
     return [w, h, w / h, rgb, float(a.mean()), float(a.std())]
 
 
 def stats_fold(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray) -> np.ndarray:
-    """The reference arm: a logistic regression on :func:`image_stats` (standardised on the
-    fold's training rows). It sees no fracture, only how the image was taken and stored, so the
-    AUROC it reaches is what a network can score without learning fractures."""
+    """One fold of the reference arm: a logistic regression on :func:`image_stats` (standardised
+    on the fold's training rows), scoring the held-out rows."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     return model.fit(x_train, y_train).decision_function(x_held)
+
+
+def reference_scores(feats: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """The reference arm's out-of-fold scores (:func:`stats_fold` on every fold). It sees no
+    fracture, only the image's size, colour mode and brightness, so the AUROC it reaches is what
+    a network can score without learning fractures."""
+    scores = np.zeros(len(y))
+    for k in np.unique(fold):
+        held = fold == k
+        scores[held] = stats_fold(feats[~held], y[~held], feats[held])
+    return scores
 
 
 def plain_fold(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray, epochs: int,
@@ -232,11 +249,7 @@ def main(argv: list[str] | None = None) -> int:
           f"from scratch, {args.image_size} px, {args.epochs} epochs, {args.threads} threads")
     scores, walls = {}, {}
     # the reference: how far image size, aspect ratio and brightness alone go on these folds
-    feats = np.array([image_stats(u) for u in table["image_uri"]])
-    reference = np.zeros(len(table))
-    for k in range(args.folds):
-        held = fold == k
-        reference[held] = stats_fold(feats[~held], y[~held], feats[held])
+    reference = reference_scores(np.array([image_stats(u) for u in table["image_uri"]]), y, fold)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
         if args.only != "platform":

@@ -112,8 +112,7 @@ def test_two_processes_train_like_one(split):
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(_train_cmd(split, "two", 2, LIKE_EPOCHS, experiment="ddp-two", flag=True),
-                         env=env,
-                         capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     (main,) = _summaries(two.stdout)  # rank 0 reports the step; rank 1 only logs
     assert "rank 1 done" in two.stderr
