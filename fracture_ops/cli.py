@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("fracture_ops.data.sources", "turn a data source layout into a canonical manifest"),
     "validate": ("fracture_ops.data.validation", "validate a manifest and its images; quarantine bad rows"),
     "deidentify": ("fracture_ops.deid.step", "de-identify DICOM (PS3.15 Annex E) in a folder or manifest"),
+    "deid": ("fracture_ops.deid.review", "de-identification sign-off: `deid review OUTPUT "
+             "--approve ID` releases files held for review (see gallery.html)"),
     "pacs-ingest": ("fracture_ops.pacs.ingest", "pull new radiograph studies from a PACS over "
                     "DICOMweb, de-identified on arrival, into a dataset manifest"),
     "pacs-report": ("fracture_ops.pacs.report", "send the champion's results (DICOM SR and "

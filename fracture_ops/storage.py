@@ -335,14 +335,18 @@ def mark_success(folder: str, summary: dict | None = None) -> str:
     return write_json(join(folder, SUCCESS_MARKER), summary or {})
 
 
-def unmark_success(folder: str) -> None:
-    """Remove the ``_SUCCESS`` marker before changing a finished folder (absent: nothing to do)."""
-    marker = join(folder, SUCCESS_MARKER)
-    if is_s3(marker):
-        bucket, key = split_s3(marker)
+def delete(uri: str | os.PathLike) -> None:
+    """Remove one file or object (absent: nothing to do)."""
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
         s3_client().delete_object(Bucket=bucket, Key=key)
     else:
-        Path(marker).unlink(missing_ok=True)
+        Path(uri).unlink(missing_ok=True)
+
+
+def unmark_success(folder: str) -> None:
+    """Remove the ``_SUCCESS`` marker before changing a finished folder (absent: nothing to do)."""
+    delete(join(folder, SUCCESS_MARKER))
 
 
 def is_complete(folder: str) -> bool:

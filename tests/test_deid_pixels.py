@@ -97,7 +97,10 @@ def test_same_line_boxes_merge_and_wrapped_lines_widen():
     # "Institution Name: Scott Community" / indented "Hospital": the wrapped line is widened
     widened = widen_continuations([(10, 10, 200, 22), (120, 24, 170, 36)])
     assert widened[1] == (120, 24, 200, 36)
-    assert widen_continuations([(10, 10, 200, 22), (10, 24, 60, 36)])[1] == (10, 24, 60, 36)
+    # a value wrapped under its own start (the label kept to its left) is widened too; a line
+    # starting left of the one above (by more than a line height) is another line
+    assert widen_continuations([(10, 10, 200, 22), (12, 24, 60, 36)])[1] == (12, 24, 200, 36)
+    assert widen_continuations([(50, 10, 200, 22), (10, 24, 60, 36)])[1] == (10, 24, 60, 36)
 
 
 def test_engine_interface_and_site_engine_by_path():
@@ -185,9 +188,10 @@ def test_real_dicoms_burned_in_values_are_blanked(real_scrubbed):
             if key in ("Name", "Patient ID", "DOB", "Study Date"):  # identifying: always
                 assert cov >= 0.9, f"{key} box only {cov:.2f} blanked in {path.name[:12]}"
         assert pixels["passed"] and res.BurnedInAnnotation == "NO"
-        # Measured here: 0.75-4.6% of an image blanked (field labels such as "Patient ID:" are
-        # kept, fused lines are split into rows)
-        assert _blanked_fraction(boxes, res.pixel_array.shape) < 0.05
+        # Measured here: 0.75-5.4% of an image blanked (field labels such as "Patient ID:" are
+        # kept, fused lines are split into rows; whole lines are blanked, the gaps between
+        # words included, since the line-level blanking of the second round)
+        assert _blanked_fraction(boxes, res.pixel_array.shape) < 0.06
     # Measured here: 31 of 32 value boxes (the miss: a two-digit age, 70% covered)
     assert covered / total >= 0.95, (covered, total, misses)
 

@@ -95,9 +95,11 @@ class PixelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="find, blank and verify burned-in text in pixels")
-    policy: Literal["default", "all-text"] = Field(
-        "default", description="default: blank all text but keep-list markers; all-text: blank "
-        "every text region")
+    policy: Literal["default", "blank-unread", "all-text"] = Field(
+        "default", description="default: blank text read as text, matching a header value, or "
+        "letter-like in the border band (keep-list markers kept); hold the file for review when "
+        "a letter-like region inside the body reads as nothing; blank-unread: blank such "
+        "regions too, holding nothing; all-text: blank every text region")
     keep_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_KEEP_TOKENS),
                                    description="markers kept under the default policy")
     keep_labels: list[str] = Field(

@@ -9,6 +9,7 @@ be read, or whose burned-in text cannot be removed, are listed with a reason and
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -19,7 +20,7 @@ from fracture_ops.deid.config import CANDIDATE_SUFFIXES, DICOM_SUFFIXES, DeidCon
 from fracture_ops.deid.dicom import deidentify_dicom_bytes
 from fracture_ops.deid.images import PNG_SIGNATURE, scrub_image_bytes, strip_image_metadata
 from fracture_ops.deid.profile import DeidKeys, ProfileResult
-from fracture_ops.deid.report import THUMBNAILS
+from fracture_ops.deid.report import GALLERY_SIDE, THUMBNAILS
 from fracture_ops.errors import BadInputError, FileRejected
 
 
@@ -40,7 +41,9 @@ def with_thumbnail(done: Processed) -> Processed:
 
     if done.pixels is None:
         return done
-    return done._replace(thumbnail=thumbnail(done.data, done.pixels.get("boxes", [])))
+    return done._replace(thumbnail=thumbnail(done.data, done.pixels.get("boxes", []),
+                                             done.pixels.get("held_boxes", []),
+                                             side=GALLERY_SIDE))
 
 
 def _kind(data: bytes, suffix: str) -> str | None:
@@ -73,10 +76,26 @@ def process_bytes(data: bytes, suffix: str, keys: DeidKeys, cfg: DeidConfig,
     raise FileRejected("not DICOM, PNG or JPEG")
 
 
+HELD_DIR = "held"  # outputs waiting for a person's review; never part of the released tree
+
+
+def is_held(done: Processed) -> bool:
+    """The pixel scrub left letter-like regions no engine could read: a person decides."""
+    return bool(done.pixels and done.pixels.get("held"))
+
+
+def held_reason(pixels: dict) -> str:
+    return (f"held for review: {pixels['held']} letter-like region(s) inside the body that no "
+            "engine read as text (not blanked)")
+
+
 def fill_record(rec: dict, done: Processed, output: str) -> None:
-    """Complete an audit record (PHI-free) for a file that was written."""
-    rec.update(status="deidentified" if done.kind == "dicom" else "stripped", kind=done.kind,
-               output=output)
+    """Complete an audit record (PHI-free) for a file that was written (or held)."""
+    status = "deidentified" if done.kind == "dicom" else "stripped"
+    if is_held(done):
+        rec.update(released_status=status, reason=held_reason(done.pixels))
+        status = "held"
+    rec.update(status=status, kind=done.kind, output=output)
     if done.result is not None:
         rec.update(patient=done.result.patient, study=done.result.study_uid,
                    counts=dict(sorted(done.result.counts.items())), flags=done.result.flags)
@@ -172,9 +191,12 @@ def _check_folders(input_uri: str, output_uri: str) -> list[str]:
 
 
 def _output_name(rec: dict, done: Processed) -> str:
+    """Where an output goes; a held one under ``held/`` (released by ``deid review``)."""
     if done.result is not None:
-        return f"dicom/{done.result.patient}/{done.result.sop_uid}{done.ext}"
-    return f"images/{rec['input'][:16]}{done.ext}"
+        name = f"dicom/{done.result.patient}/{done.result.sop_uid}{done.ext}"
+    else:
+        name = f"images/{rec['input'][:16]}{done.ext}"
+    return f"{HELD_DIR}/{name}" if is_held(done) else name
 
 
 def _dedup_name(rec: dict, done: Processed, name: str) -> str:
@@ -222,6 +244,8 @@ def _write(rec: dict, done: Processed, out_dir: str, used: set[str]) -> None:
     else:
         storage.write_bytes(target, done.data)
     fill_record(rec, done, name)
+    if is_held(done):  # what the reviewer sees is what `deid review --approve` releases
+        rec["sha256"] = hashlib.sha256(storage.read_bytes(target)).hexdigest()
 
 
 def deidentify_folder(input_uri: str, output_uri: str, cfg: DeidConfig) -> dict:
@@ -258,7 +282,7 @@ def deidentify_folder(input_uri: str, output_uri: str, cfg: DeidConfig) -> dict:
     for rec, done in parallel_map(_one_file, items, keys, cfg, "deidentify"):
         if done is not None:
             _write(rec, done, output_uri, used)
-            if done.thumbnail and len(thumbs) < THUMBNAILS:
+            if done.thumbnail and (len(thumbs) < THUMBNAILS or is_held(done)):
                 thumbs[rec["output"]] = done.thumbnail
         records.append(rec)
     return finish(output_uri, records, cfg, keys, "folder", {"output_dir": output_uri}, thumbs)

@@ -7,12 +7,15 @@ DICOM headers get, so patient-wise splits still work after de-identification.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from fracture_ops import storage
 from fracture_ops.deid.config import STEP, DeidConfig, load_keys
 from fracture_ops.deid.folder import (
+    HELD_DIR,
     Processed,
+    is_held,
     fill_record,
     parallel_map,
     process_bytes,
@@ -56,9 +59,11 @@ def _process_row(row: dict, keys: DeidKeys, cfg: DeidConfig) -> tuple[dict, Proc
 
 
 def _write_row(row: dict, rec: dict, done: Processed, keys: DeidKeys, out_dir: str) -> dict:
-    name = f"images/{rec['image_id']}{done.ext}"
+    name = f"{HELD_DIR + '/' if is_held(done) else ''}images/{rec['image_id']}{done.ext}"
     uri = storage.write_bytes(storage.join(out_dir, *name.split("/")), done.data)
     fill_record(rec, done, name)
+    if is_held(done):
+        rec["sha256"] = hashlib.sha256(done.data).hexdigest()
     pid, study = _ids(row)
     return dict(row, image_id=rec["image_id"], image_uri=uri,
                 patient_id=keys.patient(pid) if pid is not None else None,
@@ -110,21 +115,27 @@ def deidentify_manifest_step(cfg: DeidConfig) -> dict:
     keys = load_keys(cfg)
     out_dir = cfg.output_dir(STEP)
     storage.reset_dir(out_dir)
-    records, rows, id_map, thumbs = [], [], {}, {}
+    records, rows, held_rows, id_map, thumbs = [], [], [], {}, {}
     inputs = manifest.to_dict("records")
     for row, (rec, done) in zip(inputs, parallel_map(_process_row, inputs, keys, cfg,
                                                      "deidentify")):
         records.append(rec)
         if done is not None:
             new_row = _write_row(row, rec, done, keys, out_dir)
-            if done.thumbnail and len(thumbs) < THUMBNAILS:
+            if done.thumbnail and (len(thumbs) < THUMBNAILS or is_held(done)):
                 thumbs[rec["output"]] = done.thumbnail
+            if is_held(done):  # released into the manifest by `deid review --approve`
+                held_rows.append(new_row)
+                continue
             rows.append(new_row)
             id_map[str(row["image_id"])] = new_row["image_id"]
     keep = [c for c in manifest.columns if c in MANIFEST_COLUMNS or c in cfg.keep_columns
             or c.startswith(MULTILABEL_PREFIX)]
     out = normalize_manifest(pd.DataFrame(rows, columns=list(manifest.columns))[keep])
     manifest_out = storage.write_parquet(storage.join(out_dir, "manifest.deid.parquet"), out)
+    if held_rows:  # the rows `deid review --approve` adds to the manifest
+        held = normalize_manifest(pd.DataFrame(held_rows, columns=list(manifest.columns))[keep])
+        storage.write_parquet(storage.join(out_dir, HELD_DIR, "manifest.held.parquet"), held)
     boxes_out = _pass_boxes(cfg, id_map, out_dir)
     extra = {"manifest_uri": manifest_out, "boxes_uri": boxes_out, "output_dir": out_dir,
              "rows": len(out), "dropped_columns": sorted(set(manifest.columns) - set(keep))}

@@ -37,6 +37,15 @@ import numpy as np
 
 from fracture_ops.deid.ocr import Box, TextEngine
 from fracture_ops.deid.phi_text import contains_phi
+from fracture_ops.deid.strokes import (
+    extend_along_strokes,
+    in_border_band,
+    z_view,
+    looks_like_text,
+    glyphs,
+    stroke_view,
+)
+from fracture_ops.deid.verify import identifier_kind, read_regions, verification_regions
 
 @dataclass(frozen=True)
 class ScrubOptions:
@@ -47,13 +56,16 @@ class ScrubOptions:
     keep_labels: frozenset[str] = frozenset()  # label_key() of field labels kept before a colon
     label_reach: float = 12.0  # how much of a line (in line heights) is read for its label
     pad_fraction: float = 0.1
-    min_pad: int = 2
+    min_pad: int = 3
     marker_aspect: float = 6.0
     rounds: int = 2
     min_score: float = 0.5
     verify_scale: float = 0.8
     max_line_height: float = 0.1  # of the shorter image side
     pad_x_factor: float = 2.0  # left/right padding as a multiple of the vertical padding
+    border_band: float = 0.1  # outer fraction of each side where annotations are written
+    stroke_view: bool = True  # also detect on the contrast-independent stroke rendering
+    verify_patterns: bool = True  # identifier-like words in the verification read fail closed
 
 
 @dataclass
@@ -63,6 +75,9 @@ class FrameScrub:
     blanked: list[Box] = field(default_factory=list)
     kept: list[Box] = field(default_factory=list)
     residual: list[Box] = field(default_factory=list)
+    held: list[Box] = field(default_factory=list)  # unread detections left for a person
+    unread_blanked: int = 0  # text-like border regions blanked though no engine read them
+    ignored: int = 0  # unread detections whose strokes are not a row of letters (anatomy)
     phi_hits: int = 0
     area_fraction: float = 0.0
 
@@ -87,6 +102,11 @@ class ScrubResult:
         return sum(len(f.blanked) for f in self.frames)
 
     @property
+    def held(self) -> int:
+        """Detections no engine read as text, left unblanked for a person to review."""
+        return sum(len(f.held) for f in self.frames)
+
+    @property
     def blanked_fraction(self) -> float:
         return max((f.area_fraction for f in self.frames), default=0.0)
 
@@ -103,15 +123,51 @@ def to_gray8(frame: np.ndarray) -> np.ndarray:
 
 
 def _overlap(a: Box, b: Box) -> bool:
-    """Same line: the boxes intersect and share at least half the smaller one's height."""
+    """Same line: the boxes intersect, share at least half the smaller one's height, and
+    neither is more than twice as tall as the other (a line never merges into a block)."""
+    ha, hb = a[3] - a[1], b[3] - b[1]
     shared = min(a[3], b[3]) - max(a[1], b[1])
-    return (a[0] < b[2] and b[0] < a[2]
-            and shared >= 0.5 * min(a[3] - a[1], b[3] - b[1]))
+    return (a[0] < b[2] and b[0] < a[2] and shared >= 0.5 * min(ha, hb)
+            and max(ha, hb) <= 2 * max(min(ha, hb), 1))
+
+
+def _covers(big: Box, small: Box) -> bool:
+    ix = min(big[2], small[2]) - max(big[0], small[0])
+    iy = min(big[3], small[3]) - max(big[1], small[1])
+    return ix > 0 and iy > 0 and ix * iy >= 0.8 * (small[2] - small[0]) * (small[3] - small[1])
+
+
+def drop_fused(boxes: list[Box]) -> list[Box]:
+    """Replace a box that covers two or more thinner boxes (several lines one rendering fused
+    into a block that another rendering found line by line) by the bands of it those lines do
+    not cover: a line only the fusing rendering saw is kept, as a box of its own."""
+    def thin(a: Box, b: Box) -> bool:  # b is a thinner line inside a
+        ta, tb = min(a[2] - a[0], a[3] - a[1]), min(b[2] - b[0], b[3] - b[1])
+        return tb < 0.7 * ta and _covers(a, b)
+
+    out: list[Box] = []
+    for a in boxes:
+        lines = [b for b in boxes if b != a and thin(a, b)]
+        if len(lines) < 2:
+            out.append(a)
+            continue
+        vertical = (a[3] - a[1]) > (a[2] - a[0]) and all(
+            (b[3] - b[1]) > (b[2] - b[0]) for b in lines)
+        lo, hi = (a[0], a[2]) if vertical else (a[1], a[3])
+        spans = sorted((b[0], b[2]) if vertical else (b[1], b[3]) for b in lines)
+        size = min(e - s for s, e in spans)
+        cursor = lo
+        for s_, e_ in spans + [(hi, hi)]:
+            if s_ - cursor >= 0.5 * size:  # an uncovered band at least half a line thick
+                out.append((cursor, a[1], s_, a[3]) if vertical else (a[0], cursor, a[2], s_))
+            cursor = max(cursor, e_)
+    return out
 
 
 def merge_boxes(boxes: list[Box]) -> list[Box]:
-    """Union boxes of the same line that overlap (both polarities find a line twice)."""
-    out = [tuple(b) for b in boxes]
+    """Union boxes of the same line that overlap (both polarities and renderings find a line
+    more than once); a block fused from several lines is dropped first (:func:`drop_fused`)."""
+    out = [tuple(b) for b in drop_fused(list(dict.fromkeys(tuple(b) for b in boxes)))]
     changed = True
     while changed:
         changed = False
@@ -133,8 +189,8 @@ def widen_continuations(boxes: list[Box]) -> list[Box]:
     """Widen a wrapped line to the right edge of the line it continues.
 
     A line directly under another (gap under one line height, similar height) that starts
-    inside it, indented, holds the rest of that line's value: a value box drawn for the whole
-    value spans that width.
+    inside it (or within a line height of its start) and ends before it holds the rest of that
+    line's value: a value box drawn for the whole value spans that width.
     """
     out = list(boxes)
     for i, (x0, y0, x1, y1) in enumerate(out):
@@ -142,7 +198,7 @@ def widen_continuations(boxes: list[Box]) -> list[Box]:
         for ax0, ay0, ax1, ay1 in boxes:
             ah = ay1 - ay0
             if (0.5 * h <= ah <= 2 * h and -0.5 * h <= y0 - ay1 <= h
-                    and ax0 + h < x0 < ax1 and ax1 > x1):
+                    and ax0 - h < x0 < ax1 and ax1 > x1):
                 out[i] = (x0, y0, ax1, y1)
     return out
 
@@ -410,9 +466,11 @@ def _is_marker(text: str, opts: ScrubOptions, tokens: set[str]) -> bool:
 
 
 def _plausible(boxes: list[Box], shape, opts: ScrubOptions) -> list[Box]:
-    """Drop boxes too tall to be a line of annotation text (anatomy the detector mistook)."""
+    """Drop boxes too thick to be a line of annotation text (anatomy the detector mistook).
+
+    A line's thickness is its smaller side: a vertical line of text is tall and thin."""
     limit = opts.max_line_height * min(shape[:2])
-    return [b for b in boxes if (b[3] - b[1]) <= limit]
+    return [b for b in boxes if min(b[3] - b[1], b[2] - b[0]) <= limit]
 
 
 def _is_tall(box: Box) -> bool:
@@ -438,15 +496,45 @@ def _is_text(text: str, score: float, opts: ScrubOptions) -> bool:
     return score >= opts.min_score and len(re.sub(r"[^0-9A-Za-z]", "", text)) >= 2
 
 
-def _decide(gray: np.ndarray, boxes: list[Box], engine: TextEngine, opts: ScrubOptions,
-            tokens: set[str], frame: FrameScrub) -> list[Box]:
-    """Which boxes to blank; keep-list markers and field labels go to ``frame.kept``.
+def _continues(box: Box, lines: list[Box]) -> bool:
+    """On the row of a line read as text and within five of its heights of it: the rest of
+    that line (a word the recogniser could not read on its own)."""
+    h = box[3] - box[1]
+    return any(_same_row(box, o) and 0.5 * h <= (o[3] - o[1]) <= 2 * h
+               and max(o[0] - box[2], box[0] - o[2]) <= 5 * (o[3] - o[1]) for o in lines)
 
-    Tall boxes (taller than wide, e.g. wires and leads the detector mistakes for text) are
-    blanked only when they read as text; under the default policy a line that reads
-    ``<keep-listed label>: <value>`` keeps its label and has the rest blanked, and a line
-    too wide for a marker is blanked whole (unread when there is no label keep-list); every box
-    is blanked unread under ``all-text``.
+
+def _unread(box: Box, shape, boxes: list[Box], texts: dict, comps: np.ndarray,
+            opts: ScrubOptions) -> str:
+    """What to do with a detection no engine read as text: ``blank``, ``hold`` or ``ignore``.
+
+    ``blank``: policy ``blank-unread``; or a fragment touching a line that did read as text on
+    the same row (a clipped word); or letter-like strokes in the border band. ``hold``:
+    letter-like strokes inside the body (a person decides). ``ignore``: strokes that are not a
+    row of letters (bone edges, trabeculae, wires), whose count the report gives.
+    """
+    if opts.policy == "blank-unread":
+        return "blank"
+    read = [b for b in boxes if b != box and _is_text(*texts.get(b, ("", 0.0)), opts)]
+    if _near(box, read) or _continues(box, read):
+        return "blank"
+    if not looks_like_text(comps, box):
+        return "ignore"
+    return "blank" if in_border_band(box, shape, opts.border_band) else "hold"
+
+
+def _decide(gray: np.ndarray, boxes: list[Box], engine: TextEngine, opts: ScrubOptions,
+            tokens: set[str], frame: FrameScrub, comps: np.ndarray) -> list[Box]:
+    """Which boxes to blank; keep-list markers and field labels go to ``frame.kept``, unread
+    detections a person must look at to ``frame.held``.
+
+    Every box is read (a tall one turned both ways). A box is blanked when it reads as text
+    (``min_score``, two letters or digits) or holds a header value; under the default policy
+    a line that reads ``<keep-listed label>: <value>`` keeps its label and has the rest
+    blanked. A box no engine reads is blanked only when it reaches into the border band and
+    its strokes form a row of letters (:func:`looks_like_text`); any other unread box (inside
+    the body, or not letter-like) is held for review, not blanked (``blank-unread`` blanks
+    it). Every box is blanked unread under ``all-text``.
     """
     if opts.policy == "all-text":
         return boxes
@@ -460,24 +548,33 @@ def _decide(gray: np.ndarray, boxes: list[Box], engine: TextEngine, opts: ScrubO
     if again:  # a misread head: the whole line, read once more
         texts.update(zip(again, engine.read(gray, again)))
         heads.update((b, b) for b in again)
+    unread = [b for b in boxes if b not in texts]
+    if unread:  # wide lines when no label is kept: read whole
+        texts.update(_read(gray, unread, engine))
     colour = _text_colour(gray, boxes) if opts.keep_labels else None
-    comps = _glyphs(gray, colour) if colour is not None else None
+    glyphs = _glyphs(gray, colour) if colour is not None else None
     blank: list[Box] = []
     splits: list[tuple[Box, list, list]] = []
     for b in boxes:
         text, score = texts.get(b, ("", 0.0))
-        if b in texts and _is_marker(text, opts, tokens):
+        if _is_marker(text, opts, tokens) and score >= opts.min_score:
             frame.kept.append(b)
-        elif _is_tall(b) and not (_is_text(text, score, opts) or contains_phi(text, tokens)):
             continue
-        else:
-            frame.phi_hits += bool(text) and contains_phi(text, tokens)
-            if text:
-                cuts = split_label(gray, colour, comps, b, text, opts, tokens,
-                                   heads.get(b, b)[2])
-                if cuts[0] or cuts[1]:
-                    splits.append((b, *cuts))
-            blank.append(b)
+        if not (_is_text(text, score, opts) or contains_phi(text, tokens)):
+            verdict = _unread(b, gray.shape, boxes, texts, comps, opts)
+            if verdict == "ignore":
+                frame.ignored += 1
+                continue
+            if verdict == "hold":
+                frame.held.append(b)
+                continue
+            frame.unread_blanked += 1
+        frame.phi_hits += bool(text) and contains_phi(text, tokens)
+        if text:
+            cuts = split_label(gray, colour, glyphs, b, text, opts, tokens, heads.get(b, b)[2])
+            if cuts[0] or cuts[1]:
+                splits.append((b, *cuts))
+        blank.append(b)
     # a label is kept only if its own crop reads as that label and nothing more (the leftmost
     # cut that does, so that no value letter stays); the colon and the space after it are
     # tried first, the letter-by-letter cuts only for lines where neither reads right
@@ -506,19 +603,40 @@ def _inside(box: Box, kept: list[Box]) -> bool:
     return any(k[0] <= cx <= k[2] and k[1] <= cy <= k[3] for k in kept)
 
 
+def _locate(engine: TextEngine, gray: np.ndarray, opts: ScrubOptions,
+            scale: float | None = None, window: bool = True) -> list[Box]:
+    """Text-line boxes on the window rendering (both polarities; ``window``) and, with
+    ``stroke_view``, on the stroke rendering (text of either polarity on any background,
+    :mod:`.strokes`)."""
+    views = ([gray] if window or not opts.stroke_view else []) + \
+        ([stroke_view(gray)] if opts.stroke_view else [])
+    boxes: list[Box] = []
+    for view in views:
+        kwargs = {} if scale is None else {"scale": scale}
+        if view is not gray:
+            kwargs["polarity"] = "pos"  # dark strokes on white
+        try:
+            boxes += engine.locate(view, **kwargs)
+        except TypeError:  # a site's engine without scale/polarity arguments
+            boxes += engine.locate(view)
+    return boxes
+
+
 def _residual(gray: np.ndarray, engine: TextEngine, verifiers: list[TextEngine],
               opts: ScrubOptions, tokens: set[str], frame: FrameScrub) -> list[Box]:
     """Text the verification read still finds: off the keep-list, or holding a header value.
 
     The engine looks again at another scale (``verify_scale``) where it supports one; each
-    verifier engine reads the whole frame and reports header values it finds.
+    verifier engine reads a rendering the detector did not see (locally normalised,
+    :func:`~.strokes.z_view`) and reports header values and, with ``verify_patterns``, any word shaped like an
+    identifier (:func:`~fracture_ops.deid.verify.identifier_kind`): those fail closed.
+    Regions held for review are not looked at again (a person will).
     """
-    try:
-        boxes = engine.locate(gray, opts.verify_scale)
-    except TypeError:  # a site's engine without a scale argument
-        boxes = engine.locate(gray)
+    # the second look: the stroke rendering only (both polarities at once), at another scale
+    boxes = _plausible(_locate(engine, gray, opts, opts.verify_scale, window=False), gray.shape,
+                       opts)
     boxes = [b for b in _plausible(merge_boxes(boxes), gray.shape, opts)
-             if not _inside(b, frame.kept)]
+             if not _inside(b, frame.kept) and not _inside(b, frame.held)]
     found = []
     for b, (text, score) in _read(gray, boxes, engine).items():
         if _is_marker(text, opts, tokens) and (b[2] - b[0]) <= opts.marker_aspect * (b[3] - b[1]):
@@ -527,10 +645,17 @@ def _residual(gray: np.ndarray, engine: TextEngine, verifiers: list[TextEngine],
             found.append(b)
         elif _near(b, frame.blanked) and not _is_tall(b):
             found.append(b)  # a fragment of blanked text (a clipped first or last letter)
-    for verifier in verifiers:
-        for tb in verifier.detect(gray):
-            if tb.text and contains_phi(tb.text, tokens):
-                found.append(tb.box)
+    if verifiers:
+        view = z_view(gray)
+        regions = verification_regions(gray.shape, opts.border_band, frame.blanked)
+        for verifier in verifiers:
+            for tb in read_regions(verifier, view, regions):
+                if not tb.text or _inside(tb.box, frame.kept):
+                    continue
+                if contains_phi(tb.text, tokens) or (
+                        opts.verify_patterns and identifier_kind(tb.text, tb.score, opts.keep_tokens,
+                                                                 opts.keep_labels)):
+                    found.append(tb.box)
     return found
 
 
@@ -540,15 +665,54 @@ def blank(frame: np.ndarray, boxes: list[Box], fill) -> None:
         frame[y0:y1, x0:x1, ...] = fill
 
 
+def join_lines(boxes: list[Box], kept: list[Box], max_gap: float = 3.0) -> list[Box]:
+    """Blank whole lines: boxes on one row (similar heights) with gaps under ``max_gap`` line
+    heights are joined into one, the gap included (a word between two detections that no
+    rendering found is part of the line), never across a kept marker or label on that row."""
+    out = sorted(boxes, key=lambda b: (b[0], b[1]))
+    joined = True
+    while joined:
+        joined = False
+        for i, a in enumerate(out):
+            for j in range(i + 1, len(out)):
+                b = out[j]
+                ha, hb = a[3] - a[1], b[3] - b[1]
+                gap = max(b[0] - a[2], a[0] - b[2])
+                if not (_same_row(a, b) and max(ha, hb) <= 2 * min(ha, hb)
+                        and gap <= max_gap * max(ha, hb)):
+                    continue
+                span = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                if any(_same_row(k, span) and k[0] >= min(a[2], b[2]) - 1
+                       and k[2] <= max(a[0], b[0]) + 1 for k in kept):
+                    continue  # a kept label or marker sits between them
+                out[i] = span
+                del out[j]
+                joined = True
+                break
+            if joined:
+                break
+    return out
+
+
+def _extend(gray: np.ndarray, comps: np.ndarray, boxes: list[Box],
+            kept: list[Box]) -> list[Box]:
+    """Each line box grown along its row over the letters' strokes (:mod:`.strokes`), then
+    the boxes of one line joined (:func:`join_lines`)."""
+    return join_lines([extend_along_strokes(comps, b, gray.shape, kept) for b in boxes], kept)
+
+
 def scrub_frame(frame: np.ndarray, engine: TextEngine, verifiers: list[TextEngine],
                 opts: ScrubOptions, tokens: set[str], fill=None) -> FrameScrub:
     """Find, blank (in place) and verify one frame; see the module docstring."""
     result = FrameScrub()
     fill = frame.min() if fill is None else fill
     gray = to_gray8(frame)
-    boxes = widen_continuations(_plausible(merge_boxes(engine.locate(gray)), gray.shape, opts))
-    todo = fit_to_glyphs(gray, _decide(gray, boxes, engine, opts, tokens, result),
+    comps, _ = glyphs(gray)
+    found = _plausible(_locate(engine, gray, opts), gray.shape, opts)
+    boxes = widen_continuations(_plausible(merge_boxes(found), gray.shape, opts))
+    todo = fit_to_glyphs(gray, _decide(gray, boxes, engine, opts, tokens, result, comps),
                          barriers=result.kept)
+    todo = _extend(gray, comps, todo, result.kept)
     for _ in range(opts.rounds + 1):  # the first look, then up to `rounds` more
         padded = [pad_box(b, frame.shape, opts) for b in todo]
         blank(frame, padded, fill)
@@ -560,6 +724,7 @@ def scrub_frame(frame: np.ndarray, engine: TextEngine, verifiers: list[TextEngin
             break
         todo = fit_to_glyphs(gray, widen_continuations(merge_boxes(result.residual)),
                              barriers=result.kept)
+        todo = _extend(gray, comps, todo, result.kept)
     mask = np.zeros(frame.shape[:2], bool)
     for x0, y0, x1, y1 in result.blanked:
         mask[y0:y1, x0:x1] = True

@@ -22,6 +22,7 @@ from fracture_ops import storage
 from fracture_ops.config import write_resolved
 from fracture_ops.deid.config import SECRET_ENV, STEP, DeidConfig
 from fracture_ops.deid.dicom import _profile_options
+from fracture_ops.deid.gallery import write_gallery
 from fracture_ops.deid.profile import DeidKeys, method_codes
 from fracture_ops.errors import BadInputError, ErrorBudgetExceeded
 
@@ -31,10 +32,14 @@ BURNED_IN_FLAGS = ("burned_in_annotation_absent", "burned_in_annotation_yes",
                    "burned_in_annotation_unrecognised", "watchlist_modality",
                    "watchlist_manufacturer")
 NOTES = [
-    ("Burned-in text: every image is searched with the configured OCR engine, text regions off "
-     "the keep-list (and any region that reads as one of the file's own header values) are "
-     "blanked, and the output is read again; a file with text left is quarantined and never "
-     "written. BurnedInAnnotation is set to NO only for files that passed that read."),
+    ("Burned-in text: every image is searched on several renderings (the stored window in both "
+     "polarities and a contrast-independent stroke rendering); lines read as text, holding a "
+     "header value, or letter-like in the border band are blanked whole (keep-list markers "
+     "kept), and the output is read again on a locally normalised rendering; a file where "
+     "text or an identifier-shaped word is still read is quarantined and never written. A "
+     "letter-like region inside the body that no engine reads is not blanked: the file is held "
+     "for review (gallery.html; `fracture-ops deid review`). BurnedInAnnotation is set to NO "
+     "only for files that passed that read."),
     ("OCR finds most but not all text: very small, faint, rotated or handwritten text can be "
      "missed by both reads. Review the thumbnails of report.html before release."),
     "Blanked regions are filled with the image's minimum stored value.",
@@ -42,6 +47,7 @@ NOTES = [
 ]
 THUMBNAILS = 200  # at most this many thumbnails in report.html
 THUMB_SIDE = 256
+GALLERY_SIDE = 480  # thumbnails kept for gallery.html (report.html shows them at 256)
 
 
 def build_report(records: list[dict], cfg: DeidConfig, keys: DeidKeys, mode: str) -> dict:
@@ -59,7 +65,8 @@ def build_report(records: list[dict], cfg: DeidConfig, keys: DeidKeys, mode: str
         "method_codes": codes,
         "dev_secret": not os.environ.get(SECRET_ENV),
         "counts": {"files": len(records), "deidentified": status["deidentified"],
-                   "stripped": status["stripped"], "quarantined": status["quarantined"],
+                   "stripped": status["stripped"], "held": status["held"],
+                   "quarantined": status["quarantined"],
                    "skipped": status["skipped"], "flagged": len(flagged),
                    "flagged_burned_in": sum(any(f in BURNED_IN_FLAGS for f in x["flags"])
                                             for x in flagged)},
@@ -72,6 +79,8 @@ def build_report(records: list[dict], cfg: DeidConfig, keys: DeidKeys, mode: str
                         for r in records if r["status"] == "quarantined"],
         "skipped": [{"input": r["input"], "reason": r["reason"]}
                     for r in records if r["status"] == "skipped"],
+        "held": [{"input": r["input"], "output": r["output"], "reason": r["reason"]}
+                 for r in records if r["status"] == "held"],
         "pixels": _pixel_summary(records),
         "pixel_policy": cfg.pixels.model_dump() if cfg.pixels.enabled else None,
         "notes": NOTES,
@@ -90,11 +99,17 @@ def _pixel_summary(records: list[dict]) -> dict:
             "markers_kept": sum(p.get("kept_markers", 0) for p in scrubbed),
             "header_values_found": sum(p.get("phi_hits", 0) for p in scrubbed),
             "max_blanked_fraction": max((p["blanked_fraction"] for p in scrubbed), default=0.0),
-            "quarantined_text_remains": len(failed), "engines": engines}
+            "quarantined_text_remains": len(failed),
+            "files_held_for_review": sum(bool(p.get("held")) for p in scrubbed),
+            "unread_regions_blanked": sum(p.get("unread_blanked", 0) for p in scrubbed),
+            "unread_regions_ignored": sum(p.get("ignored", 0) for p in scrubbed),
+            "engines": engines}
 
 
-def thumbnail(data: bytes, boxes: list[list[list[int]]]) -> str | None:
-    """A base64 PNG thumbnail of an output file's first frame with blanked boxes outlined."""
+def thumbnail(data: bytes, boxes: list[list[list[int]]], held: list[list[list[int]]] = (),
+              side: int = THUMB_SIDE) -> str | None:
+    """A base64 PNG thumbnail of an output file's first frame with blanked boxes outlined in
+    red and regions held for review in orange (drawn from the output bytes only)."""
     from PIL import Image, ImageDraw
 
     from fracture_ops.deid.pixels import to_gray8
@@ -111,11 +126,13 @@ def thumbnail(data: bytes, boxes: list[list[list[int]]]) -> str | None:
         img = Image.fromarray(to_gray8(arr)).convert("RGB")
     except Exception:  # noqa: BLE001 - a thumbnail is a convenience, never a failure
         return None
-    scale = THUMB_SIDE / max(img.size)
+    scale = side / max(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
     draw = ImageDraw.Draw(img)
-    for x0, y0, x1, y1 in (boxes[0] if boxes else []):
-        draw.rectangle([x0 * scale, y0 * scale, x1 * scale, y1 * scale], outline=(255, 40, 40))
+    for frame_boxes, colour in ((boxes, (255, 40, 40)), (held, (255, 160, 0))):
+        for x0, y0, x1, y1 in (frame_boxes[0] if frame_boxes else []):
+            draw.rectangle([x0 * scale, y0 * scale, x1 * scale, y1 * scale], outline=colour,
+                           width=2)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
@@ -179,6 +196,7 @@ def finish(out_dir: str, records: list[dict], cfg: DeidConfig, keys: DeidKeys, m
     storage.write_text(storage.join(out_dir, "audit.jsonl"), lines)
     storage.write_json(storage.join(out_dir, "report.json"), report)
     storage.write_text(storage.join(out_dir, "report.html"), render_html(report, records, thumbs or {}))
+    gallery = write_gallery(out_dir, report, records, thumbs or {})
     write_resolved(cfg, out_dir)
     counts, pixels = report["counts"], report["pixels"]
     log.info("deidentify: %d de-identified, %d stripped, %d quarantined, %d skipped, %d flagged",
@@ -188,13 +206,17 @@ def finish(out_dir: str, records: list[dict], cfg: DeidConfig, keys: DeidKeys, m
              "blanked, %d marker(s) kept, %d quarantined with text remaining",
              pixels["files_scrubbed"], pixels["files_with_text"], pixels["regions_blanked"],
              pixels["markers_kept"], pixels["quarantined_text_remains"])
+    log.info("deidentify: review gallery %s: %d file(s) held for review (not released until "
+             "`fracture-ops deid review %s --approve ID`), %d quarantined", gallery,
+             counts["held"], out_dir, counts["quarantined"])
     if counts["files"] == counts["skipped"]:
         raise BadInputError("deidentify: no DICOM, PNG or JPEG input found")
     if report["bad_fraction"] > cfg.max_bad_fraction:
         raise ErrorBudgetExceeded(f"deidentify: {counts['quarantined']} bad file(s), fraction "
                                   f"{report['bad_fraction']:.3f} > {cfg.max_bad_fraction}")
     summary = {**extra, "mode": mode, **{k: counts[k] for k in
-               ("files", "deidentified", "stripped", "quarantined", "skipped", "flagged")},
+               ("files", "deidentified", "stripped", "held", "quarantined", "skipped",
+                "flagged")}, "gallery_uri": gallery,
                "text_regions_blanked": pixels["regions_blanked"]}
     storage.mark_success(out_dir, summary)
     return summary

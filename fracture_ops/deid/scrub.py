@@ -31,8 +31,8 @@ class PixelTextRemains(FileRejected):
 def _engine_options(name: str, pixcfg) -> dict:
     if name == "rapidocr":
         return {"target_side": pixcfg.target_side, "threads": pixcfg.threads}
-    if name == "tesseract":
-        return {"threads": pixcfg.threads}
+    if name == "tesseract":  # it reads a mosaic of border bands at their own resolution
+        return {"threads": pixcfg.threads, "max_side": 2400}
     return {}
 
 
@@ -99,4 +99,7 @@ def scrub_report(result: ScrubResult, pixcfg) -> dict:
             "passed": result.passed, "kept_markers": sum(len(f.kept) for f in result.frames),
             "phi_hits": sum(f.phi_hits for f in result.frames),
             "blanked_fraction": round(result.blanked_fraction, 5),
-            "boxes": [[list(b) for b in f.blanked] for f in result.frames]}
+            "boxes": [[list(b) for b in f.blanked] for f in result.frames],
+            "held": result.held, "unread_blanked": sum(f.unread_blanked for f in result.frames),
+            "ignored": sum(f.ignored for f in result.frames),
+            "held_boxes": [[list(b) for b in f.held] for f in result.frames]}

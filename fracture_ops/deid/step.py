@@ -17,15 +17,21 @@ def configure_parser(parser) -> None:
     parser.add_argument("--manifest", metavar="URI", help="manifest mode: canonical manifest")
     parser.add_argument("--allow-dev-secret", action="store_true", default=None,
                         help=f"demos only: built-in secret when ${SECRET_ENV} is unset")
-    parser.add_argument("--pixel-policy", choices=["default", "all-text", "off"], default=None,
-                        help="burned-in text: default blanks all text but laterality/projection "
-                        "markers, all-text blanks every text region, off leaves pixels alone "
+    parser.add_argument("--pixel-policy", choices=["default", "blank-unread", "all-text", "off"],
+                        default=None,
+                        help="burned-in text: default blanks text but laterality/projection "
+                        "markers and holds a file for review when a letter-like region inside "
+                        "the body reads as nothing; blank-unread blanks such regions instead; "
+                        "all-text blanks every text region; off leaves pixels alone "
                         "(config: pixels.policy / pixels.enabled)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="processes across files (default: one per usable CPU, at most 8)")
-    parser.epilog = ("Outputs: de-identified files, report.json, report.html (thumbnails with the "
-                     "blanked boxes), audit.jsonl. A file whose burned-in text cannot be removed "
-                     "is quarantined (listed in the report, never written). Other options: "
+    parser.epilog = ("Outputs: de-identified files, report.json, report.html, gallery.html (the "
+                     "review gallery: every output with its blanked regions outlined, held and "
+                     "quarantined files with their reasons), audit.jsonl. A file whose burned-in "
+                     "text cannot be removed is quarantined (listed, never written); a file with "
+                     "an unread letter-like region inside the body is held under held/ until "
+                     "`fracture-ops deid-review OUTPUT --approve ID` releases it. Other options: "
                      "--set pixels.keep_tokens=[L,R] --set pixels.verifiers=[] ...")
 
 

@@ -146,6 +146,8 @@ class Ingest:
         self.keys = load_keys(deid_cfg)
         self.client = conn.client()
         self.root = dataset_dir(cfg)
+        self.gallery: list[dict] = []  # PHI-free records of this run's instances, for the gallery
+        self.thumbs: dict[str, str] = {}  # output-pixel thumbnails (gallery.html)
 
     def find_studies(self, start: str) -> tuple[dict[str, tuple[str, int]], bool]:
         """Study UID -> (study date, number of instances) of every study with a wanted modality
@@ -201,7 +203,13 @@ class Ingest:
                 this study is recorded, so the next run fetches it again).
         """
         from fracture_ops.data.manifest import LATERALITIES, VIEWS
-        from fracture_ops.deid.folder import process_bytes, quarantine_reason
+        from fracture_ops.deid.folder import (
+            held_reason,
+            is_held,
+            process_bytes,
+            quarantine_reason,
+            with_thumbnail,
+        )
 
         rows, bad, links = [], [], []
         for series in self.wanted_series(study):
@@ -220,10 +228,28 @@ class Ingest:
                 except Exception as exc:  # noqa: BLE001 - quarantined with its reason
                     reason = quarantine_reason(exc)
                     bad.append({"study_id": self.keys.uid(study), "image_id": image_id, "reason": reason})
+                    self.gallery.append({"input": image_id, "status": "quarantined", "reason": reason})
                     log.warning("pacs-ingest: instance %s of study %s quarantined: %s", image_id,
                                 self.keys.uid(study), reason)
                     continue
-                uri = storage.write_bytes(storage.join(self.root, "images", f"{image_id}.dcm"), done.data)
+                done = with_thumbnail(done)
+                if is_held(done):  # not released into the dataset: a person looks first
+                    name = f"held/{image_id}.dcm"
+                    storage.write_bytes(storage.join(self.root, *name.split("/")), done.data)
+                    reason = held_reason(done.pixels)
+                    bad.append({"study_id": self.keys.uid(study), "image_id": image_id, "reason": reason})
+                    self.gallery.append({"input": image_id, "status": "held", "reason": reason,
+                                         "output": name, "pixels": done.pixels})
+                    self.thumbs[name] = done.thumbnail
+                    log.warning("pacs-ingest: instance %s of study %s %s", image_id,
+                                self.keys.uid(study), reason)
+                    continue
+                name = f"images/{image_id}.dcm"
+                self.gallery.append({"input": image_id, "status": "deidentified", "output": name,
+                                     "pixels": done.pixels})
+                if done.thumbnail:
+                    self.thumbs[name] = done.thumbnail
+                uri = storage.write_bytes(storage.join(self.root, *name.split("/")), done.data)
                 view = _code(ds, "ViewPosition", VIEWS, "UNKNOWN")
                 side = _code(ds, "ImageLaterality", LATERALITIES, "") or _code(ds, "Laterality", LATERALITIES, "U")
                 links.append({"image_id": image_id, "study_uid": study, "series_uid": series, "sop_uid": sop})
@@ -234,6 +260,22 @@ class Ingest:
                              "source": "pacs", "modality": str(ds.get("Modality", "")),
                              "text_regions_blanked": int((done.pixels or {}).get("regions", 0))})
         return rows, bad, links
+
+
+def _write_gallery(out_dir: str, run: Ingest) -> str:
+    """The run's review gallery (output pixels only; held and quarantined instances first)."""
+    from collections import Counter
+
+    from fracture_ops.deid.gallery import write_gallery
+
+    counts = Counter(r["status"] for r in run.gallery)
+    report = {"counts": {"instances": len(run.gallery), **{k: counts[k] for k in
+                                                           ("deidentified", "held", "quarantined")}}}
+    uri = write_gallery(out_dir, report, run.gallery, run.thumbs, releasable=False)
+    log.info("pacs-ingest: review gallery %s: %d instance(s) held for review (kept under held/ "
+             "in the raw zone, not in the manifest), %d quarantined", uri, counts["held"],
+             counts["quarantined"])
+    return uri
 
 
 def _parts(root: str) -> dict[str, str]:
@@ -343,6 +385,7 @@ def pacs_ingest_step(cfg: PacsIngestConfig, deid_cfg=None, conn: PacsConnection 
     storage.write_json(storage.join(out_dir, "report.json"),
                        {**summary, "quarantined": quarantined,
                         "failed": [{k: v for k, v in f.items() if k != "date"} for f in failed]})
+    summary["gallery_uri"] = _write_gallery(out_dir, run)
     if over_budget:
         raise ErrorBudgetExceeded(f"pacs-ingest: {len(quarantined)} of {attempted} instances "
                                   f"quarantined (> {cfg.max_bad_fraction}); their studies are not "

@@ -1,0 +1,177 @@
+"""``fracture-ops deid review OUTPUT --approve ID ... | --reject ID ...``: a person's sign-off.
+
+A de-identification run holds a file (``held/``, status ``held``) when its pixels have a
+letter-like region inside the body that no engine read as text: blanking it might remove
+anatomy, releasing it might release text. A reviewer looks at it in ``gallery.html`` (output
+pixels only) and decides here. Each decision is appended to the sign-off file ``review.jsonl``
+(reviewer, time, input id, decision, SHA-256 of the file decided on); an approval moves the file
+from ``held/`` to where the run would have written it (and, in manifest mode, adds its row to
+``manifest.deid.parquet``), a rejection deletes it (the input is then listed as quarantined).
+``audit.jsonl``, ``report.json``, ``gallery.html`` and ``_SUCCESS`` are rewritten to match. A file
+whose bytes changed since the run is refused: what was reviewed is what is released.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import hashlib
+import json
+import logging
+from collections import Counter
+
+from fracture_ops import storage
+from fracture_ops.errors import BadInputError, ConfigError
+
+log = logging.getLogger("fracture_ops.deid")
+
+
+def configure_parser(parser) -> None:
+    """Arguments of ``fracture-ops deid``."""
+    sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
+    rev = sub.add_parser("review", help="release (--approve) or reject files held for review",
+                         description=__doc__.split("\n\n")[1])
+    rev.add_argument("output", metavar="OUTPUT",
+                     help="a deidentify output folder (folder mode) or step folder (manifest mode)")
+    rev.add_argument("--approve", nargs="+", default=[], metavar="ID",
+                     help="input ids (the first 8+ characters shown in the gallery) to release")
+    rev.add_argument("--reject", nargs="+", default=[], metavar="ID",
+                     help="input ids whose held output is deleted (quarantined)")
+    rev.add_argument("--reviewer", default=None,
+                     help="who decides (default: the login name); recorded in review.jsonl")
+    rev.add_argument("--list", action="store_true", help="list the held files and exit")
+
+
+def _sha256(uri: str) -> str:
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+
+
+def _find(records: list[dict], ident: str) -> dict:
+    if len(ident) < 8:
+        raise ConfigError(f"deid review: id {ident!r} is too short (give 8 or more characters)")
+    hits = [r for r in records if r["input"].startswith(ident)]
+    if len(hits) != 1:
+        raise BadInputError(f"deid review: id {ident!r} matches {len(hits)} inputs of this run")
+    return hits[0]
+
+
+def _release_row(out_dir: str, rec: dict) -> None:
+    """Manifest mode: move the held row of ``rec`` into ``manifest.deid.parquet``."""
+    import pandas as pd
+
+    held_uri = storage.join(out_dir, "held", "manifest.held.parquet")
+    if not storage.exists(held_uri):
+        return
+    held = storage.read_parquet(held_uri)
+    row = held[held["image_id"] == rec.get("image_id")]
+    if not len(row):
+        return
+    man_uri = storage.join(out_dir, "manifest.deid.parquet")
+    manifest = storage.read_parquet(man_uri)
+    row = row.assign(image_uri=storage.join(out_dir, *rec["output"].split("/")))
+    merged = pd.concat([manifest, row], ignore_index=True).sort_values("image_id", kind="stable")
+    storage.write_parquet(man_uri, merged.reset_index(drop=True))
+    storage.write_parquet(held_uri, held[held["image_id"] != rec.get("image_id")])
+
+
+def _decide(out_dir: str, rec: dict, decision: str, reviewer: str, at: str) -> dict:
+    """Apply one decision to a held record (in place); the sign-off line."""
+    held_uri = storage.join(out_dir, *rec["output"].split("/"))
+    digest = _sha256(held_uri)
+    if rec.get("sha256") and digest != rec["sha256"]:
+        raise BadInputError(f"deid review: the held output of {rec['input'][:16]} changed since "
+                            "the run (its SHA-256 differs); refusing to release it")
+    if decision == "approved":
+        final = rec["output"].split("/", 1)[1]
+        target = storage.join(out_dir, *final.split("/"))
+        if storage.exists(target):
+            raise BadInputError(f"deid review: {final} already exists; not overwritten")
+        storage.write_bytes(target, storage.read_bytes(held_uri))
+        storage.delete(held_uri)
+        rec.update(status=rec.pop("released_status", "deidentified"), output=final)
+        _release_row(out_dir, rec)
+    else:
+        storage.delete(held_uri)
+        rec.update(status="quarantined", reason="rejected in review")
+        rec.pop("output", None)
+    rec["review"] = {"decision": decision, "reviewer": reviewer, "at": at}
+    return {"input": rec["input"], "decision": decision, "reviewer": reviewer, "at": at,
+            "sha256": digest}
+
+
+def _refresh_report(report: dict, records: list[dict]) -> dict:
+    """Counts and lists of ``report.json`` recomputed from the reviewed records."""
+    status = Counter(r["status"] for r in records)
+    for key in ("deidentified", "stripped", "held", "quarantined"):
+        report["counts"][key] = status[key]
+    report["quarantined"] = [{"input": r["input"], "reason": r["reason"]}
+                             for r in records if r["status"] == "quarantined"]
+    report["held"] = [{"input": r["input"], "output": r["output"], "reason": r["reason"]}
+                      for r in records if r["status"] == "held"]
+    report["reviewed"] = [{"input": r["input"], **r["review"]} for r in records if r.get("review")]
+    return report
+
+
+def review(out_dir: str, approve: list[str], reject: list[str], reviewer: str) -> dict:
+    """Apply approvals and rejections to a de-identification output (see the module docstring).
+
+    Returns:
+        ``{"approved": n, "rejected": n, "held": n still held, "gallery": uri}``.
+
+    Raises:
+        ConfigError: no decision given, an id too short, or an id both approved and rejected.
+        BadInputError: not a de-identification output, an unknown id, a held file that changed.
+    """
+    from fracture_ops.deid.gallery import SIGN_OFF, write_gallery
+
+    if not approve and not reject:
+        raise ConfigError("deid review: give --approve ID ... and/or --reject ID ...")
+    audit_uri = storage.join(out_dir, "audit.jsonl")
+    if not storage.exists(audit_uri):
+        raise BadInputError("deid review: OUTPUT holds no audit.jsonl (not a deidentify output)")
+    records = [json.loads(line) for line in storage.read_text(audit_uri).splitlines() if line]
+    at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    wanted = [(_find(records, i), "approved") for i in approve] + \
+        [(_find(records, i), "rejected") for i in reject]
+    if len({id(r) for r, _ in wanted}) != len(wanted):
+        raise ConfigError("deid review: an id is given twice (or both approved and rejected)")
+    lines, done = [], Counter()
+    for rec, decision in wanted:
+        if rec["status"] != "held":
+            log.info("deid review: %s is %s, not held: nothing to do", rec["input"][:16],
+                     rec["status"])
+            continue
+        lines.append(_decide(out_dir, rec, decision, reviewer, at))
+        done[decision] += 1
+    sign_off = storage.join(out_dir, SIGN_OFF)
+    before = storage.read_text(sign_off) if storage.exists(sign_off) else ""
+    storage.write_text(sign_off, before + "".join(json.dumps(x, sort_keys=True) + "\n"
+                                                  for x in lines))
+    storage.write_text(audit_uri, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    report = _refresh_report(storage.read_json(storage.join(out_dir, "report.json")), records)
+    storage.write_json(storage.join(out_dir, "report.json"), report)
+    gallery = write_gallery(out_dir, report, records)
+    held = sum(r["status"] == "held" for r in records)
+    success = storage.join(out_dir, storage.SUCCESS_MARKER)
+    if storage.exists(success):
+        summary = storage.read_json(success)
+        summary.update({k: report["counts"][k] for k in ("deidentified", "stripped", "held",
+                                                         "quarantined")})
+        storage.mark_success(out_dir, summary)
+    log.info("deid review: %d approved, %d rejected by %s; %d still held; gallery %s",
+             done["approved"], done["rejected"], reviewer, held, gallery)
+    return {"approved": done["approved"], "rejected": done["rejected"], "held": held,
+            "gallery": gallery}
+
+
+def run_cli(args) -> dict:
+    """``fracture-ops deid review``."""
+    if args.list:
+        records = [json.loads(x) for x in storage.read_text(
+            storage.join(args.output, "audit.jsonl")).splitlines() if x]
+        held = [r for r in records if r["status"] == "held"]
+        for r in held:
+            print(f"{r['input'][:16]}  {r['output']}  {r['reason']}")
+        return {"held": len(held)}
+    reviewer = args.reviewer or getpass.getuser()
+    return review(args.output, args.approve, args.reject, reviewer)
