@@ -123,7 +123,8 @@ def _days(a: str, b: str) -> int:
 
 def _output_for(out_dir: Path, src) -> Path:
     """The de-identified file of an input data set (named by its remapped SOP Instance UID)."""
-    hits = list(out_dir.glob(f"dicom/*/{KEYS.uid(src.SOPInstanceUID)}.dcm"))
+    name = f"dicom/*/{KEYS.uid(src.SOPInstanceUID)}.dcm"
+    hits = list(out_dir.glob(name)) + list(out_dir.glob(f"held/{name}"))  # held for review
     assert len(hits) == 1
     return hits[0]
 

@@ -455,20 +455,24 @@ def test_folder_report_html_shows_outputs_only_and_counts(realdata, tmp_path):
     out = tmp_path / "out"
     summary = deidentify_folder(str(src), str(out), DeidConfig(artifact_root=str(tmp_path),
                                                               workers=2))
-    # 7 DICOMs and their 7 JPEG previews (the .json ground truth files are skipped)
-    assert summary["deidentified"] == 7 and summary["stripped"] == 7
+    # 7 DICOMs and their 7 JPEG previews (the .json ground truth files are skipped); the one
+    # with an implanted device whose printed pattern no engine reads is held for review (it
+    # used to be blanked: anatomy lost), as DICOM and as preview
+    assert summary["deidentified"] + summary["stripped"] + summary["held"] == 14
+    assert summary["held"] <= 2 and summary["quarantined"] == 0
     assert summary["text_regions_blanked"] > 0
     html = (out / "report.html").read_text()
     assert html.count("<img src=\"data:image/png;base64,") == 14
     report = json.loads((out / "report.json").read_text())
     assert report["pixels"]["files_with_text"] == 14
+    assert (out / "gallery.html").exists() and len(report["held"]) == summary["held"]
     assert "113101" in report["method_codes"]
     # thumbnails are drawn from outputs: decode one and check the blanked area is uniform
     import base64
 
     first = html.split('data:image/png;base64,')[1].split('"')[0]
     thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(first))))
-    assert thumb.shape[2] == 3 and max(thumb.shape[:2]) == 256
+    assert thumb.shape[2] == 3 and max(thumb.shape[:2]) == 480  # shown at 256
 
 
 def test_every_frame_is_scrubbed_and_icons_and_overlays_removed(tmp_path):

@@ -43,7 +43,7 @@ def categories(rec: dict) -> list[str]:
     return cats
 
 
-def _card(rec: dict, thumbs: dict[str, str], output_dir: str, releasable: bool) -> str:
+def _card(rec: dict, thumbs: dict[str, str], releasable: bool) -> str:
     e = html.escape
     pixels = rec.get("pixels") or {}
     thumb = thumbs.get(rec.get("output", ""))
@@ -58,7 +58,7 @@ def _card(rec: dict, thumbs: dict[str, str], output_dir: str, releasable: bool) 
                      f'{pixels.get("held", 0)} held, {pixels.get("kept_markers", 0)} marker(s) '
                      "kept")
     if rec["status"] == "held" and releasable:
-        lines.append(f'release: <code>fracture-ops deid review {e(output_dir)} --approve '
+        lines.append(f'release: <code>fracture-ops deid review OUTPUT --approve '
                      f'{e(rec["input"][:16])}</code>')
     if rec.get("review"):
         r = rec["review"]
@@ -69,7 +69,7 @@ def _card(rec: dict, thumbs: dict[str, str], output_dir: str, releasable: bool) 
 
 
 def render_gallery(report: dict, records: list[dict], thumbs: dict[str, str],
-                   output_dir: str, releasable: bool = True) -> str:
+                   releasable: bool = True) -> str:
     """The gallery page (see the module docstring); ``releasable``: held files can be released
     with ``deid review`` (a deidentify output), else they stay held (a PACS ingest's)."""
     e = html.escape
@@ -80,9 +80,10 @@ def render_gallery(report: dict, records: list[dict], thumbs: dict[str, str],
     # held and quarantined first: they are what a reviewer must look at
     order = {"held": 0, "quarantined": 1}
     shown.sort(key=lambda r: order.get(r["status"], 2))
-    cards = "".join(_card(r, thumbs, output_dir, releasable) for r in shown)
-    how = (f"<code>fracture-ops deid review {e(output_dir)} --approve ID [ID ...]</code> (or "
-           f"<code>--reject ID</code>); decisions are appended to <code>{SIGN_OFF}</code>."
+    cards = "".join(_card(r, thumbs, releasable) for r in shown)
+    how = ("<code>fracture-ops deid review OUTPUT --approve ID [ID ...]</code>, OUTPUT being "
+           f"this page's folder (or <code>--reject ID</code>); decisions are appended to "
+           f"<code>{SIGN_OFF}</code>."
            if releasable else "held instances stay under <code>held/</code> in the raw zone, "
            "outside the dataset manifest.")
     summary = ", ".join(f"{v} {k}" for k, v in report["counts"].items())
@@ -126,5 +127,5 @@ def write_gallery(out_dir: str, report: dict, records: list[dict],
     else:
         storage.write_text(thumbs_uri, json.dumps(thumbs))
     uri = storage.join(out_dir, GALLERY)
-    storage.write_text(uri, render_gallery(report, records, thumbs, out_dir, releasable))
+    storage.write_text(uri, render_gallery(report, records, thumbs, releasable))
     return uri

@@ -54,6 +54,7 @@ class ScrubOptions:
     policy: str = "default"
     keep_tokens: frozenset[str] = frozenset()
     keep_labels: frozenset[str] = frozenset()  # label_key() of field labels kept before a colon
+    label_words: frozenset[str] = frozenset()  # the labels' words, upper case ("PATIENT", "ID")
     label_reach: float = 12.0  # how much of a line (in line heights) is read for its label
     pad_fraction: float = 0.1
     min_pad: int = 3
@@ -76,6 +77,7 @@ class FrameScrub:
     kept: list[Box] = field(default_factory=list)
     residual: list[Box] = field(default_factory=list)
     held: list[Box] = field(default_factory=list)  # unread detections left for a person
+    read: list[Box] = field(default_factory=list)  # detections an engine read as text
     unread_blanked: int = 0  # text-like border regions blanked though no engine read them
     ignored: int = 0  # unread detections whose strokes are not a row of letters (anatomy)
     phi_hits: int = 0
@@ -569,6 +571,8 @@ def _decide(gray: np.ndarray, boxes: list[Box], engine: TextEngine, opts: ScrubO
                 frame.held.append(b)
                 continue
             frame.unread_blanked += 1
+        else:
+            frame.read.append(b)
         frame.phi_hits += bool(text) and contains_phi(text, tokens)
         if text:
             cuts = split_label(gray, colour, glyphs, b, text, opts, tokens, heads.get(b, b)[2])
@@ -643,6 +647,7 @@ def _residual(gray: np.ndarray, engine: TextEngine, verifiers: list[TextEngine],
             frame.kept.append(b)  # a marker the first look missed stays
         elif contains_phi(text, tokens) or _is_text(text, score, opts):
             found.append(b)
+            frame.read.append(b)
         elif _near(b, frame.blanked) and not _is_tall(b):
             found.append(b)  # a fragment of blanked text (a clipped first or last letter)
     if verifiers:
@@ -654,8 +659,9 @@ def _residual(gray: np.ndarray, engine: TextEngine, verifiers: list[TextEngine],
                     continue
                 if contains_phi(tb.text, tokens) or (
                         opts.verify_patterns and identifier_kind(tb.text, tb.score, opts.keep_tokens,
-                                                                 opts.keep_labels)):
+                                                                 opts.label_words)):
                     found.append(tb.box)
+                    frame.read.append(tb.box)
     return found
 
 

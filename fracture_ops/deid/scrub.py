@@ -8,6 +8,7 @@ and raises :class:`PixelTextRemains` when the verification read still finds text
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 
@@ -63,6 +64,8 @@ def options_for(pixcfg) -> ScrubOptions:
     return ScrubOptions(policy=pixcfg.policy,
                         keep_tokens=frozenset(t.strip().upper() for t in pixcfg.keep_tokens),
                         keep_labels=frozenset(label_key(t) for t in pixcfg.keep_labels),
+                        label_words=frozenset(w.upper() for t in pixcfg.keep_labels
+                                              for w in re.split(r"\W+", t) if w),
                         pad_fraction=pixcfg.pad_fraction, rounds=pixcfg.rounds,
                         min_score=pixcfg.min_score)
 
