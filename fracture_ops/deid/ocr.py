@@ -78,6 +78,17 @@ def _resize(gray: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
 
 
+def _pad(img: np.ndarray, pad: int) -> np.ndarray:
+    """``img`` framed by ``pad`` pixels of the median of its outermost rows and columns."""
+    import cv2
+
+    if pad <= 0:
+        return img
+    edge = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    return cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT,
+                              value=int(np.median(edge)))
+
+
 def _with_arena(wrapper, model_path: str, threads: int) -> None:
     """Rebuild a rapidocr session with ONNX Runtime's CPU memory arena on.
 
@@ -112,6 +123,8 @@ class RapidOcrEngine:
         threads: ONNX Runtime intra-op threads (1 when a process pool runs files in parallel).
         box_thresh / unclip_ratio: DB post-processing; lower/larger finds fainter text and
             draws looser boxes.
+        edge_pad: pixels of the frame's edge value added around the detection copy (a line
+            the film's edge cuts through is found like any other; boxes are clipped back).
     """
 
     target_side: int = 800
@@ -123,6 +136,7 @@ class RapidOcrEngine:
     thresh: float = 0.2
     unclip_ratio: float = 1.6
     rec_batch: int = 16
+    edge_pad: int = 16
     name: str = "rapidocr"
 
     def __post_init__(self) -> None:
@@ -168,14 +182,14 @@ class RapidOcrEngine:
         (as stored), ``neg`` (inverted) or ``both`` (default: ``both_polarities``)."""
         det, _ = self._models()
         scale = self.scale_for(gray.shape) * (1.0 if scale is None else scale)
-        small = _resize(gray, scale)
+        small = _pad(_resize(gray, scale), self.edge_pad)
         polarity = polarity or ("both" if self.both_polarities else "pos")
         passes = {"pos": [small], "neg": [255 - small], "both": [small, 255 - small]}[polarity]
         boxes = []
         for img in passes:
             quads, _ = det(np.ascontiguousarray(np.stack([img] * 3, axis=-1)))
             for quad in quads if quads is not None else []:
-                q = np.asarray(quad, dtype=np.float64) / scale
+                q = (np.asarray(quad, dtype=np.float64) - self.edge_pad) / scale
                 box = _clip((*q.min(axis=0), *q.max(axis=0)), gray.shape)
                 if box is not None:
                     boxes.append(box)

@@ -15,7 +15,8 @@ import numpy as np
 from fracture_ops.errors import FileRejected
 from fracture_ops.deid.ocr import EngineUnavailable, TextEngine, get_engine
 from fracture_ops.deid.phi_text import phi_tokens_from_values
-from fracture_ops.deid.pixels import ScrubOptions, ScrubResult, label_key, scrub_frames
+from fracture_ops.deid.labels import label_key
+from fracture_ops.deid.pixels import ScrubOptions, ScrubResult, scrub_frames
 
 log = logging.getLogger("fracture_ops.deid")
 _CACHE: dict[tuple, tuple[TextEngine, list[TextEngine], list[str]]] = {}

@@ -126,13 +126,21 @@ def _glyphs_in_row(comps: np.ndarray, box: Box, vertical: bool) -> np.ndarray:
 
 
 def looks_like_text(comps: np.ndarray, box: Box) -> bool:
-    """A row (or column, for a tall box) of at least three letter-sized stroke components
-    covering a third of the line's length: how a line of letters differs from texture."""
+    """A row (or column, for a tall box) of letters: at least three letter-sized stroke
+    components covering a third of the line's length, most of one height and standing on one
+    baseline (bone edges, trabeculae and screws are letter-sized too, but ragged)."""
     vertical = (box[3] - box[1]) > 1.5 * (box[2] - box[0])
     glyphs = _glyphs_in_row(comps, box, vertical)
     x0, x1 = (box[1], box[3]) if vertical else (box[0], box[2])
     inside = glyphs[(glyphs[:, 0] >= x0 - 2) & (glyphs[:, 0] + glyphs[:, 2] <= x1 + 2)]
-    return len(inside) >= 3 and inside[:, 2].sum() >= 0.33 * (x1 - x0)
+    if len(inside) < 3 or inside[:, 2].sum() < 0.33 * (x1 - x0):
+        return False
+    heights = inside[:, 3].astype(np.float32)
+    size = float(np.median(heights))
+    tall = np.abs(heights - size) <= 0.25 * size  # letters of the common height (caps, digits)
+    bottoms = (inside[:, 1] + inside[:, 3])[tall].astype(np.float32)
+    return bool(tall.sum() >= max(3, 0.6 * len(inside))
+                and np.median(np.abs(bottoms - np.median(bottoms))) <= 0.12 * size + 1)
 
 
 def extend_along_strokes(comps: np.ndarray, box: Box, shape, barriers: list[Box] = (),
@@ -140,7 +148,8 @@ def extend_along_strokes(comps: np.ndarray, box: Box, shape, barriers: list[Box]
     """Grow a line box along its row while letter-sized strokes continue.
 
     Starting from the box's ends, a component of the line's height range within ``max_gap``
-    line heights of the current end is taken in, one at a time, up to ``max_reach`` line heights
+    line heights of the current end (a letter or two may vanish where the background matches
+    the text's grey) is taken in, one at a time, up to ``max_reach`` line heights
     each way, never into a ``barriers`` box (a kept marker or label) on the same row. The row's
     background is not looked at, so text that crosses from a dark region onto bright bone is
     followed to its end. Tall boxes (vertical text) grow along their columns.
@@ -180,3 +189,29 @@ def in_border_band(box: Box, shape, band: float) -> bool:
     h, w = shape[:2]
     x0, y0, x1, y1 = box
     return x0 <= band * w or x1 >= (1 - band) * w or y0 <= band * h or y1 >= (1 - band) * h
+
+
+def neighbour_lines(comps: np.ndarray, boxes: list[Box], avoid: list[Box], shape) -> list[Box]:
+    """Lines of a text block that no rendering found, next to lines that were: for each line
+    box, the row one line pitch (1.2 to 1.6 line heights) above and below it over the same
+    span, when its strokes form a row of letters (:func:`looks_like_text`) and it overlaps
+    neither a known line nor an ``avoid`` box (a kept marker or label)."""
+    found: list[Box] = []
+    known = list(boxes) + list(avoid)
+    for x0, y0, x1, y1 in boxes:
+        h = y1 - y0
+        if h <= 0 or h > 1.5 * (x1 - x0):  # vertical text is not stacked in rows
+            continue
+        for sign in (-1, 1):
+            for pitch in (1.2, 1.4, 1.6):
+                dy = int(round(sign * pitch * h))
+                cand = (x0, max(y0 + dy, 0), x1, min(y1 + dy, shape[0]))
+                if cand[3] - cand[1] < 0.6 * h or any(
+                        min(cand[3], k[3]) - max(cand[1], k[1]) > 0.3 * h
+                        and min(cand[2], k[2]) > max(cand[0], k[0]) for k in known):
+                    continue
+                if looks_like_text(comps, cand):
+                    found.append(cand)
+                    known.append(cand)
+                    break
+    return found

@@ -46,10 +46,10 @@ def identifier_kind(text: str, score: float, keep_tokens=frozenset(), keep_label
     t = text.strip()
     if not t:
         return None
-    if re.search(r"\d{5,}", t.replace(" ", "")):
-        return "digits"
     if _DATE.search(t):
         return "date"
+    if re.search(r"\d{5,}", t.replace(" ", "")):
+        return "digits"
     compact = re.sub(r"[^0-9A-Za-z]", "", t)
     if len(compact) >= 5 and len(re.findall(r"\d", compact)) >= 3 and re.search("[A-Za-z]",
                                                                                    compact):
