@@ -274,7 +274,7 @@ def join_lines(boxes: list[Box], kept: list[Box], max_gap: float = 3.0,
 
 def widen_block(boxes: list[Box], kept: list[Box] = ()) -> list[Box]:
     """Blank a text block to its right edge: a line directly above or below another (gap under
-    one line height, similar height, starting within a line height of it) is widened to the
+    one line height, similar height, starting within two line heights of it) is widened to the
     other's right end, never over a kept marker or label on its row. A value's last letters,
     lost where the background matched the text's grey, go with it; the block's empty corners
     are a small price."""
@@ -289,7 +289,7 @@ def widen_block(boxes: list[Box], kept: list[Box] = ()) -> list[Box]:
             for ax0, ay0, ax1, ay1 in out:
                 ah = ay1 - ay0
                 gap = max(ay0 - y1, y0 - ay1)
-                if not (0.5 * h <= ah <= 2 * h and -0.5 * h <= gap <= h and abs(ax0 - x0) <= h
+                if not (0.5 * h <= ah <= 2 * h and -0.5 * h <= gap <= h and abs(ax0 - x0) <= 2 * h
                         and ax1 > x1):
                     continue
                 wide = (x0, y0, ax1, y1)

@@ -198,17 +198,21 @@ def neighbour_lines(comps: np.ndarray, boxes: list[Box], avoid: list[Box], shape
     neither a known line nor an ``avoid`` box (a kept marker or label)."""
     found: list[Box] = []
     known = list(boxes) + list(avoid)
-    for x0, y0, x1, y1 in boxes:
+    for box in boxes:
+        vertical = (box[3] - box[1]) > 1.5 * (box[2] - box[0])  # its lines stand side by side
+        x0, y0, x1, y1 = (box[1], box[0], box[3], box[2]) if vertical else box
         h = y1 - y0
-        if h <= 0 or h > 1.5 * (x1 - x0):  # vertical text is not stacked in rows
+        if h <= 0:
             continue
         for sign in (-1, 1):
             for pitch in (1.2, 1.4, 1.6):
                 dy = int(round(sign * pitch * h))
-                cand = (x0, max(y0 + dy, 0), x1, min(y1 + dy, shape[0]))
-                if cand[3] - cand[1] < 0.6 * h or any(
-                        min(cand[3], k[3]) - max(cand[1], k[1]) > 0.3 * h
-                        and min(cand[2], k[2]) > max(cand[0], k[0]) for k in known):
+                lo, hi = max(y0 + dy, 0), min(y1 + dy, shape[1] if vertical else shape[0])
+                cand = (lo, x0, hi, x1) if vertical else (x0, lo, x1, hi)
+                if hi - lo < 0.6 * h or any(
+                        min(cand[2], k[2]) - max(cand[0], k[0]) > (0.3 * h if vertical else 0)
+                        and min(cand[3], k[3]) - max(cand[1], k[1]) > (0 if vertical else 0.3 * h)
+                        for k in known):
                     continue
                 if looks_like_text(comps, cand):
                     found.append(cand)
