@@ -29,8 +29,9 @@ install: $(STAMP)  ## create .venv and install the package with all extras (pinn
 demo: install  ## run the fracture_training DAG end to end on synthetic data (SQLite Airflow)
 	@FRACTURE_OPS_ARTIFACT_ROOT=$(DEMO_ROOT)/artifacts $(BIN)/python -m fracture_ops.orchestration.demo --root $(DEMO_ROOT) --run-id $(RUN_ID)
 
-test: lint  ## lint, then run the whole test suite (unit, real data, integration)
-	$(BIN)/python -m pytest -q
+TEST_WORKERS ?= 2
+test: lint  ## lint, then run the whole test suite (unit, real data, integration) on TEST_WORKERS processes
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 up: install  ## start Airflow (standalone) and the MLflow UI on loopback, DAGs loaded
 	@$(BIN)/python -m fracture_ops.orchestration.devstack up

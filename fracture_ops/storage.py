@@ -172,6 +172,43 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> str:
     return uri
 
 
+def create_bytes(uri: str | os.PathLike, data: bytes) -> bool:
+    """Write ``data`` only if nothing exists at ``uri`` (atomic, never overwrites).
+
+    Local files are linked into place (``link`` fails when the name exists); S3 objects are put
+    with ``If-None-Match: *`` (a conditional write AWS S3 and MinIO honour). Returns False when
+    the name was taken, True when this call created it.
+    """
+    uri = str(uri)
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
+                                                             "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def write_text(uri: str | os.PathLike, text: str) -> str:
     """Write UTF-8 text atomically."""
     return write_bytes(uri, text.encode("utf-8"))

@@ -17,7 +17,10 @@
 #                                 server-side approval stamp (fracture_ops.registry.approval_app;
 #                                 approvers from FRACTURE_OPS_APPROVERS; champion alias only
 #                                 for FRACTURE_OPS_PROMOTERS, challenger also for
-#                                 FRACTURE_OPS_PIPELINE_USERS); "basic-auth": auth only
+#                                 FRACTURE_OPS_PIPELINE_USERS, gate evidence only from
+#                                 FRACTURE_OPS_GATE_USERS; approvals signed with the EC key at
+#                                 FRACTURE_OPS_APPROVAL_KEY; every write decided by the table of
+#                                 `fracture-ops registry guard-rules`); "basic-auth": auth only
 #   MLFLOW_AUTH_CONFIG_PATH       auth config to use as is; when unset and MLFLOW_APP_NAME is
 #                                 basic-auth, mlflow/basic_auth.ini is rendered to a private temp
 #                                 file with database_uri = MLFLOW_AUTH_DATABASE_URI

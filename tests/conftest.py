@@ -14,6 +14,13 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
+# `make test` runs two pytest-xdist workers (one test file each at a time): each gets its share of
+# the cores for torch/OpenMP math, and the processes they start inherit it
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    for _k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_k, str(_share))
+
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
 

@@ -146,3 +146,29 @@ def airflow_env(home: Path, db_url: str, dags_folder: Path) -> dict:
 def airflow(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
     exe = str(Path(sys.executable).parent / "airflow")
     return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def signing_keys(workdir: Path) -> tuple[str, str]:
+    """An approval server's key pair (EC P-256, PEM): (private key path, public key path)."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv, pub = workdir / "approval-key.pem", workdir / "approval-pub.pem"
+    priv.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8,
+                                       ser.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(ser.Encoding.PEM,
+                                                  ser.PublicFormat.SubjectPublicKeyInfo))
+    return str(priv), str(pub)
+
+
+def log_model_folder(client, run_id: str, workdir: Path, weights: bytes = b"weights-v1") -> str:
+    """A small model folder (MLmodel, weights, thresholds) logged as the run's ``model``;
+    returns its artifact URI (a registered version's source)."""
+    folder = workdir / f"model-{run_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "MLmodel").write_text("flavors:\n  python_function: {}\n")
+    (folder / "model.pt").write_bytes(weights)
+    (folder / "thresholds.json").write_text('{"fracture": 0.5}\n')
+    client.log_artifacts(run_id, str(folder), "model")
+    return client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"

@@ -30,7 +30,8 @@ STEP_SIDE = {("ServiceAccount", "fracture-ops-step"), ("Role", "fracture-ops-pod
              ("RoleBinding", "fracture-ops-pod-launcher"), ("Role", "fracture-ops-job-watcher"),
              ("RoleBinding", "fracture-ops-job-watcher"),
              ("PersistentVolumeClaim", "fracture-ops-cache"), ("Secret", "fracture-ops-deid"),
-             ("Secret", "fracture-ops-mlflow-promoter"), ("Secret", "fracture-ops-pacs")}
+             ("Secret", "fracture-ops-mlflow-promoter"), ("Secret", "fracture-ops-pacs"),
+             ("Secret", "fracture-ops-mlflow-gate")}
 LAUNCHER = "fracture-ops-launcher"
 GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
 GPU_NODE_LABEL = {"fracture-ops/pool": "gpu"}
@@ -607,15 +608,18 @@ def test_identities_reach_only_their_steps():
         mounted[name] = {s.secret for s in op.secrets}
     assert {n for n, m in mounted.items() if names["promoter"] in m} == {"promote"}
     assert names["mlflow"] not in mounted["promote"]
+    assert {n for n, m in mounted.items() if names["gate"] in m} == {"gate"}
+    assert names["mlflow"] not in mounted["gate"]
     for step in ("ingest", "validate", "deidentify", "split"):
-        assert not mounted[step] & {names["mlflow"], names["promoter"]}, step
+        assert not mounted[step] & {names["mlflow"], names["promoter"], names["gate"]}, step
     pipeline = sorted(n for n, m in mounted.items() if names["mlflow"] in m)
     readme = (INFRA / "secrets" / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| pipeline |"))
     assert sorted(re.findall(r"\w+", row.rsplit(":", 1)[1])) == pipeline
     assert "promote only" in next(line for line in readme.splitlines() if line.startswith("| promoter |"))
     # both identities exist as Secrets where the step pods run, with the client keys
-    for kind in ("mlflow", "promoter"):
+    assert "gate only" in next(line for line in readme.splitlines() if line.startswith("| gate |"))
+    for kind in ("mlflow", "promoter", "gate"):
         keys = CLIENT_SECRETS["fracture-ops-mlflow"]
         assert set(one("Secret", names[kind], STEPS_NAMESPACE)["stringData"]) == keys
 

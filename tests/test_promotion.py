@@ -10,7 +10,14 @@ import secrets
 import pytest
 
 from fracture_ops import storage
-from tests.services import MlflowServer, S3Server, auth_env, create_database, drop_database
+from tests.services import (
+    MlflowServer,
+    S3Server,
+    auth_env,
+    create_database,
+    drop_database,
+    signing_keys,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "fracture-classifier"
@@ -21,15 +28,19 @@ APPROVERS = ["alice"]
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("auth")
     admin_pw = secrets.token_urlsafe(16)
+    priv, pub = signing_keys(work)
     s3, db = S3Server(), create_database("fo_promo")
     srv = MlflowServer(db, s3, work, app_name="fracture-ops",
                        extra_env={**auth_env(work, admin_pw),
                                   "FRACTURE_OPS_APPROVERS": ",".join(APPROVERS),
                                   # the admin plays the promoter in the story test below
                                   "FRACTURE_OPS_PROMOTERS": "admin,promoter",
-                                  "FRACTURE_OPS_PIPELINE_USERS": "pipeline"})
+                                  "FRACTURE_OPS_PIPELINE_USERS": "pipeline",
+                                  "FRACTURE_OPS_GATE_USERS": "gate",
+                                  "FRACTURE_OPS_APPROVAL_KEY": priv})
     env = {"MLFLOW_TRACKING_URI": srv.url, "MLFLOW_TRACKING_USERNAME": "admin",
-           "MLFLOW_TRACKING_PASSWORD": admin_pw}
+           "MLFLOW_TRACKING_PASSWORD": admin_pw, "FRACTURE_OPS_GATE_USERS": "gate",
+           "FRACTURE_OPS_APPROVAL_PUBKEY": pub}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield {"url": srv.url, "admin_pw": admin_pw, "work": work}
@@ -77,11 +88,30 @@ def versions(server, tmp_path_factory):
 
 
 def _gate(run: str, art: str, **rules):
+    """The gate step, run as the gate identity (the only writer of gate evidence)."""
+    import mlflow
+    from mlflow.server import get_app_client
+
     from fracture_ops.registry.gates import GateConfig, gate_step
 
+    auth = get_app_client("fracture-ops", tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    try:
+        auth.create_user("gate", "gate-pw-12345")
+    except mlflow.exceptions.MlflowException:
+        pass  # created by an earlier call
+    for exp in mlflow.MlflowClient().search_experiments():
+        try:
+            auth.grant_user_permission("gate", "experiment", exp.experiment_id, "EDIT")
+        except mlflow.exceptions.MlflowException:
+            pass
+    try:
+        auth.grant_user_permission("gate", "registered_model", MODEL, "MANAGE")
+    except mlflow.exceptions.MlflowException:
+        pass
     loose = dict(min_auroc=0.0, min_sensitivity=0.0, auroc_margin=1.0, sensitivity_tolerance=1.0,
                  ece_tolerance=1.0)
-    return gate_step(GateConfig(artifact_root=art, run_id=run, **{**loose, **rules}))
+    return _as("gate", "gate-pw-12345", os.environ["MLFLOW_TRACKING_URI"]).call(
+        gate_step, GateConfig(artifact_root=art, run_id=run, **{**loose, **rules}))
 
 
 def _promote(art: str):
@@ -252,17 +282,17 @@ class _EnvClient:
     def __init__(self, client, user, password):
         self.client, self.user, self.password = client, user, password
 
+    def call(self, fn, *a, **k):
+        saved = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = self.user, self.password
+        try:
+            return fn(*a, **k)
+        finally:
+            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = saved
+
     def __getattr__(self, name):
         fn = getattr(self.client, name)
-
-        def call(*a, **k):
-            saved = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
-            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = self.user, self.password
-            try:
-                return fn(*a, **k)
-            finally:
-                os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = saved
-        return call
+        return lambda *a, **k: self.call(fn, *a, **k)
 
 
 def test_decide_rules_are_pure_and_strict():

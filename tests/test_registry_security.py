@@ -226,20 +226,29 @@ def test_rollback_follows_the_audit_not_the_tags(reg):
     assert "rolled back" in out["reason"] and _champion(reg) == v1
 
 
-def test_a_corrupt_audit_record_is_skipped_and_refusals_still_work(reg, caplog):
+def test_a_corrupt_or_inserted_audit_record_freezes_promotion(reg):
+    """Deny by default: an audit that does not verify is never read around; promotion stops
+    (exit 3), writes nothing, and the champion stays."""
+    from fracture_ops.errors import EXIT_BAD_INPUT
     from fracture_ops.registry import audit
 
-    v1 = _version(reg, tags={"approved_by": "mallory"})
+    v1 = _version(reg)
     _challenge(reg, v1)
+    assert _promote(reg)["action"] == "promoted"
+    v2 = _version(reg, champion=v1)
+    _challenge(reg, v2)
     folder = Path(_cfg(reg).audit_path())
-    folder.mkdir(parents=True)
-    (folder / "20260101T000000Z-promoted-broken.json").write_text("{not json")
-    (folder / "20260101T000001Z-x.json").write_text('["a list"]')
-    out = _promote(reg)
-    assert "not on the approvers list" in out["reason"]
-    log = audit.read(str(folder))
-    assert log.skipped == 2 and [r["action"] for r in log.records] == ["refused"]
-    assert "skipped a malformed record" in caplog.text
+    before = sorted(p.name for p in folder.iterdir())
+    for name, text in (("20260101T000000Z-promoted-broken.json", "{not json"),
+                       (audit.record_name(2), '["a list"]')):
+        (folder / name).write_text(text)
+        with pytest.raises(audit.AuditBroken, match="does not verify") as exc:
+            _promote(reg)
+        assert exc.value.exit_code == EXIT_BAD_INPUT
+        assert _champion(reg) == v1
+        (folder / name).unlink()
+        assert sorted(p.name for p in folder.iterdir()) == before
+    assert _promote(reg)["action"] == "promoted" and _champion(reg) == v2
 
 
 def _write_records(folder: str, who: str, n: int) -> None:

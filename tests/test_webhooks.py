@@ -273,15 +273,25 @@ def test_an_approval_moves_the_champion_within_a_minute_through_airflow(tmp_path
     from mlflow.server import get_app_client
 
     from fracture_ops.orchestration.devstack import airflow_env
-    from tests.services import MlflowServer, S3Server, auth_env, create_database, drop_database
+    from tests.services import (
+        MlflowServer,
+        S3Server,
+        auth_env,
+        create_database,
+        drop_database,
+        log_model_folder,
+        signing_keys,
+    )
     from tests.test_promotion import _as
 
     model = "fracture-classifier"
     admin_pw = secrets.token_urlsafe(16)
+    priv, pub = signing_keys(tmp_path)
     s3, db = S3Server(), create_database("fo_e2e_hooks")
     server = MlflowServer(db, s3, tmp_path, app_name="fracture-ops", extra_env={
         **auth_env(tmp_path, admin_pw, "EDIT"), "FRACTURE_OPS_APPROVERS": "alice", "FRACTURE_OPS_PROMOTERS": "promoter",
-        "FRACTURE_OPS_PIPELINE_USERS": "pipeline",
+        "FRACTURE_OPS_PIPELINE_USERS": "pipeline", "FRACTURE_OPS_GATE_USERS": "gate",
+        "FRACTURE_OPS_APPROVAL_KEY": priv,
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode()})
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
@@ -289,9 +299,10 @@ def test_an_approval_moves_the_champion_within_a_minute_through_airflow(tmp_path
     procs: list[subprocess.Popen] = []
     try:
         auth = get_app_client("fracture-ops", tracking_uri=server.url)
-        for user in ("alice", "pipeline", "promoter"):
+        for user in ("alice", "pipeline", "promoter", "gate"):
             auth.create_user(user, f"{user}-pw-1234")
         pipeline = _as("pipeline", "pipeline-pw-1234", server.url)
+        gate = _as("gate", "gate-pw-1234", server.url)
         alice = _as("alice", "alice-pw-1234", server.url)
         # Airflow: standalone on a free port, the repo's DAGs, promotion as the promoter identity
         port = free_port()
@@ -299,6 +310,7 @@ def test_an_approval_moves_the_champion_within_a_minute_through_airflow(tmp_path
         env = airflow_env({"airflow_home": home, "airflow_port": port, "mlflow_port": 0, "state": tmp_path}) | {
             "MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": "promoter",
             "MLFLOW_TRACKING_PASSWORD": "promoter-pw-1234", "FRACTURE_OPS_APPROVERS": "alice",
+            "FRACTURE_OPS_GATE_USERS": "gate", "FRACTURE_OPS_APPROVAL_PUBKEY": pub,
             "FRACTURE_OPS_ARTIFACT_ROOT": str(tmp_path / "art"), "FRACTURE_OPS_DEID_SECRET": SECRET}
         log = open(tmp_path / "airflow.log", "w")
         procs.append(subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"],
@@ -351,12 +363,15 @@ def test_an_approval_moves_the_champion_within_a_minute_through_airflow(tmp_path
         exp = pipeline.create_experiment("e2e")
         run = pipeline.create_run(exp).info.run_id
         pipeline.create_registered_model(model)
-        v = str(pipeline.create_model_version(model, f"runs:/{run}/model", run_id=run).version)
-        pipeline.log_dict(run, {"passed": True, "reasons": [], "model": model, "challenger_version": v,
-                                "champion_version": "none", "n_test": 50, "test_set_hash": "h1"},
-                          "gate/gate.json")
-        for k, val in {"gate": "passed", "gate.champion_version": "none", "approval": "pending"}.items():
-            pipeline.set_model_version_tag(model, v, k, val)
+        source = pipeline.call(log_model_folder, pipeline.client, run, tmp_path)
+        v = str(pipeline.create_model_version(model, source, run_id=run).version)
+        # the gate identity writes the evidence (the server records its digest)
+        gate.log_dict(run, {"passed": True, "reasons": [], "model": model, "challenger_version": v,
+                            "champion_version": "none", "n_test": 50, "test_set_hash": "h1"},
+                      "gate/gate.json")
+        for k, val in {"gate": "passed", "gate.champion_version": "none"}.items():
+            gate.set_model_version_tag(model, v, k, val)
+        pipeline.set_model_version_tag(model, v, "approval", "pending")
         pipeline.set_registered_model_alias(model, "challenger", v)
         runs_path = "/api/v2/dags/fracture_promotion/dagRuns"
         events_path = f"/api/v2/assets/events?asset_id={events.asset_id()}&limit=100"

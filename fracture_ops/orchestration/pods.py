@@ -44,6 +44,7 @@ class PodSettings:
     # can, given to the promotion step alone)
     secrets: tuple[tuple[str, str], ...] = (("mlflow", "fracture-ops-mlflow"),
                                             ("promoter", "fracture-ops-mlflow-promoter"),
+                                            ("gate", "fracture-ops-mlflow-gate"),
                                             ("s3", "fracture-ops-s3"),
                                             ("deid", "fracture-ops-deid"),
                                             ("pacs", "fracture-ops-pacs"))
@@ -54,6 +55,8 @@ class PodSettings:
                     ("MLFLOW_TRACKING_PASSWORD", False))),
         ("promoter", (("MLFLOW_TRACKING_URI", False), ("MLFLOW_TRACKING_USERNAME", False),
                       ("MLFLOW_TRACKING_PASSWORD", False))),
+        ("gate", (("MLFLOW_TRACKING_URI", False), ("MLFLOW_TRACKING_USERNAME", False),
+                  ("MLFLOW_TRACKING_PASSWORD", False))),
         ("s3", (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
                 ("S3_ENDPOINT_URL", True), ("MLFLOW_S3_ENDPOINT_URL", True))),
         ("deid", (("FRACTURE_OPS_DEID_SECRET", False),)),
@@ -66,7 +69,8 @@ class PodSettings:
     # Kueue LocalQueue the TrainJobs are queued in ("" = no Kueue: they start at once)
     kueue_queue: str = field(default_factory=lambda: os.environ.get("FRACTURE_OPS_KUEUE_QUEUE", ""))
     # passed through from the scheduler/worker environment (configuration, not secrets)
-    passthrough_env: tuple[str, ...] = ("FRACTURE_OPS_APPROVERS", "FRACTURE_OPS_DATA_ROOTS",
+    passthrough_env: tuple[str, ...] = ("FRACTURE_OPS_APPROVERS", "FRACTURE_OPS_GATE_USERS",
+                                        "FRACTURE_OPS_APPROVAL_PUBKEY", "FRACTURE_OPS_DATA_ROOTS",
                                         "FRACTURE_OPS_AUDIT_URI",
                                         "FRACTURE_OPS_REFERENCE_TEST_URI",
                                         "FRACTURE_OPS_REFERENCE_TEST_HASH",

@@ -155,7 +155,7 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     _spec("register", "register", image="training", outputs=("register/registered.json",),
           reads=("package", "evaluate", "train"), secrets=("s3", "mlflow")),
     _spec("gate", "gate", image="training", outputs=("gate/gate.json",),
-          reads=("register", "split", "train"), secrets=("s3", "mlflow")),
+          reads=("register", "split", "train"), secrets=("s3", "gate")),
     _spec("detect_train", "detect", "train", "--split-uri", f"{RUN}/split/split.parquet",
           "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet", "--epochs", "{{ params.detect_epochs }}",
           cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,

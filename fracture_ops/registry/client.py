@@ -37,6 +37,8 @@ TAG_GATE_TEST_SET = "gate.test_set_hash"    # the test set both models scored
 TAG_GATE_EVIDENCE = "gate.evidence"
 TAG_MODEL_CARD = "model_card"
 TAG_ROLLED_BACK = "rolled_back_at"
+# registered-model tag: ``seq:sha256`` of the model's newest audit record (set by the promoter only)
+TAG_AUDIT_HEAD = "audit.head"
 
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 

@@ -46,6 +46,7 @@ from fracture_ops.registry.client import (
     CLASSIFIER,
     TAG_APPROVAL,
     TAG_APPROVED_BY,
+    TAG_AUDIT_HEAD,
     TAG_GATE,
     TAG_GATE_CHAMPION,
     TAG_ROLLED_BACK,
@@ -73,6 +74,12 @@ class PromotionConfig(StepConfig):
         "FRACTURE_OPS_REFERENCE_TEST_HASH", ""))
     # None: required when the tracking server is remote (http/https), not for a local store
     require_server_stamp: bool | None = None
+    # the gate identity (its server-recorded evidence digest is checked when the server stamps)
+    gate_users: list[str] = Field(default_factory=lambda: [
+        a.strip() for a in os.environ.get("FRACTURE_OPS_GATE_USERS", "").split(",") if a.strip()])
+    # the approval server's public key: approvals are verified against the model's bytes
+    approval_pubkey: str = Field(default_factory=lambda: os.environ.get(
+        "FRACTURE_OPS_APPROVAL_PUBKEY", ""))
     min_test_size: int = Field(default_factory=lambda: int(os.environ.get(
         "FRACTURE_OPS_MIN_TEST_SIZE", "10")), ge=1,
         description="fewest test images a gate may decide on (set it far higher for real use)")
@@ -93,13 +100,45 @@ def now() -> str:
 
 
 def read_audit(uri: str) -> list[dict]:
-    """The audit's records in time order (malformed ones skipped and logged)."""
+    """The audit chain's records in order (up to the first break, if any)."""
     return audit_store.read(uri).records
 
 
-def append_audit(uri: str, record: dict) -> dict:
-    """Write one record as its own object (never rewriting others)."""
-    return audit_store.append(uri, record)
+def _anchor(client, model: str) -> str | None:
+    """The model's anchored audit head (the registered model's ``audit.head`` tag)."""
+    try:
+        return client.get_registered_model(model).tags.get(TAG_AUDIT_HEAD) or None
+    except Exception as exc:  # noqa: BLE001 - no such model yet: nothing anchored
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or \
+                "not found" in str(exc).lower():
+            return None
+        raise
+
+
+def verified_audit(cfg: PromotionConfig, client) -> list[dict]:
+    """The audit's records after checking the chain and this model's anchored head.
+
+    Raises:
+        AuditBroken: an edited, deleted, reordered, inserted or unanchored record: promotion
+            and rollback are frozen until a person investigates (nothing is repaired here).
+    """
+    chain = audit_store.read(cfg.audit_path())
+    problem = chain.problems[0] if chain.problems else audit_store.anchor_problem(
+        chain, cfg.model_name, _anchor(client, cfg.model_name))
+    if problem:
+        raise audit_store.AuditBroken(
+            f"promotion frozen: the audit at {cfg.audit_path()} does not verify: {problem}. "
+            "Investigate with `fracture-ops registry verify-audit`; restore the store from its "
+            "versioned history (nothing repairs it automatically)")
+    return chain.records
+
+
+def append_audit(uri: str, record: dict, client=None, model: str | None = None) -> dict:
+    """Append one record to the chain; with a client, anchor it as the model's newest record."""
+    rec = audit_store.append(uri, record)
+    if client is not None and model:
+        client.set_registered_model_tag(model, TAG_AUDIT_HEAD, audit_store.head_of(rec))
+    return rec
 
 
 def decide(version_tags: dict[str, str], approvers: list[str],
@@ -141,7 +180,8 @@ def evidence_uri(version) -> str:
     return f"runs:/{version.run_id}/gate/gate.json"
 
 
-def verify_gate_evidence(cfg: PromotionConfig, version, champion_version: str | None) -> str | None:
+def verify_gate_evidence(cfg: PromotionConfig, version, champion_version: str | None,
+                         server_recorded: bool = False) -> str | None:
     """Re-read the gate's evidence from the version's run and check it against the registry.
 
     The evidence must show this model and version passing, gated against today's champion, on
@@ -151,12 +191,33 @@ def verify_gate_evidence(cfg: PromotionConfig, version, champion_version: str | 
     Returns:
         None when the evidence holds, else the reason.
     """
+    import hashlib
+    import json
+    import tempfile
+
     import mlflow
 
+    from fracture_ops.registry.guard import TAG_EVIDENCE_BY, TAG_EVIDENCE_SHA
+
     try:
-        evidence = mlflow.artifacts.load_dict(evidence_uri(version))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=evidence_uri(version),
+                                                       dst_path=tmp)
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        evidence = json.loads(raw)
+        if not isinstance(evidence, dict):
+            raise ValueError("not an object")
     except Exception as exc:  # missing artifact, unreadable store: refuse rather than promote
         return f"gate evidence unreadable ({type(exc).__name__})"
+    if server_recorded:
+        # the server recorded the digest and writer when the gate identity wrote the evidence:
+        # a file written later, or by anyone else, is not evidence
+        if version.tags.get(TAG_EVIDENCE_BY, "") not in cfg.gate_users:
+            return (f"gate evidence was written by {version.tags.get(TAG_EVIDENCE_BY) or 'nobody the server recorded'}"
+                    ", not by a gate identity")
+        if hashlib.sha256(raw).hexdigest() != version.tags.get(TAG_EVIDENCE_SHA):
+            return "gate evidence changed since the gate wrote it (digest differs from the server's record)"
     challenger = str(evidence.get("challenger_version",
                                   (evidence.get("challenger") or {}).get("version")))
     if evidence.get("passed") is not True or challenger != str(version.version):
@@ -191,7 +252,7 @@ def check_champion(cfg: PromotionConfig, client, champion, records: list[dict]) 
     if pending is not None and found == str(pending.get("version")):
         append_audit(cfg.audit_path(), {k: pending.get(k) for k in (
             "model", "version", "previous_version", "approved_by", "evidence")}
-            | {"action": "promoted", "actor": cfg.actor, "repaired": True})
+            | {"action": "promoted", "actor": cfg.actor, "repaired": True}, client, cfg.model_name)
         return None
     if cfg.on_champion_drift == "freeze":
         reason = (f"champion alias is v{found or 'none'} but the audit says v{audited or 'none'}: "
@@ -199,7 +260,8 @@ def check_champion(cfg: PromotionConfig, client, champion, records: list[dict]) 
         if not _already_recorded(records, found or "none", reason, "frozen"):
             append_audit(cfg.audit_path(), {"action": "frozen", "model": cfg.model_name,
                                             "version": found or "none", "reason": reason,
-                                            "audited_champion": audited, "actor": cfg.actor})
+                                            "audited_champion": audited, "actor": cfg.actor},
+                         client, cfg.model_name)
         return reason
     if audited is None:
         client.delete_registered_model_alias(cfg.model_name, CHAMPION)
@@ -207,12 +269,13 @@ def check_champion(cfg: PromotionConfig, client, champion, records: list[dict]) 
         client.set_registered_model_alias(cfg.model_name, CHAMPION, audited)
     append_audit(cfg.audit_path(), {"action": "champion_reverted", "model": cfg.model_name,
                                     "version": audited, "found_version": found,
-                                    "actor": cfg.actor})
+                                    "actor": cfg.actor}, client, cfg.model_name)
     log.warning("champion alias was set by hand to v%s; reverted to the audited v%s", found, audited)
     return None
 
 
-def _notify_waiting(cfg: PromotionConfig, audit: str, records: list[dict], challenger) -> None:
+def _notify_waiting(cfg: PromotionConfig, audit: str, records: list[dict], challenger,
+                    client=None) -> None:
     """Tell reviewers once per version that a challenger waits (audited as ``notified``); a
     failed notification is logged and retried on the next pass, never fatal."""
     import mlflow
@@ -233,7 +296,8 @@ def _notify_waiting(cfg: PromotionConfig, audit: str, records: list[dict], chall
         log.warning("could not notify reviewers about v%s: %s", version, exc)
         return
     append_audit(audit, {"action": "notified", "model": cfg.model_name, "version": version,
-                         "to": urllib.parse.urlsplit(url).hostname or "", "actor": cfg.actor})
+                         "to": urllib.parse.urlsplit(url).hostname or "", "actor": cfg.actor},
+                 client, cfg.model_name)
 
 
 def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
@@ -243,12 +307,12 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
 
     client = client or mlflow.MlflowClient()
     audit = cfg.audit_path()
-    records = read_audit(audit)
+    records = verified_audit(cfg, client)
     champion = alias_version(client, cfg.model_name, CHAMPION)
     frozen = check_champion(cfg, client, champion, records)
     if frozen:
         return {"action": "none", "reason": frozen}
-    records = read_audit(audit)
+    records = verified_audit(cfg, client)
     champion_version, _ = audit_store.audited_champion(records, cfg.model_name)
     challenger = alias_version(client, cfg.model_name, CHALLENGER)
     if challenger is None:
@@ -261,22 +325,36 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
     approver = challenger.tags.get(STAMP if stamped else TAG_APPROVED_BY, "")
     ok, reason = decide(challenger.tags, cfg.approvers, champion_version, rolled_back, stamped)
     if ok:
-        reason = verify_gate_evidence(cfg, challenger, champion_version) or reason
+        reason = verify_gate_evidence(cfg, challenger, champion_version, stamped) or reason
         ok = reason == "approved and gate passed"
+    if ok and stamped:
+        from fracture_ops.registry.signing import SignatureInvalid, verify_registered
+
+        try:
+            verify_registered(cfg.model_name, version, challenger.tags, cfg.approval_pubkey or None)
+        except SignatureInvalid as exc:
+            reason = f"approved bytes changed or approval forged: {exc}"
+            if not _already_recorded(records, version, reason):
+                append_audit(audit, {"action": "refused", "model": cfg.model_name,
+                                     "version": version, "reason": reason,
+                                     "approved_by": approver, "actor": cfg.actor},
+                             client, cfg.model_name)
+            raise SignatureInvalid(f"{cfg.model_name} v{version} not promoted: {reason}") from None
     if not ok:
         if reason == "awaiting approval":
-            _notify_waiting(cfg, audit, records, challenger)
+            _notify_waiting(cfg, audit, records, challenger, client)
         if reason != "awaiting approval" and not _already_recorded(records, version, reason):
             append_audit(audit, {"action": "refused", "model": cfg.model_name,
                                  "version": version, "reason": reason,
-                                 "approved_by": approver, "actor": cfg.actor})
+                                 "approved_by": approver, "actor": cfg.actor},
+                         client, cfg.model_name)
         return {"action": "none", "version": version, "reason": reason}
     previous = champion_version
     intent = {"model": cfg.model_name, "version": version, "previous_version": previous,
               "approved_by": approver, "evidence": evidence_uri(challenger)}
     # intent first, alias next, record last: a failure after the alias moved is completed on the
     # next pass from the intent (never from tags)
-    append_audit(audit, {"action": "promoting", "actor": cfg.actor, **intent})
+    append_audit(audit, {"action": "promoting", "actor": cfg.actor, **intent}, client, cfg.model_name)
     ts = now()
     client.set_model_version_tag(cfg.model_name, version, "promoted_at", ts)
     client.set_model_version_tag(cfg.model_name, version, "promoted_from", previous or "none")
@@ -284,7 +362,8 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
     if previous is not None:
         client.set_model_version_tag(cfg.model_name, previous, "retired_at", ts)
         client.set_model_version_tag(cfg.model_name, previous, "superseded_by", version)
-    record = append_audit(audit, {"action": "promoted", "actor": cfg.actor, **intent})
+    record = append_audit(audit, {"action": "promoted", "actor": cfg.actor, **intent}, client,
+                          cfg.model_name)
     return {"action": "promoted", **{k: record[k] for k in ("version", "previous_version", "approved_by")}}
 
 
@@ -305,7 +384,7 @@ def rollback(cfg: PromotionConfig, client=None) -> dict:
     import mlflow
 
     client = client or mlflow.MlflowClient()
-    records = read_audit(cfg.audit_path())
+    records = verified_audit(cfg, client)
     current, _ = audit_store.audited_champion(records, cfg.model_name)
     if current is None:
         raise BadInputError(f"rollback: the audit records no champion of {cfg.model_name}")
@@ -323,7 +402,7 @@ def rollback(cfg: PromotionConfig, client=None) -> dict:
     client.delete_model_version_tag(cfg.model_name, previous, "superseded_by")
     record = append_audit(cfg.audit_path(), {"action": "rolled_back", "model": cfg.model_name,
                                              "version": previous, "previous_version": current,
-                                             "actor": cfg.actor})
+                                             "actor": cfg.actor}, client, cfg.model_name)
     return {"action": "rolled_back", "version": previous, "previous_version": record["previous_version"]}
 
 
@@ -335,8 +414,15 @@ def adopt(cfg: PromotionConfig, client=None) -> dict:
     client = client or mlflow.MlflowClient()
     champion = alias_version(client, cfg.model_name, CHAMPION)
     version = str(champion.version) if champion is not None else None
+    # a person's act may re-anchor the head (after investigating an anchor that lags, e.g. a
+    # crash between a record and its anchor), but never extends a chain whose links are broken
+    chain = audit_store.read(cfg.audit_path())
+    unanchored = None if chain.problems else audit_store.anchor_problem(
+        chain, cfg.model_name, _anchor(client, cfg.model_name))
     append_audit(cfg.audit_path(), {"action": "adopted", "model": cfg.model_name,
-                                    "version": version, "actor": cfg.actor})
+                                    "version": version, "actor": cfg.actor,
+                                    **({"reanchored": unanchored} if unanchored else {})},
+                 client, cfg.model_name)
     return {"action": "adopted", "version": version}
 
 
@@ -345,7 +431,7 @@ def status(cfg: PromotionConfig, client=None) -> dict:
     import mlflow
 
     client = client or mlflow.MlflowClient()
-    out = {}
+    out = {"audit": verify_audit(cfg, client, raise_on_problem=False)}
     for alias in (CHAMPION, CHALLENGER):
         v = alias_version(client, cfg.model_name, alias)
         out[alias] = None if v is None else {"version": v.version, "approval": v.tags.get(TAG_APPROVAL),
@@ -353,13 +439,40 @@ def status(cfg: PromotionConfig, client=None) -> dict:
     return out
 
 
+def verify_audit(cfg: PromotionConfig, client=None, raise_on_problem: bool = True) -> dict:
+    """``registry verify-audit``: check the chain end to end and this model's anchored head.
+
+    Raises:
+        AuditBroken: (with ``raise_on_problem``) any problem, each listed in the message.
+    """
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    chain = audit_store.read(cfg.audit_path())
+    problems = list(chain.problems)
+    if not problems:
+        anchored = audit_store.anchor_problem(chain, cfg.model_name, _anchor(client, cfg.model_name))
+        problems += [anchored] if anchored else []
+    result = {"audit_uri": cfg.audit_path(), "records": len(chain.records), "head": chain.head,
+              "ok": not problems, "problems": problems,
+              "state": "verified" if not problems else "broken: promotion frozen"}
+    if problems and raise_on_problem:
+        raise audit_store.AuditBroken(f"the audit at {cfg.audit_path()} does not verify: "
+                                      + "; ".join(problems))
+    return result
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """CLI: ``fracture-ops registry {promote,rollback,status,adopt}`` and
     ``fracture-ops registry webhooks {install,serve}``."""
     from fracture_ops.cli_common import add_common_args
 
-    parser.add_argument("action", choices=["promote", "rollback", "status", "adopt", "webhooks"],
+    parser.add_argument("action", choices=["promote", "rollback", "status", "adopt", "webhooks",
+                                           "verify-audit", "guard-rules"],
                         help="adopt: a person accepts the current champion alias (audited); "
+                        "verify-audit: check the audit's hash chain and anchored head end to end "
+                        "(exit 3 when broken); guard-rules: print the MLflow server guard's table "
+                        "of write endpoints and who may call them; "
                         "webhooks install|serve: register MLflow's registry webhook, or run the "
                         "receiver that turns its deliveries into Airflow asset events")
     parser.add_argument("webhooks_action", nargs="?", choices=["install", "serve"],
@@ -395,6 +508,11 @@ def run_cli(args: argparse.Namespace) -> dict:
         return webhooks.install(args.url, os.environ.get(webhooks.SECRET_ENV, ""))
     if args.webhooks_action:
         raise ConfigError(f"registry {args.action} takes no {args.webhooks_action!r}")
+    if args.action == "guard-rules":
+        from fracture_ops.registry import guard
+
+        print(guard.rules_table())
+        return {"action": "guard-rules", "rules": len(guard.RULES)}
     tracking.setup(CLASSIFIER)
     return {"promote": promote_if_approved, "rollback": rollback, "status": status,
-            "adopt": adopt}[args.action](cfg)
+            "adopt": adopt, "verify-audit": verify_audit}[args.action](cfg)
