@@ -13,10 +13,10 @@ import pytest
 from fracture_ops import storage
 
 pytestmark = pytest.mark.slow
-# batch 8: at batch 16 (half the optimiser steps) the tiny test network sometimes stayed near
-# chance in a fold, depending on the seed and the machine (seeds 0-3 on one machine: 2 of 12 folds
-# below 0.95, at 0.64 and 0.82); at batch 8 all 21 folds of seeds 0-6 scored >= 0.997 there
-FOLDS, SIZE, EPOCHS, BATCH = 3, 128, 16, 8
+# small and short on purpose: these tests check what cross-validation computes (folds, out-of-fold
+# predictions, the AUROCs of exactly those predictions, reuse, refit rows), not how well a network
+# learns on a given machine (that is benchmarks/bench_realdata.py's business)
+FOLDS, SIZE, EPOCHS, BATCH = 3, 64, 3, 16
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def cv_run(tmp_path_factory):
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     root = dict(artifact_root=str(tmp / "art"), run_id="cv")
-    synth_step(SynthConfig(out_dir=str(tmp / "syn"), n_patients=240, image_size=SIZE, seed=3))
+    synth_step(SynthConfig(out_dir=str(tmp / "syn"), n_patients=72, image_size=SIZE, seed=3))
     split = split_step(SplitConfig(manifest_uri=str(tmp / "syn" / "manifest.parquet"), **root))
     cfg = CVConfig(split_uri=split["split_uri"], folds=FOLDS, backbone="test_resnet", image_size=SIZE,
                    epochs=EPOCHS, batch_size=BATCH, lr=3e-3, n_bootstrap=200, **root)
@@ -41,13 +41,25 @@ def cv_run(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = old
 
 
-def test_every_fold_separates_the_synthetic_classes(cv_run):
+def test_fold_and_pooled_aurocs_are_those_of_the_out_of_fold_predictions(cv_run):
+    """Each fold's AUROC is the AUROC of its own held-out rows, the pooled one that of every
+    out-of-fold row, inside its bootstrap interval; the recommended epoch is the peak of the
+    mean validation curve."""
+    from sklearn.metrics import roc_auc_score
+
     s = cv_run["summary"]
     assert [f["fold"] for f in s["per_fold"]] == list(range(1, FOLDS + 1))
-    assert all(f["auroc"] >= 0.95 for f in s["per_fold"]), s["per_fold"]
+    oof = storage.read_parquet(storage.join(s["oof_uri"], "predictions.parquet"))
+    y = oof["y_fracture"].to_numpy(int)
+    for f in s["per_fold"]:
+        rows = oof["fold"] == f["fold"]
+        assert f["images"] == int(rows.sum())
+        assert f["auroc"] == pytest.approx(roc_auc_score(y[rows], oof.loc[rows, "logit_fracture"]))
+    assert s["pooled"]["auroc"] == pytest.approx(roc_auc_score(y, oof["logit_fracture"]), abs=1e-4)
     low, high = s["pooled"]["ci95"]
-    assert low <= s["pooled"]["auroc"] <= high and s["pooled"]["auroc"] >= 0.95
-    assert len(s["mean_val_auroc_per_epoch"]) == EPOCHS and 1 <= s["recommended_epochs"] <= EPOCHS
+    assert low <= s["pooled"]["auroc"] <= high
+    curve = s["mean_val_auroc_per_epoch"]
+    assert len(curve) == EPOCHS and s["recommended_epochs"] == int(np.argmax(curve)) + 1
 
 
 def test_folds_hold_whole_patients_and_leave_the_test_set_alone(cv_run):
@@ -150,7 +162,7 @@ def test_refit_trains_on_every_training_patient_and_calibrates_on_out_of_fold(cv
     ev = evaluate_step(EvaluateConfig(predictions_uri=refit["train_dir"],
                                       calibration_uri=cal["calibration_uri"],
                                       thresholds_uri=th["thresholds_uri"], n_bootstrap=200, **root))
-    assert ev["split"] == "test" and ev["headline"]["auroc"] >= 0.95, ev["headline"]
+    assert ev["split"] == "test" and ev["n_images"] == len(preds), ev
     # the test rows cannot move the calibration: corrupt them and fit again
     bad = preds.assign(logit_fracture=-preds["logit_fracture"] * 100)
     storage.write_parquet(refit["predictions_uri"], bad)

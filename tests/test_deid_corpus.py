@@ -24,7 +24,9 @@ from fracture_ops.deid.verify import identifier_kind
 
 pytestmark = [pytest.mark.slow]
 SEED = 7
-PER_STYLE = 19  # 11 styles x 19 = 209 files
+# 11 styles x 6 = 66 files in the suite; the measurement of the note used 19 per style
+# (209 files): FRACTURE_OPS_CORPUS_PER_STYLE=19 pytest -s tests/test_deid_corpus.py prints it
+PER_STYLE = int(os.environ.get("FRACTURE_OPS_CORPUS_PER_STYLE", "6"))
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "fracatlas" / "images"
 
 
@@ -139,7 +141,7 @@ def _table(results) -> str:
 def test_every_style_leaves_no_readable_token_and_releases_no_leak(corpus_results):
     results, real = corpus_results
     print("\n" + _table(results) + f"\n(real backgrounds: {real})")
-    assert len(results) >= 200 and {r["style"] for r in results} == set(STYLES)
+    assert len(results) == len(STYLES) * PER_STYLE and {r["style"] for r in results} == set(STYLES)
     readable = [(r["name"], r["status"], r["tess_after"]) for r in results if r["tess_after"]]
     # the independent read finds no PHI token in any output, released or not
     assert readable == [], f"PHI readable by Tesseract after scrubbing: {readable[:5]}"

@@ -347,9 +347,11 @@ def test_report_is_self_contained_and_worst_first():
 # --------------------------------------------------------------------------- training (slow)
 
 @pytest.mark.slow
-def test_train_on_synthetic_reaches_map50_and_registers(tmp_path, no_network, monkeypatch):
-    """CPU, from scratch: 120 patients (240 images, 192 px, femur + forearm), YOLOv8n at imgsz 192,
-    16 epochs, batch 16. Measured: test mAP@0.5 ~0.85 in ~80-130 s on 2 shared cores."""
+def test_train_on_synthetic_evaluates_reports_and_registers(tmp_path, no_network, monkeypatch):
+    """The detect_train step's contract on CPU, from scratch (40 patients, 128 px, 2 epochs):
+    test metrics, report, predictions, MLflow run and registered version, a rerun that finds
+    its version. How well it learns is a measurement, not a test: ``benchmarks/bench_detection.py``
+    trains 16 epochs on 120 patients and checks test mAP@0.5 >= 0.5 (measured ~0.85)."""
     from mlflow import MlflowClient
 
     from fracture_ops.data.synthetic import SynthConfig, synth_step
@@ -360,7 +362,7 @@ def test_train_on_synthetic_reaches_map50_and_registers(tmp_path, no_network, mo
     monkeypatch.setenv("FRACTURE_OPS_MLFLOW_DIR", str(tmp_path / "mlflow"))
     monkeypatch.chdir(tmp_path)  # anything MLflow puts under ./mlruns stays out of the repo
 
-    syn = SynthConfig(out_dir=str(tmp_path / "syn"), n_patients=120, image_size=192, seed=0,
+    syn = SynthConfig(out_dir=str(tmp_path / "syn"), n_patients=40, image_size=128, seed=0,
                       regions=["femur", "forearm"])
     synth_step(syn)
     manifest = storage.read_parquet(storage.join(syn.out_dir, "manifest.parquet"))
@@ -368,21 +370,21 @@ def test_train_on_synthetic_reaches_map50_and_registers(tmp_path, no_network, mo
     storage.write_parquet(tmp_path / "split.parquet", split)
     cfg = DetectConfig(artifact_root=str(tmp_path / "art"), run_id="synth",
                        split_uri=str(tmp_path / "split.parquet"),
-                       boxes_uri=storage.join(syn.out_dir, "boxes.parquet"), imgsz=192, epochs=16,
+                       boxes_uri=storage.join(syn.out_dir, "boxes.parquet"), imgsz=128, epochs=2,
                        batch=16, device="cpu", workers=2, train_args=SYNTH_TRAIN_ARGS)
     t0 = time.perf_counter()
     summary = detect_train_step(cfg)
     print(f"\nsynthetic detect train: {time.perf_counter() - t0:.0f} s wall, summary {summary}")
     out = Path(cfg.output_dir("detect_train"))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["split"] == "test" and metrics["map50"] >= 0.5, metrics
-    assert metrics["image_level"]["auroc"] > 0.8
+    assert metrics["split"] == "test" and 0.0 <= metrics["map50"] <= 1.0, metrics
+    assert metrics["map50_95"] <= metrics["map50"] and 0.0 <= metrics["image_level"]["auroc"] <= 1.0
     assert {"map50_95", "precision", "recall", "per_class"} <= set(metrics)
     assert (out / "_SUCCESS").exists() and (out / "weights" / "best.pt").is_file()
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "https://" not in page
     preds = json.loads((out / "predictions.json").read_text())
-    assert len(preds) == metrics["images"] and any(p["boxes"] for p in preds)
+    assert len(preds) == metrics["images"] and all("boxes" in p for p in preds)
     # MLflow: run with weights and samples, model registered as its own registered model
     client = MlflowClient(tracking_uri())
     run = client.get_run(summary["mlflow_run_id"])
@@ -406,9 +408,11 @@ def test_train_on_synthetic_reaches_map50_and_registers(tmp_path, no_network, mo
     uri = test_rows.loc[test_rows["label"] == "fracture", "image_uri"].iloc[0]
     b64 = __import__("base64").b64encode(Path(uri).read_bytes()).decode()
     got = model.predict(pd.DataFrame({"image": [uri, b64, str(tmp_path / "missing.png")]}))
-    assert list(got["width"]) == [192, 192, 0] and got["error"].iloc[2] != ""
-    assert got["score"].iloc[0] == pytest.approx(got["score"].iloc[1]) and got["score"].iloc[0] > 0.25
-    assert json.loads(got["boxes"].iloc[0])[0]["x_max"] <= 192
+    assert list(got["width"]) == [128, 128, 0] and got["error"].iloc[2] != ""
+    # the same image as a path and as bytes: the same prediction, boxes inside the image
+    assert got["score"].iloc[0] == pytest.approx(got["score"].iloc[1]) and 0 <= got["score"].iloc[0] <= 1
+    assert got["boxes"].iloc[0] == got["boxes"].iloc[1]
+    assert all(0 <= b["x_min"] <= b["x_max"] <= 128 for b in json.loads(got["boxes"].iloc[0]))
     assert no_network == []
 
 

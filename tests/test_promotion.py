@@ -194,6 +194,9 @@ def test_approval_gate_promotion_rollback_and_auth(server, versions):
     assert (_audit(art), client.get_model_version(MODEL, v2).tags) == before
     # a gate-failed version with an approval tag is refused
     client.set_registered_model_alias(MODEL, "challenger", v3)
+    # in the cluster a gate without a pinned reference test set passes nothing, however good
+    strict = _gate("c", art, require_reference_test=True)
+    assert strict["gate"] == "failed" and any("no pinned reference" in r for r in strict["reasons"])
     assert _gate("c", art, min_auroc=1.01)["gate"] == "failed"
     alice.set_model_version_tag(MODEL, v3, "approval", "approved")
     assert "gate verdict" in _promote(art)["reason"]

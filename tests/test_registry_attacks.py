@@ -423,3 +423,133 @@ def test_overlapping_role_lists_stop_the_server(monkeypatch):
     monkeypatch.setenv("FRACTURE_OPS_PROMOTERS", "gate")
     with pytest.raises(ValueError, match="gate"):
         guard.roles()
+
+
+# ---------------------------------------------------- found by an independent attack on round 1
+
+def test_percent_encoded_paths_cannot_reach_gate_evidence_or_an_approved_folder(srv):
+    """uvicorn decodes a path once, MLflow again: gate%252Fgate.json was judged as one file name
+    and written as gate/gate.json; 1%252F<run>... smuggled a file into an approved folder."""
+    champion = _champion(srv) or _honest_promotion(srv)
+    v, run = _new_version(srv, champion=champion)
+    forged = json.dumps({"passed": True}).encode()
+    for api in ("api", "ajax-api"):
+        for name in ("gate%252Fgate.json", "gate%25252Fgate.json", "gate%2Fgate.json"):
+            r = requests.put(f"{srv['url']}/{api}/2.0/mlflow-artifacts/artifacts/1/{run}/artifacts/"
+                             f"{name}", data=forged, auth=("mallory", _pw("mallory")), timeout=60)
+            assert r.status_code in (403, 404), (api, name, r.status_code)
+    r = requests.post(f"{srv['url']}/api/2.0/mlflow-artifacts/mpu/create/1/{run}/artifacts/"
+                      "gate%252Fgate.json", json={"path": "gate.json", "num_parts": 1},
+                      auth=("mallory", _pw("mallory")), timeout=60)
+    assert r.status_code in (403, 404)
+    champ_run = _client(srv).get_model_version(MODEL, champion).run_id
+    r = requests.put(f"{srv['url']}/api/2.0/mlflow-artifacts/artifacts/1%252F{champ_run}%252F"
+                     f"artifacts%252Fmodel%252F.git/{'a' * 32}/artifacts/x", data=b"x",
+                     auth=("mallory", _pw("mallory")), timeout=60)
+    assert r.status_code in (403, 404)
+    # a .git file put straight into the approved folder in the bucket is caught by the signature
+    bucket, key = _s3_key(srv, champ_run, "model/model.pt")
+    srv["s3"].client.put_object(Bucket=bucket, Key=key.replace("model.pt", ".git/config"), Body=b"x")
+    from fracture_ops.registry.signing import SignatureInvalid
+
+    with pytest.raises(SignatureInvalid, match="champion"):
+        _promote(srv)
+    srv["s3"].client.delete_object(Bucket=bucket, Key=key.replace("model.pt", ".git/config"))
+    assert _promote(srv)["action"] == "none" and _champion(srv) == champion
+
+
+def test_a_non_approver_cannot_strip_an_approval_and_a_champion_stays_frozen(srv):
+    import mlflow
+
+    from fracture_ops.registry.signing import SignatureInvalid
+
+    champion = _champion(srv) or _honest_promotion(srv)
+    client = _client(srv)
+    for value in ("rejected", "pending", "approved-by-alice"):
+        with as_user("mallory"), pytest.raises(mlflow.exceptions.MlflowException,
+                                               match="approver identity|approvers list"):
+            client.set_model_version_tag(MODEL, champion, "approval", value)
+    with as_user("mallory"), pytest.raises(mlflow.exceptions.MlflowException, match="approver"):
+        client.delete_model_version_tag(MODEL, champion, "approval")
+    assert client.get_model_version(MODEL, champion).tags[STAMP] == "alice"
+    run = client.get_model_version(MODEL, champion).run_id
+    with as_user("pipeline"), pytest.raises(requests.HTTPError, match="403.*frozen"):
+        client.log_text(run, "EVIL WEIGHTS", "model/model.pt")
+    # bytes swapped in the bucket after promotion: the next pass refuses to go on (audited)
+    bucket, key = _s3_key(srv, run, "model/model.pt")
+    good = srv["s3"].client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    srv["s3"].client.put_object(Bucket=bucket, Key=key, Body=b"EVIL WEIGHTS")
+    with pytest.raises(SignatureInvalid, match="champion"):
+        _promote(srv)
+    srv["s3"].client.put_object(Bucket=bucket, Key=key, Body=good)
+    assert _promote(srv)["action"] == "none"
+    # an approver may still reject a version that is not champion
+    v, _ = _new_version(srv, champion=champion)
+    _approve(srv, v)
+    with as_user("alice"):
+        client.set_model_version_tag(MODEL, v, "approval", "rejected")
+    assert STAMP not in client.get_model_version(MODEL, v).tags
+
+
+def test_a_version_must_live_in_its_own_run(srv):
+    """s3:// sources, another run's folder, and a logged model no run produced are refused at
+    registration: the artifact freeze finds a version's files only under its run."""
+    import mlflow
+
+    client = _client(srv)
+    with as_user("pipeline"):
+        run = client.create_run(srv["exp"]).info.run_id
+        other = client.create_run(srv["exp"]).info.run_id
+        source = log_model_folder(client, run, srv["work"])
+        for bad in (source.replace("mlflow-artifacts:", "s3://fracture-ops-mlflow"),
+                    source.replace(run, other), source + "/%2e%2e", f"runs:/{other}/model",
+                    "file:///etc"):
+            with pytest.raises(mlflow.exceptions.MlflowException, match="(?i)source|run"):
+                client.create_model_version(MODEL, bad, run_id=run)
+        orphan = _api(srv, "pipeline", "POST", "logged-models",
+                      body={"experiment_id": srv["exp"], "name": "orphan"}).json()
+        model_id = orphan["model"]["info"]["model_id"]
+        r = _api(srv, "pipeline", "POST", "model-versions/create",
+                 body={"name": MODEL, "source": f"models:/{model_id}", "run_id": run,
+                       "model_id": model_id})
+        assert r.status_code == 403 and "not produced by" in r.text
+        assert client.create_model_version(MODEL, source, run_id=run).version  # honest
+
+
+def test_accounts_of_role_holders_cannot_be_taken_over_by_an_admin(srv):
+    admin = ("admin", srv["admin_pw"])
+    r = _api(srv, admin[0], "PATCH", "users/update-password",
+             body={"username": "alice", "password": "admin-chosen-pw-1"}, password=admin[1])
+    assert r.status_code == 403 and "role" in r.text
+    r = _api(srv, admin[0], "DELETE", "users/delete", body={"username": "alice"}, password=admin[1])
+    assert r.status_code == 403
+    r = _api(srv, admin[0], "PATCH", "users/update-admin", body={"username": "pipeline",
+                                                                  "is_admin": True}, password=admin[1])
+    assert r.status_code == 403
+    assert _api(srv, "alice", "GET", "registered-models/get", params={"name": MODEL}).ok
+    # the owner changes her own password (and back)
+    r = _api(srv, "alice", "PATCH", "users/update-password",
+             body={"username": "alice", "password": "alice-new-pw-77",
+                   "current_password": _pw("alice")})
+    assert r.status_code == 200, r.text
+    r = _api(srv, "alice", "PATCH", "users/update-password",
+             body={"username": "alice", "password": _pw("alice"),
+                   "current_password": "alice-new-pw-77"}, password="alice-new-pw-77")
+    assert r.status_code == 200, r.text
+
+
+def test_look_alike_and_mlflow_reserved_tag_keys_are_refused(srv):
+    champion = _champion(srv) or _honest_promotion(srv)
+    for key in ("Approval", "approval ", " approval.verified_by", "approval.Verified_By",
+                "approval.signature ", "gate.evidence.sha256 ", "Gate"):
+        r = _api(srv, "mallory", "POST", "model-versions/set-tag",
+                 body={"name": MODEL, "version": champion, "key": key, "value": "alice"})
+        assert r.status_code == 403, key
+    for key in ("audit.head ", "Audit.head", "mlflow.prompt.is_prompt", "MLflow.prompt.is_prompt"):
+        r = _api(srv, "mallory", "POST", "registered-models/set-tag",
+                 body={"name": MODEL, "key": key, "value": "true"})
+        assert r.status_code == 403, key
+    r = _api(srv, "mallory", "POST", "registered-models/set-tag",
+             body={"name": MODEL, "key": "team", "value": "radiology"})
+    assert r.status_code == 200, r.text
+    assert _champion(srv) == champion

@@ -354,3 +354,52 @@ def test_checkpoints_this_package_writes_load_safely_and_restore_rng(tmp_path):
     restored = Checkpointer(tmp_path).restore(model, opt, sched, None)
     assert restored.best_score == pytest.approx(0.7)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# ------------------------------------------------------------------ the gate's test set
+
+def test_the_test_set_hash_covers_the_images_not_only_ids_and_labels(tmp_path):
+    import pandas as pd
+
+    from fracture_ops.registry.gates import test_set_hash
+
+    def table(folder, payloads):
+        folder.mkdir()
+        rows = []
+        for i, data in enumerate(payloads):
+            (folder / f"{i}.png").write_bytes(data)
+            rows.append({"image_id": f"img{i}", "label": "fracture" if i % 2 else "normal",
+                         "image_uri": str(folder / f"{i}.png")})
+        return pd.DataFrame(rows)
+
+    a = table(tmp_path / "a", [b"one", b"two", b"three"])
+    same = table(tmp_path / "same", [b"one", b"two", b"three"])
+    other = table(tmp_path / "other", [b"one", b"TWO", b"three"])
+    assert test_set_hash(a) == test_set_hash(same)  # where the files lie does not matter
+    assert test_set_hash(a) != test_set_hash(other)  # same ids and labels, another image
+    relabelled = a.assign(label=["fracture", "fracture", "normal"])
+    assert test_set_hash(a) != test_set_hash(relabelled)
+
+
+@pytest.mark.parametrize("env, required", [({"FRACTURE_OPS_RUNNER": "kubernetes"}, True),
+                                           ({}, False),
+                                           ({"FRACTURE_OPS_RUNNER": "kubernetes",
+                                             "FRACTURE_OPS_REQUIRE_REFERENCE_TEST": "false"}, False)])
+def test_in_the_cluster_a_gate_without_a_pinned_reference_set_is_required(monkeypatch, env, required):
+    """The gpu profile's home (pods) refuses to pass anything scored on the challenger's own
+    split; the local demo opts out (its evidence says so)."""
+    from fracture_ops.registry.gates import GateConfig
+
+    for k in ("FRACTURE_OPS_RUNNER", "FRACTURE_OPS_REQUIRE_REFERENCE_TEST",
+              "FRACTURE_OPS_REFERENCE_TEST_URI"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert GateConfig().require_reference_test is required
+
+
+def test_every_step_pod_says_it_runs_in_the_cluster():
+    from fracture_ops.orchestration.pods import PodSettings, step_environment
+
+    env = {e.name: e.value for e in step_environment(PodSettings())}
+    assert env["FRACTURE_OPS_RUNNER"] == "kubernetes"

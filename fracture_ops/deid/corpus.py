@@ -202,7 +202,7 @@ def _draw_marker(img: np.ndarray, rng: np.random.Generator, text: str, x: int, y
     return tuple(int(v) for v in (frame if icon != "plain" else bx))
 
 
-def _fill_for(style: str, rng: np.random.Generator, bg: np.ndarray):
+def _fill_for(style: str, rng: np.random.Generator):
     """The text value as a function of the background under it (style-specific)."""
     if style in ("bright", "boundary", "multiline", "nonlatin", "rotated", "small"):
         v = float(rng.uniform(235, 255))
@@ -297,7 +297,7 @@ def make_case(i: int, style: str, background: np.ndarray | None = None,
     x = margin if corner in (0, 2) else w - bw - margin
     y = margin if corner in (0, 1) else h - bh - margin
     _prepare_region(img, style, rng, x, y, bw, bh)
-    _paste(img, alpha, x, y, _fill_for(style, rng, img))
+    _paste(img, alpha, x, y, _fill_for(style, rng))
     toks = []
     for text, kind, a in tokens:
         mask = _full(a, x, y, img.shape)

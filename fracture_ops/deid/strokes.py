@@ -11,8 +11,8 @@ kernel: steps, gradients, soft tissue, bone shafts. This module builds:
 - :func:`stroke_view`: max(white top-hat, black top-hat), stretched to 8 bits and inverted
   (dark strokes on white: how text detectors were trained), a detection rendering in which text
   of either polarity on any background looks alike;
-- :func:`local_view`: a tile-wise CLAHE rendering (Zuiderveld 1994), for the verification read
-  (a rendering the detector did not use);
+- :func:`z_view`: a local mean/std binarisation for the verification read (a rendering the
+  detector did not use);
 - :func:`stroke_components`: the glyph-sized connected components of the stroke mask, with which
   :func:`extend_along_strokes` grows a blanked line over letters the detector dropped, and
   :func:`looks_like_text` tells a row of letters from a texture.
@@ -88,14 +88,6 @@ def stroke_view(gray: np.ndarray, side: int | None = None) -> np.ndarray:
     (uint8), whatever the background under them (:func:`glyphs`)."""
     _, mask = glyphs(gray, side)
     return np.where(mask, 0, 255).astype(np.uint8)
-
-
-def local_view(gray: np.ndarray) -> np.ndarray:
-    """A locally equalised rendering (CLAHE, 8x8 tiles) for people: dark-on-dark and
-    light-on-light text becomes legible."""
-    import cv2
-
-    return cv2.createCLAHE(clipLimit=4.0, tileGridSize=(8, 8)).apply(gray)
 
 
 def z_view(gray: np.ndarray, k: int = 21, threshold: float = 1.2) -> np.ndarray:

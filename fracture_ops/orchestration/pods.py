@@ -117,7 +117,9 @@ def step_environment(s: PodSettings) -> list:
            k8s.V1EnvVar(name="YOLO_OFFLINE", value="1"),
            k8s.V1EnvVar(name="HOME", value="/tmp"), k8s.V1EnvVar(name="TMPDIR", value="/tmp"),
            k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
-           k8s.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib")]
+           k8s.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"),
+           # steps in pods run for a deployment: e.g. the gate requires a pinned reference set
+           k8s.V1EnvVar(name="FRACTURE_OPS_RUNNER", value="kubernetes")]
     if s.ca_secret:  # MLflow and MinIO speak TLS: trust the platform's CA (boto3, MLflow client)
         ca_file = f"{s.ca_mount}/ca.crt"
         env += [k8s.V1EnvVar(name="AWS_CA_BUNDLE", value=ca_file),

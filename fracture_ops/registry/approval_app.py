@@ -88,6 +88,14 @@ class _Registry:
 
         return list(_get_model_registry_store().search_model_versions(f"run_id = '{run_id}'"))
 
+    def version(self, name: str, version: str):
+        from mlflow.server.handlers import _get_model_registry_store
+
+        try:
+            return _get_model_registry_store().get_model_version(name, version)
+        except Exception:  # noqa: BLE001 - no such version
+            return None
+
     def model_run(self, model_id: str) -> str | None:
         from mlflow.server.handlers import _get_tracking_store
 
@@ -109,10 +117,10 @@ def _guard():
     user = getattr(g, "mlflow_authenticated_user", None)
     try:
         rule = guard.rule_for(request.method, endpoint)
-        if rule.kind in ("artifacts", "accounts"):
-            # bodies are file bytes or MLflow's own account forms; the query must still be empty
-            if rule.kind == "artifacts" and request.args:
-                raise guard.Refused("query parameters on an artifact write")
+        if rule.kind == "artifacts" or endpoint == "mlflow/users/create-ui":
+            # bodies are file bytes, or the sign-up page's form; the query must still be empty
+            if request.args:
+                raise guard.Refused(f"query parameters on a {request.method} request")
             fields = {}
         else:
             fields = guard.strict_fields(request.method, request.args.to_dict(),

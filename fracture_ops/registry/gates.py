@@ -57,6 +57,13 @@ class GateConfig(StepConfig):
     # a split/manifest table whose rows with split == "test" (or all rows) every gate scores on
     reference_test_uri: str = Field(default_factory=lambda: os.environ.get(
         "FRACTURE_OPS_REFERENCE_TEST_URI", ""))
+    # without a pinned reference test set a gate would judge a challenger on its own test split:
+    # in the cluster (the gpu profile's home) the gate then passes nothing; the local demo opts
+    # out and says so in its evidence ($FRACTURE_OPS_REQUIRE_REFERENCE_TEST overrides)
+    require_reference_test: bool = Field(default_factory=lambda: os.environ.get(
+        "FRACTURE_OPS_REQUIRE_REFERENCE_TEST",
+        "true" if os.environ.get("FRACTURE_OPS_RUNNER", "local").strip().lower() == "kubernetes"
+        else "false").strip().lower() in ("1", "true", "yes"))
 
 
 @dataclass
@@ -127,8 +134,6 @@ def _test_set(version, reference_uri: str = "") -> tuple[list[str], np.ndarray, 
     """The test images and labels: the pinned reference test set when one is configured, else
     the challenger's own test split (promotion then refuses it where a reference hash is
     pinned)."""
-    from fracture_ops.data.manifest import table_hash
-
     folder = version.tags.get("run_folder", "")
     info = storage.read_json(storage.join(folder, "train", "model_info.json"))
     source = reference_uri or info["split_uri"]
@@ -139,7 +144,18 @@ def _test_set(version, reference_uri: str = "") -> tuple[list[str], np.ndarray, 
         raise BadInputError(f"gate: the test set {source} is empty")
     cls = info["class_names"][0]
     y = (test["label"].astype(str) == cls).to_numpy(int)
-    return test["image_uri"].tolist(), y, cls, table_hash(test, ["image_id", "label"])
+    return test["image_uri"].tolist(), y, cls, test_set_hash(test)
+
+
+def test_set_hash(test) -> str:
+    """The test set's identity: ids, labels and every image's bytes (SHA-256), so a table with
+    the same ids and labels over other images is another test set."""
+    import hashlib
+
+    from fracture_ops.data.manifest import table_hash
+
+    content = [hashlib.sha256(storage.read_bytes(uri)).hexdigest() for uri in test["image_uri"]]
+    return table_hash(test.assign(content_sha256=content), ["image_id", "label", "content_sha256"])
 
 
 def gate_step(cfg: GateConfig) -> dict:
@@ -162,6 +178,16 @@ def gate_step(cfg: GateConfig) -> dict:
         prob_c, dec_c = score_version(f"models:/{cfg.model_name}/{champ.version}", images, cls)
         champion = model_scores(y, prob_c, dec_c, cfg.ece_bins) | {"version": str(champ.version)}
     result = compare(challenger, champion, cfg)
+    if not cfg.reference_test_uri:
+        if cfg.require_reference_test:
+            result.passed = False
+            result.reasons.append("no pinned reference test set (FRACTURE_OPS_REFERENCE_TEST_URI): "
+                                  "a gate here passes nothing scored on the challenger's own split")
+        result.evidence["reference_test"] = ("missing: gate refused" if cfg.require_reference_test
+                                             else "none: scored on the challenger's own test "
+                                             "split (local demo, opted out)")
+    else:
+        result.evidence["reference_test"] = "pinned"
     # everything promotion checks against the registry's state at promotion time
     result.evidence.update(test_set_hash=test_hash, n_test=len(y), model=cfg.model_name,
                            challenger_version=str(version_no),

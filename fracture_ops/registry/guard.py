@@ -52,6 +52,13 @@ TAG_EVIDENCE_BY = "gate.evidence.by"
 SERVER_ONLY_TAGS = (TAG_VERIFIED_BY, TAG_APPROVED_AT, TAG_SIGNATURE, TAG_EVIDENCE_SHA,
                     TAG_EVIDENCE_BY)
 GATE_EVIDENCE = "gate/gate.json"
+# keys whose look-alikes (case, surrounding blanks) are refused: in the UI they would pass for these
+PROTECTED_KEYS = (TAG_APPROVAL, *SERVER_ONLY_TAGS, TAG_AUDIT_HEAD, "gate", "gate.champion_version")
+_SOURCE_RUN = (re.compile(r"^runs:/(?P<run>[0-9a-f]{32})(?:/.*)?$"),
+               re.compile(r"^mlflow-artifacts:(?://[^/]+)?/[^/]+/(?P<run>[0-9a-f]{32})/artifacts(?:/.*)?$"))
+_SOURCE_MODEL = (re.compile(r"^models:/(?P<model>m-[0-9a-f]{32})/?$"),
+                 re.compile(r"^mlflow-artifacts:(?://[^/]+)?/[^/]+/models/(?P<model>m-[0-9a-f]{32})"
+                            r"/artifacts(?:/.*)?$"))
 ROLE_ENV = {"approvers": "FRACTURE_OPS_APPROVERS", "pipeline": "FRACTURE_OPS_PIPELINE_USERS",
             "gate": "FRACTURE_OPS_GATE_USERS", "promoters": "FRACTURE_OPS_PROMOTERS"}
 _API = re.compile(r"/(?:ajax-)?api/\d+\.\d+/?(?P<rest>.*)$")
@@ -159,6 +166,14 @@ def _tag_pairs(fields: dict) -> list[tuple[str, str]]:
     return [(str((t or {}).get("key", "")), str((t or {}).get("value", ""))) for t in tags]
 
 
+def _plain_key(key: str) -> None:
+    """Refuse look-alikes of protected tag keys ("Approval", "approval.verified_by ")."""
+    folded = key.strip().lower()
+    for protected in PROTECTED_KEYS:
+        if folded == protected and key != protected:
+            raise Refused(f"tag key {key!r} imitates the protected key {protected!r}")
+
+
 def _need(ctx: Ctx, role: str, what: str) -> None:
     allowed = getattr(ctx.roles, role)
     if not ctx.user or ctx.user not in allowed:
@@ -170,20 +185,59 @@ def _need(ctx: Ctx, role: str, what: str) -> None:
 
 def _version_tag(ctx: Ctx) -> None:
     key, value = str(ctx.fields.get("key", "")), str(ctx.fields.get("value", ""))
+    _plain_key(key)
     if key in SERVER_ONLY_TAGS:
         raise Refused(f"the tag {key} is written by the server only")
-    if ctx.endpoint.endswith("set-tag") and key == TAG_APPROVAL and value == "approved":
-        if not ctx.user or ctx.user not in ctx.roles.approvers:
-            raise Refused(f"user {ctx.user!r} is not on the approvers list")
+    if key != TAG_APPROVAL or (ctx.user and ctx.user in ctx.roles.approvers):
+        return
+    # not an approver: only the registration's "pending" on a version nobody has approved
+    if ctx.endpoint.endswith("set-tag") and value == "pending":
+        version = ctx.registry.version(str(ctx.fields.get("name", "")),
+                                       str(ctx.fields.get("version", "")))
+        if version is None or not version.tags.get(TAG_VERIFIED_BY):
+            return
+        raise Refused(f"user {ctx.user!r} may not withdraw an approval (approver identity only)")
+    if value == "approved" and ctx.endpoint.endswith("set-tag"):
+        raise Refused(f"user {ctx.user!r} is not on the approvers list")
+    raise Refused(f"user {ctx.user!r} may not set or remove approval (approver identity only)")
 
 
 def _version_create(ctx: Ctx) -> None:
+    _source_is_the_run(ctx)
     for key, value in _tag_pairs(ctx.fields):
+        _plain_key(key)
         if key in SERVER_ONLY_TAGS:
             raise Refused(f"the tag {key} is written by the server only")
         if key == TAG_APPROVAL and value != "pending":
             raise Refused("a new version starts with approval=pending: an approver approves it "
                           "afterwards (set-tag)")
+
+
+def _source_is_the_run(ctx: Ctx) -> None:
+    """A version's files must lie in its own run's artifacts, or in a logged model that run
+    produced: the artifact freeze finds them there (an s3:// or foreign source it would not)."""
+    source, run_id = str(ctx.fields.get("source", "")), str(ctx.fields.get("run_id", ""))
+    if "%" in source or "/../" in source or source.endswith("/.."):
+        raise Refused(f"model source {source!r} is not a plain URI")
+    for pattern in _SOURCE_RUN:
+        m = pattern.match(source)
+        if m:
+            if m.group("run") != run_id:
+                raise Refused(f"model source {source!r} lies in another run than run_id {run_id!r}")
+            return
+    for pattern in _SOURCE_MODEL:
+        m = pattern.match(source)
+        if m:
+            model_id = m.group("model")
+            if ctx.fields.get("model_id") not in (None, "", model_id):
+                raise Refused("model_id and source name different logged models")
+            produced_by = ctx.registry.model_run(model_id)
+            if not produced_by or run_id not in ("", produced_by):
+                raise Refused(f"logged model {model_id} was not produced by "
+                              f"{'run_id ' + repr(run_id) if run_id else 'any run'}")
+            return
+    raise Refused(f"model source {source!r}: only the version's own run (runs:/, "
+                  "mlflow-artifacts:/<experiment>/<run>/artifacts/...) or a logged model of it")
 
 
 def _alias(ctx: Ctx) -> None:
@@ -205,6 +259,11 @@ def _promoter_only(what: str) -> Callable[[Ctx], None]:
 
 def _model_tag(ctx: Ctx) -> None:
     keys = [str(ctx.fields.get("key", ""))] + [k for k, _ in _tag_pairs(ctx.fields)]
+    for key in keys:
+        _plain_key(key)
+        if key.strip().lower().startswith("mlflow."):
+            # e.g. mlflow.prompt.is_prompt turns a registered model into a prompt (locks it)
+            raise Refused(f"tag key {key!r}: keys under mlflow. are MLflow's own")
     if TAG_AUDIT_HEAD in keys:
         _need(ctx, "promoters", f"write the {TAG_AUDIT_HEAD} anchor")
 
@@ -214,7 +273,9 @@ def _artifact(ctx: Ctx) -> None:
     registered version's run or model once it is approved; gate evidence by the gate only."""
     path = str(ctx.path_args.get("artifact_path", ""))
     parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts):
+    if "%" in path or "\\" in path or any(p in ("", ".", "..") for p in parts):
+        # MLflow decodes artifact paths again after the server did: "gate%2Fgate.json" would
+        # be judged as one name here and written as gate/gate.json there
         raise Refused(f"artifact path {path!r} is not a plain relative path")
     m_run, m_model = RUN_ARTIFACT.match(path), _MODEL_ARTIFACT.match(path)
     if not (m_run or m_model):
@@ -228,10 +289,19 @@ def _artifact(ctx: Ctx) -> None:
         if ctx.endpoint != "mlflow-artifacts/artifacts/<path:artifact_path>" or ctx.method != "PUT":
             raise Refused("gate evidence is written with one PUT (no multipart, no delete)")
         return
-    stamped = [v for v in versions if v.tags.get(TAG_VERIFIED_BY)]
-    if stamped:
-        raise Refused(f"{stamped[0].name} v{stamped[0].version} is approved: the artifacts of "
-                      "its run and model are frozen (register a new version instead)")
+    frozen = [v for v in versions
+              if v.tags.get(TAG_VERIFIED_BY) or CHAMPION in (getattr(v, "aliases", None) or [])]
+    if frozen:
+        raise Refused(f"{frozen[0].name} v{frozen[0].version} is approved or champion: the "
+                      "artifacts of its run and model are frozen (register a new version instead)")
+
+
+def _role_account(ctx: Ctx) -> None:
+    target = str(ctx.fields.get("username", ""))
+    holders = ctx.roles.approvers | ctx.roles.pipeline | ctx.roles.gate | ctx.roles.promoters
+    if target in holders and not (ctx.endpoint.endswith("update-password") and target == ctx.user):
+        raise Refused(f"account {target!r} holds a fracture-ops role: only its owner changes its "
+                      "password, and nobody deletes it or changes its admin flag through the API")
 
 
 def _graphql(ctx: Ctx) -> None:
@@ -302,9 +372,12 @@ RULES: tuple[Rule, ...] = tuple(
              "traces/calculate-filter-correlation", "artifacts/presigned-download-url")))
     + _r("read", "read-only GraphQL (mutations refused)", _graphql, "POST graphql")
     + _r("accounts", "administrators (MLflow's basic-auth checks)", _anyone,
-         "POST mlflow/users/create", "POST mlflow/users/create-ui", "DELETE mlflow/users/delete",
-         "PATCH mlflow/users/update-admin", "PATCH mlflow/users/update-password",
+         "POST mlflow/users/create", "POST mlflow/users/create-ui",
          "POST mlflow/users/permissions/grant", "POST mlflow/users/permissions/revoke")
+    + _r("accounts", "administrators, never on a role account (an admin who could reset or "
+         "recreate an approver's account could approve as them); a password by its owner",
+         _role_account, "DELETE mlflow/users/delete", "PATCH mlflow/users/update-admin",
+         "PATCH mlflow/users/update-password")
     + _r("accounts", "administrators (MLflow's basic-auth admits admins only): the receiver's "
          "registration; a webhook only triggers a promotion pass, it decides nothing",
          _anyone, "POST mlflow/webhooks",

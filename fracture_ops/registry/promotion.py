@@ -314,6 +314,8 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
         return {"action": "none", "reason": frozen}
     records = verified_audit(cfg, client)
     champion_version, _ = audit_store.audited_champion(records, cfg.model_name)
+    if cfg.stamp_required():
+        _verify_champion(cfg, client, champion_version, records, audit)
     challenger = alias_version(client, cfg.model_name, CHALLENGER)
     if challenger is None:
         return {"action": "none", "reason": "no challenger"}
@@ -365,6 +367,29 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
     record = append_audit(audit, {"action": "promoted", "actor": cfg.actor, **intent}, client,
                           cfg.model_name)
     return {"action": "promoted", **{k: record[k] for k in ("version", "previous_version", "approved_by")}}
+
+
+def _verify_champion(cfg: PromotionConfig, client, champion_version: str | None,
+                     records: list[dict], audit: str) -> None:
+    """Every pass re-checks the serving champion's files against its approval signature: bytes
+    swapped after promotion freeze promotion (audited, exit 3). A champion a person adopted
+    without the server's approval carries no signature and is not checked."""
+    from fracture_ops.registry.signing import SignatureInvalid, verify_registered
+
+    if champion_version is None:
+        return
+    tags = client.get_model_version(cfg.model_name, champion_version).tags
+    if not tags.get(STAMP):
+        return
+    try:
+        verify_registered(cfg.model_name, champion_version, tags, cfg.approval_pubkey or None)
+    except SignatureInvalid as exc:
+        reason = f"champion's files changed since approval: {exc}"
+        if not _already_recorded(records, champion_version, reason, "frozen"):
+            append_audit(audit, {"action": "frozen", "model": cfg.model_name,
+                                 "version": champion_version, "reason": reason,
+                                 "actor": cfg.actor}, client, cfg.model_name)
+        raise SignatureInvalid(f"{cfg.model_name} champion v{champion_version}: {reason}") from None
 
 
 def _already_recorded(records: list[dict], version: str, reason: str, action: str = "refused") -> bool:

@@ -46,6 +46,14 @@ def _with_statement(model_dir: str | Path, stmt: bytes) -> None:
     path.write_bytes(stmt)
 
 
+def _hashing():
+    """Every file counts: model-signing skips .git* paths by default, which would let files be
+    added to an approved folder unnoticed."""
+    from model_signing import hashing
+
+    return hashing.Config().set_ignored_paths(paths=[], ignore_git_paths=False)
+
+
 def sign_folder(model_dir: str | Path, stmt: bytes, private_key: str | Path) -> str:
     """Sign ``model_dir`` plus the approval statement; returns the signature bundle (JSON)."""
     from model_signing import signing
@@ -53,8 +61,8 @@ def sign_folder(model_dir: str | Path, stmt: bytes, private_key: str | Path) -> 
     _with_statement(model_dir, stmt)
     with tempfile.TemporaryDirectory() as tmp:
         sig = Path(tmp) / "model.sig"
-        signing.Config().use_elliptic_key_signer(private_key=str(private_key)).sign(
-            str(model_dir), str(sig))
+        signing.Config().set_hashing_config(_hashing()).use_elliptic_key_signer(
+            private_key=str(private_key)).sign(str(model_dir), str(sig))
         return sig.read_text()
 
 
@@ -73,8 +81,8 @@ def verify_folder(model_dir: str | Path, stmt: bytes, bundle: str, public_key: s
         sig = Path(tmp) / "model.sig"
         sig.write_text(bundle)
         try:
-            verifying.Config().use_elliptic_key_verifier(public_key=str(public_key)).verify(
-                str(model_dir), str(sig))
+            verifying.Config().set_hashing_config(_hashing()).use_elliptic_key_verifier(
+                public_key=str(public_key)).verify(str(model_dir), str(sig))
         except Exception as exc:  # model-signing raises ValueError and others on mismatch
             raise SignatureInvalid(f"approval signature does not verify: {str(exc)[:300]}") from None
 
