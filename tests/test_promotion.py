@@ -54,6 +54,16 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def versions(server, tmp_path_factory):
     """Three registered versions from three training runs on the same fixed test split."""
+
+    from mlflow.server import get_app_client
+
+    # the pipeline identity trains and registers (it writes the model card into the run after
+    # registering, which only the pipeline may)
+    get_app_client("fracture-ops", tracking_uri=server["url"]).create_user("pipeline", "pipeline-pw-1234")
+    return _as("pipeline", "pipeline-pw-1234", server["url"]).call(_train_three, tmp_path_factory)
+
+
+def _train_three(tmp_path_factory):
     from fracture_ops.data.split import SplitConfig, split_step
     from fracture_ops.data.synthetic import SynthConfig, synth_step
     from fracture_ops.evaluation.calibration import CalibrateConfig, calibrate_step
@@ -201,10 +211,11 @@ def test_approval_gate_promotion_rollback_and_auth(server, versions):
     alice.set_model_version_tag(MODEL, v3, "approval", "approved")
     assert "gate verdict" in _promote(art)["reason"]
     assert client.get_model_version_by_alias(MODEL, "champion").version == v2
-    # typing gate=passed by hand is not enough: the gate's evidence artifact is re-read
-    alice.set_model_version_tag(MODEL, v3, "gate", "passed")
-    alice.set_model_version_tag(MODEL, v3, "gate.champion_version", v2)
-    assert "evidence does not show" in _promote(art)["reason"]
+    # typing gate=passed by hand is refused (the gate's tags are the gate identity's), and the
+    # evidence artifact is re-read anyway
+    with pytest.raises(mlflow.exceptions.MlflowException, match="gate identity"):
+        alice.set_model_version_tag(MODEL, v3, "gate", "passed")
+    assert "gate verdict" in _promote(art)["reason"]
     assert client.get_model_version_by_alias(MODEL, "champion").version == v2
     # rollback restores the previous champion, with an audit record
     from fracture_ops.registry.promotion import rollback
@@ -236,10 +247,9 @@ def test_only_the_promoter_moves_the_champion(server, versions):
     v1, _, v3 = versions["versions"]
     client = mlflow.MlflowClient()
     auth = get_app_client("fracture-ops", tracking_uri=server["url"])
-    for user in ("pipeline", "promoter"):
-        auth.create_user(user, f"{user}-pw-1234")
-        # MANAGE, as the account that created the model holds it
-        auth.grant_user_permission(user, "registered_model", MODEL, "MANAGE")
+    auth.create_user("promoter", "promoter-pw-1234")
+    # MANAGE, as the account that created the model holds it (the pipeline created it)
+    auth.grant_user_permission("promoter", "registered_model", MODEL, "MANAGE")
     pipeline = _as("pipeline", "pipeline-pw-1234", server["url"])
     promoter = _as("promoter", "promoter-pw-1234", server["url"])
     alice = _as("alice", "alice-pw-123", server["url"])  # reviewer with MANAGE

@@ -225,16 +225,21 @@ def test_artifacts_overwritten_after_approval_are_refused_or_detected(srv):
 def test_gate_evidence_written_by_another_identity_or_later_is_not_evidence(srv):
     """Attack 1c: the pipeline writes its own gate/gate.json (refused); the evidence is replaced
     in the bucket after the gate wrote it (digest differs: refused)."""
+    import mlflow
+
     client = _client(srv)
     champion = _champion(srv) or _honest_promotion(srv)
-    v, run = _new_version(srv, champion=champion, gate_passed=False)
+    v, run = _new_version(srv, champion=champion)
     forged = {"passed": True, "reasons": [], "model": MODEL, "challenger_version": v,
-              "champion_version": champion, "n_test": 50, "test_set_hash": "h1"}
+              "champion_version": champion, "n_test": 5000, "test_set_hash": "h1"}
     for user in ("pipeline", "mallory", "alice"):
         with as_user(user), pytest.raises(requests.HTTPError, match="403.*gate identity"):
             client.log_dict(run, forged, "gate/gate.json")
-    with as_user("pipeline"):
-        client.set_model_version_tag(MODEL, v, "gate", "passed")  # tags are not evidence
+        for key, value in (("gate", "failed"), ("gate.champion_version", "999"), ("gate", "passed")):
+            with as_user(user), pytest.raises(mlflow.exceptions.MlflowException, match="gate identity"):
+                client.set_model_version_tag(MODEL, v, key, value)
+        with as_user(user), pytest.raises(mlflow.exceptions.MlflowException, match="promoter identity"):
+            client.set_model_version_tag(MODEL, v, "rolled_back_at", "now")
     bucket, key = _s3_key(srv, run, "gate/gate.json")
     srv["s3"].client.put_object(Bucket=bucket, Key=key, Body=json.dumps(forged).encode())
     _approve(srv, v)
@@ -553,3 +558,59 @@ def test_look_alike_and_mlflow_reserved_tag_keys_are_refused(srv):
              body={"name": MODEL, "key": "team", "value": "radiology"})
     assert r.status_code == 200, r.text
     assert _champion(srv) == champion
+
+
+# ---------------------------------------------------- found by an independent attack, round 2
+
+def test_a_registered_versions_files_are_frozen_before_approval_too(srv):
+    """Swapping the weights after the gate scored them and before the approver signs would get
+    ungated bytes signed; a planted approval.json would block every approval."""
+    champion = _champion(srv) or _honest_promotion(srv)
+    v, run = _new_version(srv, champion=champion)
+    client = _client(srv)
+    for user, name in (("mallory", "model/model.pt"), ("pipeline", "model/model.pt"),
+                       ("mallory", "model/approval.json"), ("gate", "model/extra.bin")):
+        with as_user(user), pytest.raises(requests.HTTPError, match="403.*frozen|403.*gate"):
+            client.log_text(run, "EVIL-UNGATED", name)
+    _approve(srv, v)
+    assert _promote(srv)["action"] == "promoted" and _champion(srv) == v  # the gated bytes
+
+
+def test_artifact_paths_must_be_a_real_runs_root(srv):
+    """An experiment whose artifact location names a made-up run id could alias the files of a
+    logged model under it; custom locations are refused, and so are paths of runs that do not
+    exist."""
+    r = _api(srv, "mallory", "POST", "experiments/create",
+             body={"name": "aliasing", "artifact_location": f"mlflow-artifacts:/1/{'9' * 32}/artifacts"})
+    assert r.status_code == 403 and "artifact location" in r.text
+    r = requests.put(f"{srv['url']}/api/2.0/mlflow-artifacts/artifacts/1/{'9' * 32}/artifacts/x",
+                     data=b"x", auth=("mallory", _pw("mallory")), timeout=60)
+    assert r.status_code == 403 and "artifact root" in r.text
+    assert _api(srv, "mallory", "POST", "experiments/create", body={"name": "plain"}).ok
+
+
+def test_runs_and_logged_models_behind_a_version_are_not_deleted(srv):
+    champion = _champion(srv) or _honest_promotion(srv)
+    run = _client(srv).get_model_version(MODEL, champion).run_id
+    r = _api(srv, "pipeline", "POST", "runs/delete", body={"run_id": run})
+    assert r.status_code == 403 and "registered version" in r.text
+    with as_user("pipeline"):
+        free = _client(srv).create_run(srv["exp"]).info.run_id
+    assert _api(srv, "pipeline", "POST", "runs/delete", body={"run_id": free}).ok
+
+
+def test_role_accounts_permissions_and_reviewer_decisions_are_not_for_others(srv):
+    import mlflow
+
+    for who in ("alice", "promoter"):  # mallory holds MANAGE on the model: MLflow would let her
+        r = requests.post(f"{srv['url']}/api/3.0/mlflow/users/permissions/revoke",
+                          json={"username": who, "resource_type": "registered_model",
+                                "resource_id": MODEL}, auth=("mallory", _pw("mallory")), timeout=60)
+        assert r.status_code == 403 and "administrator" in r.text, r.text
+    champion = _champion(srv) or _honest_promotion(srv)
+    v, _ = _new_version(srv, champion=champion)
+    with as_user("alice"):
+        _client(srv).set_model_version_tag(MODEL, v, "approval", "rejected")
+    with as_user("mallory"), pytest.raises(mlflow.exceptions.MlflowException, match="reviewer"):
+        _client(srv).set_model_version_tag(MODEL, v, "approval", "pending")
+    assert _client(srv).get_model_version(MODEL, v).tags["approval"] == "rejected"

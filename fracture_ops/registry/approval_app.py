@@ -97,12 +97,47 @@ class _Registry:
             return None
 
     def model_run(self, model_id: str) -> str | None:
+        model = self._logged_model(model_id)
+        return None if model is None else model.source_run_id
+
+    def _logged_model(self, model_id: str):
+        from mlflow.server.handlers import _get_tracking_store
+
+        try:  # deleted ones too: a deleted logged model's files still serve its versions
+            return _get_tracking_store().get_logged_model(model_id, allow_deleted=True)
+        except Exception:  # noqa: BLE001 - unknown model
+            return None
+
+    def model_root(self, model_id: str) -> str | None:
+        model = self._logged_model(model_id)
+        return None if model is None else _proxied_root(model.artifact_location)
+
+    def run_root(self, run_id: str) -> str | None:
         from mlflow.server.handlers import _get_tracking_store
 
         try:
-            return _get_tracking_store().get_logged_model(model_id).source_run_id
-        except Exception:  # noqa: BLE001 - unknown model: nothing registered from it
+            return _proxied_root(_get_tracking_store().get_run(run_id).info.artifact_uri)
+        except Exception:  # noqa: BLE001 - no such run
             return None
+
+    def is_admin(self, user: str | None) -> bool:
+        from mlflow.server.auth import store
+
+        try:
+            return bool(user) and bool(store.get_user(user).is_admin)
+        except Exception:  # noqa: BLE001 - unknown user
+            return False
+
+
+def _proxied_root(location: str | None) -> str | None:
+    """``mlflow-artifacts:/1/<run>/artifacts`` -> ``1/<run>/artifacts/`` (the proxy's path);
+    None for a location the proxy does not serve."""
+    if not location or not location.startswith("mlflow-artifacts:"):
+        return None
+    rel = location.split(":", 1)[1]
+    if rel.startswith("//"):
+        rel = rel[2:].split("/", 1)[1] if "/" in rel[2:] else ""
+    return rel.strip("/") + "/"
 
 
 def _guard():

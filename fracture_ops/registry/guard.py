@@ -52,6 +52,10 @@ TAG_EVIDENCE_BY = "gate.evidence.by"
 SERVER_ONLY_TAGS = (TAG_VERIFIED_BY, TAG_APPROVED_AT, TAG_SIGNATURE, TAG_EVIDENCE_SHA,
                     TAG_EVIDENCE_BY)
 GATE_EVIDENCE = "gate/gate.json"
+# version tags the gate writes, and those the promotion step writes
+GATE_TAGS = ("gate", "gate.champion_version", "gate.reasons", "gate.test_set_hash", "gate.evidence")
+PROMOTER_TAGS = ("rolled_back_at", "promoted_at", "promoted_from", "retired_at", "superseded_by",
+                 "restored_at")
 # keys whose look-alikes (case, surrounding blanks) are refused: in the UI they would pass for these
 PROTECTED_KEYS = (TAG_APPROVAL, *SERVER_ONLY_TAGS, TAG_AUDIT_HEAD, "gate", "gate.champion_version")
 _SOURCE_RUN = (re.compile(r"^runs:/(?P<run>[0-9a-f]{32})(?:/.*)?$"),
@@ -188,15 +192,30 @@ def _version_tag(ctx: Ctx) -> None:
     _plain_key(key)
     if key in SERVER_ONLY_TAGS:
         raise Refused(f"the tag {key} is written by the server only")
-    if key != TAG_APPROVAL or (ctx.user and ctx.user in ctx.roles.approvers):
-        return
-    # not an approver: only the registration's "pending" on a version nobody has approved
-    if ctx.endpoint.endswith("set-tag") and value == "pending":
+    version = None
+    if key in GATE_TAGS or key in PROMOTER_TAGS or key == TAG_APPROVAL:
         version = ctx.registry.version(str(ctx.fields.get("name", "")),
                                        str(ctx.fields.get("version", "")))
-        if version is None or not version.tags.get(TAG_VERIFIED_BY):
+    if key in GATE_TAGS:
+        # the gate's verdict is the gate's; the pipeline only marks a new version "pending"
+        if ctx.user and ctx.user in ctx.roles.gate:
             return
-        raise Refused(f"user {ctx.user!r} may not withdraw an approval (approver identity only)")
+        if (key == "gate" and value == "pending" and ctx.endpoint.endswith("set-tag")
+                and (version is None or not version.tags.get(TAG_EVIDENCE_SHA))):
+            return  # registration marks a new version "pending" (blocks nothing it should not)
+        raise Refused(f"user {ctx.user!r} may not write {key} (gate identity only)")
+    if key in PROMOTER_TAGS:
+        _need(ctx, "promoters", f"write {key}")
+        return
+    if key != TAG_APPROVAL or (ctx.user and ctx.user in ctx.roles.approvers):
+        return
+    # not an approver: only the registration's "pending", on a version with no decision yet
+    if ctx.endpoint.endswith("set-tag") and value == "pending":
+        if version is None or (not version.tags.get(TAG_VERIFIED_BY)
+                               and version.tags.get(TAG_APPROVAL, "pending") == "pending"):
+            return
+        raise Refused(f"user {ctx.user!r} may not withdraw or undo a reviewer's decision "
+                      "(approver identity only)")
     if value == "approved" and ctx.endpoint.endswith("set-tag"):
         raise Refused(f"user {ctx.user!r} is not on the approvers list")
     raise Refused(f"user {ctx.user!r} may not set or remove approval (approver identity only)")
@@ -281,19 +300,48 @@ def _artifact(ctx: Ctx) -> None:
     if not (m_run or m_model):
         raise Refused(f"artifact path {path!r} is neither a run's nor a logged model's artifacts")
     registry = ctx.registry
-    run_id = m_run.group("run") if m_run else registry.model_run(m_model.group("model"))
-    rest = (m_run or m_model).group("rest")
+    # the path must be the artifact root of a run or logged model that exists (an experiment
+    # with a made-up artifact location could otherwise name a run that is not there)
+    if m_model and registry.model_root(m_model.group("model")) == path[:m_model.start("rest")]:
+        run_id, rest, where = registry.model_run(m_model.group("model")), m_model.group("rest"), "model"
+    elif m_run and registry.run_root(m_run.group("run")) == path[:m_run.start("rest")]:
+        run_id, rest, where = m_run.group("run"), m_run.group("rest"), "run"
+    else:
+        raise Refused(f"artifact path {path!r} is not under the artifact root of an existing run "
+                      "or logged model")
     versions = registry.versions_of_run(run_id) if run_id else []
-    if m_run and (rest == "gate" or rest.startswith("gate/")):
+    if where == "run" and (rest == "gate" or rest.startswith("gate/")):
         _need(ctx, "gate", "write gate evidence")
         if ctx.endpoint != "mlflow-artifacts/artifacts/<path:artifact_path>" or ctx.method != "PUT":
             raise Refused("gate evidence is written with one PUT (no multipart, no delete)")
         return
-    frozen = [v for v in versions
-              if v.tags.get(TAG_VERIFIED_BY) or CHAMPION in (getattr(v, "aliases", None) or [])]
-    if frozen:
-        raise Refused(f"{frozen[0].name} v{frozen[0].version} is approved or champion: the "
-                      "artifacts of its run and model are frozen (register a new version instead)")
+    if not versions:
+        return
+    # a registered version's files are what the gate scores and the approver signs: frozen from
+    # registration on; only its model card is written after it (the register step)
+    if where == "run" and rest.startswith("model_card/") and ctx.user in ctx.roles.pipeline \
+            and ctx.method == "PUT":
+        return
+    v = versions[0]
+    raise Refused(f"{v.name} v{v.version} is registered from this {where}: its artifacts are "
+                  "frozen (register a new version instead)")
+
+
+def _no_custom_location(ctx: Ctx) -> None:
+    if ctx.fields.get("artifact_location"):
+        raise Refused("experiments take the server's artifact location (a custom one could "
+                      "alias another run's files)")
+
+
+def _not_backing_a_version(ctx: Ctx) -> None:
+    """A run or logged model a registered version was built from is not deleted through the
+    API (its files are what the version serves; a deleted logged model hid them from checks)."""
+    run_id = str(ctx.fields.get("run_id") or ctx.fields.get("run_uuid") or "")
+    model_id = str(ctx.path_args.get("model_id", ""))
+    if model_id:
+        run_id = ctx.registry.model_run(model_id) or ""
+    if run_id and ctx.registry.versions_of_run(run_id):
+        raise Refused("a registered version was built from this run or model: it is not deleted")
 
 
 def _role_account(ctx: Ctx) -> None:
@@ -302,6 +350,14 @@ def _role_account(ctx: Ctx) -> None:
     if target in holders and not (ctx.endpoint.endswith("update-password") and target == ctx.user):
         raise Refused(f"account {target!r} holds a fracture-ops role: only its owner changes its "
                       "password, and nobody deletes it or changes its admin flag through the API")
+
+
+def _grant(ctx: Ctx) -> None:
+    target = str(ctx.fields.get("username", ""))
+    holders = ctx.roles.approvers | ctx.roles.pipeline | ctx.roles.gate | ctx.roles.promoters
+    if target in holders and not ctx.registry.is_admin(ctx.user):
+        raise Refused(f"account {target!r} holds a fracture-ops role: only an administrator "
+                      "changes its permissions")
 
 
 def _graphql(ctx: Ctx) -> None:
@@ -354,14 +410,18 @@ RULES: tuple[Rule, ...] = tuple(
          "POST mlflow-artifacts/mpu/create/<path:artifact_path>",
          "POST mlflow-artifacts/mpu/complete/<path:artifact_path>",
          "POST mlflow-artifacts/mpu/abort/<path:artifact_path>")
+    + _r("tracking", _EDIT + "; no custom artifact location", _no_custom_location,
+         "POST mlflow/experiments/create")
+    + _r("tracking", _EDIT + "; not a run or logged model a registered version was built from",
+         _not_backing_a_version, "POST mlflow/runs/delete", "DELETE mlflow/logged-models/<model_id>")
     + _r("tracking", _EDIT, _anyone, *(f"POST mlflow/{p}" for p in (
-        "experiments/create", "experiments/delete", "experiments/restore", "experiments/update",
+        "experiments/delete", "experiments/restore", "experiments/update",
         "experiments/set-experiment-tag", "experiments/delete-experiment-tag",
-        "runs/create", "runs/update", "runs/delete", "runs/restore", "runs/log-batch",
+        "runs/create", "runs/update", "runs/restore", "runs/log-batch",
         "runs/log-inputs", "runs/log-metric", "runs/log-model", "runs/log-parameter",
         "runs/outputs", "runs/set-tag", "runs/delete-tag", "logged-models",
         "logged-models/<model_id>/params")),
-        "PATCH mlflow/logged-models/<model_id>", "DELETE mlflow/logged-models/<model_id>",
+        "PATCH mlflow/logged-models/<model_id>",
         "PATCH mlflow/logged-models/<model_id>/tags",
         "DELETE mlflow/logged-models/<model_id>/tags/<tag_key>")
     + _r("read", "anyone MLflow's permissions allow (READ); a search sent as POST", _anyone,
@@ -372,8 +432,9 @@ RULES: tuple[Rule, ...] = tuple(
              "traces/calculate-filter-correlation", "artifacts/presigned-download-url")))
     + _r("read", "read-only GraphQL (mutations refused)", _graphql, "POST graphql")
     + _r("accounts", "administrators (MLflow's basic-auth checks)", _anyone,
-         "POST mlflow/users/create", "POST mlflow/users/create-ui",
-         "POST mlflow/users/permissions/grant", "POST mlflow/users/permissions/revoke")
+         "POST mlflow/users/create", "POST mlflow/users/create-ui")
+    + _r("accounts", "MANAGE holders (MLflow's check); on a role account administrators only",
+         _grant, "POST mlflow/users/permissions/grant", "POST mlflow/users/permissions/revoke")
     + _r("accounts", "administrators, never on a role account (an admin who could reset or "
          "recreate an approver's account could approve as them); a password by its owner",
          _role_account, "DELETE mlflow/users/delete", "PATCH mlflow/users/update-admin",

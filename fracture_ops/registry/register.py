@@ -73,6 +73,8 @@ def register_model_version(model_uri: str, run_id: str, name: str, tags: dict[st
         # mlflow.register_model resolves MLflow 3 logged-model URIs (models:/m-...) to their source
         version = mlflow.register_model(model_uri, name)
         log.info("registered %s version %s", name, version.version)
+    else:  # a rerun refreshes the metrics; the gate's verdict and a reviewer's decision stay
+        tags = {k: v for k, v in tags.items() if k not in (TAG_GATE, TAG_APPROVAL)}
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
