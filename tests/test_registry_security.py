@@ -403,3 +403,41 @@ def test_every_step_pod_says_it_runs_in_the_cluster():
 
     env = {e.name: e.value for e in step_environment(PodSettings())}
     assert env["FRACTURE_OPS_RUNNER"] == "kubernetes"
+
+
+def test_an_approval_signature_binds_files_and_statement_and_the_key_may_be_pem_text(tmp_path):
+    """model-signing over the folder plus the approval statement: another byte, another file
+    (.git ones included), another approver or version, or another key: no longer verifies."""
+    from tests.services import signing_keys
+
+    from fracture_ops.registry import signing
+
+    priv, pub = signing_keys(tmp_path)
+    stmt = signing.statement("m", "3", "alice", "2026-12-07T00:00:00+00:00")
+
+    def folder(name, extra=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.pt").write_bytes(b"weights")
+        (d / "MLmodel").write_text("flavors: {}\n")
+        for rel, data in (extra or {}).items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_bytes(data)
+        return d
+
+    bundle = signing.sign_folder(folder("signed"), stmt, priv)
+    pem_text = (tmp_path / "approval-pub.pem").read_text()
+    signing.verify_folder(folder("same"), stmt, bundle, signing.public_key(pem_text))
+    cases = {"byte": (folder("byte", {"model.pt": b"weightz"}), stmt),
+             "git": (folder("git", {".git/config": b"x"}), stmt),
+             "approver": (folder("approver"), signing.statement("m", "3", "mallory", "2026-12-07T00:00:00+00:00")),
+             "version": (folder("version"), signing.statement("m", "4", "alice", "2026-12-07T00:00:00+00:00"))}
+    for d, s in cases.values():
+        with pytest.raises(signing.SignatureInvalid, match="does not verify"):
+            signing.verify_folder(d, s, bundle, pub)
+    (tmp_path / "other").mkdir()
+    _, other_pub = signing_keys(tmp_path / "other")
+    with pytest.raises(signing.SignatureInvalid):
+        signing.verify_folder(folder("otherkey"), stmt, bundle, other_pub)
+    with pytest.raises(signing.SignatureInvalid, match="no signature"):
+        signing.verify_folder(folder("unsigned"), stmt, "", pub)

@@ -87,8 +87,19 @@ def verify_folder(model_dir: str | Path, stmt: bytes, bundle: str, public_key: s
             raise SignatureInvalid(f"approval signature does not verify: {str(exc)[:300]}") from None
 
 
-def public_key() -> str | None:
-    return os.environ.get(PUBKEY_ENV) or None
+def public_key(value: str | None = None) -> str | None:
+    """The approval server's public key as a file path: ``$FRACTURE_OPS_APPROVAL_PUBKEY`` (or
+    ``value``) names a PEM file or holds the PEM text itself (a public key is no secret, so a
+    plain environment variable of the workers and step pods can carry it)."""
+    value = value if value is not None else os.environ.get(PUBKEY_ENV, "")
+    if not value:
+        return None
+    if value.lstrip().startswith("-----BEGIN"):
+        fd, path = tempfile.mkstemp(prefix="fo-approval-pub-", suffix=".pem")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value.strip() + "\n")
+        return path
+    return value
 
 
 def verify_registered(name: str, version: str, tags: dict, pubkey: str | None = None,
@@ -103,7 +114,7 @@ def verify_registered(name: str, version: str, tags: dict, pubkey: str | None = 
     from fracture_ops.registry.client import TAG_VERIFIED_BY
     from fracture_ops.registry.guard import TAG_APPROVED_AT, TAG_SIGNATURE
 
-    key = pubkey or public_key()
+    key = public_key(pubkey) if pubkey else public_key()
     if not key:
         raise SignatureInvalid(f"no public key to verify approvals (${PUBKEY_ENV})")
     dst = download_to or tempfile.mkdtemp(prefix="fo-verify-")
