@@ -158,18 +158,30 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> str:
         s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return uri
     path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_beside(path, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     return uri
+
+
+def _temp_beside(path: Path, data: bytes) -> str:
+    """``data`` in a hidden temporary file in ``path``'s folder (created), with the
+    permissions a plain write would give; the caller moves or links it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
 
 
 def create_bytes(uri: str | os.PathLike, data: bytes) -> bool:
@@ -193,12 +205,8 @@ def create_bytes(uri: str | os.PathLike, data: bytes) -> bool:
             raise
         return True
     path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_beside(path, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)
         try:
             os.link(tmp, path)
         except FileExistsError:

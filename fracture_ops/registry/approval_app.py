@@ -13,9 +13,10 @@ app wraps MLflow's basic-auth app (``mlflow server --app-name fracture-ops``, en
   (``model-versions/create`` with tags) or later;
 - ``champion`` moves only for promoters, ``challenger`` for promoters or the pipeline; only
   promoters delete or rename models and versions or write the audit anchor;
-- once a version is approved, its run's and model's artifacts are frozen; gate evidence
-  (``gate/`` in the run) is written by the gate identity only, and the server records its
-  SHA-256 and writer on the version (``gate.evidence.sha256``, ``gate.evidence.by``).
+- once a version is registered, its run's and model's artifacts are frozen (only its model
+  card is written after it, by the pipeline); gate evidence (``gate/`` in the run) is written
+  by the gate identity only, and the server records its SHA-256 and writer on the version
+  (``gate.evidence.sha256``, ``gate.evidence.by``).
 
 Role lists that overlap stop the server at start. Promotion trusts only the stamp, the
 signature and the recorded evidence digest when the tracking server is remote. Research and
@@ -38,21 +39,6 @@ from fracture_ops.registry.client import TAG_VERIFIED_BY as STAMP
 
 log = logging.getLogger(__name__)
 _PROTO_FIELDS: dict[tuple[str, str], set[str]] | None = None
-
-
-def approvers() -> set[str]:
-    """Reviewer identities: may approve (``$FRACTURE_OPS_APPROVERS``)."""
-    return guard.names("FRACTURE_OPS_APPROVERS")
-
-
-def promoters() -> set[str]:
-    """Promoter identities: the only ones that may move ``champion`` (``$FRACTURE_OPS_PROMOTERS``)."""
-    return guard.names("FRACTURE_OPS_PROMOTERS")
-
-
-def pipeline_users() -> set[str]:
-    """Pipeline identities: may also set ``challenger`` (``$FRACTURE_OPS_PIPELINE_USERS``)."""
-    return guard.names("FRACTURE_OPS_PIPELINE_USERS")
 
 
 def proto_fields() -> dict[tuple[str, str], set[str]]:

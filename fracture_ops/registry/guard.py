@@ -85,6 +85,11 @@ class Roles:
     gate: frozenset[str]
     promoters: frozenset[str]
 
+    @property
+    def holders(self) -> frozenset[str]:
+        """Every account that holds one of the roles."""
+        return self.approvers | self.pipeline | self.gate | self.promoters
+
 
 def roles(check_overlap: bool = True) -> Roles:
     """The server's role lists; overlapping lists are a configuration error (one identity that
@@ -346,16 +351,14 @@ def _not_backing_a_version(ctx: Ctx) -> None:
 
 def _role_account(ctx: Ctx) -> None:
     target = str(ctx.fields.get("username", ""))
-    holders = ctx.roles.approvers | ctx.roles.pipeline | ctx.roles.gate | ctx.roles.promoters
-    if target in holders and not (ctx.endpoint.endswith("update-password") and target == ctx.user):
+    if target in ctx.roles.holders and not (ctx.endpoint.endswith("update-password") and target == ctx.user):
         raise Refused(f"account {target!r} holds a fracture-ops role: only its owner changes its "
                       "password, and nobody deletes it or changes its admin flag through the API")
 
 
 def _grant(ctx: Ctx) -> None:
     target = str(ctx.fields.get("username", ""))
-    holders = ctx.roles.approvers | ctx.roles.pipeline | ctx.roles.gate | ctx.roles.promoters
-    if target in holders and not ctx.registry.is_admin(ctx.user):
+    if target in ctx.roles.holders and not ctx.registry.is_admin(ctx.user):
         raise Refused(f"account {target!r} holds a fracture-ops role: only an administrator "
                       "changes its permissions")
 
@@ -404,7 +407,8 @@ RULES: tuple[Rule, ...] = tuple(
     + _r("registry", f"EDIT; {TAG_AUDIT_HEAD} by promoters only", _model_tag,
          "POST mlflow/registered-models/create", "POST mlflow/registered-models/set-tag",
          "DELETE mlflow/registered-models/delete-tag")
-    + _r("artifacts", "EDIT; frozen once a version of the run is approved; gate/ by the gate only",
+    + _r("artifacts", "EDIT; a registered version's run and logged model frozen (model_card/ by the "
+         "pipeline, gate/ by the gate only)",
          _artifact, "PUT mlflow-artifacts/artifacts/<path:artifact_path>",
          "DELETE mlflow-artifacts/artifacts/<path:artifact_path>",
          "POST mlflow-artifacts/mpu/create/<path:artifact_path>",
