@@ -71,12 +71,12 @@ def grey(im, size: int) -> np.ndarray:
     return np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), np.float32) / 255.0
 
 
-def load_square(uri: str, size: int) -> np.ndarray:
-    """The plain loop's preprocessing: greyscale, squashed to size x size, 3 channels, ImageNet
-    normalisation."""
+def load_square(uri: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """The plain loop's preprocessing: greyscale, squashed to size x size, 3 channels,
+    normalised as the weights expect (ImageNet's mean/std; the Lite weights' 0.5/0.5)."""
     with lenient_open(uri) as im:
         a = grey(im, size)
-    return (np.repeat(a[None], 3, axis=0) - IMAGENET_MEAN) / IMAGENET_STD
+    return ((np.repeat(a[None], 3, axis=0) - mean) / std).astype(np.float32)
 
 
 def image_stats(uri: str) -> list[float]:
@@ -110,14 +110,25 @@ def reference_scores(feats: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.n
 
 
 def plain_fold(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray, epochs: int,
-               seed: int, batch: int = 16, lr: float = 1e-3) -> np.ndarray:
-    """The plain loop: resnet18 from scratch, AdamW, cosine per epoch, hflip, last epoch."""
+               seed: int, batch: int = 16, lr: float = 1e-3, pretrained: bool = False) -> np.ndarray:
+    """The plain loop: resnet18 from scratch (or, ``pretrained``, tf_efficientnet_lite0 from the
+    ImageNet weights installed with the package, the platform's converted file), AdamW, cosine
+    per epoch, hflip, last epoch."""
     import timm
     import torch
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=1)
+    if pretrained:
+        from fracture_ops.model.network import resolve_pretrained
+
+        state, _ = resolve_pretrained(PRETRAINED_WEIGHTS, PRETRAINED_BACKBONE)
+        model = timm.create_model(PRETRAINED_BACKBONE, pretrained=False, num_classes=1)
+        # the plain loop keeps timm's own initialisation of the new one-logit head
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")},
+                              strict=False)
+    else:
+        model = timm.create_model("resnet18", pretrained=False, num_classes=1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.float32))[:, None]
@@ -140,16 +151,17 @@ def plain_fold(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray, epo
                           for i in range(0, len(x_held), 32)]).numpy()[:, 0]
 
 
-def auroc_ci(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int, seed: int) -> dict:
+def auroc_ci(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int, seed: int,
+             pairs: dict[str, tuple[str, str]] | None = None) -> dict:
     """AUROC per arm, each with a bootstrap 95% interval over images (= patients here), the same
-    resamples for every arm (paired); with both ``plain`` and ``platform`` also their difference
-    (``diff``: platform - plain)."""
+    resamples for every arm (paired), and for each entry ``name: (a, b)`` of ``pairs`` whose arms
+    both ran, the difference ``a - b`` with its paired interval."""
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(seed)
-    paired = {"plain", "platform"} <= scores.keys()
+    pairs = {k: v for k, v in (pairs or {}).items() if set(v) <= scores.keys()}
     point = {k: roc_auc_score(y, s) for k, s in scores.items()}
-    boots: dict[str, list[float]] = {k: [] for k in [*scores, *(["diff"] if paired else [])]}
+    boots: dict[str, list[float]] = {k: [] for k in [*scores, *pairs]}
     for _ in range(n_boot):
         idx = rng.integers(0, len(y), len(y))
         if y[idx].min() == y[idx].max():
@@ -157,10 +169,10 @@ def auroc_ci(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int, seed: in
         got = {k: roc_auc_score(y[idx], s[idx]) for k, s in scores.items()}
         for k, v in got.items():
             boots[k].append(v)
-        if paired:
-            boots["diff"].append(got["platform"] - got["plain"])
-    if paired:
-        point["diff"] = point["platform"] - point["plain"]
+        for name, (a, b) in pairs.items():
+            boots[name].append(got[a] - got[b])
+    for name, (a, b) in pairs.items():
+        point[name] = point[a] - point[b]
     return {k: (point[k], *np.percentile(boots[k], [2.5, 97.5])) for k in point}
 
 
@@ -186,20 +198,20 @@ def fracatlas_manifest(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str
     return table, boxes[boxes["image_id"].isin(table["image_id"])].reset_index(drop=True), bad
 
 
-def run_platform(table: pd.DataFrame, boxes: pd.DataFrame, work: Path,
-                 args) -> tuple[pd.DataFrame, dict]:
+def run_platform(table: pd.DataFrame, boxes: pd.DataFrame, work: Path, args,
+                 recipe: dict, image_size: int, epochs: int, screen: list[str]) -> tuple[pd.DataFrame, dict]:
     from fracture_ops import storage
     from fracture_ops.training.train import RECIPE_FLAGS
     from fracture_ops.workflows.cv import CVConfig, cv_step
 
+    work.mkdir(parents=True, exist_ok=True)
     manifest = work / "manifest.parquet"
     table.to_parquet(manifest)
     boxes.to_parquet(work / "boxes.parquet")
-    overrides = {"backbone": "resnet18", **SMALL_DATA_RECIPE,
-                 **dict(kv.split("=", 1) for kv in args.set)}
+    overrides = {**recipe, **dict(kv.split("=", 1) for kv in screen)}
     cfg = CVConfig(split_uri=str(manifest), artifact_root=str(work / "artifacts"),
                    run_id="bench", folds=args.folds,
-                   image_size=args.image_size, epochs=args.epochs, device="cpu", seed=args.seed,
+                   image_size=image_size, epochs=epochs, device="cpu", seed=args.seed,
                    n_bootstrap=200, boxes_uri=str(work / "boxes.parquet"), **overrides)
     summary = cv_step(cfg)
     oof = storage.read_parquet(storage.join(summary["oof_uri"], "predictions.parquet"))
@@ -208,27 +220,52 @@ def run_platform(table: pd.DataFrame, boxes: pd.DataFrame, work: Path,
     return oof, recipe
 
 
-# the platform arm: the recipe flags that measured best here so far (see the README), on top of
-# the cv step's defaults; --set changes them for a screening run
-SMALL_DATA_RECIPE = {"batch_size": 8, "hflip": True, "resize": "squash", "ema_decay": 0.998,
+# the from-scratch platform arm: the recipe flags that measured best here from scratch (see the
+# README), on top of the cv step's defaults; --set changes them for a screening run
+SMALL_DATA_RECIPE = {"backbone": "resnet18", "pretrained_path": "none", "batch_size": 8,
+                     "hflip": True, "resize": "squash", "ema_decay": 0.998,
                      "tta_hflip": True, "weight_decay": 0.01, "rotate_limit": 0.0,
                      "brightness_contrast": 0.0, "crop_scale": 1.0, "grad_clip": 0.0,
                      "global_pool": "max", "box_weight": 1.0}
+PRETRAINED_BACKBONE = "tf_efficientnet_lite0"
+PRETRAINED_WEIGHTS = "pkg:efficientnet-lite0"
+# the pretrained platform arm: the train step's defaults (what the gpu profile and the small-data
+# path use: tf_efficientnet_lite0 from the installed ImageNet weights) with the batch size a CPU
+# holds; --set-pretrained changes it for a screen
+PRETRAINED_RECIPE = {"backbone": PRETRAINED_BACKBONE, "pretrained_path": PRETRAINED_WEIGHTS,
+                     "batch_size": 16}
+
+
+ARMS = ("plain", "platform", "plain_pretrained", "platform_pretrained")
+# the differences the goals read, each with its paired bootstrap interval
+PAIRS = {"platform - plain (from scratch)": ("platform", "plain"),
+         "pretrained platform - pretrained plain": ("platform_pretrained", "plain_pretrained"),
+         "pretrained platform - platform from scratch": ("platform_pretrained", "platform")}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=160)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--image-size", type=int, default=160, help="the from-scratch arms' size")
+    parser.add_argument("--epochs", type=int, default=15, help="the from-scratch arms' epochs")
+    parser.add_argument("--pretrained-size", type=int, default=320,
+                        help="the pretrained arms' size")
+    parser.add_argument("--pretrained-epochs", type=int, default=4,
+                        help="the pretrained arms' epochs")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--margin", type=float, default=0.05,
-                        help="exit 1 unless platform AUROC >= plain AUROC + margin")
+    parser.add_argument("--goal", type=float, default=0.80,
+                        help="the pretrained platform's pooled AUROC goal")
+    parser.add_argument("--margin-plain", type=float, default=0.02,
+                        help="goal: pretrained platform >= pretrained plain loop + this")
+    parser.add_argument("--margin-scratch", type=float, default=0.06,
+                        help="goal: pretrained platform >= platform from scratch + this")
     parser.add_argument("--n-boot", type=int, default=2000)
-    parser.add_argument("--only", choices=["plain", "platform"], help="run one arm (screening)")
+    parser.add_argument("--only", nargs="*", choices=ARMS, help="run these arms (screening)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="override a platform recipe field (screening)")
+                        help="override a from-scratch platform recipe field (screening)")
+    parser.add_argument("--set-pretrained", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="override a pretrained platform recipe field (screening)")
     args = parser.parse_args(argv)
     if not REALDATA.is_dir():
         print(f"skipped: {REALDATA} is absent (the shared real-data folder)")
@@ -236,41 +273,58 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from fracture_ops.model.outputs import logit_columns
+    from fracture_ops.model.pretrained import package
     from fracture_ops.workflows.cv import CVConfig, assign_folds, outcome_strata
 
+    arms = args.only or list(ARMS)
     torch.set_num_threads(args.threads)
     table, boxes, bad = fracatlas_manifest(REALDATA)
     for reason in bad:
-        print(f"left out of both arms (the validate step quarantines it): {reason}")
+        print(f"left out of every arm (the validate step quarantines it): {reason}")
     y = (table["label"] == "fracture").to_numpy(int)
     cfg = CVConfig(split_uri="x", folds=args.folds, seed=args.seed)
     fold = assign_folds(table, outcome_strata(table, cfg), args.folds, args.seed)
-    print(f"{len(table)} FracAtlas images ({y.sum()} fractured), {args.folds} folds, resnet18 "
-          f"from scratch, {args.image_size} px, {args.epochs} epochs, {args.threads} threads")
+    pkg = package(PRETRAINED_WEIGHTS)
+    print(f"{len(table)} FracAtlas images ({y.sum()} fractured), {args.folds} folds, "
+          f"{args.threads} threads; from scratch: resnet18, {args.image_size} px, {args.epochs} "
+          f"epochs; pretrained: {PRETRAINED_BACKBONE} from {PRETRAINED_WEIGHTS} "
+          f"({pkg.distribution}, {pkg.license}, sha256 {pkg.sha256[:12]}), "
+          f"{args.pretrained_size} px, {args.pretrained_epochs} epochs", flush=True)
     scores, walls = {}, {}
     # the reference: how far image size, aspect ratio and brightness alone go on these folds
     reference = reference_scores(np.array([image_stats(u) for u in table["image_uri"]]), y, fold)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-        if args.only != "platform":
+        os.environ.setdefault("FRACTURE_OPS_CACHE_DIR", f"{tmp}/cache")
+        for arm in ARMS:
+            if arm not in arms:
+                continue
+            pretrained = arm.endswith("_pretrained")
+            size = args.pretrained_size if pretrained else args.image_size
+            epochs = args.pretrained_epochs if pretrained else args.epochs
             t0 = time.perf_counter()
-            x = np.stack([load_square(u, args.image_size) for u in table["image_uri"]])
-            plain = np.zeros(len(table))
-            for k in range(args.folds):
-                held = fold == k
-                plain[held] = plain_fold(x[~held], y[~held], x[held], args.epochs, args.seed + k)
-            walls["plain"], scores["plain"] = time.perf_counter() - t0, plain
-            print(f"plain loop: {walls['plain']:.0f} s")
-        if args.only != "plain":
-            t0 = time.perf_counter()
-            oof, recipe = run_platform(table, boxes, Path(tmp), args)
-            walls["platform"] = time.perf_counter() - t0
-            oof = oof.set_index("image_id").loc[table["image_id"]]
-            ofold = oof["fold"].to_numpy() - 1
-            if not (ofold == fold).all():
-                sys.exit("the platform's folds differ from the plain loop's")
-            scores["platform"] = oof[logit_columns(["fracture"])[0]].to_numpy()
-            print(f"platform recipe: {recipe}\nplatform: {walls['platform']:.0f} s")
+            if arm.startswith("plain"):
+                mean, std = ((np.array(pkg.mean, np.float32)[:, None, None],
+                              np.array(pkg.std, np.float32)[:, None, None]) if pretrained
+                             else (IMAGENET_MEAN, IMAGENET_STD))
+                x = np.stack([load_square(u, size, mean, std) for u in table["image_uri"]])
+                out = np.zeros(len(table))
+                for k in range(args.folds):
+                    held = fold == k
+                    out[held] = plain_fold(x[~held], y[~held], x[held], epochs, args.seed + k,
+                                           pretrained=pretrained)
+                del x
+            else:
+                recipe = PRETRAINED_RECIPE if pretrained else SMALL_DATA_RECIPE
+                oof, used = run_platform(table, boxes, Path(tmp) / arm, args, recipe, size, epochs,
+                                         args.set_pretrained if pretrained else args.set)
+                oof = oof.set_index("image_id").loc[table["image_id"]]
+                if not (oof["fold"].to_numpy() - 1 == fold).all():
+                    sys.exit("the platform's folds differ from the plain loop's")
+                out = oof[logit_columns(["fracture"])[0]].to_numpy()
+                print(f"{arm} recipe: {used}")
+            walls[arm], scores[arm] = time.perf_counter() - t0, out
+            print(f"{arm}: {walls[arm]:.0f} s", flush=True)
     from sklearn.metrics import roc_auc_score
 
     ref = auroc_ci(y, {"reference": reference}, args.n_boot, args.seed)["reference"]
@@ -281,19 +335,28 @@ def main(argv: list[str] | None = None) -> int:
         per_fold = [roc_auc_score(y[fold == k], s[fold == k]) for k in range(args.folds)]
         print(f"{name}: per-fold AUROC {' '.join(f'{a:.3f}' for a in per_fold)} (mean "
               f"{np.mean(per_fold):.3f}), pooled {roc_auc_score(y, s):.3f}")
-    if len(scores) == 1:
+    res = auroc_ci(y, scores, args.n_boot, args.seed, PAIRS)
+    for name, (p, lo, hi) in res.items():
+        label = name if name in PAIRS else f"{name} pooled out-of-fold AUROC"
+        print(f"{label:48s} {p:+.3f} (95% CI {lo:+.3f} .. {hi:+.3f})" if name in PAIRS
+              else f"{label:48s} {p:.3f} (95% CI {lo:.3f} .. {hi:.3f})")
+    base = walls.get("plain_pretrained") or walls.get("plain")
+    if base:
+        print("wall (ratio to the plain loop of the same weights): " + ", ".join(
+            f"{k} {v:.0f} s ({v / (walls.get('plain_pretrained' if k.endswith('_pretrained') else 'plain') or v):.2f}x)"
+            for k, v in walls.items()))
+    if "platform_pretrained" not in res:
         return 0
-    res = auroc_ci(y, scores, args.n_boot, args.seed)
-    for name in ("plain", "platform", "diff"):
-        p, lo, hi = res[name]
-        label = {"diff": "platform - plain"}.get(name, f"{name} pooled out-of-fold AUROC")
-        print(f"{label:40s} {p:+.3f} (95% CI {lo:+.3f} .. {hi:+.3f})" if name == "diff"
-              else f"{label:40s} {p:.3f} (95% CI {lo:.3f} .. {hi:.3f})")
-    ok = res["diff"][0] >= args.margin
-    print(f"wall: plain {walls['plain']:.0f} s, platform {walls['platform']:.0f} s "
-          f"(ratio {walls['platform'] / walls['plain']:.2f}); goal platform >= plain + "
-          f"{args.margin}: {'met' if ok else 'NOT MET'}")
-    return 0 if ok else 1
+    goals = {f"pretrained platform >= {args.goal}": res["platform_pretrained"][0] >= args.goal}
+    if "pretrained platform - pretrained plain" in res:
+        goals[f"pretrained platform >= pretrained plain + {args.margin_plain}"] = \
+            res["pretrained platform - pretrained plain"][0] >= args.margin_plain
+    if "pretrained platform - platform from scratch" in res:
+        goals[f"pretrained platform >= platform from scratch + {args.margin_scratch}"] = \
+            res["pretrained platform - platform from scratch"][0] >= args.margin_scratch
+    for goal, met in goals.items():
+        print(f"goal {goal}: {'met' if met else 'NOT MET'}")
+    return 0 if all(goals.values()) else 1
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_train_step_on_cuda_with_amp_scores_like_a_cpu_rescoring(synthetic_small
     from fracture_ops import storage
     from fracture_ops.data.split import SplitConfig, split_step
     from fracture_ops.model.gradcam import load_classifier
-    from fracture_ops.model.preprocess import build_transforms, read_model_input
+    from fracture_ops.model.preprocess import read_model_input, served_transform
     from fracture_ops.training.train import TrainConfig, train_step
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -102,7 +102,7 @@ def test_train_step_on_cuda_with_amp_scores_like_a_cpu_rescoring(synthetic_small
     uris = storage.read_parquet(split["split_uri"]).set_index("image_id")["image_uri"]
     row = preds[preds["split"] == "test"].iloc[0]
     loaded = load_classifier(storage.join(out["train_dir"], "model.pt"))
-    tf = build_transforms(loaded.image_size, False, clahe=loaded.clahe, resize=loaded.resize)
+    tf = served_transform(loaded.transform_spec())
     x = tf(read_model_input(uris[row["image_id"]], loaded.pre_size))["image"][None]
     with torch.no_grad():
         cpu_logit = float(loaded.model.cpu().eval()(x)[0, 0])

@@ -208,7 +208,9 @@ def test_ema_weights_are_validated_and_kept(tmp_path):
 
     cfg = LoopConfig(epochs=3, lr=0.05, weight_decay=0.0, scheduler="none", warmup_epochs=0,
                      grad_clip=0.0, amp="off", patience=3, task="binary", ema_decay=0.9,
-                     tta_hflip=False, box_weight=0.0, mixup=0.0)
+                     tta_hflip=False, box_weight=0.0, mixup=0.0, min_epochs=1,
+                     backbone_lr_scale=1.0, layer_decay=1.0, head_warmup_epochs=0.0,
+                     freeze_bn=False)
     loss = torch.nn.BCEWithLogitsLoss()
     model = net()
     state = fit(model, train, val, y.numpy(), loss, cfg, "cpu", Checkpointer(tmp_path), lambda s: None)
@@ -301,7 +303,9 @@ def _toy_fit(folder, epochs: int, ema_decay: float = 0.9):
                                 torch.nn.Linear(4, 1))
     cfg = LoopConfig(epochs=epochs, lr=0.05, weight_decay=0.0, scheduler="none", warmup_epochs=0,
                      grad_clip=0.0, amp="off", patience=10, task="binary", ema_decay=ema_decay,
-                     tta_hflip=False, box_weight=0.0, mixup=0.0)
+                     tta_hflip=False, box_weight=0.0, mixup=0.0, min_epochs=1,
+                     backbone_lr_scale=1.0, layer_decay=1.0, head_warmup_epochs=0.0,
+                     freeze_bn=False)
     fit(model, torch.utils.data.DataLoader(data, batch_size=8, shuffle=True),
         torch.utils.data.DataLoader(data, batch_size=48), y.numpy(), torch.nn.BCEWithLogitsLoss(),
         cfg, "cpu", Checkpointer(folder), lambda s: None)

@@ -186,6 +186,16 @@ class LoadedModel:
     resize: str = "letterbox"  # the input geometry: letterbox or squash
     tta_hflip: bool = False  # scores average the mirror image's logits
     jpeg_draft: bool = False  # JPEGs decoded at reduced scale, as in its training
+    mean: tuple | None = None  # input normalisation (None: ImageNet's, as models saved before)
+    std: tuple | None = None
+
+    def transform_spec(self) -> dict:
+        """The model.pt ``transform`` record this was loaded from (what ``served_transform``
+        reads)."""
+        spec = {"image_size": self.image_size, "clahe": self.clahe, "resize": self.resize}
+        if self.mean is not None and self.std is not None:
+            spec.update(mean=self.mean, std=self.std)
+        return spec
 
 
 def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
@@ -212,7 +222,8 @@ def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
     tf = blob["transform"]
     return LoadedModel(model, info, int(tf["image_size"]), bool(tf.get("clahe", False)),
                        tf.get("pre_size"), tf.get("resize", "letterbox"),
-                       bool(tf.get("tta_hflip", False)), bool(tf.get("jpeg_draft", False)))
+                       bool(tf.get("tta_hflip", False)), bool(tf.get("jpeg_draft", False)),
+                       tf.get("mean"), tf.get("std"))
 
 
 @dataclass
@@ -244,7 +255,7 @@ class GradCamExplainer:
             ClassifierOutputTarget,
         )
 
-        from fracture_ops.model.preprocess import build_transforms
+        from fracture_ops.model.preprocess import served_transform
 
         names = list(loaded.info["class_names"])
         self.class_name = class_name or names[0]
@@ -257,8 +268,7 @@ class GradCamExplainer:
         # one sigmoid logit: explain the positive score; K logits: the class's own logit
         self.target = (BinaryClassifierOutputTarget(1) if loaded.info["task"] == "binary"
                        else ClassifierOutputTarget(names.index(self.class_name)))
-        self.transform = build_transforms(loaded.image_size, False, clahe=loaded.clahe,
-                                          resize=loaded.resize)
+        self.transform = served_transform(loaded.transform_spec())
         self.cam = GradCAM(model=loaded.model, target_layers=[layer])
 
     def explain(self, image: np.ndarray, model_input: np.ndarray | None = None) -> CamResult:

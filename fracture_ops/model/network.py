@@ -1,8 +1,10 @@
 """Classification models: ``timm.create_model`` behind one :func:`build_model`.
 
 Heads: binary = one logit (sigmoid), multi-class = K logits (softmax), multi-label = K logits
-(sigmoid). Pretrained weights come only from a local file or a local Hugging Face cache folder
-named in the config; without one the model starts from scratch and says so. Nothing is downloaded.
+(sigmoid). Pretrained weights come only from a package installed from the registry
+(``pkg:efficientnet-lite0``, see :mod:`fracture_ops.model.pretrained`), a local file or a local
+Hugging Face cache folder named in the config; without one the model starts from scratch and says
+so. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ log = logging.getLogger(__name__)
 # Grad-CAM target layers per backbone family (see explain/); kept next to the factory on purpose.
 # backbones the trigger form proposes (any timm model name is accepted); test_resnet is timm's tiny
 # test network, for demos and tests on a CPU
-BACKBONES = ["efficientnet_b0", "efficientnet_b3", "densenet121", "resnet18", "resnet50",
+BACKBONES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2",
+             "efficientnet_b0", "efficientnet_b3", "densenet121", "resnet18", "resnet50",
              "convnext_nano", "test_resnet"]
-CAM_LAYERS = {"efficientnet": "bn2", "densenet": "features.norm5", "resnet": "layer4",
+CAM_LAYERS = {"efficientnet": "bn2", "tf_efficientnet": "bn2", "densenet": "features.norm5", "resnet": "layer4",
               "convnext": "stages.-1", "mobilenet": "bn2", "regnet": "final_conv"}
 
 
@@ -47,6 +50,118 @@ def resolve_weights_file(path: str) -> str:
     raise ConfigError(f"pretrained_path {path} does not exist (weights are never downloaded)")
 
 
+def resolve_pretrained(source: str | None, backbone: str) -> tuple[dict | None, dict | None]:
+    """The starting weights for ``backbone`` from ``source`` (``auto``, ``pkg:NAME`` or a local
+    path) as a state dict, and their provenance (source, SHA-256, licence where known, the input
+    normalisation they expect); ``(None, None)`` for training from scratch (no source, ``none``,
+    or ``auto`` for a backbone no installed package has weights for).
+
+    Raises:
+        ConfigError: see :func:`fracture_ops.model.pretrained.resolve`, a missing or unreadable
+            local file.
+    """
+    from fracture_ops.model import pretrained
+
+    text = "" if source is None else str(source).strip()
+    if text.lower() in ("", "none"):
+        return None, None
+    if text.lower() == pretrained.AUTO:
+        pkg = pretrained.package_for_backbone(backbone)
+        if pkg is None:
+            return None, None
+        text = pretrained.PREFIX + pkg.name
+    if pretrained.is_package_source(text):
+        return pretrained.resolve(text, backbone)
+    weights = resolve_weights_file(text)
+    mean, std = backbone_normalisation(backbone)
+    return _read_state(weights), {"source": text, "file": weights,
+                                  "file_sha256": pretrained.sha256_file(Path(weights)),
+                                  "backbone": backbone, "mean": list(mean), "std": list(std)}
+
+
+def _read_state(path: str) -> dict:
+    """A local weights file's tensors (safetensors, or a torch file loaded without running
+    code; a ``state_dict``/``model`` entry is unwrapped).
+
+    Raises:
+        ConfigError: unreadable, or not a mapping of names to tensors.
+    """
+    import torch
+
+    from fracture_ops.errors import ConfigError, UnsafeModelFile
+
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            from fracture_ops.model.checkpoint import load_weights
+
+            state = load_weights(path, f"pretrained weights {path}")
+    except UnsafeModelFile:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch/safetensors raise many kinds for a bad file
+        raise ConfigError(f"pretrained weights {path} cannot be read: {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ConfigError(f"pretrained weights {path}: not a mapping of tensor names to tensors")
+    return state
+
+
+def load_pretrained(model, state: dict, source: str) -> None:
+    """Load ``state`` into ``model``: every tensor of the network but its classifier must be in
+    the file under its own name and shape, and nothing else may be (the classifier is replaced
+    when its shape is the source task's); anything else is refused, naming the tensors, and
+    nothing is loaded. The new classifier starts at zero (:func:`zero_head`).
+
+    Raises:
+        ConfigError: missing, unexpected or misshapen tensors.
+    """
+    from fracture_ops.errors import ConfigError
+
+    head = str(getattr(model, "pretrained_cfg", {}).get("classifier") or "")
+    is_head = (lambda k: bool(head) and (k == head or k.startswith(head + ".")))
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the network's {tuple(own[k].shape)})"
+             for k, v in state.items() if k in own and not is_head(k) and v.shape != own[k].shape]
+    unexpected = sorted(k for k in state if k not in own and not is_head(k))
+    # BatchNorm's step counters are bookkeeping, not weights: files often leave them out
+    missing = sorted(k for k in own if k not in state and not is_head(k)
+                     and not k.endswith("num_batches_tracked"))
+    if wrong or unexpected or missing:
+        parts = [f"{len(missing)} of the network's tensors missing (first: {missing[:3]})"
+                 if missing else "",
+                 f"{len(unexpected)} tensors the network does not have (first: {unexpected[:3]})"
+                 if unexpected else "",
+                 f"{len(wrong)} of another shape (first: {wrong[:2]})" if wrong else ""]
+        raise ConfigError(f"pretrained weights {source} do not fit {type(model).__name__}: "
+                          + "; ".join(p for p in parts if p) + "; refused, nothing loaded")
+    fits = {k: v for k, v in state.items()
+            if not is_head(k) or (k in own and v.shape == own[k].shape)}
+    model.load_state_dict(fits, strict=False)
+    if not any(is_head(k) for k in fits):
+        zero_head(model)
+
+
+def backbone_normalisation(backbone: str) -> tuple[tuple, tuple]:
+    """The input mean and std of a timm backbone's pretrained config (ImageNet's by default)."""
+    import timm
+
+    from fracture_ops.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(backbone)
+    except Exception:  # noqa: BLE001 - a name without a registered config
+        cfg = None
+    if cfg is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(cfg.mean or IMAGENET_MEAN), tuple(cfg.std or IMAGENET_STD)
+
+
 # timm's global pools (SelectAdaptivePool2d): avg, max, avgmax (the mean of both), catavgmax
 # (both, concatenated: twice the features)
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax")
@@ -60,7 +175,9 @@ def build_model(backbone: str, task: str, n_classes: int, pretrained_path: str |
         backbone: a timm model name (efficientnet_b0/b3, densenet121, resnet18/50, convnext_nano...).
         task: ``binary``, ``multiclass`` or ``multilabel``.
         n_classes: number of classes (1 for binary).
-        pretrained_path: local weights file or HF cache folder; None = from scratch.
+        pretrained_path: ``auto`` (the registry-installed weights made for the backbone, if
+            any), ``pkg:NAME``, a local weights file or HF cache folder; None, empty or ``none``:
+            from scratch.
         drop_rate: dropout before the classifier.
         quiet: no "from scratch" warning (when weights are loaded right after, e.g. from a checkpoint).
         global_pool: the pooling of the last feature map before the classifier (:data:`GLOBAL_POOLS`);
@@ -81,15 +198,33 @@ def build_model(backbone: str, task: str, n_classes: int, pretrained_path: str |
     kwargs = dict(num_classes=n_outputs(task, n_classes), in_chans=3, drop_rate=drop_rate)
     if global_pool != "avg":  # not every timm family takes the argument; avg is everyone's default
         kwargs["global_pool"] = global_pool
-    if pretrained_path:
-        weights = resolve_weights_file(pretrained_path)
-        log.info("loading pretrained weights for %s from %s", backbone, weights)
-        return timm.create_model(backbone, pretrained=True,
-                                 pretrained_cfg_overlay={"file": weights}, **kwargs)
+    state, info = resolve_pretrained(pretrained_path, backbone)
+    if state is not None:
+        log.info("loading pretrained weights for %s from %s", backbone,
+                 info.get("file") or info["source"])
+        model = timm.create_model(backbone, pretrained=False, **kwargs)
+        load_pretrained(model, state, info["source"])
+        return model
     if not quiet:
-        log.warning("no pretrained_path for %s: training from scratch (random initialisation)",
-                    backbone)
+        log.warning("no pretrained weights for %s (pretrained_path %r): training from scratch "
+                    "(random initialisation)", backbone, pretrained_path)
     return timm.create_model(backbone, pretrained=False, **kwargs)
+
+
+def zero_head(model) -> None:
+    """Start a new classifier on pretrained features at zero (every logit 0, probability 0.5).
+    timm's EfficientNet initialises a linear head uniformly in +-1/sqrt(outputs), +-1 for a
+    single logit: over 1280 pretrained features of up to 6 that is a first logit of tens and a
+    first-epoch loss of 3 instead of 0.69, whose gradients tear the pretrained weights. A zero
+    head still learns (its gradient is the features times the error)."""
+    import torch
+
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, torch.nn.Linear):
+        with torch.no_grad():
+            head.weight.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
 
 
 def cam_target_layer(model, backbone: str):

@@ -2,7 +2,9 @@
 
 Inputs are 2-D float32 radiographs in [0, 1] from :func:`fracture_ops.data.images.read_image`.
 Outputs are 3xHxW float tensors: grayscale replicated to three channels, normalised with the
-ImageNet mean/std so ImageNet-pretrained backbones see what they expect.
+mean/std the backbone's pretrained weights expect (ImageNet's by default; the EfficientNet-Lite
+weights of :mod:`fracture_ops.model.pretrained` were trained on 0.5/0.5). A model records its own
+in model.pt's ``transform`` (:func:`served_transform` reads it back).
 
 Geometry (``resize``): ``letterbox`` (default) shrinks the longer side to the output size and
 pads the shorter one, so nothing of the image is cropped away and its proportions stay;
@@ -29,7 +31,8 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
                      rotate_limit: float = 10.0, seed: int | None = None,
                      resize: str = "letterbox", crop_scale: float = 0.85,
                      brightness_contrast: float = 0.1, vflip: bool = False,
-                     rotate90: bool = False):
+                     rotate90: bool = False, mean: tuple = IMAGENET_MEAN,
+                     std: tuple = IMAGENET_STD):
     """Build the albumentations pipeline.
 
     Args:
@@ -43,6 +46,7 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
         brightness_contrast: brightness and contrast limit of the random change (train; 0: off).
         vflip: allow vertical flips (train only).
         rotate90: random quarter turns of the square input (train only).
+        mean, std: per-channel normalisation of the [0, 1] input (the pretrained weights').
         seed: seed of the pipeline's own random generator (albumentations 2 ignores global seeds);
             DataLoader workers reseed it per worker (see ``datasets._seed_worker``).
 
@@ -81,7 +85,7 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
             ops.append(A.VerticalFlip(p=0.5))
         if rotate90:
             ops.append(A.RandomRotate90(p=1.0))
-    ops += [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=1.0), ToTensorV2()]
+    ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0), ToTensorV2()]
     pipeline = A.Compose(ops, seed=seed)
 
     def apply(image: np.ndarray, mask: np.ndarray | None = None):
@@ -93,6 +97,16 @@ def build_transforms(image_size: int, train: bool, *, hflip: bool = False, clahe
 
     apply.pipeline = pipeline  # lets loader workers reseed it
     return apply
+
+
+def served_transform(spec: dict):
+    """The evaluation transform of a model from its ``model.pt`` ``transform`` record (size,
+    CLAHE, geometry, normalisation; models saved before the record held a normalisation used
+    ImageNet's)."""
+    return build_transforms(int(spec["image_size"]), False, clahe=bool(spec.get("clahe", False)),
+                            resize=spec.get("resize", "letterbox"),
+                            mean=tuple(spec.get("mean", IMAGENET_MEAN)),
+                            std=tuple(spec.get("std", IMAGENET_STD)))
 
 
 def preprocess(img: np.ndarray, pre_size: int | None) -> np.ndarray:

@@ -64,7 +64,7 @@ class FractureClassifier(PythonModel):
 
         from fracture_ops.model.calibrators import Calibrator
         from fracture_ops.model.network import build_model
-        from fracture_ops.model.preprocess import build_transforms
+        from fracture_ops.model.preprocess import served_transform
 
         from fracture_ops.model.checkpoint import load_weights
 
@@ -81,8 +81,7 @@ class FractureClassifier(PythonModel):
         # reduced-scale JPEG decoding as in training (models trained before it: full decoding)
         self.jpeg_draft = bool(tf.get("jpeg_draft", False))
         self.tta_hflip = bool(tf.get("tta_hflip", False))
-        self.transform = build_transforms(tf["image_size"], False, clahe=tf.get("clahe", False),
-                                          resize=tf.get("resize", "letterbox"))
+        self.transform = served_transform(tf)
         with open(context.artifacts["calibration"], encoding="utf-8") as fh:
             doc = json.load(fh)
         self.calibrator = Calibrator.from_dict(doc.get("calibrator", doc))

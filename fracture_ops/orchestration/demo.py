@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== synthetic data -> {root / 'synthetic'}", flush=True)
     synth_step(SynthConfig(out_dir=str(root / "synthetic"), n_patients=args.patients,
                            image_size=128, dicom_fraction=0.25, seed=0))
-    # the trigger form's cpu-quick profile (test_resnet, 128 px, 12 epochs): what a user gets
+    # the trigger form's cpu-quick profile (pretrained Lite0, 128 px, 6 epochs): what a user gets
     # from the UI on the local runner
     params = defaults(source_uri=str(root / "synthetic" / "manifest.csv"), layout="csv",
                       artifact_root=str(root / "artifacts"), profile="cpu-quick")
@@ -218,6 +218,37 @@ def _finished(line: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+# fewer test images of either outcome than this and the test AUROC's interval is too wide for the
+# gate's floor to mean much (the demo says so rather than let a coin toss look like a verdict)
+MIN_TEST_PER_OUTCOME = 15
+
+
+def test_set_line(evaluation: dict) -> str:
+    """The test figures the gate decides on, and whether the test set is large enough to decide:
+    at least :data:`MIN_TEST_PER_OUTCOME` images of each outcome, and an AUROC interval that
+    does not straddle the gate's floor."""
+    from fracture_ops.registry.gates import GateConfig
+
+    floor = GateConfig.model_fields["min_auroc"].default
+    cls = evaluation["class_names"][0]
+    support = evaluation["support"][cls]
+    auroc = evaluation["metrics"]["per_class"][cls]["auroc"]
+    head = (f"test set           {evaluation['n_images']} images of {evaluation['n_patients']} "
+            f"patients ({support['positives']} {cls}, {support['negatives']} not): ")
+    if any(auroc.get(k) is None for k in ("value", "ci_low", "ci_high")):
+        return head + "AUROC undefined\n  NOTE: too small to decide: the test set lacks an outcome"
+    text = head + (f"AUROC {auroc['value']:.3f} (95% CI {auroc['ci_low']:.3f}-"
+                   f"{auroc['ci_high']:.3f})")
+    small = min(support["positives"], support["negatives"]) < MIN_TEST_PER_OUTCOME
+    straddles = auroc["ci_low"] < floor <= auroc["ci_high"]
+    if small or straddles:
+        text += (f"\n  NOTE: too small to decide: the gate's floor {floor} lies inside the interval"
+                 if straddles else f"\n  NOTE: too small to decide: fewer than "
+                 f"{MIN_TEST_PER_OUTCOME} test images of one outcome")
+        text += "; run the demo with more patients (--patients) for a verdict that means something"
+    return text
+
+
 def _print_outputs(params: dict, run_id: str, steps: list[str]) -> None:
     run = run_folder(params, run_id)
     print("\n== outputs")
@@ -226,6 +257,7 @@ def _print_outputs(params: dict, run_id: str, steps: list[str]) -> None:
     print(f"  validation report  {run}/validate/report.html")
     if "evaluate" in steps:
         print(f"  evaluation report  {run}/evaluate/evaluation.json")
+        print("  " + test_set_line(json.loads(Path(run, "evaluate", "evaluation.json").read_text())))
         print(f"  Grad-CAM report    {run}/cam/report.html")
         package = json.loads(Path(run, "package", "package.json").read_text())
         print(f"  MLflow run         {package['mlflow_run_id']} (model {package['model_uri']})")

@@ -127,6 +127,7 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           "--backbone", profile_template("backbone"),
           "--image-size", profile_template("image_size"), "--epochs", profile_template("epochs"),
           "--batch-size", profile_template("batch_size"), "--lr", profile_template("lr"),
+          "--pretrained-path", "{{ params.pretrained_path }}",
           "--loss", "{{ params.loss }}", "--seed", "{{ params.seed }}",
           # the de-identified boxes (absent when the data set has none) for box supervision
           "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet",

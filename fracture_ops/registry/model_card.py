@@ -52,6 +52,27 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+NOT_RECORDED = object()
+
+
+def _weights_line(pretrained) -> str:
+    """Where the starting weights come from (the train step's provenance record; runs trained
+    before it was recorded say so)."""
+    if pretrained is NOT_RECORDED:
+        return "- Initial weights: not recorded by the training run"
+    if not pretrained:
+        return "- Initial weights: none (trained from scratch)"
+    text = f"- Initial weights: `{pretrained.get('source')}`"
+    if pretrained.get("package"):
+        text += f" ({pretrained['package']} {pretrained.get('package_version', '')}".rstrip() + ")"
+    text += f", file SHA-256 `{pretrained.get('file_sha256')}`"
+    if pretrained.get("license"):
+        text += f", licence {pretrained['license']}"
+    if pretrained.get("origin"):
+        text += f"; {pretrained['origin']}"
+    return text
+
+
 def build_markdown(ctx: dict) -> str:
     """The card as Markdown from the run's reports (``ctx``: see :func:`collect`)."""
     ev, split, th, cal = ctx["evaluation"], ctx["split"], ctx["thresholds"], ctx["calibration"]
@@ -71,6 +92,7 @@ def build_markdown(ctx: dict) -> str:
         f"task {ctx['info'].get('task')}, classes {', '.join(ctx['info'].get('class_names', []))}",
         f"- Training run: `{ctx['run_id']}`; data hash `{ctx['info'].get('manifest_hash')}`, split hash "
         f"`{ctx['info'].get('split_hash')}`; code revision `{ctx['git_revision']}`",
+        _weights_line(ctx["info"].get("pretrained", NOT_RECORDED)),
         "## Intended use", "Research on automated fracture detection in musculoskeletal radiographs, "
         "benchmarking and teaching. Not for screening, triage or diagnosis.",
         "## Data sources and licences",

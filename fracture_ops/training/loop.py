@@ -44,6 +44,11 @@ class LoopConfig:
     tta_hflip: bool  # validation scores average the mirrored images' logits
     box_weight: float  # weight of the box-supervision loss of the feature-map cells (0: off)
     mixup: float  # alpha of mixup's Beta(alpha, alpha) mixing weight (0: off)
+    min_epochs: int  # epochs before one may be kept or early stopping counts (clamped to epochs)
+    backbone_lr_scale: float  # the backbone's learning rate relative to the head's
+    layer_decay: float  # per-stage learning-rate decay from the head down (1: none)
+    head_warmup_epochs: float  # the backbone's learning rate is 0 for these first epochs
+    freeze_bn: bool  # BatchNorm layers keep their (pretrained) statistics and stay in eval mode
 
     @classmethod
     def from_train(cls, cfg) -> LoopConfig:
@@ -62,6 +67,7 @@ class LoopState:
     best_score: float = -math.inf
     best_epoch: int = -1
     history: list[dict] = field(default_factory=list)
+    best_val_loss: float = math.inf  # the kept epoch's validation loss (breaks AUROC ties)
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -85,21 +91,77 @@ def amp_dtype(amp: str, device: str) -> torch.dtype | None:
     return torch.float16
 
 
-def build_optimizer(model: nn.Module, cfg: LoopConfig, steps_per_epoch: int):
-    """AdamW (no weight decay on norms and biases) and the scheduler."""
-    decay, no_decay = [], []
+def head_parameters(model: nn.Module) -> set[int]:
+    """The ids of the classifier head's parameters (timm's ``get_classifier``; a network without
+    one: none, and every parameter counts as backbone)."""
+    net = _unwrapped(model)
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    return {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+
+
+def param_groups(model: nn.Module, cfg: LoopConfig) -> list[dict]:
+    """AdamW's parameter groups: no weight decay on norms and biases; the head at ``lr``, the
+    backbone at ``lr * backbone_lr_scale``, and with ``layer_decay`` < 1 each of the backbone's
+    stages (timm's ``group_matcher``: stem, blocks, the layers after them) one factor lower than
+    the one above it. Each group carries ``backbone`` (False for the head) for the head-only
+    warm-up."""
+    head = head_parameters(model)
+    scale: dict[int, float] = {}
+    net = _unwrapped(model)
+    if cfg.layer_decay < 1.0 and hasattr(net, "group_matcher"):
+        from timm.models import group_parameters
+
+        # timm's coarse grouping: the stem, one group per stage, then the layers after them
+        layer = group_parameters(net, net.group_matcher(coarse=True), reverse=True)
+        top = max(layer.values())
+        named = dict(net.named_parameters())
+        for name, group in layer.items():
+            if name in named:
+                scale[id(named[name])] = cfg.layer_decay ** (top - group)
+    groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        if not p.requires_grad:
+            continue
+        is_head = id(p) in head
+        lr = cfg.lr * (1.0 if is_head else cfg.backbone_lr_scale * scale.get(id(p), 1.0))
+        wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") else cfg.weight_decay
+        key = (round(lr, 12), wd, not is_head)
+        groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": wd,
+                                "backbone": not is_head})["params"].append(p)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: LoopConfig, steps_per_epoch: int):
+    """AdamW over :func:`param_groups` and the scheduler (the head-only warm-up holds the
+    backbone groups at 0 for its first ``head_warmup_epochs``)."""
+    groups = param_groups(model, cfg)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = int(cfg.warmup_epochs * steps_per_epoch)
+    frozen = int(cfg.head_warmup_epochs * steps_per_epoch)
     if cfg.scheduler == "cosine":
         def factor(step: int) -> float:
             if step < warm:
                 return (step + 1) / max(1, warm)
             return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor), "step"
+
+        def held(step: int) -> float:
+            # held at 0, then its own linear warm-up over `warm` steps from where it starts
+            # (not straight to the peak rate on weights that have not moved yet)
+            if step < frozen:
+                return 0.0
+            return factor(step) * min(1.0, (step - frozen + 1) / max(1, warm))
+
+        lambdas = [held if g["backbone"] and frozen else factor for g in opt.param_groups]
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas), "step"
+    if frozen:  # plateau reacts to scores, not steps: it cannot hold the backbone
+        from fracture_ops.errors import ConfigError
+
+        if cfg.scheduler == "plateau":
+            raise ConfigError("head_warmup_epochs needs the cosine or none scheduler, not plateau")
+        lambdas = [(lambda step: 0.0 if step < frozen else 1.0) if g["backbone"] else
+                   (lambda step: 1.0) for g in opt.param_groups]
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas), "step"
     if cfg.scheduler == "plateau":
         return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5,
                                                                patience=1), "epoch"
@@ -249,7 +311,7 @@ def _mixed(loss_of: Callable, lam: float, perm: torch.Tensor | None, *targets) -
 
 def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, device, dtype,
                     grad_clip: float, progress: Callable, ema=None, step0: int = 0,
-                    box_weight: float = 0.0, mixup: float = 0.0) -> dict:
+                    box_weight: float = 0.0, mixup: float = 0.0, freeze_bn: bool = False) -> dict:
     """One pass over the training loader; returns loss, images/s and lr. With ``ema`` (timm's
     ``ModelEmaV3``) the average is updated after every optimiser step (``step0``: the steps
     taken before this epoch, for the average's warm-up). A model that returns image and cell
@@ -258,8 +320,14 @@ def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, devi
     Beyond Empirical Risk Minimization", ICLR 2018) each batch is blended with a shuffled copy of
     itself, ``lam * x + (1 - lam) * x[perm]`` with ``lam ~ Beta(alpha, alpha)``, and every loss
     (the label loss and the cell loss) is the same blend of the losses against both images'
-    targets, so any loss and task works unchanged."""
+    targets, so any loss and task works unchanged. ``freeze_bn``: BatchNorm layers stay in eval
+    mode (their running statistics, e.g. ImageNet's, are used and kept; their scale and shift
+    still train), for batches too small to estimate statistics from."""
     model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     # the loss is summed on the device: reading it every step would wait for the GPU each time
     total, n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     for batch in progress(loader):
@@ -302,8 +370,10 @@ def train_one_epoch(model, loader, loss_fn, opt, sched, sched_mode, scaler, devi
         n += len(x)
     total = float(total)  # one wait for the device, then the clock stops
     elapsed = time.perf_counter() - t0
+    # the head's rate (the backbone's may be scaled down, or held at 0 in a head-only warm-up)
+    head = next((g for g in opt.param_groups if not g.get("backbone", True)), opt.param_groups[0])
     return {"train_loss": total / max(n, 1), "images_per_s": n / max(elapsed, 1e-9),
-            "lr": opt.param_groups[0]["lr"], "images": n}
+            "lr": head["lr"], "images": n}
 
 
 def _unwrapped(model):
@@ -369,11 +439,11 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
         stats = _gathered(train_one_epoch(trained, train_loader, loss_fn, opt, sched, mode, scaler,
                                           device, dtype, cfg.grad_clip, progress, ema,
                                           state.epoch * len(train_loader), cfg.box_weight,
-                                          cfg.mixup),
+                                          cfg.mixup, cfg.freeze_bn),
                          dist)
         if val_loader is None:  # a refit: no validation images
             stats.update(epoch=state.epoch)
-            score = math.nan
+            score, val_loss = math.nan, math.nan
         else:
             val = None
             if dist.is_main:
@@ -384,14 +454,23 @@ def fit(model, train_loader, val_loader, val_targets: np.ndarray, loss_fn, cfg: 
         if sched is not None and mode == "epoch" and val_loader is not None:  # plateau needs a score
             sched.step(score if not math.isnan(score) else 0.0)
         state.epoch += 1
-        improved = not math.isnan(score) and score > state.best_score
-        if improved or state.best_epoch < 0:
+        # an epoch before min_epochs is neither kept nor counted by early stopping: a model whose
+        # training loss has not moved yet can score a high validation AUROC by chance
+        counts = state.epoch >= min(cfg.min_epochs, cfg.epochs)
+        # a gain: a higher validation AUROC, or the same AUROC at a lower validation loss (a small
+        # validation set saturates at 1.0 while the model still improves)
+        improved = counts and not math.isnan(score) and (
+            score > state.best_score
+            or (score == state.best_score and not math.isnan(val_loss)
+                and val_loss < state.best_val_loss))
+        if improved or (counts and state.best_epoch < 0):
             state.best_score, state.best_epoch = (score if not math.isnan(score) else -math.inf,
                                                   state.epoch - 1)
+            state.best_val_loss = val_loss if not math.isnan(val_loss) else math.inf
         state.history.append(stats)
         if dist.is_main:
             on_epoch(stats)
-            if improved or not (ckpt.folder / "best.pt").exists():
+            if improved or (counts and not (ckpt.folder / "best.pt").exists()):
                 ckpt.save("best.pt", model, opt, sched, scaler, state, ema)
             ckpt.save("last.pt", model, opt, sched, scaler, state, ema)
         log.info("epoch %d/%d loss %.4f val AUROC %.4f %.1f img/s", state.epoch, cfg.epochs,

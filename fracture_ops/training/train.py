@@ -48,10 +48,15 @@ class TrainConfig(StepConfig):
     task: Literal["binary", "multiclass", "multilabel"] = "binary"
     class_names: list[str] = ["fracture"]  # binary: the positive label
     label_column: str = "label"
-    backbone: str = Field("efficientnet_b0", examples=BACKBONES,
-                          description="timm backbone of the classifier (any timm model name)")
-    pretrained_path: str | None = Field(None, description="local weights file or Hugging Face cache "
-                                        "folder (never downloaded); empty: train from scratch")
+    backbone: str = Field("tf_efficientnet_lite0", examples=BACKBONES,
+                          description="timm backbone of the classifier (any timm model name; "
+                          "tf_efficientnet_lite0/1/2 start from ImageNet weights installed with "
+                          "the package)")
+    pretrained_path: str | None = Field(
+        "auto", description="starting weights: auto (the ImageNet weights installed from the "
+        "package registry for tf_efficientnet_lite0/1/2; other backbones from scratch), "
+        "pkg:efficientnet-lite0 (or lite1, lite2), a local weights file or Hugging Face cache "
+        "folder (never downloaded); none or empty: train from scratch")
     image_size: int = Field(384, ge=32, le=1024, description="input side in pixels (320-512 on a "
                             "GPU, smaller for CPU demos)")
     epochs: int = Field(20, ge=1, le=500, description="training epochs (early stopping on "
@@ -65,7 +70,23 @@ class TrainConfig(StepConfig):
                                  description="linear learning-rate warm-up before the cosine")
     grad_clip: float = Field(1.0, ge=0.0, description="gradient norm clipping (0: off)")
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    patience: int = 5
+    patience: int = Field(5, ge=1, description="early stopping: epochs without a validation "
+                          "AUROC gain before training stops")
+    min_epochs: int = Field(3, ge=1, description="epochs trained before one may be kept or early "
+                            "stopping counts (clamped to `epochs`): an epoch whose training loss "
+                            "has not moved yet can score a high validation AUROC by chance")
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="the backbone's learning "
+                                     "rate as a fraction of `lr` (the head's); below 1 when "
+                                     "fine-tuning pretrained weights")
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="layer-wise learning-rate decay: "
+                               "each backbone stage learns this factor slower than the one above "
+                               "it (timm's coarse grouping: stem, stages, the layers after them; "
+                               "1: off)")
+    head_warmup_epochs: float = Field(0.0, ge=0.0, description="epochs that train the head alone "
+                                      "(the backbone's learning rate held at 0) before the whole "
+                                      "network trains")
+    freeze_bn: bool = Field(False, description="BatchNorm layers keep their pretrained running "
+                            "statistics (eval mode) in training: for small batches")
     weights: Literal["best", "last"] = Field(
         "best", description="the weights the model keeps: best (the epoch with the highest "
         "validation AUROC, early stopping after `patience` epochs without gain) or last (every "
@@ -138,6 +159,15 @@ class TrainConfig(StepConfig):
     mlflow_parent_run_id: str | None = None  # shows the run under a parent (a CV run's folds)
 
     @model_validator(mode="after")
+    def _warmup_needs_a_step_schedule(self) -> TrainConfig:
+        """The head-only warm-up holds the backbone by step; plateau steps on scores."""
+        if self.head_warmup_epochs > 0 and self.scheduler == "plateau":
+            from fracture_ops.errors import ConfigError
+
+            raise ConfigError("head_warmup_epochs needs the cosine or none scheduler, not plateau")
+        return self
+
+    @model_validator(mode="after")
     def _refit_keeps_last(self) -> TrainConfig:
         """A refit has no validation images to choose an epoch on: it keeps the last weights."""
         if self.refit and self.weights != "last":
@@ -184,7 +214,9 @@ def resume_key(cfg: TrainConfig) -> str:
                                    "rotate_limit", "brightness_contrast", "label_smoothing",
                                    "ema_decay", "tta_hflip", "grad_clip", "pretrained_path",
                                    "drop_rate", "focal_gamma", "patience", "amp",
-                                   "global_pool", "box_weight", "boxes_uri", "mixup"})
+                                   "global_pool", "box_weight", "boxes_uri", "mixup",
+                                   "min_epochs", "backbone_lr_scale", "layer_decay",
+                                   "head_warmup_epochs", "freeze_bn"})
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -203,7 +235,29 @@ def pre_size(cfg: TrainConfig) -> int:
     return int(cfg.image_size * 1.15)
 
 
-def _datasets(cfg: TrainConfig, parts: dict[str, pd.DataFrame], targets: dict[str, np.ndarray]):
+def weights_provenance(cfg: TrainConfig) -> dict | None:
+    """Where the pretrained weights come from (source, SHA-256, license, normalisation), or None
+    when training from scratch.
+
+    Raises:
+        ConfigError: weights that cannot be resolved or converted.
+    """
+    from fracture_ops.model.network import resolve_pretrained
+
+    return resolve_pretrained(cfg.pretrained_path, cfg.backbone)[1]
+
+
+def normalisation(provenance: dict | None) -> tuple[tuple, tuple]:
+    """The input mean/std: the pretrained weights' own, else ImageNet's (from scratch)."""
+    from fracture_ops.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    if provenance is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(provenance["mean"]), tuple(provenance["std"])
+
+
+def _datasets(cfg: TrainConfig, parts: dict[str, pd.DataFrame], targets: dict[str, np.ndarray],
+              mean: tuple, std: tuple):
     from fracture_ops.training.datasets import DecodeCache, ManifestDataset
     from fracture_ops.model.preprocess import build_transforms
 
@@ -216,7 +270,7 @@ def _datasets(cfg: TrainConfig, parts: dict[str, pd.DataFrame], targets: dict[st
         cache = DecodeCache(folder, pre)
     kw = dict(hflip=cfg.hflip, vflip=cfg.vflip, rotate90=cfg.rotate90, clahe=cfg.clahe,
               rotate_limit=cfg.rotate_limit, resize=cfg.resize, crop_scale=cfg.crop_scale,
-              brightness_contrast=cfg.brightness_contrast)
+              brightness_contrast=cfg.brightness_contrast, mean=mean, std=std)
     train_tf = build_transforms(cfg.image_size, True, seed=cfg.seed, **kw)
     eval_tf = build_transforms(cfg.image_size, False, **kw)
     regions = _train_regions(cfg, parts["train"], targets["train"])
@@ -378,7 +432,9 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
     table, parts = _split_frames(cfg)
     targets = {s: targets_for(parts[s], cfg.task, cfg.class_names, cfg.label_column) for s in parts}
     _check_both_outcomes(targets, cfg)
-    ds = _datasets(cfg, parts, targets)
+    provenance = weights_provenance(cfg)
+    mean, std = normalisation(provenance)
+    ds = _datasets(cfg, parts, targets, mean, std)
     sampler = distributed.train_sampler(ds["train"], dist, cfg.seed)
     loaders = {s: make_loader(ds[s], distributed.per_rank_batch(cfg.batch_size, dist) if s == "train"
                               else cfg.batch_size, s == "train", cfg.workers, device, cfg.seed,
@@ -403,6 +459,8 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
     with run:
         if not resumed:
             mlflow.log_params(tracking.flatten(cfg.model_dump(mode="json")))
+            if provenance:  # the weights' source, hashes and license, next to the config
+                mlflow.log_params(tracking.flatten({"pretrained": provenance}))
         loop_cfg = LoopConfig.from_train(cfg)
         t0 = time.perf_counter()
         state = fit(model, loaders["train"], loaders.get("val"), targets["val"], loss_fn, loop_cfg,
@@ -428,13 +486,15 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
                 "weights": cfg.weights, "refit": cfg.refit,
                 "recipe": cfg.model_dump(include={"batch_size", "lr", "loss", *RECIPE_FLAGS}),
                 "images": {s: len(parts[s]) for s in parts},
+                "pretrained": provenance,
                 "patients": {s: int(parts[s]["patient_id"].nunique()) for s in parts},
                 "mlflow_run_id": run.info.run_id, "split_uri": cfg.split_uri,
                 "experiment": cfg.experiment, **tags}
         torch.save({"state_dict": model.state_dict(), "info": plain(info),
                     "transform": {"image_size": cfg.image_size, "clahe": cfg.clahe,
                                   "resize": cfg.resize, "tta_hflip": cfg.tta_hflip,
-                                  "pre_size": pre_size(cfg), "jpeg_draft": True}},
+                                  "pre_size": pre_size(cfg), "jpeg_draft": True,
+                                  "mean": list(mean), "std": list(std)}},
                    local / "model.pt")
         # the predictions folder in the contract's layout (checked), then the full model info
         write_predictions(out, preds, cfg.task, cfg.class_names)
@@ -459,7 +519,8 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
 # the training recipe's knobs, as flags of train, cv and fit (see the README's real-data section)
 RECIPE_FLAGS = ("weight_decay", "warmup_epochs", "grad_clip", "hflip", "vflip", "rotate90",
                 "clahe", "rotate_limit", "resize", "crop_scale", "brightness_contrast", "label_smoothing", "ema_decay",
-                "tta_hflip", "global_pool", "box_weight", "mixup", "drop_rate")
+                "tta_hflip", "global_pool", "box_weight", "mixup", "drop_rate", "min_epochs",
+                "backbone_lr_scale", "layer_decay", "head_warmup_epochs", "freeze_bn")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
