@@ -1,30 +1,35 @@
-"""Benchmark: the platform's training recipe against a plain timm loop, on real radiographs.
+"""Benchmark: the platform's training recipes against a plain timm loop, on real radiographs.
 
 On the FracAtlas subset in ``../shared/realdata/fracatlas`` (300 images, half fractured; FracAtlas
 has no patient ids, so each image is its own patient; an image the platform's decode policy
-rejects, as the validate step would, is left out of both arms), both arms are cross-validated on the same
-5 patient-grouped, label-stratified folds (the ``cv`` step's own :func:`assign_folds`), with the
-same backbone (resnet18, from scratch), image size, epoch budget and CPU threads:
+rejects, as the validate step would, is left out of every arm), every arm is cross-validated on
+the same 5 patient-grouped, label-stratified folds (the ``cv`` step's own :func:`assign_folds`)
+with the same CPU threads. Four arms, two of each kind at the same size and epochs:
 
-- plain: the 40-line loop a user writes first (:func:`plain_fold`): images squashed to a square,
-  horizontal flip, AdamW lr 1e-3, cosine over the epochs, batch 16, BCE, the last epoch's weights;
-- platform: ``fracture-ops cv`` (:func:`fracture_ops.workflows.cv.cv_step`) with the recipe flags
-  of :data:`SMALL_DATA_RECIPE` over the step's defaults (the recipe is printed), writing its
-  out-of-fold predictions; it also gets FracAtlas' fracture boxes (``boxes_uri``), for box
-  supervision.
+- ``plain``: the 40-line loop a user writes first (:func:`plain_fold`): resnet18 from scratch,
+  images squashed to a square, horizontal flip, AdamW lr 1e-3, cosine over the epochs, batch 16,
+  BCE, the last epoch's weights (160 px, 15 epochs by default);
+- ``platform``: ``fracture-ops cv`` (:func:`fracture_ops.workflows.cv.cv_step`) from scratch with
+  the flags of :data:`SMALL_DATA_RECIPE` (it also gets FracAtlas' fracture boxes, for box
+  supervision);
+- ``plain_pretrained``: the same plain loop fine-tuning tf_efficientnet_lite0 from the ImageNet
+  weights installed with the package (``pkg:efficientnet-lite0``; 320 px, 4 epochs by default);
+- ``platform_pretrained``: ``cv`` from the same weights with :data:`PRETRAINED_RECIPE`.
 
-Both arms' out-of-fold predictions are pooled over the folds and scored the same way (AUROC with
-a patient-bootstrap 95% interval; the difference with a paired bootstrap interval). The exit status
-is 1 when the platform is not ahead by ``--margin`` (default 0.05).
+Every arm's out-of-fold predictions are pooled over the folds and scored the same way (AUROC with
+a bootstrap 95% interval over images; the differences the goals read with paired intervals).
+Goals (exit 1 where one is not met): the pretrained platform >= 0.80, >= the pretrained plain loop
++ 0.02, >= the platform from scratch + 0.06.
 
 A reference is printed beside them (seconds of work, not part of the goal): a logistic regression
 on image statistics alone (width, height, aspect ratio, colour mode, grey-level mean and spread;
 :func:`stats_fold`) on the same folds. It cannot see a fracture; on this subset it scores about
 0.7, so an arm near it has learnt little that a fracture-blind model does not know.
 
-Defaults take 18 to 26 minutes on 2 CPU cores, depending on the machine (160 px, 15 epochs;
-measured: plain loop 7 to 11 min, platform 11 to 14 min); ``--image-size 224`` is the size of
-the first comparison (about 50 minutes). Run: ``python benchmarks/bench_realdata.py``.
+On 2 CPU cores: the from-scratch arms take 7 to 14 minutes each, the pretrained arms about as
+long (see docs/benchmarks.md for the measured times). ``--only ARM ...`` runs some arms (screens);
+``--set``/``--set-pretrained FIELD=VALUE`` change a platform recipe. Run:
+``python benchmarks/bench_realdata.py``.
 """
 
 from __future__ import annotations
@@ -220,8 +225,8 @@ def run_platform(table: pd.DataFrame, boxes: pd.DataFrame, work: Path, args,
     return oof, recipe
 
 
-# the from-scratch platform arm: the recipe flags that measured best here from scratch (see the
-# README), on top of the cv step's defaults; --set changes them for a screening run
+# the from-scratch platform arm: the recipe flags that measured best here from scratch (see
+# docs/benchmarks.md), on top of the cv step's defaults; --set changes them for a screening run
 SMALL_DATA_RECIPE = {"backbone": "resnet18", "pretrained_path": "none", "batch_size": 8,
                      "hflip": True, "resize": "squash", "ema_decay": 0.998,
                      "tta_hflip": True, "weight_decay": 0.01, "rotate_limit": 0.0,
@@ -229,11 +234,13 @@ SMALL_DATA_RECIPE = {"backbone": "resnet18", "pretrained_path": "none", "batch_s
                      "global_pool": "max", "box_weight": 1.0}
 PRETRAINED_BACKBONE = "tf_efficientnet_lite0"
 PRETRAINED_WEIGHTS = "pkg:efficientnet-lite0"
-# the pretrained platform arm: the train step's defaults (what the gpu profile and the small-data
-# path use: tf_efficientnet_lite0 from the installed ImageNet weights) with the batch size a CPU
-# holds; --set-pretrained changes it for a screen
+# the pretrained platform arm: tf_efficientnet_lite0 from the installed ImageNet weights (the
+# train step's default backbone and weights, what the gpu profile and the small-data path start
+# from) with the fine-tuning flags below; --set-pretrained changes them for a screen
 PRETRAINED_RECIPE = {"backbone": PRETRAINED_BACKBONE, "pretrained_path": PRETRAINED_WEIGHTS,
-                     "batch_size": 16}
+                     "batch_size": 16, "hflip": True, "tta_hflip": True, "resize": "squash",
+                     "backbone_lr_scale": 0.5, "weight_decay": 0.01, "rotate_limit": 0.0,
+                     "brightness_contrast": 0.0, "crop_scale": 1.0}
 
 
 ARMS = ("plain", "platform", "plain_pretrained", "platform_pretrained")

@@ -21,7 +21,7 @@ every shard's rows as one part of `<artifact_root>/prediction_log/date=<ds>/` (p
 model version, per-image features). Re-running a date, a shard or the merge replaces rows, never
 duplicates or loses them. With `pacs_results` on, `pacs_report` sends the champion's results
 on the studies pulled from the PACS (`pacs_dataset`) back to the PACS: a DICOM SR and a Grad-CAM
-secondary capture per radiograph, under the original study (see README, "Connect a PACS").
+secondary capture per radiograph, under the original study (see docs/pacs.md).
 
 *Research and education only; not for clinical use.*
 """

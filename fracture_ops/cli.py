@@ -61,6 +61,39 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "registry": ("fracture_ops.registry.promotion", "promote an approved challenger, roll back, status"),
 }
 
+# one worked example per command (tests/test_config_cli.py parses each one): the chain of a
+# manual run shares one --run-id, so every step finds the one before it
+EXAMPLES: dict[str, str] = {
+    "synth": "fracture-ops synth data/synthetic --patients 200 --dicom-fraction 0.25",
+    "ingest": "fracture-ops ingest exports/ --layout folder --run-id r1",
+    "validate": "fracture-ops validate --run-id r1",
+    "deidentify": "fracture-ops deidentify --run-id r1 --workers 2",
+    "deid": "fracture-ops deid review data/artifacts/runs/r1/deidentify --approve IMAGE_ID",
+    "pacs-ingest": "fracture-ops pacs-ingest --dataset ward7 --lookback-days 2",
+    "pacs-report": "fracture-ops pacs-report --dataset ward7 --max-studies 50",
+    "split": "fracture-ops split --run-id r1 --seed 0",
+    "detect": "fracture-ops detect train --run-id r1 --epochs 50",
+    "train": "fracture-ops train --run-id r1 --backbone tf_efficientnet_lite0 --image-size 384 "
+             "--epochs 20",
+    "fit": "fracture-ops fit --run-id r1 --cv-below-images 1000 --epochs 20",
+    "cv": "fracture-ops cv --run-id r1 --folds 5 --epochs 10",
+    "calibrate": "fracture-ops calibrate --run-id r1 --method temperature",
+    "tune-thresholds": "fracture-ops tune-thresholds --run-id r1 --method min_sensitivity "
+                       "--min-sensitivity 0.9",
+    "evaluate": "fracture-ops evaluate --run-id r1 --n-bootstrap 2000",
+    "cam": "fracture-ops cam --run-id r1 --top-k 8",
+    "package": "fracture-ops package --run-id r1",
+    "register": "fracture-ops register --run-id r1",
+    "infer": "fracture-ops infer incoming/2026-12-07 --date 2026-12-07",
+    "infer-plan": "fracture-ops infer-plan incoming/2026-12-07 --date 2026-12-07 --shards 4",
+    "infer-shard": "fracture-ops infer-shard incoming/2026-12-07 --plan PLAN_URI --shard 0",
+    "infer-merge": "fracture-ops infer-merge --plan PLAN_URI",
+    "reference": "fracture-ops reference --split val",
+    "drift": "fracture-ops drift --date 2026-12-07 --window-days 7",
+    "gate": "fracture-ops gate --run-id r1",
+    "registry": "fracture-ops registry status   (or: promote, rollback, verify-audit, guard-rules)",
+}
+
 EPILOG = (
     "exit codes: 0 ok, 1 internal error, 2 usage/config error, 3 bad input data, "
     "4 error budget exceeded. Research and education only; not for clinical use."
@@ -89,9 +122,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<step>")
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"example: {EXAMPLES[name]}\n\n{EPILOG}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == only:
             step_entry(name, "configure")(p)
+            if f"example: {EXAMPLES[name]}" not in (p.epilog or ""):  # a step's own epilog
+                p.epilog = f"example: {EXAMPLES[name]}\n\n{p.epilog or EPILOG}"
     return parser
 
 

@@ -23,7 +23,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--config", metavar="YAML", help="config file (local path or s3://); its "
                    "section named after the step is used when present")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config field (repeatable), e.g. --set epochs=3")
+                   help="override one field of this step's config (repeatable; the fields are "
+                   "those of --config's section, see the flags above)")
     g.add_argument("--run-id", help="run folder name under <artifact_root>/runs/ (default: manual)")
     g.add_argument("--artifact-root", help="where outputs go (local folder or s3:// prefix; "
                    "default $FRACTURE_OPS_ARTIFACT_ROOT or ./data/artifacts)")

@@ -37,6 +37,21 @@ def test_every_subcommand_has_help():
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, (name, res.stderr[-500:])
         assert "usage: fracture-ops" in res.stdout
+        assert f"example: fracture-ops {name}" in res.stdout, name
+
+
+def test_every_example_in_the_help_is_a_valid_command_line():
+    """Each command's worked example parses with that command's own parser (a flag the
+    command does not have, or a missing value, fails here)."""
+    import shlex
+
+    from fracture_ops.cli import EXAMPLES, build_parser
+
+    assert set(EXAMPLES) == set(COMMANDS)
+    for name, example in EXAMPLES.items():
+        argv = shlex.split(example.split("   (", 1)[0])[1:]  # without "fracture-ops", notes
+        args = build_parser(name).parse_args(argv)
+        assert args.command == name, example
 
 
 def test_exit_codes_distinguish_usage_and_bad_input(tmp_path, caplog):

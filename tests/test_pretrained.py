@@ -227,3 +227,55 @@ def test_a_file_that_would_run_code_is_refused(tmp_path):
     torch.save({"_fc.weight": torch.zeros(1), "x": fractions.Fraction(1, 3)}, path)
     with pytest.raises(UnsafeModelFile):
         P.convert(path, _pinned(pkg, path))
+
+
+def test_a_model_fine_tuned_from_package_weights_is_scored_as_it_was_trained(
+        tmp_path, monkeypatch, synthetic_small):
+    """The train step with the default weights (``auto``: Lite0's) records the weights'
+    normalisation and provenance; the served pyfunc model and Grad-CAM rebuild the same input
+    and reproduce the step's own test logits, which ImageNet's normalisation would not."""
+    import json
+    import types
+
+    import mlflow
+    import numpy as np
+
+    from fracture_ops import storage
+    from fracture_ops.data.split import SplitConfig, split_step
+    from fracture_ops.model.gradcam import GradCamExplainer, load_classifier
+    from fracture_ops.model.preprocess import build_transforms, read_model_input
+    from fracture_ops.model.pyfunc import FractureClassifier
+    from fracture_ops.training.train import TrainConfig, train_step
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root = dict(artifact_root=str(tmp_path / "art"), run_id="lite")
+    split = split_step(SplitConfig(manifest_uri=str(Path(synthetic_small.out_dir) / "manifest.parquet"),
+                                   **root))
+    out = train_step(TrainConfig(split_uri=split["split_uri"], image_size=64, epochs=1,
+                                 batch_size=8, cache=False, **root))
+    blob = torch.load(Path(out["train_dir"]) / "model.pt", weights_only=True)
+    assert blob["info"]["backbone"] == "tf_efficientnet_lite0"
+    assert blob["transform"]["mean"] == [0.5, 0.5, 0.5] == blob["transform"]["std"]
+    pkg = P.package("pkg:efficientnet-lite0")
+    assert blob["info"]["pretrained"]["file_sha256"] == pkg.sha256
+    params = mlflow.get_run(out["mlflow_run_id"]).data.params
+    assert params["pretrained.file_sha256"] == pkg.sha256
+    assert params["pretrained.license"] == "Apache-2.0"
+
+    preds = storage.read_parquet(out["predictions_uri"])
+    test = preds[preds["split"] == "test"]
+    uris = storage.read_parquet(split["split_uri"]).set_index("image_id")["image_uri"]
+    (tmp_path / "cal.json").write_text(json.dumps({"method": "none", "task": "binary"}))
+    (tmp_path / "th.json").write_text(json.dumps({"fracture": 0.5}))
+    clf = FractureClassifier()
+    clf.load_context(types.SimpleNamespace(artifacts={
+        "model": str(Path(out["train_dir"]) / "model.pt"),
+        "calibration": str(tmp_path / "cal.json"), "thresholds": str(tmp_path / "th.json")}))
+    images = [read_model_input(uris[i], clf.pre_size) for i in test["image_id"]]
+    trained = test["logit_fracture"].to_numpy()
+    assert np.abs(clf.logits(images)[:, 0] - trained).max() < 1e-4
+    explainer = GradCamExplainer(load_classifier(str(Path(out["train_dir"]) / "model.pt")))
+    cam = np.array([explainer.explain(img).logits[0] for img in images])
+    assert np.abs(cam - trained).max() < 1e-4
+    clf.transform = build_transforms(64, False)  # ImageNet's normalisation: other inputs
+    assert np.abs(clf.logits(images)[:, 0] - trained).max() > 1e-3

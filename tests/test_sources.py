@@ -82,11 +82,57 @@ def test_generic_csv_relative_paths_and_missing_column(tmp_path):
 def test_folder_tree_labels_and_patient_regex(tmp_path):
     for name in ("fracture/P01_a.png", "fracture/P01_b.png", "normal/P02_a.png"):
         _png(tmp_path / name)
-    df, _, notes = load_source(str(tmp_path), "folder")
+    # PNGs carry no patient id: refused rather than guessed, unless each image is a patient
+    with pytest.raises(ConfigError, match="3 of 3 images have no patient id .*--patient-regex"):
+        load_source(str(tmp_path), "folder")
+    df, _, notes = load_source(str(tmp_path), "folder", one_image_per_patient=True)
     assert sorted(df["label"]) == ["fracture", "fracture", "normal"]
     assert df["patient_id"].nunique() == 3 and notes  # each image its own group, said so
     df, _, _ = load_source(str(tmp_path), "folder", patient_regex=r"^(P\d+)_")
     assert sorted(df["patient_id"].unique()) == ["P01", "P02"]
+
+
+def test_folder_of_dicoms_takes_patients_from_the_headers_and_split_keeps_them_whole(
+        tmp_path, monkeypatch, caplog):
+    """3 patients x 2 DICOMs under class folders with meaningless file names: 3 patients in the
+    manifest (PatientID, StudyInstanceUID from the header), each whole in one split; a DICOM
+    without PatientID and no flag: exit 2 with the reason."""
+    from fracture_ops.cli import main as cli_main
+    from fracture_ops.data.split import SplitConfig, split_step
+    from fracture_ops.data.synthetic_dicom import fake_patient, write_phi_dicom
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    patients = []
+    for p in range(3):
+        phi = fake_patient(rng)
+        patients.append(phi["patient_id"])
+        for k in range(2):
+            label = ("fracture", "normal")[(p + k) % 2]
+            write_phi_dicom(src / label / f"img{p}{k}.dcm",
+                            rng.integers(0, 4096, (64, 64), dtype=np.uint16), **phi, seed=k)
+    df, _, notes = load_source(str(src), "folder")
+    assert sorted(df["patient_id"].unique()) == sorted(patients) and df["study_id"].nunique() == 3
+    assert any("from their headers" in n for n in notes)
+    manifest = tmp_path / "m.parquet"
+    df.to_parquet(manifest)
+    split = storage.read_parquet(split_step(SplitConfig(
+        manifest_uri=str(manifest), artifact_root=str(tmp_path / "a"), run_id="r",
+        val_fraction=0.34, test_fraction=0.34))["split_uri"])
+    assert (split.groupby("patient_id")["split"].nunique() == 1).all()
+    # one DICOM without a PatientID: refused at the command line with the reason
+    import pydicom
+
+    ds = pydicom.dcmread(src / "normal" / "img01.dcm")
+    del ds.PatientID
+    ds.save_as(src / "normal" / "img01.dcm")
+    monkeypatch.setenv("FRACTURE_OPS_DATA_ROOTS", str(src))
+    args = ["ingest", str(src), "--layout", "folder", "--artifact-root", str(tmp_path / "b"),
+            "--run-id", "r2"]
+    assert cli_main(args) == 2
+    assert "1 of 6 images have no patient id" in caplog.text
+    assert "img01" not in caplog.text  # counted, not named: export file names can be PHI
+    assert cli_main([*args, "--one-image-per-patient"]) == 0
 
 
 def test_mura_layout(tmp_path):

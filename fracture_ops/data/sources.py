@@ -5,7 +5,10 @@ Adapters, one per layout; each returns ``(manifest, boxes, notes)`` and never wr
 - ``csv``: a generic CSV manifest with the canonical column names (``image_uri`` may be relative
   to the CSV's folder); an optional ``boxes.csv`` beside it with :data:`BOX_COLUMNS`.
 - ``folder``: ``<root>/<class>/**/<image>``; the class folder is the label. Patient ids come from
-  a regex over the file name when given, else each image is its own group.
+  a regex over the file name when given, else from each DICOM's header (PatientID, and
+  StudyInstanceUID for the study); an image with neither is refused unless the caller says each
+  image is its own patient (``one_image_per_patient``): guessing would let one patient's images
+  land in both train and test.
 - ``fracatlas``: ``dataset.csv`` + ``images/{Fractured,Non_fractured}`` + ``Annotations/YOLO``.
   FracAtlas has no patient ids: each image is its own group (said in the notes).
 - ``grazpedwri``: GRAZPEDWRI-DX ``dataset.csv`` (UTF-8 with BOM) + ``data/images/**`` +
@@ -195,29 +198,73 @@ def _group_id(text: str) -> str:
     return safe[:47] + "-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def from_folder(root: str, patient_regex: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """``<root>/<class>/**/<image>``: the first folder level is the label."""
+def _header_ids(uri: str) -> tuple[str, str] | None:
+    """(PatientID, StudyInstanceUID) of a DICOM file, or None when it is not DICOM or has no
+    PatientID (the ids stay in the raw zone's manifest; de-identification keys them)."""
+    if not str(uri).lower().endswith((".dcm", ".dicom")):
+        return None
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(storage.read_bytes(uri)), stop_before_pixels=True,
+                             specific_tags=["PatientID", "StudyInstanceUID"])
+    except Exception:  # noqa: BLE001 - an unreadable file is validate's to quarantine
+        return None
+    patient = str(ds.get("PatientID") or "").strip()
+    if not patient:
+        return None
+    return patient, str(ds.get("StudyInstanceUID") or "").strip() or patient
+
+
+def from_folder(root: str, patient_regex: str | None = None,
+                one_image_per_patient: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """``<root>/<class>/**/<image>``: the first folder level is the label. Patient ids: the
+    regex's over the file name, else the DICOM header's, else (only with
+    ``one_image_per_patient``) each image its own.
+
+    Raises:
+        ManifestError: no images, an image outside a class folder, a name the regex misses.
+        ConfigError: images without a patient id and no ``one_image_per_patient``.
+    """
+    from fracture_ops.errors import ConfigError
+
     files = storage.list_files(root, IMAGE_SUFFIXES)
     if not files:
         raise ManifestError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     pattern = re.compile(patient_regex) if patient_regex else None
-    rows, notes = [], []
+    rows, notes, unknown, from_header = [], [], [], 0
     for uri in files:
         rel = (PurePosixPath(str(uri).removeprefix(str(root).rstrip("/") + "/")) if storage.is_s3(uri)
                else PurePosixPath(Path(uri).relative_to(Path(root)).as_posix()))
         if len(rel.parts) < 2:
             raise ManifestError(f"{uri}: expected <root>/<class>/<image>, found an image at the top level")
         label, image_id = rel.parts[0], "/".join(rel.with_suffix("").parts)
-        patient = _group_id(image_id)
+        patient = study = _group_id(image_id)
         if pattern:
             m = pattern.search(rel.name)
             if not m:
                 raise ManifestError(f"{uri}: file name does not match patient_regex {patient_regex!r}")
-            patient = m.group(1) if m.groups() else m.group(0)
+            patient = study = m.group(1) if m.groups() else m.group(0)
+        elif (ids := _header_ids(uri)) is not None:
+            (patient, study), from_header = ids, from_header + 1
+        elif not one_image_per_patient:
+            unknown.append(f"image {len(rows) + 1} of {len(files)}, class folder {label!r}")
         rows.append({"image_id": image_id, "image_uri": uri, "patient_id": patient,
-                     "study_id": patient, "label": label, "source": "folder"})
-    if not pattern:
-        notes.append("folder layout: no patient ids; each image is its own group")
+                     "study_id": study, "label": label, "source": "folder"})
+    if unknown:
+        raise ConfigError(
+            # file names in exports often name the patient: the message counts, it does not name
+            f"folder layout: {len(unknown)} of {len(files)} images have no patient id (not DICOM, "
+            f"or no PatientID in the header; first: {unknown[0]}). Without one, one patient's "
+            "images could land in both train and test. Give --patient-regex (a regex whose first "
+            "group is the patient id in the file name), or --one-image-per-patient if each image "
+            "really is a different patient")
+    if from_header:
+        notes.append(f"folder layout: patient and study ids of {from_header} DICOM images from "
+                     "their headers")
+    if not pattern and from_header < len(files):
+        notes.append(f"folder layout: {len(files) - from_header} images without a patient id: "
+                     "each is its own patient (one_image_per_patient)")
     return pd.DataFrame(rows), empty_boxes(), notes
 
 
@@ -360,7 +407,11 @@ class IngestConfig(StepConfig):
     source_uri: str = Field("data/demo/synthetic/manifest.csv", description="data source: folder, "
                             "CSV file or s3:// URI of the raw data set")
     layout: Layout = Field("csv", description="layout of the data source")
-    patient_regex: str | None = None
+    patient_regex: str | None = Field(None, description="folder layout: a regex over the file "
+                                      "name whose first group is the patient id")
+    one_image_per_patient: bool = Field(False, description="folder layout: images without a "
+                                        "patient id (no regex, not DICOM or no PatientID) are "
+                                        "each their own patient; without it they are refused")
     columns: dict[str, str] = Field(
         default_factory=dict, description="csv layout: canonical column -> the CSV's column "
         "(e.g. image_uri=path); unmapped columns are found by name or one unambiguous synonym")
@@ -400,6 +451,8 @@ def ingest_step(cfg: IngestConfig) -> dict:
     options: dict = {}
     if cfg.layout == "folder" and cfg.patient_regex:
         options["patient_regex"] = cfg.patient_regex
+    if cfg.layout == "folder" and cfg.one_image_per_patient:
+        options["one_image_per_patient"] = True
     if cfg.layout == "grazpedwri":
         options["require_images"] = cfg.require_images
     if cfg.layout == "csv" and cfg.columns:
@@ -439,7 +492,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from fracture_ops.cli_common import add_common_args, add_field_flags
 
     parser.add_argument("source", nargs="?", help="data source folder, CSV file or s3:// URI")
-    add_field_flags(parser, IngestConfig, "layout")
+    add_field_flags(parser, IngestConfig, "layout", "one_image_per_patient")
     parser.add_argument("--patient-regex", help="folder layout: regex whose first group is the patient id")
     parser.add_argument("--col", action="append", metavar="CANONICAL=COLUMN", default=None,
                         help="csv layout: take a canonical column (image_id, image_uri, patient_id, "

@@ -69,6 +69,8 @@ def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
     return {
         "fracture_training": {
             "source_uri": (IngestConfig, "source_uri"), "layout": (IngestConfig, "layout"),
+            "patient_regex": (IngestConfig, "patient_regex"),
+            "one_image_per_patient": (IngestConfig, "one_image_per_patient"),
             **root, "raw_root": (StepConfig, "raw_root"),
             **{f: (FitConfig, f) for f in ("backbone", "image_size", "epochs", "batch_size", "lr",
                                            "loss", "cv_below_images", "box_weight",

@@ -104,7 +104,10 @@ def _spec(name: str, *args: str, pos: tuple[str, ...] = (), **kw: Any) -> StepSp
 TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     # ingest and validate write identifying tables to the raw zone only; the dataset store gets
     # counts and reports that name rows by number
-    _spec("ingest", "ingest", "--layout", "{{ params.layout }}", *RAW_ARGS,
+    # folder layout: patient ids from a file-name regex, the DICOM headers, or (said so) none
+    _spec("ingest", "ingest", "--layout", "{{ params.layout }}",
+          "--patient-regex", "{{ params.patient_regex or '' }}",
+          "--set", "one_image_per_patient={{ params.one_image_per_patient }}", *RAW_ARGS,
           pos=("{{ params.source_uri }}",),
           outputs=("ingest/report.json", "ingest/manifest.parquet", "ingest/boxes.parquet")),
     _spec("validate", "validate", "--boxes", f"{RAW}/ingest/boxes.parquet",

@@ -516,7 +516,7 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
     return summary
 
 
-# the training recipe's knobs, as flags of train, cv and fit (see the README's real-data section)
+# the training recipe's knobs, as flags of train, cv and fit (see docs/benchmarks.md)
 RECIPE_FLAGS = ("weight_decay", "warmup_epochs", "grad_clip", "hflip", "vflip", "rotate90",
                 "clahe", "rotate_limit", "resize", "crop_scale", "brightness_contrast", "label_smoothing", "ema_decay",
                 "tta_hflip", "global_pool", "box_weight", "mixup", "drop_rate", "min_epochs",
