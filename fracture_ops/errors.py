@@ -12,6 +12,14 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2  # argparse's own code for a bad command line
 EXIT_BAD_INPUT = 3
 EXIT_BUDGET_EXCEEDED = 4  # too much bad input: the error budget of a step was exceeded
+# the retry policy every runner follows (local subprocess, Kubernetes pod, TrainJob): a step that
+# exits with one of these is not retried (the data or the config must change); anything else is
+NOT_RETRYABLE = frozenset({EXIT_USAGE, EXIT_BAD_INPUT, EXIT_BUDGET_EXCEEDED})
+
+
+def retryable(exit_code: int | None) -> bool:
+    """Whether a step that exited with ``exit_code`` may be retried (see :data:`NOT_RETRYABLE`)."""
+    return exit_code not in NOT_RETRYABLE
 
 
 class FractureOpsError(Exception):

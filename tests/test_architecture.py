@@ -175,6 +175,33 @@ def test_the_decision_rule_is_written_once():
     assert found == ["fracture_ops/model/outputs.py"], found
 
 
+def test_model_files_are_written_and_read_in_one_place():
+    """``torch.load`` is called only in model/checkpoint.py (weights only, nothing runs), and
+    ``model.pt`` is named only in model/network.py (``MODEL_FILE``, with ``save_model`` and
+    ``load_model``, which every writer and reader of a trained model uses)."""
+    import ast
+
+    loads, names = set(), set()
+    for path in (REPO / "fracture_ops").rglob("*.py"):
+        rel = str(path.relative_to(REPO))
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, ast.Module | ast.FunctionDef | ast.ClassDef
+                                    | ast.AsyncFunctionDef)
+                      and n.body and isinstance(n.body[0], ast.Expr)
+                      and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr == "load"
+                    and isinstance(node.value, ast.Name) and node.value.id == "torch"):
+                loads.add(rel)
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and "model.pt" in node.value and id(node) not in docstrings
+                    and node.value.strip() == "model.pt"):
+                names.add(rel)
+    assert loads == {"fracture_ops/model/checkpoint.py"}, loads
+    assert names == {"fracture_ops/model/network.py"}, names
+
+
 def test_the_raw_root_form_default_follows_the_environment(monkeypatch):
     from fracture_ops.orchestration.params import dag_params
 

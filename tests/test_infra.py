@@ -653,7 +653,7 @@ def test_trainer_runtime_keeps_bad_input_exit_codes_and_never_restarts_in_place(
     """The TrainJob's runtime: a failed node fails the job at once with its own exit code (no
     in-place restart, no Job retry), exit 2/3/4 fail it by the pod failure policy, evictions do
     not count; and it is the runtime the platform's TrainJobs name."""
-    from fracture_ops.orchestration.local_runner import NOT_RETRYABLE
+    from fracture_ops.errors import NOT_RETRYABLE
     from fracture_ops.orchestration.pods import PodSettings
 
     runtime = one("ClusterTrainingRuntime", PodSettings().trainer_runtime)

@@ -32,6 +32,7 @@ from pydantic import Field
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded
+from fracture_ops.model.network import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def _open_model(cfg: CamConfig, train_dir: str):
     from fracture_ops.model.gradcam import GradCamExplainer, load_classifier
     from fracture_ops.model.network import resolve_device
 
-    model_uri = storage.join(train_dir, "model.pt")
+    model_uri = storage.join(train_dir, MODEL_FILE)
     if not storage.exists(model_uri):
         raise BadInputError(f"cam: no model.pt in {train_dir} (run the train step first)")
     loaded = load_classifier(model_uri, resolve_device(cfg.device))

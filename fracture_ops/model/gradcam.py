@@ -204,22 +204,12 @@ def load_classifier(model_uri: str, device: str = "cpu") -> LoadedModel:
     Raises:
         BadInputError: the file is missing or is not a fracture-ops checkpoint.
     """
-
-    from fracture_ops.model.network import build_model
+    from fracture_ops.model.network import load_model
 
     if not storage.exists(model_uri):
         raise BadInputError(f"model file not found: {model_uri}")
-    from fracture_ops.model.checkpoint import load_weights
-
-    blob = load_weights(storage.read_bytes(model_uri), "model.pt")
-    if not isinstance(blob, dict) or not {"state_dict", "info", "transform"} <= set(blob):
-        raise BadInputError(f"{model_uri} is not a fracture-ops model.pt (state_dict/info/transform)")
-    info = blob["info"]
-    model = build_model(info["backbone"], info["task"], len(info["class_names"]), None, quiet=True,
-                        global_pool=info.get("global_pool", "avg"))
-    model.load_state_dict(blob["state_dict"])
-    model.to(device).eval()
-    tf = blob["transform"]
+    saved = load_model(storage.read_bytes(model_uri), model_uri, device)
+    model, info, tf = saved.model, saved.info, saved.transform
     return LoadedModel(model, info, int(tf["image_size"]), bool(tf.get("clahe", False)),
                        tf.get("pre_size"), tf.get("resize", "letterbox"),
                        bool(tf.get("tta_hflip", False)), bool(tf.get("jpeg_draft", False)),

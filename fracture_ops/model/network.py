@@ -1,4 +1,7 @@
-"""Classification models: ``timm.create_model`` behind one :func:`build_model`.
+"""Classification models: ``timm.create_model`` behind one :func:`build_model`, and the one
+save/load pair of a trained classifier's ``model.pt`` (:func:`save_model`, :func:`load_model`:
+the train step writes it; the pyfunc model, Grad-CAM and through them inference, the gate and the
+drift reference rebuild it from the weights alone).
 
 Heads: binary = one logit (sigmoid), multi-class = K logits (softmax), multi-label = K logits
 (sigmoid). Pretrained weights come only from a package installed from the registry
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +230,51 @@ def zero_head(model) -> None:
             head.weight.zero_()
             if head.bias is not None:
                 head.bias.zero_()
+
+
+MODEL_FILE = "model.pt"
+
+
+def save_model(path: str | Path, state_dict: dict, info: dict, transform: dict) -> None:
+    """Write ``model.pt``: the weights, ``info`` (backbone, task, classes, global pool, ...) and
+    the ``transform`` record (size, geometry, CLAHE, normalisation, pre-shrink)."""
+    import torch
+
+    from fracture_ops.model.checkpoint import plain
+
+    torch.save({"state_dict": state_dict, "info": plain(info), "transform": plain(transform)},
+               path)
+
+
+@dataclass
+class SavedModel:
+    """A rebuilt ``model.pt``: the network (eval mode), its ``info`` and ``transform`` record."""
+
+    model: Any
+    info: dict
+    transform: dict
+
+
+def load_model(source: str | Path | bytes, what: str = MODEL_FILE, device: str = "cpu") -> SavedModel:
+    """Rebuild the network of a ``model.pt`` (a path or its bytes) with this package's code from
+    the weights alone.
+
+    Raises:
+        UnsafeModelFile: the file holds more than weights and plain values.
+        BadInputError: not a fracture-ops model file.
+    """
+    from fracture_ops.errors import BadInputError
+    from fracture_ops.model.checkpoint import load_weights
+
+    blob = load_weights(source, what)
+    if not isinstance(blob, dict) or not {"state_dict", "info", "transform"} <= set(blob):
+        raise BadInputError(f"{what} is not a fracture-ops model.pt (state_dict/info/transform)")
+    info = blob["info"]
+    model = build_model(info["backbone"], info["task"], len(info["class_names"]), None, quiet=True,
+                        global_pool=info.get("global_pool", "avg"))
+    model.load_state_dict(blob["state_dict"])
+    model.to(device).eval()
+    return SavedModel(model, info, dict(blob["transform"]))
 
 
 def cam_target_layer(model, backbone: str):

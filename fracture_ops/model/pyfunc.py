@@ -63,20 +63,15 @@ class FractureClassifier(PythonModel):
     def load_context(self, context) -> None:
 
         from fracture_ops.model.calibrators import Calibrator
-        from fracture_ops.model.network import build_model
+        from fracture_ops.model.network import load_model
         from fracture_ops.model.preprocess import served_transform
 
-        from fracture_ops.model.checkpoint import load_weights
-
         self.model_path = context.artifacts["model"]
-        blob = load_weights(self.model_path, "model.pt")
-        self.info = info = blob["info"]
+        saved = load_model(self.model_path)
+        self.info = info = saved.info
         self.task, self.class_names = info["task"], list(info["class_names"])
-        self.model = build_model(info["backbone"], self.task, len(self.class_names), None, quiet=True,
-                                 global_pool=info.get("global_pool", "avg"))
-        self.model.load_state_dict(blob["state_dict"])
-        self.model.eval()
-        tf = blob["transform"]
+        self.model = saved.model
+        tf = saved.transform
         self.pre_size = tf.get("pre_size")
         # reduced-scale JPEG decoding as in training (models trained before it: full decoding)
         self.jpeg_draft = bool(tf.get("jpeg_draft", False))

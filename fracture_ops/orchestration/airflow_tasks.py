@@ -5,7 +5,8 @@ runner or a KubernetesPodOperator, chosen by ``$FRACTURE_OPS_RUNNER`` (``local``
 ``kubernetes`` in a cluster), never by editing a DAG. Both carry the same task id, owner, retries
 with exponential back-off, timeout and outlets, and run the same command.
 
-Failures: a step that exits with a bad-input code (2, 3, 4) fails the task without retries
+Failures: a step that exits with a code of ``errors.NOT_RETRYABLE`` (bad config, bad input, an
+exceeded error budget) fails the task without retries
 (``AirflowFailException``), because retrying cannot fix the data; anything else is retried.
 """
 

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from fracture_ops.errors import EXIT_BAD_INPUT, EXIT_BUDGET_EXCEEDED, EXIT_USAGE
+from fracture_ops.errors import retryable
 from fracture_ops.orchestration.specs import StepSpec, render_args
 
 log = logging.getLogger(__name__)
-NOT_RETRYABLE = {EXIT_USAGE, EXIT_BAD_INPUT, EXIT_BUDGET_EXCEEDED}
 
 
 class StepFailed(RuntimeError):
@@ -39,7 +38,7 @@ class StepFailed(RuntimeError):
 
     def __init__(self, step: str, exit_code: int, tail: list[str]):
         self.step, self.exit_code, self.tail = step, exit_code, tail
-        self.retryable = exit_code not in NOT_RETRYABLE
+        self.retryable = retryable(exit_code)
         kind = "infrastructure/internal error (retryable)" if self.retryable else "bad input (not retried)"
         last = "\n".join(tail[-15:])
         super().__init__(f"step {step} exited {exit_code}: {kind}\n{last}")

@@ -175,12 +175,13 @@ def _exit_code(remote_pod, container: str) -> int | None:
 
 
 def _operator_class():
-    """KubernetesPodOperator that fails without retries when the step exits with a bad-input code
-    (2, 3, 4), like the local runner; the provider itself would retry every failure."""
+    """KubernetesPodOperator that fails without retries when the step exits with a code of
+    :data:`fracture_ops.errors.NOT_RETRYABLE`, like the local runner; the provider itself would
+    retry every failure."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk.exceptions import AirflowFailException
 
-    from fracture_ops.orchestration.local_runner import NOT_RETRYABLE
+    from fracture_ops.errors import NOT_RETRYABLE
 
     class StepPodOperator(KubernetesPodOperator):
         sidecar_resources: dict | None = None

@@ -338,6 +338,6 @@ class TrainJobSensor(BaseSensorOperator):
 
 
 def _not_retryable() -> set[int]:
-    from fracture_ops.orchestration.local_runner import NOT_RETRYABLE
+    from fracture_ops.errors import NOT_RETRYABLE
 
     return set(NOT_RETRYABLE)

@@ -20,6 +20,7 @@ from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError
 from fracture_ops.registry.client import CLASSIFIER
+from fracture_ops.model.network import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def package_step(cfg: PackageConfig) -> dict:
     if not storage.is_complete(train_dir):
         raise BadInputError(f"package: training in {train_dir} has not finished (_SUCCESS missing)")
     info = storage.read_json(storage.join(train_dir, "model_info.json"))
-    inputs = {"model": storage.join(train_dir, "model.pt"),
+    inputs = {"model": storage.join(train_dir, MODEL_FILE),
               "calibration": cfg.resolved("calibration_uri", "calibrate", "calibration.json"),
               "thresholds": cfg.resolved("thresholds_uri", "tune_thresholds", "thresholds.json")}
     for name, uri in inputs.items():

@@ -415,8 +415,6 @@ def _prepare_folder(cfg: TrainConfig, out: str, local: Path, dist) -> None:
 
 def _train(cfg: TrainConfig, dist, device: str) -> dict:
     """:func:`train_step` in one process of the group (``dist``; one process: rank 0 of 1)."""
-    import torch
-
     from fracture_ops import tracking
     from fracture_ops.cli_common import progress
     from fracture_ops.training import distributed
@@ -471,7 +469,8 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
                     progress=lambda it: progress(it, "train", total=len(it)),
                     on_epoch_start=lambda epoch: _reseed(loaders["train"], cfg.seed, epoch, dist),
                     dist=dist)
-        from fracture_ops.model.checkpoint import load_weights, plain
+        from fracture_ops.model.checkpoint import load_weights
+        from fracture_ops.model.network import MODEL_FILE, save_model
 
         kept = f"{cfg.weights}.pt"
         blob = load_weights(local / kept, f"checkpoint {kept}")
@@ -490,12 +489,10 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
                 "patients": {s: int(parts[s]["patient_id"].nunique()) for s in parts},
                 "mlflow_run_id": run.info.run_id, "split_uri": cfg.split_uri,
                 "experiment": cfg.experiment, **tags}
-        torch.save({"state_dict": model.state_dict(), "info": plain(info),
-                    "transform": {"image_size": cfg.image_size, "clahe": cfg.clahe,
-                                  "resize": cfg.resize, "tta_hflip": cfg.tta_hflip,
-                                  "pre_size": pre_size(cfg), "jpeg_draft": True,
-                                  "mean": list(mean), "std": list(std)}},
-                   local / "model.pt")
+        save_model(local / MODEL_FILE, model.state_dict(), info,
+                   {"image_size": cfg.image_size, "clahe": cfg.clahe, "resize": cfg.resize,
+                    "tta_hflip": cfg.tta_hflip, "pre_size": pre_size(cfg), "jpeg_draft": True,
+                    "mean": list(mean), "std": list(std)})
         # the predictions folder in the contract's layout (checked), then the full model info
         write_predictions(out, preds, cfg.task, cfg.class_names)
         storage.write_json(storage.join(out, MODEL_INFO_FILE), info)
@@ -504,8 +501,8 @@ def _train(cfg: TrainConfig, dist, device: str) -> dict:
                             **({"best_val_auroc": state.best_score}
                                if np.isfinite(state.best_score) else {})})
         if remote:
-            storage.write_bytes(storage.join(out, "model.pt"), (local / "model.pt").read_bytes())
-        mlflow.log_artifact(str(local / "model.pt"), "checkpoint")
+            storage.write_bytes(storage.join(out, MODEL_FILE), (local / MODEL_FILE).read_bytes())
+        mlflow.log_artifact(str(local / MODEL_FILE), "checkpoint")
         mlflow.log_text(storage.read_text(storage.join(out, "config.resolved.yaml")),
                         "config/config.resolved.yaml")
     summary = {"train_dir": out, "mlflow_run_id": run.info.run_id, "best_epoch": state.best_epoch,
