@@ -461,3 +461,37 @@ def test_report_refuses_a_partial_store_and_non_binary_models(monkeypatch, tmp_p
     monkeypatch.setattr("fracture_ops.model.pyfunc.load_classifier_dir", lambda d: Multiclass())
     with pytest.raises(Exception, match="binary fracture models only"):
         report.Reporter(report.PacsReportConfig(artifact_root="/tmp/x"), reporter.conn)
+
+
+def test_a_url_that_is_not_a_dicomweb_root_exits_2_naming_it(orthanc, tmp_path):
+    """The server's root without its DICOMweb path (Orthanc: /dicom-web) answers the study
+    search with 400/404: exit 2 (a setting to fix, not retried), naming the URL and the usual
+    suffix."""
+    root = orthanc.env()["FRACTURE_OPS_PACS_URL"].removesuffix("/dicom-web")
+    env = {**os.environ, **orthanc.env(), "FRACTURE_OPS_PACS_URL": root}
+    res = subprocess.run([sys.executable, "-m", "fracture_ops.cli", "pacs-ingest", "--artifact-root",
+                          str(tmp_path / "art"), "--allow-dev-secret", "--retries", "0"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-1500:]
+    assert root in res.stderr and "/dicom-web" in res.stderr and "does not look like" in res.stderr
+    # the failed run leaves its config and a report that says why
+    reports = list((tmp_path / "art").rglob("pacs_ingest/report.json"))
+    assert len(reports) == 1 and (reports[0].parent / "config.resolved.yaml").exists()
+    report = json.loads(reports[0].read_text())
+    assert report["run_failed"] and report["error"] == "PacsUrlError" and root in report["reason"]
+
+
+def test_report_without_a_champion_exits_2_naming_what_to_do(tmp_path):
+    """Right after `make demo` there is no champion: a setting to change (exit 2) that names
+    --model-uri and the promote command, not 'bad input data'."""
+    art = tmp_path / "art"
+    (art / "pacs" / "pacs").mkdir(parents=True)
+    pd.DataFrame({"image_id": ["I1"], "study_id": ["S1"], "image_uri": ["x.dcm"]}).to_parquet(
+        art / "pacs" / "pacs" / "manifest.parquet")
+    env = {**os.environ, "FRACTURE_OPS_PACS_URL": "http://127.0.0.1:9/dicom-web",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    res = subprocess.run([sys.executable, "-m", "fracture_ops.cli", "pacs-report", "--artifact-root",
+                          str(art), "--retries", "0"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2, res.stderr[-1500:]
+    assert "--model-uri" in res.stderr and "registry promote" in res.stderr

@@ -44,6 +44,10 @@ class PacsRequestError(FractureOpsError):
     """The PACS refused a request for another reason (4xx)."""
 
 
+class PacsUrlError(ConfigError):
+    """The DICOMweb root answers a search with 400/404: the URL is not a DICOMweb root (exit 2)."""
+
+
 @dataclass(frozen=True)
 class PacsConnection:
     """Where the PACS's DICOMweb root is and who we are there (the password is not printed)."""
@@ -113,6 +117,14 @@ class PacsConnection:
                         f"PACS connection {self.name!r} ({self.url}): {status} "
                         f"{'unauthorised' if status == 401 else 'forbidden'} on {what}: check the "
                         "account (login/password) of the connection") from None
+                if status in (400, 404) and what.startswith("QIDO-RS study search"):
+                    # the first request of a run: a root that answers it with 400/404 is not a
+                    # DICOMweb root (Orthanc's is <server>/dicom-web); retrying will not help
+                    raise PacsUrlError(
+                        f"PACS connection {self.name!r}: {self.url} answered the study search "
+                        f"with HTTP {status}: it does not look like a DICOMweb root. Check "
+                        f"{URL_ENV} (the QIDO-RS/WADO-RS root, often ending in /dicom-web, e.g. "
+                        "http://pacs:8042/dicom-web)") from None
                 if status not in RETRYABLE_STATUS:
                     raise PacsRequestError(f"PACS connection {self.name!r}: {what} refused with "
                                            f"HTTP {status}") from None

@@ -301,11 +301,35 @@ def rebuild_manifest(root: str):
 def pacs_ingest_step(cfg: PacsIngestConfig, deid_cfg=None, conn: PacsConnection | None = None) -> dict:
     """Pull the new studies (see the module docstring) and return the run's summary.
 
+    Every run, failed ones too, leaves ``config.resolved.yaml`` and ``report.json`` in its step
+    folder (a failed run's report says why: the error's kind and message, which name settings,
+    never a DICOM value).
+
     Raises:
         ConfigError: no PACS URL, or the PACS refused the account (401/403).
         PacsUnavailable: the PACS kept failing after the retries (exit 1: retried later).
         ErrorBudgetExceeded: more than ``max_bad_fraction`` of the instances were quarantined.
     """
+    from fracture_ops.config import write_resolved
+    from fracture_ops.errors import FractureOpsError
+
+    out_dir = cfg.output_dir(STEP)
+    write_resolved(cfg, out_dir)
+    report_uri = storage.join(out_dir, "report.json")
+    try:
+        return _ingest(cfg, deid_cfg, conn)
+    except BaseException as exc:
+        kept = storage.exists(report_uri) and storage.read_json(report_uri)
+        if not (kept and kept.get("run_id") == cfg.run_id and kept.get("run_failed")):
+            # our own errors carry messages that name settings; anything else only its kind
+            reason = str(exc) if isinstance(exc, FractureOpsError) else type(exc).__name__
+            storage.write_json(report_uri, {"run_id": cfg.run_id, "run_failed": True,
+                                            "error": type(exc).__name__, "reason": reason})
+        raise
+
+
+def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None) -> dict:
+    """:func:`pacs_ingest_step`'s work."""
     import pandas as pd
 
     from fracture_ops.deid.config import DeidConfig
@@ -322,7 +346,7 @@ def pacs_ingest_step(cfg: PacsIngestConfig, deid_cfg=None, conn: PacsConnection 
     start = query_start(cfg, state)
     try:
         found, complete = run.find_studies(start)
-    except (PacsAuthError, PacsUnavailable, PacsRequestError):
+    except (PacsAuthError, PacsUnavailable, PacsRequestError, ConfigError):  # URL, account
         raise
     except Exception as exc:  # an answer we cannot read; its text may quote identifiers
         raise PacsRequestError(f"pacs-ingest: the PACS's study search answer could not be read "
@@ -383,7 +407,8 @@ def pacs_ingest_step(cfg: PacsIngestConfig, deid_cfg=None, conn: PacsConnection 
                "listing_complete": complete, "watermark_moved": moved}
     out_dir = cfg.output_dir(STEP)
     storage.write_json(storage.join(out_dir, "report.json"),
-                       {**summary, "quarantined": quarantined,
+                       {**summary, "run_id": cfg.run_id, "run_failed": over_budget,
+                        "quarantined": quarantined,
                         "failed": [{k: v for k, v in f.items() if k != "date"} for f in failed]})
     summary["gallery_uri"] = _write_gallery(out_dir, run)
     if over_budget:

@@ -83,7 +83,13 @@ class Reporter:
 
         mlflow.set_tracking_uri(tracking.tracking_uri())
         self.cfg, self.conn = cfg, conn
-        self.ref = resolve_model(cfg.model_uri)
+        try:
+            self.ref = resolve_model(cfg.model_uri)
+        except BadInputError as exc:  # no champion yet: a setting to change, not bad data
+            raise ConfigError(
+                f"pacs-report: no model at {cfg.model_uri} ({exc}). Promote an approved "
+                "challenger (fracture-ops registry promote, or the fracture_promotion DAG), or "
+                "name a version: --model-uri models:/fracture-classifier/<version>") from exc
         self.clf = load_classifier_dir(mlflow.artifacts.download_artifacts(artifact_uri=self.ref.uri))
         if self.clf.task != "binary":  # one probability, one threshold: what the SR states
             raise ConfigError(f"pacs-report: {self.ref.name} v{self.ref.version} is a {self.clf.task} "
