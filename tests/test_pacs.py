@@ -308,7 +308,8 @@ def champion(tmp_path_factory):
     yield from registered_champion(tmp_path_factory)
 
 
-def test_results_go_back_as_valid_sr_and_sc_under_the_original_study(orthanc, champion, tmp_path):
+def test_results_go_back_as_valid_sr_and_sc_under_the_original_study(orthanc, champion, tmp_path,
+                                                                   capfd):
     """pacs-ingest then pacs-report: per radiograph, a Comprehensive SR (probability of the
     champion's own predict, decision, model version) and a Grad-CAM Secondary Capture reach the
     PACS under the original study and patient, pass dciodvfy, and a rerun sends nothing more."""
@@ -319,12 +320,34 @@ def test_results_go_back_as_valid_sr_and_sc_under_the_original_study(orthanc, ch
     from fracture_ops.pacs.dicomweb import tag_value
     from fracture_ops.pacs.report import PacsReportConfig, pacs_report_step
 
+    import logging
+    import warnings
+
     _clear(orthanc)
     uploaded = _synthetic(tmp_path, 3)
     _store(orthanc, uploaded)
-    pacs_ingest_step(_cfg(tmp_path, "i1", dataset="results"), conn=_conn(orthanc))
-    cfg = PacsReportConfig(artifact_root=str(tmp_path / "art"), run_id="rep1", dataset="results")
-    summary = pacs_report_step(cfg, conn=_conn(orthanc))
+    # everything both steps say (log records at every level, Python warnings, stdout/stderr)
+    # is kept and searched for the uploaded files' header values and UIDs below
+    records: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    before = logging.getLogger().level
+    logging.getLogger().setLevel(logging.DEBUG)
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            pacs_ingest_step(_cfg(tmp_path, "i1", dataset="results"), conn=_conn(orthanc))
+            cfg = PacsReportConfig(artifact_root=str(tmp_path / "art"), run_id="rep1",
+                                   dataset="results")
+            summary = pacs_report_step(cfg, conn=_conn(orthanc))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(before)
+    out = capfd.readouterr()
+    said_text = "\n".join(records + [str(w.message) for w in said] + [out.out, out.err])
+    phi_and_uids = set().union(*(_phi_values(d) for d in uploaded))
+    assert not _leaks(said_text.encode("latin-1", "replace"), phi_and_uids)
     assert summary["model_version"] == champion["version"] and summary["studies_reported"] == 3
     assert summary["objects_sent"] == 2 * len(uploaded) and summary["images_skipped"] == 0
     client = _conn(orthanc).client()

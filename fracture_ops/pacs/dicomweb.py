@@ -48,6 +48,19 @@ class PacsUrlError(ConfigError):
     """The DICOMweb root answers a search with 400/404: the URL is not a DICOMweb root (exit 2)."""
 
 
+def quiet_dicom_libraries() -> None:
+    """Keep original identifiers out of task logs: dicomweb-client logs every request with its
+    study, series and instance UIDs (INFO, and ERROR for refused stores); highdicom and pydicom
+    warn with the values they find (a referring physician's name, a UID), as log records and as
+    Python warnings. The PACS steps, which handle identified data, silence all of them."""
+    import warnings
+
+    for name in ("dicomweb_client", "urllib3.connectionpool", "highdicom", "pydicom"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for module in ("highdicom", "pydicom", "dicomweb_client"):
+        warnings.filterwarnings("ignore", module=module)
+
+
 @dataclass(frozen=True)
 class PacsConnection:
     """Where the PACS's DICOMweb root is and who we are there (the password is not printed)."""
@@ -91,10 +104,7 @@ class PacsConnection:
         import requests
         from dicomweb_client.api import DICOMwebClient
 
-        # dicomweb-client logs every request with its study, series and instance UIDs (INFO,
-        # and ERROR for refused stores): original identifiers must stay out of task logs
-        for name in ("dicomweb_client", "urllib3.connectionpool"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        quiet_dicom_libraries()
         session = requests.Session()
         if self.username:
             session.auth = requests.auth.HTTPBasicAuth(self.username, self.password)
