@@ -9,7 +9,7 @@ RUN_ID ?= demo
 export NO_ALBUMENTATIONS_UPDATE=1 GX_ANALYTICS_ENABLED=False MLFLOW_DISABLE_TELEMETRY=true \
        HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: help install demo test lint bench gpu-check clean up down
+.PHONY: help install demo test lint bench gpu-check clean up down pacs pacs-down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,12 @@ up: install  ## start Airflow (standalone) and the MLflow UI on loopback, DAGs l
 
 down:  ## stop what `make up` started
 	@$(BIN)/python -m fracture_ops.orchestration.devstack down
+
+pacs: install  ## start the bundled Orthanc PACS alone (Debian's orthanc, orthanc-dicomweb) on loopback
+	@$(BIN)/python -m fracture_ops.orchestration.devstack pacs
+
+pacs-down:  ## stop the PACS `make pacs` started
+	@$(BIN)/python -m fracture_ops.orchestration.devstack pacs-down
 
 lint: install  ## ruff, the layering contracts (lint-imports; see ARCHITECTURE.md), trigger forms up to date
 	$(BIN)/ruff check fracture_ops dags tests benchmarks

@@ -518,3 +518,49 @@ def test_report_without_a_champion_exits_2_naming_what_to_do(tmp_path):
                          timeout=300)
     assert res.returncode == 2, res.stderr[-1500:]
     assert "--model-uri" in res.stderr and "registry promote" in res.stderr
+
+
+def test_make_pacs_starts_orthanc_alone_and_pacs_down_stops_it(tmp_path):
+    """`make pacs` starts the bundled Orthanc alone and prints its URL and credentials file; its
+    usual port taken (Debian's orthanc.service, here a socket of ours) moves it to free ports
+    and says so; a QIDO-RS search with the printed account answers; `make pacs-down` leaves
+    nothing running."""
+    import re
+    import socket
+
+    import requests
+
+    why = orthanc_local.missing()
+    if why:
+        pytest.skip(why)
+    repo = Path(__file__).resolve().parents[1]
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = busy.getsockname()[1]
+    env = {**os.environ, "FRACTURE_OPS_STACK_DIR": str(tmp_path / "stack"),
+           "ORTHANC_PORT": str(taken), "ORTHANC_DICOM_PORT": str(orthanc_local.free_port())}
+    try:
+        res = subprocess.run(["make", "-s", "pacs"], cwd=repo, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"port(s) {taken} already in use" in res.stdout
+        url = re.search(r"DICOMweb (\S+),", res.stdout).group(1)
+        creds = json.loads(Path(re.search(r"password in (\S+)\)", res.stdout).group(1)).read_text())
+        assert f":{taken}/" not in url
+        answer = requests.get(f"{url}/studies", auth=(creds["username"], creds["password"]),
+                              headers={"Accept": "application/dicom+json"}, timeout=30)
+        assert answer.status_code in (200, 204)
+        again = subprocess.run(["make", "-s", "pacs"], cwd=repo, env=env, capture_output=True,
+                               text=True, timeout=300)  # idempotent: the same server
+        assert again.returncode == 0 and url in again.stdout
+        pid = int((tmp_path / "stack" / "orthanc.pid").read_text())
+    finally:
+        down = subprocess.run(["make", "-s", "pacs-down"], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=120)
+        busy.close()
+    assert down.returncode == 0 and "stopped the PACS" in down.stdout
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/studies", timeout=5)

@@ -136,12 +136,34 @@ def _pacs_credentials(s: dict) -> tuple[str, str, Path]:
     return creds["username"], creds["password"], path
 
 
+def _pacs_ports(s: dict) -> tuple[int, int]:
+    """The local PACS's HTTP and DICOM ports: the ones chosen when it was first started (kept in
+    its state folder), else the settings' (``ORTHANC_PORT``, ``ORTHANC_DICOM_PORT``)."""
+    chosen = s["state"] / "orthanc" / "ports.json"
+    if chosen.exists():
+        ports = json.loads(chosen.read_text())
+        return int(ports["http"]), int(ports["dicom"])
+    return s["orthanc_port"], s["orthanc_dicom_port"]
+
+
+def _port_taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def _local_pacs(s: dict):
     from fracture_ops.pacs.orthanc_local import LocalOrthanc
 
     user, password, _ = _pacs_credentials(s)
+    http, dicom = _pacs_ports(s)
     return LocalOrthanc(s["state"] / "orthanc", username=user, password=password,
-                        http_port=s["orthanc_port"], dicom_port=s["orthanc_dicom_port"])
+                        http_port=http, dicom_port=dicom)
 
 
 def pacs_env(s: dict) -> dict:
@@ -162,14 +184,27 @@ def start_pacs(s: dict, timeout: float = 60) -> dict:
     why = missing()
     if why:
         return {"missing": why}
-    server = _local_pacs(s)
     pid_file = s["state"] / "orthanc.pid"
+    moved = ""
     if not (pid_file.exists() and _alive(int(pid_file.read_text()))):
+        http, dicom = _pacs_ports(s)
+        taken = [p for p in (http, dicom) if _port_taken(p)]
+        if taken:  # e.g. Debian's own orthanc.service on 8042/4242
+            from fracture_ops.pacs.orthanc_local import free_port
+
+            (s["state"] / "orthanc").mkdir(parents=True, exist_ok=True)
+            new = {"http": free_port(), "dicom": free_port()}
+            (s["state"] / "orthanc" / "ports.json").write_text(json.dumps(new))
+            moved = (f"port(s) {', '.join(map(str, taken))} already in use (Debian's "
+                     f"orthanc.service?): started on {new['http']} (HTTP) and {new['dicom']} "
+                     "(DICOM) instead")
+        server = _local_pacs(s)
         server.start(timeout=timeout)
         pid_file.write_text(str(server.pid))
+    server = _local_pacs(s)
     return {"url": server.url, "dicomweb_url": server.dicomweb_url, "dicom_port": server.dicom_port,
             "username": server.username, "credentials_file": str(_pacs_credentials(s)[2]),
-            "pid": int(pid_file.read_text())}
+            "pid": int(pid_file.read_text()), **({"moved": moved} if moved else {})}
 
 
 def up(timeout: float = 240) -> dict:
@@ -251,11 +286,11 @@ def api(stack: dict, method: str, path: str, body: dict | None = None) -> dict:
                 method)
 
 
-def down(timeout: float = 60) -> list[int]:
-    """Stop both process groups (TERM, then KILL); returns the pids that were running."""
+def down(timeout: float = 60, names: tuple[str, ...] = ("airflow", "mlflow", "orthanc")) -> list[int]:
+    """Stop the stack's process groups (TERM, then KILL); returns the pids that were running."""
     s = _settings()
     stopped = []
-    for name in ("airflow", "mlflow", "orthanc"):
+    for name in names:
         pid_file = s["state"] / f"{name}.pid"
         if not pid_file.exists():
             continue
@@ -283,18 +318,42 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def _pacs_line(pacs: dict) -> str:
+    return (f"PACS        {pacs['url']}  (Orthanc; DICOMweb {pacs['dicomweb_url']}, DICOM port "
+            f"{pacs['dicom_port']}; user {pacs['username']}, password in "
+            f"{pacs['credentials_file']})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fracture_ops.orchestration.devstack", description=__doc__)
-    ap.add_argument("action", choices=["up", "down"])
+    ap.add_argument("action", choices=["up", "down", "pacs", "pacs-down"],
+                    help="up/down: the whole stack; pacs/pacs-down: the bundled Orthanc alone")
     args = ap.parse_args(argv)
+    if args.action == "pacs":
+        pacs = start_pacs(_settings())
+        if pacs.get("missing"):
+            print(f"PACS not started: {pacs['missing']}")
+            return 1
+        print(_pacs_line(pacs))
+        if pacs.get("moved"):
+            print(f"            note: {pacs['moved']}")
+        print(f"            pacs-ingest reads FRACTURE_OPS_PACS_URL={pacs['dicomweb_url']}, "
+              f"FRACTURE_OPS_PACS_USERNAME={pacs['username']} and FRACTURE_OPS_PACS_PASSWORD "
+              "(the password in the credentials file); for a site's PACS set those three to its "
+              "DICOMweb root and account instead")
+        print("            stop with: make pacs-down")
+        return 0
+    if args.action == "pacs-down":
+        stopped = down(names=("orthanc",))
+        print(f"stopped the PACS (process group {stopped[0]})" if stopped else "no PACS was running")
+        return 0
     if args.action == "up":
         info = up()
         print(f"Airflow UI  {info['airflow_url']}  (user admin; password in {info['admin_password_file']})")
         print(f"MLflow UI   {info['mlflow_url']}")
         pacs = info["pacs"]
         if pacs.get("url"):
-            print(f"PACS        {pacs['url']}  (Orthanc; DICOMweb {pacs['dicomweb_url']}, DICOM port "
-                  f"{pacs['dicom_port']}; user {pacs['username']}, password in {pacs['credentials_file']})")
+            print(_pacs_line(pacs))
         else:
             print(f"PACS        not started: {pacs['missing']}")
         if info["deid_secret_file"]:
