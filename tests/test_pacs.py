@@ -386,6 +386,9 @@ def test_results_go_back_as_valid_sr_and_sc_under_the_original_study(orthanc, ch
     again = pacs_report_step(PacsReportConfig(artifact_root=str(tmp_path / "art"), run_id="rep2",
                                               dataset="results"), conn=_conn(orthanc))
     assert again["objects_sent"] == 0 and again["studies_already_reported"] == 3
+    # the results sent back are not growth: the next ingest fetches and writes nothing
+    third = pacs_ingest_step(_cfg(tmp_path, "i2", dataset="results"), conn=_conn(orthanc))
+    assert third["studies_grown"] == 0 and third["instances_written"] == 0, third
     # the dataset store got PHI-free counts only: no SR/SC, no original UID, no name
     phi = set().union(*(_phi_values(d) for d in uploaded))
     for path in (tmp_path / "art").rglob("*"):

@@ -52,6 +52,9 @@ STEP = "pacs_ingest"
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
 STUDY_DATE, MODALITY, BODY_PART = "00080020", "00080060", "00180015"
 STUDY_INSTANCES = "00201208"  # Number of Study Related Instances
+SERIES_DESCRIPTION = "0008103E"
+# the platform's own results (pacs-report's SR and Grad-CAM series) describe themselves so
+OWN_SERIES_PREFIX = "fracture-ops"
 QIDO_PAGE = 200
 
 
@@ -182,16 +185,30 @@ class Ingest:
         return found, complete
 
     def wanted_series(self, study: str) -> list[str]:
+        """The study's series of a wanted modality (and body part); never the platform's own
+        results sent back by ``pacs-report`` (SR and secondary capture, and recognised by their
+        description as a second check)."""
         items = self.conn.call("QIDO-RS series search", lambda: self.client.search_for_series(
-            study_instance_uid=study, fields=["Modality", "BodyPartExamined"]))
+            study_instance_uid=study, fields=["Modality", "BodyPartExamined", "SeriesDescription"]))
         keep = []
         for item in items:
             if tag_value(item, MODALITY).upper() not in self.cfg.modalities:
+                continue
+            if tag_value(item, SERIES_DESCRIPTION).startswith(OWN_SERIES_PREFIX):
                 continue
             if self.cfg.body_parts and tag_value(item, BODY_PART).upper() not in self.cfg.body_parts:
                 continue
             keep.append(tag_value(item, SERIES_UID))
         return [s for s in keep if s]
+
+    def wanted_instances(self, study: str) -> int:
+        """How many instances the study's wanted series hold now (what growth is measured on:
+        instances of other modalities, and the results ``pacs-report`` sends back, never count)."""
+        return sum(len(self.conn.call("QIDO-RS instance search", lambda s=series:
+                                      self.client.search_for_instances(
+                                          study_instance_uid=study, series_instance_uid=s,
+                                          fields=["SOPInstanceUID"])))
+                   for series in self.wanted_series(study))
 
     def study(self, study: str) -> tuple[list[dict], list[dict], list[dict]]:
         """Fetch, de-identify and write one study's wanted instances: ``(rows, quarantined,
@@ -354,8 +371,11 @@ def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None) -> dic
     done = _parts(run.root)
     # a study is fetched when it has no part yet, or when the PACS now holds more of its
     # instances than when it was fetched (instances still arriving from the modality)
+    # the study-level count is a cheap first look (it also counts other modalities and the results
+    # pacs-report sent back); a study past it is counted again over its wanted series only
     grown = {uid for uid, (_, n) in found.items() if run.keys.uid(uid) in done
-             and n > _recorded_instances(run.root, run.keys.uid(uid))}
+             and n > (seen := _recorded_instances(run.root, run.keys.uid(uid)))
+             and run.wanted_instances(uid) > seen}
     new = sorted((d or "", uid) for uid, (d, _) in found.items()
                  if run.keys.uid(uid) not in done or uid in grown)
     todo, left = new[:cfg.max_studies], new[cfg.max_studies:]
@@ -379,7 +399,7 @@ def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None) -> dic
             continue
         storage.write_parquet(storage.join(raw_dir(cfg), "links", f"{key}.parquet"),
                               pd.DataFrame(links, columns=["image_id", "study_uid", "series_uid", "sop_uid"]))
-        part = (key, rows, found[study][1])
+        part = (key, rows, len(rows) + len(bad))  # the wanted series' instances, all handled
         written += len(rows)
         if bad:  # committed only once the run is within its error budget (below)
             quarantined += bad
