@@ -567,3 +567,39 @@ def test_make_pacs_starts_orthanc_alone_and_pacs_down_stops_it(tmp_path):
         os.killpg(pid, 0)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/studies", timeout=5)
+
+
+def test_backfill_fetches_an_old_study_the_watermark_passed_exactly_once(orthanc, tmp_path):
+    """A study dated a year before the watermark, stored after a run: the lookback window does
+    not reach it, `--backfill FROM TO` does, once (a second backfill fetches nothing, and an
+    instance added to that old study later is fetched exactly once); the watermark stays."""
+    _clear(orthanc)
+    _store(orthanc, _synthetic(tmp_path, 2))  # study dates 2024-01-15, 2024-02-15
+    pacs_ingest_step(_cfg(tmp_path, "b1", dataset="back"), conn=_conn(orthanc))
+    state = tmp_path / "art-raw" / "pacs" / "back" / "state.json"
+    mark = json.loads(state.read_text())["watermark"]
+    old, late = _synthetic(tmp_path / "old", 1, start=50)
+    for ds in (old, late):
+        ds.StudyDate = "20230210"
+    _store(orthanc, [old])
+    assert pacs_ingest_step(_cfg(tmp_path, "b2", dataset="back"),
+                            conn=_conn(orthanc))["instances_written"] == 0  # outside the window
+    res = subprocess.run(
+        [sys.executable, "-m", "fracture_ops.cli", "pacs-ingest", "--artifact-root",
+         str(tmp_path / "art"), "--allow-dev-secret", "--dataset", "back", "--backfill",
+         "20230101", "20231231", "--run-id", "b3"],
+        env={**os.environ, **orthanc.env()}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-1500:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["instances_written"] == 1
+    again = pacs_ingest_step(_cfg(tmp_path, "b4", dataset="back", backfill=["20230101", "20231231"]),
+                             conn=_conn(orthanc))
+    assert again["instances_written"] == 0
+    _store(orthanc, [late])  # one more instance of the old study
+    grown = pacs_ingest_step(_cfg(tmp_path, "b5", dataset="back", backfill=["20230101", "20231231"]),
+                             conn=_conn(orthanc))
+    assert grown["studies_grown"] == 1 and grown["instances_written"] == 2
+    manifest = _manifest(tmp_path, "back")
+    assert len(manifest) == 2 * 2 + 2 and manifest["image_id"].is_unique
+    assert json.loads(state.read_text())["watermark"] == mark  # backfill never moves it
+    with pytest.raises(Exception, match="after TO"):
+        _cfg(tmp_path, "b6", dataset="back", backfill=["20231231", "20230101"])

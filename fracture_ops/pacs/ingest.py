@@ -82,6 +82,9 @@ class PacsIngestConfig(StepConfig):
                                    "built-in key when $FRACTURE_OPS_DEID_SECRET is unset")
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0, description="quarantined share of the "
                                     "run's instances above which the step fails (exit 4)")
+    backfill: list[str] = Field(default_factory=list, description="FROM TO (YYYYMMDD): fetch "
+                                "every study dated in that range that the dataset lacks (or "
+                                "that grew), whatever the watermark, which stays where it is")
 
     @field_validator("modalities", "body_parts")
     @classmethod
@@ -100,6 +103,21 @@ class PacsIngestConfig(StepConfig):
                 datetime.strptime(value, "%Y%m%d")
             except ValueError:
                 raise ValueError(f"since={value!r} must be a date YYYYMMDD") from None
+        return value
+
+    @field_validator("backfill")
+    @classmethod
+    def _range(cls, value: list[str]) -> list[str]:
+        if not value:
+            return value
+        if len(value) != 2:
+            raise ValueError("backfill takes two dates, FROM TO (YYYYMMDD)")
+        try:
+            first, last = (datetime.strptime(v, "%Y%m%d") for v in value)
+        except ValueError:
+            raise ValueError(f"backfill {value} must be two dates YYYYMMDD") from None
+        if first > last:
+            raise ValueError(f"backfill FROM {value[0]} is after TO {value[1]}")
         return value
 
 
@@ -152,7 +170,7 @@ class Ingest:
         self.gallery: list[dict] = []  # PHI-free records of this run's instances, for the gallery
         self.thumbs: dict[str, str] = {}  # output-pixel thumbnails (gallery.html)
 
-    def find_studies(self, start: str) -> tuple[dict[str, tuple[str, int]], bool]:
+    def find_studies(self, start: str, end: str = "") -> tuple[dict[str, tuple[str, int]], bool]:
         """Study UID -> (study date, number of instances) of every study with a wanted modality
         since ``start``, and whether the listing is complete (False when a page came back full
         yet added nothing new: a PACS that ignores ``offset`` past its own cap)."""
@@ -160,8 +178,8 @@ class Ingest:
         complete = True
         for modality in self.cfg.modalities:
             filters = {"ModalitiesInStudy": modality}
-            if start:
-                filters["StudyDate"] = f"{start}-"
+            if start or end:
+                filters["StudyDate"] = f"{start}-{end}"
             offset = 0
             while True:  # page by page until an empty page: a PACS may cap each answer
                 items = self.conn.call(f"QIDO-RS study search ({modality})", lambda f=filters, o=offset:
@@ -360,9 +378,11 @@ def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None) -> dic
     run = Ingest(cfg, conn, deid_cfg)
     state_at = state_uri(cfg)
     state = storage.read_json(state_at) if storage.exists(state_at) else {}
-    start = query_start(cfg, state)
+    start, end = cfg.backfill or (query_start(cfg, state), "")
+    if cfg.backfill:
+        log.info("pacs-ingest: backfill of studies dated %s to %s (the watermark stays)", start, end)
     try:
-        found, complete = run.find_studies(start)
+        found, complete = run.find_studies(start, end)
     except (PacsAuthError, PacsUnavailable, PacsRequestError, ConfigError):  # URL, account
         raise
     except Exception as exc:  # an answer we cannot read; its text may quote identifiers
@@ -416,7 +436,7 @@ def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None) -> dic
     manifest_uri = storage.write_parquet(storage.join(run.root, "manifest.parquet"), manifest)
     again = [f["date"] for f in failed] + ([d for _, _, d in held] if over_budget else [])
     watermark = next_watermark(state.get("watermark"), [d for d, _ in todo], again, complete)
-    moved = bool(watermark) and watermark != state.get("watermark")
+    moved = bool(watermark) and watermark != state.get("watermark") and not cfg.backfill
     if moved:
         storage.write_json(state_at, {"watermark": watermark, "updated": date.today().isoformat()})
     summary = {"dataset_uri": run.root, "manifest_uri": manifest_uri, "studies_found": len(found),
@@ -500,6 +520,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     add_field_flags(parser, PacsIngestConfig, "dataset", "since", "lookback_days", "max_studies",
                     "retries", "backoff_s", "timeout_s", "allow_dev_secret", "max_bad_fraction")
+    parser.add_argument("--backfill", nargs=2, metavar=("FROM", "TO"), default=None,
+                        help="fetch every study dated FROM..TO (YYYYMMDD) that the dataset lacks, "
+                        "whatever the watermark (which stays)")
     parser.add_argument("--modality", dest="modalities", action="append", metavar="CODE",
                         help="study modality to pull (repeatable; default CR, DX, DR)")
     parser.add_argument("--body-part", dest="body_parts", action="append", metavar="CODE",
@@ -516,7 +539,8 @@ def run_cli(args: argparse.Namespace) -> dict:
     from fracture_ops.config import load_config
     from fracture_ops.deid.config import DeidConfig
 
-    cfg = config_from_args(PacsIngestConfig, args, modalities=args.modalities, body_parts=args.body_parts)
+    cfg = config_from_args(PacsIngestConfig, args, modalities=args.modalities,
+                           body_parts=args.body_parts, backfill=args.backfill)
     deid_cfg = load_config(DeidConfig, getattr(args, "config", None),
                            {"artifact_root": cfg.artifact_root, "raw_root": cfg.raw_root,
                             "run_id": cfg.run_id, "allow_dev_secret": cfg.allow_dev_secret, "workers": 1})
