@@ -603,3 +603,110 @@ def test_backfill_fetches_an_old_study_the_watermark_passed_exactly_once(orthanc
     assert json.loads(state.read_text())["watermark"] == mark  # backfill never moves it
     with pytest.raises(Exception, match="after TO"):
         _cfg(tmp_path, "b6", dataset="back", backfill=["20231231", "20230101"])
+
+
+def test_a_record_from_before_the_wanted_series_rule_still_detects_growth(orthanc, tmp_path):
+    """Datasets ingested before growth was counted over the wanted series hold study-level
+    counts (other modalities and results included): past that count the study is fetched once
+    more and recorded anew; then nothing."""
+    _clear(orthanc)
+    first, second = _synthetic(tmp_path, 1)
+    _store(orthanc, [first])
+    pacs_ingest_step(_cfg(tmp_path, "g1", dataset="legacy"), conn=_conn(orthanc))
+    (record,) = (tmp_path / "art" / "pacs" / "legacy" / "parts").glob("*.json")
+    record.write_text(json.dumps({"instances": 1}))  # the old format: no "counted"
+    _store(orthanc, [second])
+    again = pacs_ingest_step(_cfg(tmp_path, "g2", dataset="legacy"), conn=_conn(orthanc))
+    assert again["studies_grown"] == 1 and again["instances_written"] == 2
+    assert json.loads(record.read_text()) == {"instances": 2, "counted": "wanted_series"}
+    assert pacs_ingest_step(_cfg(tmp_path, "g3", dataset="legacy"),
+                            conn=_conn(orthanc))["instances_written"] == 0
+
+
+def test_a_study_with_cr_and_dx_series_leaves_the_listing_complete(orthanc, tmp_path):
+    """One study found by both the CR and the DX search is not mistaken for a PACS that ignores
+    paging: the listing is complete and the watermark moves."""
+    _clear(orthanc)
+    dx, other = _synthetic(tmp_path, 1)
+    other.Modality = "CR"
+    other.SeriesInstanceUID = pydicom.uid.generate_uid()
+    _store(orthanc, [dx, other])
+    run = pacs_ingest_step(_cfg(tmp_path, "m1", dataset="mixed"), conn=_conn(orthanc))
+    assert run["listing_complete"] and run["watermark_moved"] and run["instances_written"] == 2
+
+
+def test_only_the_first_search_of_a_run_can_blame_the_url(monkeypatch):
+    """A 404 on a later page or modality (a proxy hiccup, a PACS's paging cap) is a refused
+    request, not 'this is not a DICOMweb root'."""
+    import requests
+
+    from fracture_ops.pacs.dicomweb import PacsRequestError, PacsUrlError
+
+    conn = PacsConnection(url="http://pacs.invalid/dicom-web", retries=0)
+
+    def not_found():
+        response = requests.Response()
+        response.status_code = 404
+        raise requests.HTTPError(response=response)
+
+    with pytest.raises(PacsUrlError, match="pacs.invalid/dicom-web.*does not look like"):
+        conn.call("QIDO-RS first study search (CR)", not_found)
+    with pytest.raises(PacsRequestError) as later:
+        conn.call("QIDO-RS study search (DX)", not_found)
+    assert not isinstance(later.value, PacsUrlError)
+
+
+def test_each_failed_attempt_reports_its_own_error(tmp_path):
+    """A retry (same run id) replaces the previous attempt's failure; an attempt that wrote its
+    detailed report (an exceeded error budget) keeps it and adds its error."""
+    from fracture_ops.errors import ErrorBudgetExceeded
+    from fracture_ops.pacs.dicomweb import PacsAuthError, PacsUnavailable
+    from fracture_ops.pacs.ingest import STEP, report_failure
+
+    cfg = _cfg(tmp_path, "same")
+    uri = Path(cfg.output_dir(STEP)) / "report.json"
+    report_failure(cfg, PacsUnavailable("down"), "a1")
+    report_failure(cfg, PacsAuthError("401 on the account"), "a2")
+    report = json.loads(uri.read_text())
+    assert report["error"] == "PacsAuthError" and report["attempt"] == "a2"
+    uri.write_text(json.dumps({"run_id": "same", "attempt": "a3", "run_failed": True,
+                               "instances_quarantined": 5}))
+    report_failure(cfg, ErrorBudgetExceeded("5 of 6 quarantined"), "a3")
+    report = json.loads(uri.read_text())
+    assert report["instances_quarantined"] == 5 and report["error"] == "ErrorBudgetExceeded"
+    assert report["reason"] == "5 of 6 quarantined"
+    report_failure(cfg, KeyError("1.2.840.99999.1 PATIENT^NAME"), "a4")
+    assert json.loads(uri.read_text())["reason"] == "KeyError"  # never a foreign message
+
+
+def test_a_bad_deidentify_section_leaves_a_failure_report(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("pacs_ingest:\n  dataset: pacs\ndeidentify:\n  bogus: 1\n")
+    res = subprocess.run([sys.executable, "-m", "fracture_ops.cli", "pacs-ingest", "--artifact-root",
+                          str(tmp_path / "art"), "--run-id", "bad", "--config", str(config)],
+                         env={**os.environ, "FRACTURE_OPS_PACS_URL": "http://127.0.0.1:9/dicom-web"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-1000:]
+    (report,) = (tmp_path / "art").rglob("pacs_ingest/report.json")
+    assert json.loads(report.read_text())["run_failed"]
+    assert (report.parent / "config.resolved.yaml").exists()
+
+
+def test_pacs_down_never_signals_a_process_that_reused_a_stale_pid(tmp_path):
+    """The pid file outlived Orthanc and the pid now belongs to something else: `pacs-down`
+    leaves it alone and says no PACS was running; `make pacs` would start a new one."""
+    import signal
+
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (tmp_path / "stack").mkdir()
+        (tmp_path / "stack" / "orthanc.pid").write_text(str(stranger.pid))
+        env = {**os.environ, "FRACTURE_OPS_STACK_DIR": str(tmp_path / "stack")}
+        res = subprocess.run([sys.executable, "-m", "fracture_ops.orchestration.devstack",
+                              "pacs-down"], env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "no PACS was running" in res.stdout
+        assert stranger.poll() is None  # still running
+        assert not (tmp_path / "stack" / "orthanc.pid").exists()
+    finally:
+        os.killpg(stranger.pid, signal.SIGKILL)
+        stranger.wait()

@@ -113,6 +113,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _orthanc_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running Orthanc (a pid file can outlive its process, and the pid can
+    be reused by an unrelated one after a reboot)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"Orthanc" in cmdline.split(b"\0", 1)[0]
+
+
 def airflow_env(s: dict) -> dict:
     """Environment of the standalone Airflow: the repo's DAGs, local runner, no examples."""
     return {**os.environ, "AIRFLOW_HOME": str(s["airflow_home"]),
@@ -186,7 +196,7 @@ def start_pacs(s: dict, timeout: float = 60) -> dict:
         return {"missing": why}
     pid_file = s["state"] / "orthanc.pid"
     moved = ""
-    if not (pid_file.exists() and _alive(int(pid_file.read_text()))):
+    if not (pid_file.exists() and _orthanc_alive(int(pid_file.read_text()))):
         http, dicom = _pacs_ports(s)
         taken = [p for p in (http, dicom) if _port_taken(p)]
         if taken:  # e.g. Debian's own orthanc.service on 8042/4242
@@ -220,15 +230,16 @@ def up(timeout: float = 240) -> dict:
         _spawn(["bash", str(REPO / "mlflow" / "start-server.sh")], env, s["state"] / "mlflow.log",
                mlflow_pid_file)
     pids["mlflow"] = int(mlflow_pid_file.read_text())
+    # the PACS first: when its usual ports are taken it moves, and Airflow must get the new ones
+    pacs = start_pacs(s)
+    if pacs.get("pid"):
+        pids["orthanc"] = pacs["pid"]
     af_pid_file = s["state"] / "airflow.pid"
     if not (af_pid_file.exists() and _alive(int(af_pid_file.read_text()))):
         # the local PACS for fracture_pacs_ingest (the local runner hands it to the PACS steps only)
         _spawn([_bin("airflow"), "standalone"], {**airflow_env(s), **pacs_env(s)},
                s["state"] / "airflow.log", af_pid_file)
     pids["airflow"] = int(af_pid_file.read_text())
-    pacs = start_pacs(s)
-    if pacs.get("pid"):
-        pids["orthanc"] = pacs["pid"]
     _wait(f"http://127.0.0.1:{s['mlflow_port']}/health", "MLflow", pids["mlflow"], timeout)
     _wait(f"http://127.0.0.1:{s['airflow_port']}/api/v2/monitor/health", "Airflow", pids["airflow"], timeout)
     secret_file = dev_secret(s["state"])[1]
@@ -295,6 +306,10 @@ def down(timeout: float = 60, names: tuple[str, ...] = ("airflow", "mlflow", "or
         if not pid_file.exists():
             continue
         pid = int(pid_file.read_text())
+        running = _orthanc_alive(pid) if name == "orthanc" else _group_alive(pid)
+        if not running:  # a stale pid file: never signal whatever has that pid now
+            pid_file.unlink(missing_ok=True)
+            continue
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(pid, sig)

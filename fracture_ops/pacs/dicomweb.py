@@ -127,7 +127,7 @@ class PacsConnection:
                         f"PACS connection {self.name!r} ({self.url}): {status} "
                         f"{'unauthorised' if status == 401 else 'forbidden'} on {what}: check the "
                         "account (login/password) of the connection") from None
-                if status in (400, 404) and what.startswith("QIDO-RS study search"):
+                if status in (400, 404) and what.startswith("QIDO-RS first study search"):
                     # the first request of a run: a root that answers it with 400/404 is not a
                     # DICOMweb root (Orthanc's is <server>/dicom-web); retrying will not help
                     raise PacsUrlError(

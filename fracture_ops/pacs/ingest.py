@@ -55,6 +55,7 @@ STUDY_INSTANCES = "00201208"  # Number of Study Related Instances
 SERIES_DESCRIPTION = "0008103E"
 # the platform's own results (pacs-report's SR and Grad-CAM series) describe themselves so
 OWN_SERIES_PREFIX = "fracture-ops"
+OWN_MODALITIES = ("SR", "OT")  # the SR and the Grad-CAM secondary capture
 QIDO_PAGE = 200
 
 
@@ -176,25 +177,30 @@ class Ingest:
         yet added nothing new: a PACS that ignores ``offset`` past its own cap)."""
         found: dict[str, tuple[str, int]] = {}
         complete = True
+        first = True
         for modality in self.cfg.modalities:
+            seen: set[str] = set()  # this modality's pages (a study may hold CR and DX series)
             filters = {"ModalitiesInStudy": modality}
             if start or end:
                 filters["StudyDate"] = f"{start}-{end}"
             offset = 0
             while True:  # page by page until an empty page: a PACS may cap each answer
-                items = self.conn.call(f"QIDO-RS study search ({modality})", lambda f=filters, o=offset:
+                what = f"QIDO-RS {'first ' if first else ''}study search ({modality})"
+                first = False
+                items = self.conn.call(what, lambda f=filters, o=offset:
                                        self.client.search_for_studies(
                                            search_filters=f, limit=QIDO_PAGE, offset=o,
                                            fields=["StudyDate", "NumberOfStudyRelatedInstances"]))
-                before = len(found)
+                before = len(seen)
                 for item in items:
                     uid = tag_value(item, STUDY_UID)
                     if uid:
                         count = tag_value(item, STUDY_INSTANCES, "0")
                         found[uid] = (tag_value(item, STUDY_DATE), int(count) if count.isdigit() else 0)
+                        seen.add(uid)
                 if not items:
                     break
-                if len(found) == before:  # the same page again: offset is not supported
+                if len(seen) == before:  # the same page again: offset is not supported
                     complete = False
                     log.warning("pacs-ingest: the PACS repeats its answer past %d studies (no "
                                 "paging): the listing may be incomplete; the watermark stays", offset)
@@ -212,12 +218,33 @@ class Ingest:
         for item in items:
             if tag_value(item, MODALITY).upper() not in self.cfg.modalities:
                 continue
-            if tag_value(item, SERIES_DESCRIPTION).startswith(OWN_SERIES_PREFIX):
-                continue
+            if (tag_value(item, MODALITY).upper() in OWN_MODALITIES
+                    and tag_value(item, SERIES_DESCRIPTION).startswith(OWN_SERIES_PREFIX)):
+                continue  # a site that pulls SR/OT: never the platform's own results
             if self.cfg.body_parts and tag_value(item, BODY_PART).upper() not in self.cfg.body_parts:
                 continue
             keep.append(tag_value(item, SERIES_UID))
         return [s for s in keep if s]
+
+    def grew(self, study: str, study_count: int, recorded: int, wanted_scheme: bool) -> bool:
+        """Whether an ingested study must be fetched again. The study-level count is a cheap
+        first look (it also counts other modalities and the results pacs-report sent back); a
+        study past it is counted again over its wanted series. A record from before that rule
+        holds a study-level count: past it, the study is fetched once more and recorded anew. A
+        study whose series cannot be counted now is fetched again (its own errors are then that
+        study's, not the run's)."""
+        if study_count <= recorded:
+            return False
+        if not wanted_scheme:
+            return True
+        try:
+            return self.wanted_instances(study) > recorded
+        except (PacsAuthError, PacsUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - decided by fetching it
+            log.warning("pacs-ingest: study %s could not be counted (%s): fetched again",
+                        self.keys.uid(study), type(exc).__name__)
+            return True
 
     def wanted_instances(self, study: str) -> int:
         """How many instances the study's wanted series hold now (what growth is measured on:
@@ -345,25 +372,34 @@ def pacs_ingest_step(cfg: PacsIngestConfig, deid_cfg=None, conn: PacsConnection 
         PacsUnavailable: the PACS kept failing after the retries (exit 1: retried later).
         ErrorBudgetExceeded: more than ``max_bad_fraction`` of the instances were quarantined.
     """
-    from fracture_ops.config import write_resolved
-    from fracture_ops.errors import FractureOpsError
+    import uuid
 
-    out_dir = cfg.output_dir(STEP)
-    write_resolved(cfg, out_dir)
-    report_uri = storage.join(out_dir, "report.json")
+    from fracture_ops.config import write_resolved
+
+    write_resolved(cfg, cfg.output_dir(STEP))
+    attempt = uuid.uuid4().hex  # a retry of the same run id is another attempt
     try:
-        return _ingest(cfg, deid_cfg, conn)
+        return _ingest(cfg, deid_cfg, conn, attempt)
     except BaseException as exc:
-        kept = storage.exists(report_uri) and storage.read_json(report_uri)
-        if not (kept and kept.get("run_id") == cfg.run_id and kept.get("run_failed")):
-            # our own errors carry messages that name settings; anything else only its kind
-            reason = str(exc) if isinstance(exc, FractureOpsError) else type(exc).__name__
-            storage.write_json(report_uri, {"run_id": cfg.run_id, "run_failed": True,
-                                            "error": type(exc).__name__, "reason": reason})
+        report_failure(cfg, exc, attempt)
         raise
 
 
-def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None) -> dict:
+def report_failure(cfg: PacsIngestConfig, exc: BaseException, attempt: str = "") -> None:
+    """The step folder's ``report.json`` of a failed attempt: the error's kind and its message
+    (our errors' messages name settings; any other error only its kind), merged into the
+    attempt's own detailed report when it wrote one (an exceeded error budget)."""
+    from fracture_ops.errors import FractureOpsError
+
+    uri = storage.join(cfg.output_dir(STEP), "report.json")
+    kept = storage.read_json(uri) if attempt and storage.exists(uri) else {}
+    base = kept if kept.get("attempt") == attempt else {}
+    reason = str(exc) if isinstance(exc, FractureOpsError) else type(exc).__name__
+    storage.write_json(uri, {**base, "run_id": cfg.run_id, "attempt": attempt, "run_failed": True,
+                             "error": type(exc).__name__, "reason": reason})
+
+
+def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None, attempt: str) -> dict:
     """:func:`pacs_ingest_step`'s work."""
     import pandas as pd
 
@@ -394,8 +430,7 @@ def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None) -> dic
     # the study-level count is a cheap first look (it also counts other modalities and the results
     # pacs-report sent back); a study past it is counted again over its wanted series only
     grown = {uid for uid, (_, n) in found.items() if run.keys.uid(uid) in done
-             and n > (seen := _recorded_instances(run.root, run.keys.uid(uid)))
-             and run.wanted_instances(uid) > seen}
+             and run.grew(uid, n, *_recorded_instances(run.root, run.keys.uid(uid)))}
     new = sorted((d or "", uid) for uid, (d, _) in found.items()
                  if run.keys.uid(uid) not in done or uid in grown)
     todo, left = new[:cfg.max_studies], new[cfg.max_studies:]
@@ -447,7 +482,8 @@ def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None) -> dic
                "listing_complete": complete, "watermark_moved": moved}
     out_dir = cfg.output_dir(STEP)
     storage.write_json(storage.join(out_dir, "report.json"),
-                       {**summary, "run_id": cfg.run_id, "run_failed": over_budget,
+                       {**summary, "run_id": cfg.run_id, "attempt": attempt,
+                        "run_failed": over_budget,
                         "quarantined": quarantined,
                         "failed": [{k: v for k, v in f.items() if k != "date"} for f in failed]})
     summary["gallery_uri"] = _write_gallery(out_dir, run)
@@ -467,14 +503,20 @@ def _commit(root: str, key: str, rows: list[dict], instances: int) -> None:
     presence means every instance of the study is written or quarantined)."""
     import pandas as pd
 
-    storage.write_json(storage.join(root, "parts", f"{key}.json"), {"instances": instances})
+    storage.write_json(storage.join(root, "parts", f"{key}.json"),
+                       {"instances": instances, "counted": "wanted_series"})
     storage.write_parquet(storage.join(root, "parts", f"{key}.parquet"),
                           pd.DataFrame(rows, columns=list(rows[0]) if rows else ["image_id"]))
 
 
-def _recorded_instances(root: str, key: str) -> int:
+def _recorded_instances(root: str, key: str) -> tuple[int, bool]:
+    """A committed study's instance count and whether it counts its wanted series only (records
+    written before that rule hold the study-level count)."""
     uri = storage.join(root, "parts", f"{key}.json")
-    return int(storage.read_json(uri).get("instances", 0)) if storage.exists(uri) else 0
+    if not storage.exists(uri):
+        return 0, True
+    record = storage.read_json(uri)
+    return int(record.get("instances", 0)), record.get("counted") == "wanted_series"
 
 
 def _valid_date(value: str, today: date | None = None) -> bool:
@@ -541,7 +583,15 @@ def run_cli(args: argparse.Namespace) -> dict:
 
     cfg = config_from_args(PacsIngestConfig, args, modalities=args.modalities,
                            body_parts=args.body_parts, backfill=args.backfill)
-    deid_cfg = load_config(DeidConfig, getattr(args, "config", None),
-                           {"artifact_root": cfg.artifact_root, "raw_root": cfg.raw_root,
-                            "run_id": cfg.run_id, "allow_dev_secret": cfg.allow_dev_secret, "workers": 1})
+    try:  # a bad deidentify section is this run's failure too: it leaves its report
+        deid_cfg = load_config(DeidConfig, getattr(args, "config", None),
+                               {"artifact_root": cfg.artifact_root, "raw_root": cfg.raw_root,
+                                "run_id": cfg.run_id, "allow_dev_secret": cfg.allow_dev_secret,
+                                "workers": 1})
+    except Exception as exc:
+        from fracture_ops.config import write_resolved
+
+        write_resolved(cfg, cfg.output_dir(STEP))
+        report_failure(cfg, exc)
+        raise
     return pacs_ingest_step(cfg, deid_cfg)
