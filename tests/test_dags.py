@@ -253,7 +253,13 @@ def test_profile_sets_the_model_fields_left_at_their_defaults():
     """The trigger form's profile: cpu-quick by default on the local runner, gpu with pods; it
     fills only the fields left at their defaults, and the rendered train command (Airflow's Jinja)
     says exactly what resolve_profile says."""
-    from fracture_ops.orchestration.params import PROFILE_FIELDS, PROFILES, defaults, resolve_profile
+    from fracture_ops.orchestration.params import (
+        PROFILE_FIELDS,
+        PROFILES,
+        RECIPE_FIELDS,
+        defaults,
+        resolve_profile,
+    )
     from fracture_ops.orchestration.specs import TRAINING_STEPS, render_args
 
     local = _dagbag({"FRACTURE_OPS_RUNNER": "local"}).dags["fracture_training"].params
@@ -262,7 +268,8 @@ def test_profile_sets_the_model_fields_left_at_their_defaults():
     assert pods["profile"] == "gpu"
     for over in ({"profile": "cpu-quick"}, {"profile": "gpu"},
                  {"profile": "cpu-quick", "image_size": 256, "backbone": "resnet18"},
-                 {"profile": "cpu-quick", "lr": 0.01, "epochs": 3}, {"profile": "gpu", "epochs": 2}):
+                 {"profile": "cpu-quick", "lr": 0.01, "epochs": 3}, {"profile": "gpu", "epochs": 2},
+                 {"profile": "gpu", "crop_scale": 0.7, "rotate_limit": 5.0}):
         params = defaults(**over)
         args = render_args(TRAINING_STEPS["train"], {"params": params, "run_id": "r"})
         want = resolve_profile(params)
@@ -272,9 +279,13 @@ def test_profile_sets_the_model_fields_left_at_their_defaults():
                "batch_size": int(args[args.index("--batch-size") + 1]),
                "lr": float(args[args.index("--lr") + 1]),
                "cv_below_images": int(args[args.index("--cv-below-images") + 1])}
+        import yaml
+
+        sets = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--set")
+        got.update({f: yaml.safe_load(sets[f]) for f in RECIPE_FIELDS})
         assert got == {f: want[f] for f in PROFILE_FIELDS}, over
         for f in PROFILE_FIELDS:  # a field the user set wins over the profile
             if f in over:
                 assert got[f] == over[f]
-            elif over["profile"] == "cpu-quick":
-                assert got[f] == PROFILES["cpu-quick"][f]
+            elif f in PROFILES[over["profile"]]:
+                assert got[f] == PROFILES[over["profile"]][f]

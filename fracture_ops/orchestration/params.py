@@ -30,8 +30,13 @@ FORMS_FILE = Path(__file__).with_name("trigger_forms.json")
 
 # Training profiles: the model-size fields set together. A profile fills each of these fields
 # the user left at its default; a field set to anything else wins. "gpu" is the fields' own
-# defaults (TrainConfig's: a GPU pod), "cpu-quick" the demo's small model for a laptop's CPU.
-PROFILE_FIELDS = ("backbone", "image_size", "epochs", "batch_size", "lr", "cv_below_images")
+# defaults (TrainConfig's: a GPU pod: tf_efficientnet_lite0 from its installed ImageNet weights)
+# with the fine-tuning recipe that measured best on real radiographs (benchmarks/bench_realdata.py,
+# docs/benchmarks.md), "cpu-quick" the demo's small model for a laptop's CPU.
+RECIPE_FIELDS = ("hflip", "tta_hflip", "resize", "backbone_lr_scale", "weight_decay",
+                 "rotate_limit", "brightness_contrast", "crop_scale")
+PROFILE_FIELDS = ("backbone", "image_size", "epochs", "batch_size", "lr", "cv_below_images",
+                  *RECIPE_FIELDS)
 PROFILES: dict[str, dict[str, Any]] = {
     # no cross-validation: minutes, not the accuracy of a small data set's best path
     # a pretrained Lite0 (ImageNet weights installed with the package) learns the demo's data in
@@ -39,7 +44,12 @@ PROFILES: dict[str, dict[str, Any]] = {
     # scratch learnt late or not at all on some keys
     "cpu-quick": {"backbone": "tf_efficientnet_lite0", "image_size": 128, "epochs": 6,
                   "batch_size": 16, "lr": 0.001, "cv_below_images": 0},
-    "gpu": {},  # TrainConfig's defaults
+    # TrainConfig's defaults, and the pretrained fine-tuning recipe of the real-data bench (its
+    # PRETRAINED_RECIPE): flips (label-invariant for fracture presence) in training and at test
+    # time, the whole image squashed to the input, the backbone at half the head's rate
+    "gpu": {"hflip": True, "tta_hflip": True, "resize": "squash", "backbone_lr_scale": 0.5,
+            "weight_decay": 0.01, "rotate_limit": 0.0, "brightness_contrast": 0.0,
+            "crop_scale": 1.0},
 }
 
 
@@ -74,7 +84,7 @@ def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
             **root, "raw_root": (StepConfig, "raw_root"),
             **{f: (FitConfig, f) for f in ("backbone", "image_size", "epochs", "batch_size", "lr",
                                            "loss", "cv_below_images", "box_weight",
-                                           "global_pool", "pretrained_path")},
+                                           "global_pool", "pretrained_path", *RECIPE_FIELDS)},
             "seed": (SplitConfig, "seed"),  # split and train (TrainConfig.seed: same field, test)
             "max_bad_fraction": (ValidateConfig, "max_bad_fraction"),
             "detect_epochs": (DetectConfig, "epochs"),

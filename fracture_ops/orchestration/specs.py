@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fracture_ops.orchestration.params import profile_template
+from fracture_ops.orchestration.params import RECIPE_FIELDS, profile_template
 
 # the run folder of a DAG run; Airflow run ids carry ':' and '+', which we keep out of paths
 RUN_KEY = "{{ run_id | replace(':', '-') | replace('+', '-') }}"
@@ -131,6 +131,8 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           "--image-size", profile_template("image_size"), "--epochs", profile_template("epochs"),
           "--batch-size", profile_template("batch_size"), "--lr", profile_template("lr"),
           "--pretrained-path", "{{ params.pretrained_path }}",
+          # the fine-tuning recipe: the gpu profile's (the real-data bench's), cpu-quick the defaults
+          *[arg for f in RECIPE_FIELDS for arg in ("--set", f"{f}={profile_template(f)}")],
           "--loss", "{{ params.loss }}", "--seed", "{{ params.seed }}",
           # the de-identified boxes (absent when the data set has none) for box supervision
           "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet",
