@@ -281,8 +281,10 @@ def test_profile_sets_the_model_fields_left_at_their_defaults():
                "cv_below_images": int(args[args.index("--cv-below-images") + 1])}
         import yaml
 
-        sets = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--set")
-        got.update({f: yaml.safe_load(sets[f]) for f in RECIPE_FIELDS})
+        for f in RECIPE_FIELDS:  # each as its own flag (a boolean: --flag or --no-flag)
+            flag = "--" + f.replace("_", "-")
+            got[f] = (flag in args if isinstance(want[f], bool)
+                      else yaml.safe_load(args[args.index(flag) + 1]))
         assert got == {f: want[f] for f in PROFILE_FIELDS}, over
         for f in PROFILE_FIELDS:  # a field the user set wins over the profile
             if f in over:

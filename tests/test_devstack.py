@@ -172,7 +172,7 @@ def test_demo_run_is_in_the_ui_and_the_form_defaults_run_green(tmp_path):
         log = _api(f"{info['airflow_url']}/api/v2/dags/fracture_training/dagRuns/"
                    f"{urllib.parse.quote(demo_run, safe='')}/taskInstances/train/logs/1", token)
         text = json.dumps(log["content"])
-        assert "fracture-ops fit" in text and "test_resnet" in text  # the step's own log
+        assert "fracture-ops fit" in text and "tf_efficientnet_lite0" in text  # the step's own log
         # the form's defaults, only the data location given: the cpu-quick profile, green
         conf = {"source_uri": str(tmp_path / "demo" / "synthetic" / "manifest.csv"),
                 "artifact_root": str(tmp_path / "ui-artifacts")}

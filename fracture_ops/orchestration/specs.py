@@ -101,13 +101,30 @@ def _spec(name: str, *args: str, pos: tuple[str, ...] = (), **kw: Any) -> StepSp
     return StepSpec(name=name, args=tuple(args) + tuple(COMMON) + tail, **kw)
 
 
+def bool_flag(field: str, value: str) -> str:
+    """One argument that renders to a boolean field's own flag, ``--field`` or ``--no-field``,
+    from a Jinja expression ``value`` (``{{ ... }}``) of its value."""
+    flag = "--" + field.replace("_", "-")
+    inner = value.strip()[2:-2].strip()
+    return f"{{{{ '{flag}' if ({inner}) else '--no-{flag[2:]}' }}}}"
+
+
+def recipe_args(field: str) -> tuple[str, ...]:
+    """A recipe field as its own flag, valued by the profile (see ``profile_template``)."""
+    from fracture_ops.orchestration.params import field_default_of
+
+    if isinstance(field_default_of(field), bool):  # the stored form: no step module imported
+        return (bool_flag(field, profile_template(field)),)
+    return ("--" + field.replace("_", "-"), profile_template(field))
+
+
 TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     # ingest and validate write identifying tables to the raw zone only; the dataset store gets
     # counts and reports that name rows by number
     # folder layout: patient ids from a file-name regex, the DICOM headers, or (said so) none
     _spec("ingest", "ingest", "--layout", "{{ params.layout }}",
           "--patient-regex", "{{ params.patient_regex or '' }}",
-          "--set", "one_image_per_patient={{ params.one_image_per_patient }}", *RAW_ARGS,
+          bool_flag("one_image_per_patient", "{{ params.one_image_per_patient }}"), *RAW_ARGS,
           pos=("{{ params.source_uri }}",),
           outputs=("ingest/report.json", "ingest/manifest.parquet", "ingest/boxes.parquet")),
     _spec("validate", "validate", "--boxes", f"{RAW}/ingest/boxes.parquet",
@@ -132,7 +149,7 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           "--batch-size", profile_template("batch_size"), "--lr", profile_template("lr"),
           "--pretrained-path", "{{ params.pretrained_path }}",
           # the fine-tuning recipe: the gpu profile's (the real-data bench's), cpu-quick the defaults
-          *[arg for f in RECIPE_FIELDS for arg in ("--set", f"{f}={profile_template(f)}")],
+          *[arg for f in RECIPE_FIELDS for arg in recipe_args(f)],
           "--loss", "{{ params.loss }}", "--seed", "{{ params.seed }}",
           # the de-identified boxes (absent when the data set has none) for box supervision
           "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet",
