@@ -183,7 +183,7 @@ def test_demo_run_is_in_the_ui_and_the_form_defaults_run_green(tmp_path):
         log = _api(f"{info['airflow_url']}/api/v2/dags/fracture_training/dagRuns/"
                    f"{urllib.parse.quote(run['dag_run_id'], safe='')}/taskInstances/train/logs/1", token)
         text = json.dumps(log["content"])  # the form's default profile, cpu-quick, reached train
-        assert "--backbone test_resnet --image-size 128 --epochs 12 --batch-size 16" in text
+        assert "--backbone tf_efficientnet_lite0 --image-size 128 --epochs 6 --batch-size 16" in text
         listed = {r["dag_run_id"] for r in
                   _api(f"{info['airflow_url']}/api/v2/dags/fracture_training/dagRuns", token)["dag_runs"]}
         assert listed == {demo_run, run["dag_run_id"]}
