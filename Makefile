@@ -31,7 +31,7 @@ demo: install  ## run the fracture_training DAG end to end on synthetic data (SQ
 
 TEST_WORKERS ?= 2
 test: lint  ## lint, then run the whole test suite (unit, real data, integration) on TEST_WORKERS processes
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10
 
 up: install  ## start Airflow (standalone) and the MLflow UI on loopback, DAGs loaded
 	@$(BIN)/python -m fracture_ops.orchestration.devstack up

@@ -21,78 +21,12 @@ import logging
 import os
 import sys
 
-from fracture_ops import errors
+from fracture_ops import catalog, envvars, errors
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("fracture_ops.data.synthetic", "generate the synthetic radiograph data set"),
-    "ingest": ("fracture_ops.data.sources", "turn a data source layout into a canonical manifest"),
-    "validate": ("fracture_ops.data.validation", "validate a manifest and its images; quarantine bad rows"),
-    "deidentify": ("fracture_ops.deid.step", "de-identify DICOM (PS3.15 Annex E) in a folder or manifest"),
-    "deid": ("fracture_ops.deid.review", "de-identification sign-off: `deid review OUTPUT "
-             "--approve ID` releases files held for review (see gallery.html)"),
-    "pacs-ingest": ("fracture_ops.pacs.ingest", "pull new radiograph studies from a PACS over "
-                    "DICOMweb, de-identified on arrival, into a dataset manifest"),
-    "pacs-report": ("fracture_ops.pacs.report", "send the champion's results (DICOM SR and "
-                    "Grad-CAM secondary capture) back to the PACS under the original studies"),
-    "split": ("fracture_ops.data.split", "patient-wise stratified train/val/test split"),
-    "detect": ("fracture_ops.detection.cli", "YOLOv8 fracture localisation: train, val, predict"),
-    "train": ("fracture_ops.training.train", "train a classifier (timm backbone) on a split"),
-    "fit": ("fracture_ops.workflows.fit", "train by the path the data set's size calls for: "
-            "train/val when large, cross-validation then a refit when small (the DAG's train task)"),
-    "cv": ("fracture_ops.workflows.cv", "patient-grouped K-fold cross-validation of the training "
-           "recipe: pooled out-of-fold AUROC with intervals, recommended epochs"),
-    "calibrate": ("fracture_ops.evaluation.calibration", "fit temperature/isotonic calibration on val"),
-    "tune-thresholds": ("fracture_ops.evaluation.thresholds", "tune per-class thresholds on val"),
-    "evaluate": ("fracture_ops.evaluation.evaluate", "metrics with patient bootstrap CIs, plots"),
-    "cam": ("fracture_ops.explain.cam", "Grad-CAM report on the test split, or one --image"),
-    "package": ("fracture_ops.training.package", "log the MLflow pyfunc model with calibration+thresholds"),
-    "register": ("fracture_ops.registry.register", "register the packaged model as the new challenger"),
-    "infer": ("fracture_ops.inference.batch", "score new studies with the champion model into the prediction log"),
-    "infer-plan": ("fracture_ops.inference.shards:plan", "sharded inference, 1/3: split the day's "
-                   "new studies into shards scored by one task each, with a pinned model version"),
-    "infer-shard": ("fracture_ops.inference.shards:shard", "sharded inference, 2/3: score one "
-                    "shard of a plan into the run folder"),
-    "infer-merge": ("fracture_ops.inference.shards:merge", "sharded inference, 3/3: write every "
-                    "shard's rows as the batch's one part of the date partition"),
-    "reference": ("fracture_ops.inference.reference", "score the champion's validation split into its drift reference table"),
-    "drift": ("fracture_ops.monitoring.drift_step", "Evidently drift report of the latest prediction-log window vs the reference"),
-    "gate": ("fracture_ops.registry.gates", "challenger vs champion on the same test set (never promotes)"),
-    "registry": ("fracture_ops.registry.promotion", "promote an approved challenger, roll back, status"),
-}
-
-# one worked example per command (tests/test_config_cli.py parses each one): the chain of a
-# manual run shares one --run-id, so every step finds the one before it
-EXAMPLES: dict[str, str] = {
-    "synth": "fracture-ops synth data/synthetic --patients 200 --dicom-fraction 0.25",
-    "ingest": "fracture-ops ingest exports/ --layout folder --run-id r1",
-    "validate": "fracture-ops validate --run-id r1",
-    "deidentify": "fracture-ops deidentify --run-id r1 --workers 2",
-    "deid": "fracture-ops deid review data/artifacts/runs/r1/deidentify --approve IMAGE_ID",
-    "pacs-ingest": "fracture-ops pacs-ingest --dataset ward7 --lookback-days 2",
-    "pacs-report": "fracture-ops pacs-report --dataset ward7 --max-studies 50",
-    "split": "fracture-ops split --run-id r1 --seed 0",
-    "detect": "fracture-ops detect train --run-id r1 --epochs 50",
-    "train": "fracture-ops train --run-id r1 --backbone tf_efficientnet_lite0 --image-size 384 "
-             "--epochs 20",
-    "fit": "fracture-ops fit --run-id r1 --cv-below-images 1000 --epochs 20",
-    "cv": "fracture-ops cv --run-id r1 --folds 5 --epochs 10",
-    "calibrate": "fracture-ops calibrate --run-id r1 --method temperature",
-    "tune-thresholds": "fracture-ops tune-thresholds --run-id r1 --method min_sensitivity "
-                       "--min-sensitivity 0.9",
-    "evaluate": "fracture-ops evaluate --run-id r1 --n-bootstrap 2000",
-    "cam": "fracture-ops cam --run-id r1 --top-k 8",
-    "package": "fracture-ops package --run-id r1",
-    "register": "fracture-ops register --run-id r1",
-    "infer": "fracture-ops infer incoming/2026-12-07 --date 2026-12-07",
-    "infer-plan": "fracture-ops infer-plan incoming/2026-12-07 --date 2026-12-07 --shards 4",
-    "infer-shard": "fracture-ops infer-shard incoming/2026-12-07 --plan PLAN_URI --shard 0",
-    "infer-merge": "fracture-ops infer-merge --plan PLAN_URI",
-    "reference": "fracture-ops reference --split val",
-    "drift": "fracture-ops drift --date 2026-12-07 --window-days 7",
-    "gate": "fracture-ops gate --run-id r1",
-    "registry": "fracture-ops registry status   (or: promote, rollback, verify-audit, guard-rules)",
-}
+# name -> (module, one-line help) and name -> worked example, from the catalog's commands
+# (tests/test_config_cli.py parses each example)
+COMMANDS: dict[str, tuple[str, str]] = {n: (c.module, c.help) for n, c in catalog.COMMANDS.items()}
+EXAMPLES: dict[str, str] = {n: c.example for n, c in catalog.COMMANDS.items()}
 
 EPILOG = (
     "exit codes: 0 ok, 1 internal error, 2 usage/config error, 3 bad input data, "
@@ -201,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports the step
         log.info("rank %s done: %s", os.environ["RANK"], text)
         return errors.EXIT_OK
-    xcom = os.environ.get("FRACTURE_OPS_XCOM_FILE")
+    xcom = os.environ.get(envvars.XCOM_FILE)
     if xcom:
         os.makedirs(os.path.dirname(xcom) or ".", exist_ok=True)
         with open(xcom, "w", encoding="utf-8") as fh:

@@ -12,6 +12,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from fracture_ops.config import load_config
+from fracture_ops import envvars
 
 C = TypeVar("C", bound=BaseModel)
 log = logging.getLogger("fracture_ops")
@@ -128,6 +129,6 @@ def progress(iterable: Iterable, desc: str, total: int | None = None):
     """A tqdm progress bar on stderr; quiet when ``FRACTURE_OPS_NO_PROGRESS=1``."""
     from tqdm.auto import tqdm
 
-    disable = os.environ.get("FRACTURE_OPS_NO_PROGRESS") == "1"
+    disable = os.environ.get(envvars.NO_PROGRESS) == "1"
     return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr,
                 mininterval=1.0, dynamic_ncols=True)

@@ -19,9 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fracture_ops import storage
 from fracture_ops.errors import ConfigError
+from fracture_ops import envvars
 
-DEFAULT_ARTIFACT_ROOT_ENV = "FRACTURE_OPS_ARTIFACT_ROOT"
-RAW_ROOT_ENV = "FRACTURE_OPS_RAW_ROOT"
+DEFAULT_ARTIFACT_ROOT_ENV = envvars.ARTIFACT_ROOT
+RAW_ROOT_ENV = envvars.RAW_ROOT
 RUN_ID = re.compile(r"[A-Za-z0-9_.:+-]{1,250}")
 
 

@@ -21,6 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from fracture_ops import envvars
+
 SUCCESS_MARKER = "_SUCCESS"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: files get the usual 0644-style mode, not mkstemp's private 0600
@@ -49,7 +51,7 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-DATA_ROOTS_ENV = "FRACTURE_OPS_DATA_ROOTS"
+DATA_ROOTS_ENV = envvars.DATA_ROOTS
 
 
 def data_roots() -> list[str]:

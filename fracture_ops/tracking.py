@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fracture_ops import storage
+from fracture_ops import envvars
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"
@@ -24,7 +25,7 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    folder = Path(os.environ.get("FRACTURE_OPS_MLFLOW_DIR", "data/mlflow")).resolve()
+    folder = Path(os.environ.get(envvars.MLFLOW_DIR, "data/mlflow")).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
 

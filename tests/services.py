@@ -86,7 +86,9 @@ def auth_env(workdir: Path, admin_password: str, default_permission: str = "READ
     ini.write_text(f"[mlflow]\ndefault_permission = {default_permission}\n"
                    f"database_uri = sqlite:///{workdir / 'auth.db'}\n"
                    f"admin_username = admin\nadmin_password = {admin_password}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   # as mlflow/basic_auth.ini: a verified password is remembered for 30 s
+                   "auth_cache_ttl_seconds = 30\n")
     return {"MLFLOW_AUTH_CONFIG_PATH": str(ini),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
 

@@ -180,8 +180,8 @@ def test_the_decision_rule_is_written_once():
 
 def test_model_files_are_written_and_read_in_one_place():
     """``torch.load`` is called only in model/checkpoint.py (weights only, nothing runs), and
-    ``model.pt`` is named only in model/network.py (``MODEL_FILE``, with ``save_model`` and
-    ``load_model``, which every writer and reader of a trained model uses)."""
+    ``model.pt`` is named only in the catalog (``catalog.MODEL``), whose name model/network.py's
+    ``save_model`` and ``load_model`` use (every writer and reader of a trained model does)."""
     import ast
 
     loads, names = set(), set()
@@ -202,7 +202,11 @@ def test_model_files_are_written_and_read_in_one_place():
                     and node.value.strip() == "model.pt"):
                 names.add(rel)
     assert loads == {"fracture_ops/model/checkpoint.py"}, loads
-    assert names == {"fracture_ops/model/network.py"}, names
+    assert names == {"fracture_ops/catalog.py"}, names
+    from fracture_ops import catalog
+    from fracture_ops.model import network
+
+    assert network.MODEL_FILE == catalog.MODEL.file
 
 
 def test_the_raw_root_form_default_follows_the_environment(monkeypatch):
@@ -212,3 +216,182 @@ def test_the_raw_root_form_default_follows_the_environment(monkeypatch):
     assert dag_params("fracture_training")["raw_root"]["default"] == "s3://site-raw-zone"
     monkeypatch.delenv("FRACTURE_OPS_RAW_ROOT")
     assert dag_params("fracture_training")["raw_root"]["default"] == ""
+
+
+def test_environment_variable_names_are_spelled_once():
+    """Every ``FRACTURE_OPS_*`` name the package or the DAGs read or set is a constant of
+    fracture_ops/envvars.py: no string constant elsewhere is such a name (prose that mentions
+    one is documentation). Each constant there is used."""
+    import ast
+
+    from fracture_ops import envvars
+
+    name = re.compile(r"FRACTURE_OPS_[A-Z0-9_]+")
+    spelled, used = {}, set()
+    for path in [*(REPO / "fracture_ops").rglob("*.py"), *(REPO / "dags").rglob("*.py")]:
+        rel = str(path.relative_to(REPO))
+        source = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and name.fullmatch(node.value):
+                spelled.setdefault(rel, set()).add(node.value)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id == "envvars":
+                used.add(node.attr)
+    assert set(spelled) == {"fracture_ops/envvars.py"}, spelled
+    constants = {k for k, v in vars(envvars).items() if isinstance(v, str) and name.fullmatch(v)}
+    assert spelled["fracture_ops/envvars.py"] == {getattr(envvars, k) for k in constants}
+    assert constants - used == set(), constants - used
+
+
+def test_artifact_names_are_spelled_in_the_catalog_only():
+    """A file that one step writes and another reads is a catalog entry: no string constant
+    outside fracture_ops/catalog.py is such a file's name (those few whose names other files
+    share too, report.json and the like, are matched by their ``<step>/<file>`` path), and the
+    specs' outputs are the catalog's."""
+    import ast
+    from collections import Counter
+
+    from fracture_ops import catalog
+    from fracture_ops.orchestration import specs
+
+    entries = catalog.artifacts()
+    shared = {"report.json", "summary.json", "report.html", "metrics.json", "manifest.parquet",
+              "boxes.parquet"}  # also the names of files outside the catalog's steps
+    count = Counter(a.file for a in entries)
+    own = {a.file for a in entries if count[a.file] == 1 and a.file not in shared}
+    paths = {a.path for a in entries}
+    assert len(own) >= 14 and len(paths) == len(entries), (own, paths)
+    found = set()
+    for path in [*(REPO / "fracture_ops").rglob("*.py"), *(REPO / "dags").rglob("*.py")]:
+        rel = str(path.relative_to(REPO))
+        if rel == "fracture_ops/catalog.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                v = node.value
+                if v in own or v in paths or any(v.endswith("/" + p) for p in paths):
+                    found.add((rel, node.lineno, v))
+    assert found == set(), sorted(found)
+    for table in (specs.TRAINING_STEPS, specs.INFERENCE_STEPS, specs.PACS_STEPS):
+        for spec in table.values():
+            assert set(spec.outputs) == set(catalog.outputs_of(spec.name)), spec.name
+
+
+TOY_STEP = '''"""A toy step for the architecture test: copies the de-identified manifest unchanged."""
+
+from __future__ import annotations
+
+import argparse
+from typing import ClassVar
+
+from fracture_ops import catalog, storage
+from fracture_ops.config import StepConfig, write_resolved
+
+
+class DenoiseConfig(StepConfig):
+    section: ClassVar[str] = "denoise"
+    manifest_uri: str = ""
+
+
+def denoise_step(cfg: DenoiseConfig) -> dict:
+    out = cfg.output_dir(catalog.DENOISED.step)
+    storage.reset_dir(out)
+    uri = storage.write_parquet(storage.join(out, catalog.DENOISED.file),
+                                storage.read_parquet(cfg.manifest_uri))
+    write_resolved(cfg, out)
+    summary = {"manifest_uri": uri}
+    storage.mark_success(out, summary)
+    return summary
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from fracture_ops.cli_common import add_common_args
+
+    parser.add_argument("manifest", help="de-identified manifest Parquet")
+    add_common_args(parser)
+
+
+def run_cli(args: argparse.Namespace) -> dict:
+    from fracture_ops.cli_common import config_from_args
+
+    return denoise_step(config_from_args(DenoiseConfig, args, manifest_uri=args.manifest))
+'''
+
+TOY_CATALOG = '''
+DENOISED = Artifact("denoise", "manifest.denoised.parquet", "parquet", about="toy step output")
+COMMANDS["denoise"] = Command("fracture_ops.data.denoise", "toy: copy the manifest",
+                              "fracture-ops denoise MANIFEST --run-id r1")
+'''
+
+TOY_TEST = '''from fracture_ops.data.denoise import DenoiseConfig, denoise_step
+
+
+def test_denoise_copies_the_manifest(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"image_id": ["a"]}).to_parquet(tmp_path / "m.parquet")
+    out = denoise_step(DenoiseConfig(manifest_uri=str(tmp_path / "m.parquet"),
+                                     artifact_root=str(tmp_path), run_id="r"))
+    assert pd.read_parquet(out["manifest_uri"])["image_id"].tolist() == ["a"]
+'''
+
+
+def test_a_middle_step_touches_four_files(tmp_path):
+    """ARCHITECTURE.md's "a step in the middle": a toy ``denoise`` between ``deidentify`` and
+    ``split``, added to a copy of the package, touches its module, its catalog entries, its spec
+    and its test, nothing else; then its command runs, the demo and the DAG order it between
+    the two, and the DAG tests and the data-edge test pass on the copy."""
+    copy = tmp_path / "repo"
+    for part in ("fracture_ops", "dags", "tests", "pyproject.toml"):
+        src = REPO / part
+        if src.is_dir():
+            shutil.copytree(src, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, copy / part)
+    git = ["git", "-C", str(copy), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], check=True)
+    # the four edits a developer makes
+    (copy / "fracture_ops" / "data" / "denoise.py").write_text(TOY_STEP)
+    with open(copy / "fracture_ops" / "catalog.py", "a") as f:
+        f.write(TOY_CATALOG)
+    specs = copy / "fracture_ops" / "orchestration" / "specs.py"
+    text = specs.read_text()
+    split = ('    _spec("split", "split", "--seed", "{{ params.seed }}", pos=(at(C.DEID_MANIFEST),),\n'
+             '          outputs=C.outputs_of("split"), reads=("deidentify",)),\n')
+    assert split in text
+    specs.write_text(text.replace(split, (
+        '    _spec("denoise", "denoise", pos=(at(C.DEID_MANIFEST),), reads=("deidentify",),\n'
+        '          outputs=C.outputs_of("denoise")),\n'
+        '    _spec("split", "split", "--seed", "{{ params.seed }}", pos=(at(C.DENOISED),),\n'
+        '          outputs=C.outputs_of("split"), reads=("denoise",)),\n')))
+    (copy / "tests" / "test_denoise.py").write_text(TOY_TEST)
+    status = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True,
+                            check=True).stdout.split("\n")
+    touched = sorted(line[3:] for line in status if line.strip())
+    assert touched == ["fracture_ops/catalog.py", "fracture_ops/data/denoise.py",
+                       "fracture_ops/orchestration/specs.py", "tests/test_denoise.py"], touched
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    run = subprocess.run([sys.executable, "-m", "fracture_ops.cli", "denoise", "--help"], cwd=copy,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "toy: copy the manifest" in run.stdout, run.stderr[-2000:]
+    probe = ("from fracture_ops.orchestration import demo, specs; import json; "
+             "s = specs.TRAINING_STEPS; print(json.dumps([demo.DATA_STEPS, list(s['split'].args), "
+             "list(s['denoise'].outputs)]))")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=copy, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    data_steps, split_args, outputs = json.loads(run.stdout)
+    assert data_steps == ["ingest", "validate", "deidentify", "denoise", "split"]
+    assert split_args[-1].endswith("/denoise/manifest.denoised.parquet")
+    assert outputs == ["denoise/manifest.denoised.parquet"]
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+         "tests/test_denoise.py", "tests/test_dags.py",
+         "tests/test_architecture.py::test_dag_edges_follow_the_data",
+         "tests/test_architecture.py::test_artifact_names_are_spelled_in_the_catalog_only",
+         "-k", "not light_and_fast"],
+        cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+    assert tests.returncode == 0, tests.stdout[-3000:]

@@ -10,23 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from fracture_ops.orchestration.specs import TRAINING_STEPS
+
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "dags"
 HEAVY = ["torch", "pandas", "pydicom", "mlflow", "evidently", "timm", "albumentations",
          "great_expectations", "sklearn", "ultralytics", "pytorch_grad_cam", "cv2"]
-# the edges follow the data: each task after the steps whose outputs it reads
-TRAINING_EDGES = {
-    ("ingest", "validate"), ("validate", "deidentify"), ("deidentify", "split"), ("split", "train"),
-    ("deidentify", "train"),  # its boxes (box supervision)
-    ("train", "calibrate"), ("train", "tune_thresholds"), ("calibrate", "tune_thresholds"),
-    ("train", "evaluate"), ("calibrate", "evaluate"), ("tune_thresholds", "evaluate"),
-    ("train", "cam"), ("calibrate", "cam"), ("tune_thresholds", "cam"), ("deidentify", "cam"),
-    ("train", "package"), ("calibrate", "package"), ("tune_thresholds", "package"),
-    ("evaluate", "package"), ("cam", "package"),
-    ("package", "register"), ("evaluate", "register"), ("train", "register"),
-    ("register", "gate"), ("split", "gate"), ("train", "gate"),
-    ("split", "detect_train"), ("deidentify", "detect_train"), ("detection_enabled", "detect_train"),
-}
+# the edges follow the data: each task after the steps whose outputs it reads (the specs'
+# `reads`), and the detection branch behind its switch
+TRAINING_EDGES = {(r, s.name) for s in TRAINING_STEPS.values() for r in s.reads} | {
+    ("detection_enabled", "detect_train")}
+# the lifecycle's order, whatever steps a site adds in between: each one upstream of the next
+TRAINING_CHAIN = ("ingest", "validate", "deidentify", "split", "train", "calibrate",
+                  "tune_thresholds", "evaluate", "package", "register", "gate")
 EXPECTED_EDGES = {
     "fracture_training": TRAINING_EDGES,
     "fracture_promotion": set(),
@@ -103,6 +99,22 @@ def test_task_graph_equals_declared_edges(dagbag, dag_id):
     dag = dagbag.dags[dag_id]
     edges = {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
     assert edges == EXPECTED_EDGES[dag_id]
+
+
+def test_the_training_dag_keeps_the_lifecycle_order(dagbag):
+    """Whatever the specs add, ingest ... gate stay in order (each upstream of the next), box
+    supervision and Grad-CAM read the de-identified boxes, and the gate follows the split."""
+    dag = dagbag.dags["fracture_training"]
+
+    def upstream(task_id: str) -> set[str]:
+        return {t.task_id for t in dag.get_task(task_id).get_flat_relatives(upstream=True)}
+
+    for before, after in zip(TRAINING_CHAIN, TRAINING_CHAIN[1:]):
+        assert before in upstream(after), (before, after)
+    for task in ("train", "cam", "detect_train"):
+        assert "deidentify" in upstream(task), task
+    assert "split" in upstream("gate") and "detection_enabled" in upstream("detect_train")
+    assert {"tune_thresholds"} <= upstream("cam") and "cam" in upstream("package")
 
 
 def test_trigger_form_params_have_descriptions(dagbag):

@@ -537,10 +537,18 @@ def test_accounts_of_role_holders_cannot_be_taken_over_by_an_admin(srv):
              body={"username": "alice", "password": "alice-new-pw-77",
                    "current_password": _pw("alice")})
     assert r.status_code == 200, r.text
+    # the server remembers verified passwords for 30 s (mlflow/basic_auth.ini): a changed one
+    # is forgotten at once, the old password no longer opens anything
+    get = dict(params={"name": MODEL})
+    assert _api(srv, "alice", "GET", "registered-models/get", **get).status_code == 401
+    assert _api(srv, "alice", "GET", "registered-models/get", password="alice-new-pw-77", **get).ok
     r = _api(srv, "alice", "PATCH", "users/update-password",
              body={"username": "alice", "password": _pw("alice"),
                    "current_password": "alice-new-pw-77"}, password="alice-new-pw-77")
     assert r.status_code == 200, r.text
+    assert _api(srv, "alice", "GET", "registered-models/get", password="alice-new-pw-77",
+                **get).status_code == 401
+    assert _api(srv, "alice", "GET", "registered-models/get", **get).ok
 
 
 def test_look_alike_and_mlflow_reserved_tag_keys_are_refused(srv):

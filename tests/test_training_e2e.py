@@ -17,9 +17,11 @@ import pytest
 
 from fracture_ops import storage
 
-# CPU budget for CI: timm's small ResNet (test_resnet, 0.37 M parameters) at 128 px separates the
-# synthetic classes in well under ten epochs from scratch.
-BACKBONE, SIZE, EPOCHS = "test_resnet", 128, 12
+# timm's small ResNet (test_resnet, 0.37 M parameters) at 128 px: the chain's contracts (every
+# artifact, one MLflow run with a metric per epoch, the evaluation's figures are those of the
+# predictions table, the packaged model reproduces them) hold after any number of epochs, so
+# the fixture trains three; how well a model learns is the benchmarks' business
+BACKBONE, SIZE, EPOCHS = "test_resnet", 128, 3
 
 
 def _env(tmp: Path) -> dict:
@@ -64,7 +66,10 @@ def pipeline(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_synthetic_test_auroc_from_scratch_on_cpu(pipeline):
+def test_the_evaluation_reports_the_predictions_tables_test_auroc(pipeline):
+    """The evaluation step's test AUROC is that
+    of the train step's test rows, computed here from the table: the default calibrator
+    (temperature) is strictly monotone, so calibration may not move it."""
     from sklearn.metrics import roc_auc_score
 
     preds = storage.read_parquet(storage.join(pipeline["train"]["train_dir"], "predictions.parquet"))
@@ -72,9 +77,11 @@ def test_synthetic_test_auroc_from_scratch_on_cpu(pipeline):
     auroc = roc_auc_score(test["y_fracture"], test["logit_fracture"])
     print(f"\n{BACKBONE} @ {SIZE}px, {EPOCHS} epochs: test AUROC {auroc:.4f}, "
           f"train wall {pipeline['wall']:.0f} s")
-    assert auroc >= 0.95
     doc = storage.read_json(storage.join(pipeline["ev"]["evaluation_uri"]))
-    assert "fracture" in json.dumps(doc) and doc  # the evaluation report covers the class
+    assert doc["split"] == "test" and doc["n_images"] == len(test)
+    assert doc["calibration"]["method"] == "temperature"
+    reported = doc["metrics"]["overall"]["auroc_macro"]
+    assert reported["value"] == pytest.approx(auroc, abs=1e-9)
 
 
 @pytest.mark.slow
@@ -186,13 +193,13 @@ def test_killed_training_resumes_same_mlflow_run(tmp_path, sig):
     from fracture_ops.data.split import SplitConfig, split_step
     from fracture_ops.data.synthetic import SynthConfig, synth_step
 
-    # long enough (6 epochs of 128 px, batch 4) that the kill surely lands before the end
-    synth_step(SynthConfig(out_dir=str(tmp_path / "syn"), n_patients=60, image_size=128, seed=2))
+    # long enough (3 epochs of 64 px, batch 4) that the kill surely lands before the end
+    synth_step(SynthConfig(out_dir=str(tmp_path / "syn"), n_patients=60, image_size=64, seed=2))
     root = ["--artifact-root", str(tmp_path / "art"), "--run-id", "k"]
     split = split_step(SplitConfig(manifest_uri=str(tmp_path / "syn" / "manifest.parquet"),
                                    artifact_root=str(tmp_path / "art"), run_id="k"))
     cmd = [sys.executable, "-m", "fracture_ops.cli", "train", split["split_uri"], "--backbone",
-           BACKBONE, "--image-size", "128", "--epochs", "6", "--batch-size", "4", *root]
+           BACKBONE, "--image-size", "64", "--epochs", "3", "--batch-size", "4", *root]
     env = _env(tmp_path)
     train_dir = tmp_path / "art" / "runs" / "k" / "train"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -208,14 +215,14 @@ def test_killed_training_resumes_same_mlflow_run(tmp_path, sig):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["resumed"] is True and summary["epochs_run"] == 6
+    assert summary["resumed"] is True and summary["epochs_run"] == 3
     assert summary["mlflow_run_id"] == first_run
     import mlflow
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = mlflow.MlflowClient()
     steps = {m.step for m in client.get_metric_history(first_run, "val_auroc")}
-    assert steps == set(range(6))
+    assert steps == set(range(3))
     exp = client.get_experiment_by_name("fracture-classifier")
     assert len(client.search_runs([exp.experiment_id])) == 1  # no second run was created
 

@@ -35,6 +35,7 @@ from typing import ClassVar, Literal
 import pandas as pd
 from pydantic import Field
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.data.manifest import (
@@ -473,16 +474,16 @@ def ingest_step(cfg: IngestConfig) -> dict:
     }
     for note in notes:
         log.info("ingest: %s", note)
-    storage.write_parquet(storage.join(raw, "manifest.parquet"), df)
-    storage.write_parquet(storage.join(raw, "boxes.parquet"), boxes)
+    storage.write_parquet(storage.join(raw, catalog.INGEST_MANIFEST.file), df)
+    storage.write_parquet(storage.join(raw, catalog.INGEST_BOXES.file), boxes)
     storage.write_json(storage.join(raw, "report.json"),
                        {**public, "data_roots": source_roots(cfg)})
     write_resolved(cfg, raw)  # names the source: raw zone only
-    summary = {"manifest_uri": storage.join(raw, "manifest.parquet"),
-               "boxes_uri": storage.join(raw, "boxes.parquet"),
+    summary = {"manifest_uri": storage.join(raw, catalog.INGEST_MANIFEST.file),
+               "boxes_uri": storage.join(raw, catalog.INGEST_BOXES.file),
                "images": public["images"], "patients": public["patients"]}
     storage.mark_success(raw, summary)
-    storage.write_json(storage.join(out, "report.json"), public)
+    storage.write_json(storage.join(out, catalog.INGEST_REPORT.file), public)
     storage.mark_success(out, summary)
     return summary
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.data.manifest import table_hash
@@ -149,14 +150,14 @@ def split_step(cfg: SplitConfig) -> dict:
     result = split_by_patient(manifest, cfg, fixed)
     out = cfg.output_dir("split")
     storage.reset_dir(out)
-    storage.write_parquet(storage.join(out, "split.parquet"), result.table)
-    storage.write_json(storage.join(out, "report.json"), result.report)
+    storage.write_parquet(storage.join(out, catalog.SPLIT.file), result.table)
+    storage.write_json(storage.join(out, catalog.SPLIT_REPORT.file), result.report)
     write_resolved(cfg, out)
     for s in SPLITS:
         r = result.report[s]
         log.info("split %-5s %6d images %5d patients prevalence %s", s, r["images"], r["patients"],
                  r["prevalence"])
-    summary = {"split_uri": storage.join(out, "split.parquet"),
+    summary = {"split_uri": storage.join(out, catalog.SPLIT.file),
                "split_hash": result.report["split_hash"],
                **{f"{s}_images": result.report[s]["images"] for s in SPLITS}}
     storage.mark_success(out, summary)

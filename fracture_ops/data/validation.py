@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.data import images
@@ -394,20 +395,20 @@ def _write_outputs(cfg, out, df, clean, quarantine, facts, summary) -> dict:
     if cfg.boxes_uri:
         boxes_clean, boxes_bad = check_boxes(_read_table(cfg.boxes_uri), df,
                                              set(clean["image_id"]))
-        storage.write_parquet(j("boxes.clean.parquet"), boxes_clean)
+        storage.write_parquet(j(catalog.CLEAN_BOXES.file), boxes_clean)
         storage.write_parquet(j("boxes.quarantine.parquet"), boxes_bad)
         summary["boxes"] = {"clean": len(boxes_clean), "quarantined": len(boxes_bad),
                             "reasons": dict(Counter(boxes_bad["reason"]))}
-    storage.write_parquet(j("manifest.clean.parquet"), clean)
+    storage.write_parquet(j(catalog.CLEAN_MANIFEST.file), clean)
     storage.write_parquet(j("quarantine.parquet"), quarantine)
     if facts is not None:
         storage.write_parquet(j("image_checks.parquet"), facts)
-    storage.write_json(j("summary.json"), summary)
-    storage.write_text(j("report.html"), render_html(summary, quarantine))
+    storage.write_json(j(catalog.VALIDATE_SUMMARY.file), summary)
+    storage.write_text(j(catalog.VALIDATE_REPORT.file), render_html(summary, quarantine))
     write_resolved(cfg, out)
-    return {"clean_manifest_uri": j("manifest.clean.parquet"),
-            "quarantine_uri": j("quarantine.parquet"), "summary_uri": j("summary.json"),
-            "report_uri": j("report.html")}
+    return {"clean_manifest_uri": j(catalog.CLEAN_MANIFEST.file),
+            "quarantine_uri": j("quarantine.parquet"), "summary_uri": j(catalog.VALIDATE_SUMMARY.file),
+            "report_uri": j(catalog.VALIDATE_REPORT.file)}
 
 
 # --------------------------------------------------------------------------- CLI

@@ -18,11 +18,12 @@ from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.deid.profile import DeidKeys
 from fracture_ops.errors import ConfigError
+from fracture_ops import envvars
 
 log = logging.getLogger("fracture_ops.deid")
 
 STEP = "deidentify"
-SECRET_ENV = "FRACTURE_OPS_DEID_SECRET"
+SECRET_ENV = envvars.DEID_SECRET
 _DEV_SECRET = b"fracture-ops-dev-secret-NOT-FOR-REAL-DATA"
 MIN_SECRET_BYTES = 32  # a 256-bit HMAC key
 IMPLEMENTATION_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'fracture-ops/deidentify').int}"

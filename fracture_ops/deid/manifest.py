@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.deid.config import STEP, DeidConfig, load_keys
 from fracture_ops.deid.folder import (
@@ -73,7 +74,7 @@ def _write_row(row: dict, rec: dict, done: Processed, keys: DeidKeys, out_dir: s
 def _pass_boxes(cfg: DeidConfig, id_map: dict[str, str], out_dir: str) -> str | None:
     from fracture_ops.data.manifest import BOX_COLUMNS
 
-    uri = cfg.boxes_uri or _sibling(cfg.manifest_uri, "boxes.parquet")
+    uri = cfg.boxes_uri or _sibling(cfg.manifest_uri, catalog.INGEST_BOXES.file)
     if not storage.exists(uri):
         if cfg.boxes_uri:
             raise ManifestError("deidentify: boxes_uri does not exist")
@@ -83,7 +84,7 @@ def _pass_boxes(cfg: DeidConfig, id_map: dict[str, str], out_dir: str) -> str | 
     boxes["image_id"] = boxes["image_id"].astype(str).map(id_map)
     boxes = boxes[[c for c in BOX_COLUMNS if c in boxes.columns]]
     boxes = boxes.sort_values(list(boxes.columns), kind="stable").reset_index(drop=True)
-    return storage.write_parquet(storage.join(out_dir, "boxes.deid.parquet"), boxes)
+    return storage.write_parquet(storage.join(out_dir, catalog.DEID_BOXES.file), boxes)
 
 
 def deidentify_manifest_step(cfg: DeidConfig) -> dict:
@@ -132,7 +133,7 @@ def deidentify_manifest_step(cfg: DeidConfig) -> dict:
     keep = [c for c in manifest.columns if c in MANIFEST_COLUMNS or c in cfg.keep_columns
             or c.startswith(MULTILABEL_PREFIX)]
     out = normalize_manifest(pd.DataFrame(rows, columns=list(manifest.columns))[keep])
-    manifest_out = storage.write_parquet(storage.join(out_dir, "manifest.deid.parquet"), out)
+    manifest_out = storage.write_parquet(storage.join(out_dir, catalog.DEID_MANIFEST.file), out)
     if held_rows:  # the rows `deid review --approve` adds to the manifest
         held = normalize_manifest(pd.DataFrame(held_rows, columns=list(manifest.columns))[keep])
         storage.write_parquet(storage.join(out_dir, HELD_DIR, "manifest.held.parquet"), held)

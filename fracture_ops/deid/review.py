@@ -20,6 +20,7 @@ import json
 import logging
 from collections import Counter
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.errors import BadInputError, ConfigError
 
@@ -66,7 +67,7 @@ def _release_row(out_dir: str, rec: dict) -> None:
     row = held[held["image_id"] == rec.get("image_id")]
     if not len(row):
         return
-    man_uri = storage.join(out_dir, "manifest.deid.parquet")
+    man_uri = storage.join(out_dir, catalog.DEID_MANIFEST.file)
     manifest = storage.read_parquet(man_uri)
     row = row.assign(image_uri=storage.join(out_dir, *rec["output"].split("/")))
     merged = pd.concat([manifest, row], ignore_index=True).sort_values("image_id", kind="stable")

@@ -20,6 +20,7 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.evaluation import plots
@@ -42,7 +43,7 @@ from fracture_ops.model.outputs import read_predictions
 log = logging.getLogger(__name__)
 
 STEP = "evaluate"
-EVALUATION_FILE = "evaluation.json"
+EVALUATION_FILE = catalog.EVALUATION.file
 Rate = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 

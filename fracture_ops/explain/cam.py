@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded
@@ -75,10 +76,11 @@ def _run_boxes(train_dir: str, raw_run_dir: str = "") -> str:
     """This run's boxes keyed like the predictions: after de-identification image ids change, so
     the de-identified table comes first; a run trained without de-identification (its ids are
     the source's own) has only the validated or ingested table, in the raw zone."""
-    uri = _sibling(train_dir, "deidentify", "boxes.deid.parquet")
+    uri = _sibling(train_dir, catalog.DEID_BOXES.step, catalog.DEID_BOXES.file)
     if uri or not raw_run_dir:
         return uri
-    for step, name in (("validate", "boxes.clean.parquet"), ("ingest", "boxes.parquet")):
+    for step, name in ((catalog.CLEAN_BOXES.step, catalog.CLEAN_BOXES.file),
+                       (catalog.INGEST_BOXES.step, catalog.INGEST_BOXES.file)):
         uri = _sibling(storage.join(raw_run_dir, "train"), step, name)
         if uri:
             return uri
@@ -239,8 +241,8 @@ def _open_model(cfg: CamConfig, train_dir: str):
 def _calibration(cfg: CamConfig, train_dir: str, task: str, class_names: list[str]):
     from fracture_ops.model.documents import read_calibrator, read_thresholds
 
-    cal_uri = _resolve(cfg.calibration_uri, train_dir, "calibrate", "calibration.json")
-    thr_uri = _resolve(cfg.thresholds_uri, train_dir, "tune_thresholds", "thresholds.json")
+    cal_uri = _resolve(cfg.calibration_uri, train_dir, catalog.CALIBRATION.step, catalog.CALIBRATION.file)
+    thr_uri = _resolve(cfg.thresholds_uri, train_dir, catalog.THRESHOLDS.step, catalog.THRESHOLDS.file)
     calibrator = read_calibrator(cal_uri, task)
     thresholds, thr_source = read_thresholds(thr_uri, class_names, calibrator.method)
     sources = {"calibration": f"{calibrator.method} ({cal_uri or 'none: raw probabilities'})",
@@ -287,13 +289,13 @@ def cam_step(cfg: CamConfig) -> dict:
     storage.reset_dir(out)
     notes = [f"{q['image_id']}: could not be explained ({q['reason']})" for q in quarantined]
     header = _header(cfg, info, explainer, sources, len(rows))
-    storage.write_text(storage.join(out, "report.html"), render_report(header, cases, notes))
+    storage.write_text(storage.join(out, catalog.CAM_REPORT.file), render_report(header, cases, notes))
     listing = [{k: v for k, v in c.items() if not k.endswith("_png")}
                for key in ("top", "fn", "fp") for c in cases[key]]
     storage.write_json(storage.join(out, "cams.json"),
                        {"header": header, "cases": listing, "quarantined": quarantined})
     write_resolved(cfg, out)
-    summary = {"report_uri": storage.join(out, "report.html"),
+    summary = {"report_uri": storage.join(out, catalog.CAM_REPORT.file),
                "cams_uri": storage.join(out, "cams.json"),
                **{f"{k}_cases": len(cases[k]) for k in ("top", "fn", "fp")},
                "quarantined": len(quarantined)}

@@ -30,6 +30,7 @@ from typing import ClassVar
 import pandas as pd
 from pydantic import Field
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import ConfigError, ErrorBudgetExceeded
@@ -52,7 +53,7 @@ from fracture_ops.registry.client import resolve_model
 
 log = logging.getLogger(__name__)
 PLAN_STEP, SHARD_STEP, MERGE_STEP = "infer_plan", "infer", "infer_merge"
-PLAN_FILE = "plan.json"
+PLAN_FILE = catalog.INFER_PLAN.file
 MISSING = "file not found (listed by the plan, gone when its shard ran)"
 
 

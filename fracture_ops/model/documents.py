@@ -10,14 +10,15 @@ import logging
 
 import numpy as np
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.errors import BadInputError
 from fracture_ops.model.calibrators import Calibrator
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "calibration.json"
-THRESHOLDS_FILE = "thresholds.json"
+CALIBRATION_FILE = catalog.CALIBRATION.file
+THRESHOLDS_FILE = catalog.THRESHOLDS.file
 DEFAULT_THRESHOLD = 0.5
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fracture_ops import catalog
+
 log = logging.getLogger(__name__)
 
 # Grad-CAM target layers per backbone family (see explain/); kept next to the factory on purpose.
@@ -232,7 +234,7 @@ def zero_head(model) -> None:
                 head.bias.zero_()
 
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = catalog.MODEL.file
 
 
 def save_model(path: str | Path, state_dict: dict, info: dict, transform: dict) -> None:

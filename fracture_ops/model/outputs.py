@@ -17,13 +17,14 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit, softmax
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.errors import BadInputError, ConfigError, ErrorBudgetExceeded
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS_FILE = "predictions.parquet"
-MODEL_INFO_FILE = "model_info.json"
+PREDICTIONS_FILE = catalog.PREDICTIONS.file
+MODEL_INFO_FILE = catalog.MODEL_INFO.file
 TASKS = ("binary", "multiclass", "multilabel")
 SPLITS = ("train", "val", "test")
 ID_COLUMNS = ("image_id", "patient_id", "split")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fracture_ops.errors import ConfigError
+from fracture_ops import envvars
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def convert(path: Path, pkg: WeightsPackage, backbone: str | None = None) -> dic
 def cache_dir() -> Path:
     """``$FRACTURE_OPS_CACHE_DIR/weights`` (the pod's cache volume), else
     ``$XDG_CACHE_HOME/fracture-ops/weights`` (default ``~/.cache``)."""
-    env = os.environ.get("FRACTURE_OPS_CACHE_DIR")
+    env = os.environ.get(envvars.CACHE_DIR)
     if env:
         return Path(env) / "weights"
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

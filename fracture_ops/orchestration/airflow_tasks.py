@@ -17,10 +17,11 @@ import os
 from datetime import timedelta
 
 from fracture_ops.orchestration.specs import TRAINING_STEPS, StepSpec
+from fracture_ops import envvars
 
 log = logging.getLogger("fracture_ops.orchestration")
 OWNER = "fracture-ops"
-RUNNER_ENV = "FRACTURE_OPS_RUNNER"
+RUNNER_ENV = envvars.RUNNER
 
 
 def runner_kind() -> str:

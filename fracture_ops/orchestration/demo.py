@@ -18,10 +18,15 @@ from pathlib import Path
 
 from fracture_ops.orchestration.local_runner import StepFailed, run_step
 from fracture_ops.orchestration.params import defaults
-from fracture_ops.orchestration.specs import TRAINING_STEPS, run_folder
+from fracture_ops.orchestration.specs import TRAINING_STEPS, ordered, run_folder
+from fracture_ops import catalog, envvars
 
-DATA_STEPS = ["ingest", "validate", "deidentify", "split"]
-MODEL_STEPS = ["train", "calibrate", "tune_thresholds", "evaluate", "cam", "package"]
+# the training DAG's steps in their order (from the specs' reads): the data steps up to the
+# split, then the model's up to the package (--no-airflow stops there; the DAG goes on to
+# register and gate); the detection branch is off by default
+_ORDER = [n for n in ordered(TRAINING_STEPS) if n not in ("register", "gate", "detect_train")]
+DATA_STEPS = _ORDER[:_ORDER.index("split") + 1]
+MODEL_STEPS = _ORDER[_ORDER.index("split") + 1:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from fracture_ops.orchestration.devstack import DEV_SECRET_NOTE, dev_secret
 
     secret, secret_file = dev_secret()
-    os.environ["FRACTURE_OPS_DEID_SECRET"] = secret
+    os.environ[envvars.DEID_SECRET] = secret
     if secret_file:
         print(f"== de-identification key: {DEV_SECRET_NOTE} ({secret_file})", flush=True)
     root = Path(args.root).resolve()
@@ -93,8 +98,8 @@ def _run_with_airflow(params: dict, root: Path) -> str | None:
            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
            "AIRFLOW__CORE__DAGS_FOLDER": str(Path(__file__).resolve().parents[2] / "dags"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-           "FRACTURE_OPS_RUNNER": "local",
-           "FRACTURE_OPS_APPROVERS": os.environ.get("FRACTURE_OPS_APPROVERS", "")}
+           envvars.RUNNER: "local",
+           envvars.APPROVERS: os.environ.get(envvars.APPROVERS, "")}
     airflow = str(Path(sys.executable).parent / "airflow")
     print(f"== airflow db migrate (SQLite, {home})", flush=True)
     if subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True).returncode:
@@ -254,16 +259,16 @@ def _print_outputs(params: dict, run_id: str, steps: list[str]) -> None:
     print("\n== outputs")
     for name in steps:
         print(f"  {name:16s} {run}/{name}/")
-    print(f"  validation report  {run}/validate/report.html")
+    print(f"  validation report  {run}/{catalog.VALIDATE_REPORT.path}")
     if "evaluate" in steps:
-        print(f"  evaluation report  {run}/evaluate/evaluation.json")
-        print("  " + test_set_line(json.loads(Path(run, "evaluate", "evaluation.json").read_text())))
-        print(f"  Grad-CAM report    {run}/cam/report.html")
-        package = json.loads(Path(run, "package", "package.json").read_text())
+        print(f"  evaluation report  {run}/{catalog.EVALUATION.path}")
+        print("  " + test_set_line(json.loads(Path(run, catalog.EVALUATION.path).read_text())))
+        print(f"  Grad-CAM report    {run}/{catalog.CAM_REPORT.path}")
+        package = json.loads(Path(run, catalog.PACKAGE.path).read_text())
         print(f"  MLflow run         {package['mlflow_run_id']} (model {package['model_uri']})")
     if "register" in steps:
-        reg = json.loads(Path(run, "register", "registered.json").read_text())
-        gate = json.loads(Path(run, "gate", "gate.json").read_text())
+        reg = json.loads(Path(run, catalog.REGISTERED.path).read_text())
+        gate = json.loads(Path(run, catalog.GATE.path).read_text())
         print(f"  registered         {reg['model_uri']} alias challenger, gate "
               f"{'passed' if gate['passed'] else 'failed'}; model card {reg['model_card']}")
     print(f"  MLflow UI          make up, or: mlflow ui --backend-store-uri "

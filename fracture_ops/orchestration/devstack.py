@@ -26,6 +26,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fracture_ops import envvars
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -36,12 +38,12 @@ def _settings() -> dict:
             "mlflow_port": int(os.environ.get("MLFLOW_PORT", "5000")),
             "orthanc_port": int(os.environ.get("ORTHANC_PORT", "8042")),
             "orthanc_dicom_port": int(os.environ.get("ORTHANC_DICOM_PORT", "4242")),
-            "mlflow_dir": Path(os.environ.get("FRACTURE_OPS_MLFLOW_DIR", REPO / "data" / "mlflow")).resolve()}
+            "mlflow_dir": Path(os.environ.get(envvars.MLFLOW_DIR, REPO / "data" / "mlflow")).resolve()}
 
 
 def state_dir() -> Path:
     """The local stack's state folder (``$FRACTURE_OPS_STACK_DIR``, default ``data/stack``)."""
-    return Path(os.environ.get("FRACTURE_OPS_STACK_DIR", REPO / "data" / "stack")).resolve()
+    return Path(os.environ.get(envvars.STACK_DIR, REPO / "data" / "stack")).resolve()
 
 
 def airflow_home() -> Path:
@@ -58,8 +60,8 @@ def dev_secret(state: Path | None = None) -> tuple[str, str | None]:
     ``$FRACTURE_OPS_DEID_SECRET`` when set (returns it and None); otherwise a random 32-byte
     secret created once in ``<state>/deid-secret`` with mode 0600 (returns it and the file).
     """
-    if os.environ.get("FRACTURE_OPS_DEID_SECRET"):
-        return os.environ["FRACTURE_OPS_DEID_SECRET"], None
+    if os.environ.get(envvars.DEID_SECRET):
+        return os.environ[envvars.DEID_SECRET], None
     state = state or state_dir()
     state.mkdir(parents=True, exist_ok=True)
     path = state / "deid-secret"
@@ -129,9 +131,9 @@ def airflow_env(s: dict) -> dict:
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__API__PORT": str(s["airflow_port"]), "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{s['airflow_port']}",
-            "FRACTURE_OPS_RUNNER": "local", "PYTHONPATH": str(REPO),
+            envvars.RUNNER: "local", "PYTHONPATH": str(REPO),
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{s['mlflow_port']}",
-            "FRACTURE_OPS_DEID_SECRET": dev_secret(s["state"])[0],
+            envvars.DEID_SECRET: dev_secret(s["state"])[0],
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from fracture_ops.errors import retryable
 from fracture_ops.orchestration.specs import StepSpec, render_args
+from fracture_ops import envvars
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ def cli_executable() -> list[str]:
 
 # credentials a step gets only when its spec names them (least privilege, as for pods): the
 # worker's environment may hold them (make up's local PACS), its other steps must not
-WITHHELD_ENV = {"pacs": ("FRACTURE_OPS_PACS_URL", "FRACTURE_OPS_PACS_USERNAME",
-                         "FRACTURE_OPS_PACS_PASSWORD", "AIRFLOW_CONN_FRACTURE_OPS_PACS")}
+WITHHELD_ENV = {"pacs": (envvars.PACS_URL, envvars.PACS_USERNAME,
+                         envvars.PACS_PASSWORD, "AIRFLOW_CONN_FRACTURE_OPS_PACS")}
 
 
 def _withheld(spec: StepSpec, name: str) -> bool:
@@ -82,8 +83,8 @@ def run_step(spec: StepSpec, context: dict[str, Any], *, env: dict[str, str] | N
     with tempfile.TemporaryDirectory() as tmp:
         xcom = Path(tmp) / "return.json"
         proc_env = {**{k: v for k, v in os.environ.items() if not _withheld(spec, k)}, **(env or {}),
-                    "FRACTURE_OPS_XCOM_FILE": str(xcom),
-                    "FRACTURE_OPS_NO_PROGRESS": os.environ.get("FRACTURE_OPS_NO_PROGRESS", "1")}
+                    envvars.XCOM_FILE: str(xcom),
+                    envvars.NO_PROGRESS: os.environ.get(envvars.NO_PROGRESS, "1")}
         # its own process group, so a timeout or a killed task takes the whole step down with it
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=proc_env, bufsize=1, start_new_session=True)

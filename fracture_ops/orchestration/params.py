@@ -23,6 +23,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fracture_ops import envvars
+
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
@@ -55,7 +57,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def default_profile() -> str:
     """``gpu`` where steps run as Kubernetes pods (GPU pool), else ``cpu-quick``."""
-    return "gpu" if os.environ.get("FRACTURE_OPS_RUNNER", "local").strip().lower() == "kubernetes" \
+    return "gpu" if os.environ.get(envvars.RUNNER, "local").strip().lower() == "kubernetes" \
         else "cpu-quick"
 
 

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 from fracture_ops.orchestration.specs import StepSpec
+from fracture_ops import envvars
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -28,15 +29,15 @@ GPU_RESOURCE = "nvidia.com/gpu"
 class PodSettings:
     """Cluster-side names, from the environment (see infra/README.md)."""
 
-    namespace: str = field(default_factory=lambda: os.environ.get("FRACTURE_OPS_K8S_NAMESPACE",
+    namespace: str = field(default_factory=lambda: os.environ.get(envvars.K8S_NAMESPACE,
                                                                   "fracture-ops-steps"))
     # step pods parse untrusted images: they run under an account with no API rights and no token
     service_account: str = field(default_factory=lambda: os.environ.get(
-        "FRACTURE_OPS_K8S_STEP_SERVICE_ACCOUNT", "fracture-ops-step"))
+        envvars.K8S_STEP_SERVICE_ACCOUNT, "fracture-ops-step"))
     training_image: str = field(default_factory=lambda: os.environ.get(
-        "FRACTURE_OPS_TRAINING_IMAGE", "ghcr.io/fracture-ops/training:0.1.0"))
+        envvars.TRAINING_IMAGE, "ghcr.io/fracture-ops/training:0.1.0"))
     platform_image: str = field(default_factory=lambda: os.environ.get(
-        "FRACTURE_OPS_PLATFORM_IMAGE", "ghcr.io/fracture-ops/training:0.1.0"))
+        envvars.PLATFORM_IMAGE, "ghcr.io/fracture-ops/training:0.1.0"))
     gpu_taint_key: str = "nvidia.com/gpu"
     gpu_node_selector: tuple[tuple[str, str], ...] = (("fracture-ops/pool", "gpu"),)
     # Kubernetes Secret per credential kind; a pod gets only those its spec names (spec.secrets)
@@ -59,24 +60,24 @@ class PodSettings:
                   ("MLFLOW_TRACKING_PASSWORD", False))),
         ("s3", (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
                 ("S3_ENDPOINT_URL", True), ("MLFLOW_S3_ENDPOINT_URL", True))),
-        ("deid", (("FRACTURE_OPS_DEID_SECRET", False),)),
-        ("pacs", (("FRACTURE_OPS_PACS_URL", False), ("FRACTURE_OPS_PACS_USERNAME", False),
-                  ("FRACTURE_OPS_PACS_PASSWORD", False))))
+        ("deid", ((envvars.DEID_SECRET, False),)),
+        ("pacs", ((envvars.PACS_URL, False), (envvars.PACS_USERNAME, False),
+                  (envvars.PACS_PASSWORD, False))))
     # the Kubeflow Trainer runtime of multi-node training: infra/trainer/fracture-ops-torch.yaml
     # (torch-distributed with the steps' failure rules: no in-place restarts, exit 2/3/4 kept)
     trainer_runtime: str = field(default_factory=lambda: os.environ.get(
-        "FRACTURE_OPS_TRAINER_RUNTIME", "fracture-ops-torch"))
+        envvars.TRAINER_RUNTIME, "fracture-ops-torch"))
     # Kueue LocalQueue the TrainJobs are queued in ("" = no Kueue: they start at once)
-    kueue_queue: str = field(default_factory=lambda: os.environ.get("FRACTURE_OPS_KUEUE_QUEUE", ""))
+    kueue_queue: str = field(default_factory=lambda: os.environ.get(envvars.KUEUE_QUEUE, ""))
     # passed through from the scheduler/worker environment (configuration, not secrets)
-    passthrough_env: tuple[str, ...] = ("FRACTURE_OPS_APPROVERS", "FRACTURE_OPS_GATE_USERS",
-                                        "FRACTURE_OPS_APPROVAL_PUBKEY", "FRACTURE_OPS_DATA_ROOTS",
-                                        "FRACTURE_OPS_AUDIT_URI",
-                                        "FRACTURE_OPS_REFERENCE_TEST_URI",
-                                        "FRACTURE_OPS_REFERENCE_TEST_HASH",
-                                        "FRACTURE_OPS_MIN_TEST_SIZE")
+    passthrough_env: tuple[str, ...] = (envvars.APPROVERS, envvars.GATE_USERS,
+                                        envvars.APPROVAL_PUBKEY, envvars.DATA_ROOTS,
+                                        envvars.AUDIT_URI,
+                                        envvars.REFERENCE_TEST_URI,
+                                        envvars.REFERENCE_TEST_HASH,
+                                        envvars.MIN_TEST_SIZE)
     # the CA of the platform's TLS certificates (Secret with key ca.crt; "" = none, plain HTTP)
-    ca_secret: str = field(default_factory=lambda: os.environ.get("FRACTURE_OPS_K8S_CA_SECRET",
+    ca_secret: str = field(default_factory=lambda: os.environ.get(envvars.K8S_CA_SECRET,
                                                                   "fracture-ops-ca"))
     ca_mount: str = "/etc/fracture-ops/ca"
     cache_claim: str = "fracture-ops-cache"
@@ -111,15 +112,15 @@ def step_environment(s: PodSettings) -> list:
     scratch paths on the writable ``/tmp``, the platform CA and the pass-through configuration."""
     from kubernetes.client import models as k8s
 
-    env = [k8s.V1EnvVar(name="FRACTURE_OPS_CACHE_DIR", value=s.cache_mount),
-           k8s.V1EnvVar(name="FRACTURE_OPS_NO_PROGRESS", value="1"),
+    env = [k8s.V1EnvVar(name=envvars.CACHE_DIR, value=s.cache_mount),
+           k8s.V1EnvVar(name=envvars.NO_PROGRESS, value="1"),
            k8s.V1EnvVar(name="HF_HUB_OFFLINE", value="1"),
            k8s.V1EnvVar(name="YOLO_OFFLINE", value="1"),
            k8s.V1EnvVar(name="HOME", value="/tmp"), k8s.V1EnvVar(name="TMPDIR", value="/tmp"),
            k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
            k8s.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"),
            # steps in pods run for a deployment: e.g. the gate requires a pinned reference set
-           k8s.V1EnvVar(name="FRACTURE_OPS_RUNNER", value="kubernetes")]
+           k8s.V1EnvVar(name=envvars.RUNNER, value="kubernetes")]
     if s.ca_secret:  # MLflow and MinIO speak TLS: trust the platform's CA (boto3, MLflow client)
         ca_file = f"{s.ca_mount}/ca.crt"
         env += [k8s.V1EnvVar(name="AWS_CA_BUNDLE", value=ca_file),
@@ -252,7 +253,7 @@ def pod_operator(spec: StepSpec, settings: PodSettings | None = None, inputs: di
         image=s.training_image if spec.image == "training" else s.platform_image,
         cmds=["fracture-ops"],
         env_vars=[*step_environment(s),
-                  k8s.V1EnvVar(name="FRACTURE_OPS_XCOM_FILE", value="/airflow/xcom/return.json")],
+                  k8s.V1EnvVar(name=envvars.XCOM_FILE, value="/airflow/xcom/return.json")],
         secrets=[Secret("env", None, name) for kind, name in s.secrets if kind in spec.secrets],
         security_context=pod_security_context(s),
         container_security_context=container_security_context(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fracture_ops import catalog as C
 from fracture_ops.orchestration.params import RECIPE_FIELDS, profile_template
 
 # the run folder of a DAG run; Airflow run ids carry ':' and '+', which we keep out of paths
@@ -23,6 +24,11 @@ COMMON = ["--artifact-root", "{{ params.artifact_root }}", "--run-id", RUN_KEY]
 RAW_ROOT = "{{ params.raw_root or (params.artifact_root.rstrip('/') ~ '-raw') }}"
 RAW = RAW_ROOT + "/runs/" + RUN_KEY
 RAW_ARGS = ("--raw-root", RAW_ROOT)
+
+
+def at(artifact: C.Artifact) -> str:
+    """The templated URI of a catalog artifact in this run: its zone's run folder + its path."""
+    return f"{RAW if artifact.zone == 'raw' else RUN}/{artifact.path}"
 
 
 @dataclass(frozen=True)
@@ -126,20 +132,18 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           "--patient-regex", "{{ params.patient_regex or '' }}",
           bool_flag("one_image_per_patient", "{{ params.one_image_per_patient }}"), *RAW_ARGS,
           pos=("{{ params.source_uri }}",),
-          outputs=("ingest/report.json", "ingest/manifest.parquet", "ingest/boxes.parquet")),
-    _spec("validate", "validate", "--boxes", f"{RAW}/ingest/boxes.parquet",
+          outputs=C.outputs_of("ingest")),
+    _spec("validate", "validate", "--boxes", at(C.INGEST_BOXES),
           "--max-bad-fraction", "{{ params.max_bad_fraction }}", *RAW_ARGS,
-          pos=(f"{RAW}/ingest/manifest.parquet",), reads=("ingest",),
-          outputs=("validate/summary.json", "validate/report.html", "validate/manifest.clean.parquet",
-                   "validate/boxes.clean.parquet")),
+          pos=(at(C.INGEST_MANIFEST),), reads=("ingest",), outputs=C.outputs_of("validate")),
     # OCR of burned-in text runs one worker process per requested CPU (each ~300 MB of models)
-    _spec("deidentify", "deidentify", "--manifest", f"{RAW}/validate/manifest.clean.parquet",
-          "--set", f"boxes_uri={RAW}/validate/boxes.clean.parquet", "--workers", "2", *RAW_ARGS,
-          outputs=("deidentify/manifest.deid.parquet", "deidentify/boxes.deid.parquet"),
+    _spec("deidentify", "deidentify", "--manifest", at(C.CLEAN_MANIFEST),
+          "--set", "boxes_uri=" + at(C.CLEAN_BOXES), "--workers", "2", *RAW_ARGS,
+          outputs=C.outputs_of("deidentify"),
           reads=("validate",),
           cpu="2", memory="4Gi", ephemeral="8Gi", secrets=("s3", "deid")),
-    _spec("split", "split", "--seed", "{{ params.seed }}", pos=(f"{RUN}/deidentify/manifest.deid.parquet",),
-          outputs=("split/split.parquet",), reads=("deidentify",)),
+    _spec("split", "split", "--seed", "{{ params.seed }}", pos=(at(C.DEID_MANIFEST),),
+          outputs=C.outputs_of("split"), reads=("deidentify",)),
     # model-size fields through the trigger form's profile (params.resolve_profile); a small data
     # set is cross-validated, then refitted on every training patient (workflows/fit.py)
     _spec("train", "fit", "--nproc-per-node", "{{ params.gpus }}",
@@ -152,39 +156,52 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           *[arg for f in RECIPE_FIELDS for arg in recipe_args(f)],
           "--loss", "{{ params.loss }}", "--seed", "{{ params.seed }}",
           # the de-identified boxes (absent when the data set has none) for box supervision
-          "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet",
+          "--boxes-uri", at(C.DEID_BOXES),
           "--box-weight", "{{ params.box_weight }}", "--global-pool", "{{ params.global_pool }}",
-          pos=(f"{RUN}/split/split.parquet",),
+          pos=(at(C.SPLIT),),
           cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
-          outputs=("train/model.pt", "train/predictions.parquet"), reads=("split", "deidentify"),
+          outputs=C.outputs_of("train"), reads=("split", "deidentify"),
           secrets=("s3", "mlflow"), gpus_param="gpus", nodes_param="nodes"),
     _spec("calibrate", "calibrate", "--predictions", f"{RUN}/train",
-          outputs=("calibrate/calibration.json",), reads=("train",)),
+          outputs=C.outputs_of("calibrate"), reads=("train",)),
     _spec("tune_thresholds", "tune-thresholds", "--predictions", f"{RUN}/train",
-          "--calibration", f"{RUN}/calibrate/calibration.json",
-          outputs=("tune_thresholds/thresholds.json",), reads=("train", "calibrate")),
+          "--calibration", at(C.CALIBRATION),
+          outputs=C.outputs_of("tune_thresholds"), reads=("train", "calibrate")),
     _spec("evaluate", "evaluate", "--predictions", f"{RUN}/train",
-          "--calibration", f"{RUN}/calibrate/calibration.json",
-          "--thresholds", f"{RUN}/tune_thresholds/thresholds.json",
-          outputs=("evaluate/evaluation.json",), reads=("train", "calibrate", "tune_thresholds")),
-    _spec("cam", "cam", "--calibration", f"{RUN}/calibrate/calibration.json",
-          "--thresholds", f"{RUN}/tune_thresholds/thresholds.json", image="training",
-          outputs=("cam/report.html",),
+          "--calibration", at(C.CALIBRATION), "--thresholds", at(C.THRESHOLDS),
+          outputs=C.outputs_of("evaluate"), reads=("train", "calibrate", "tune_thresholds")),
+    _spec("cam", "cam", "--calibration", at(C.CALIBRATION), "--thresholds", at(C.THRESHOLDS),
+          image="training", outputs=C.outputs_of("cam"),
           # its defaults: this run's train folder and the de-identified boxes
           reads=("train", "calibrate", "tune_thresholds", "deidentify")),
     # package, register and gate read this run's step folders by default (their configs)
-    _spec("package", "package", image="training", outputs=("package/package.json",),
+    _spec("package", "package", image="training", outputs=C.outputs_of("package"),
           reads=("train", "calibrate", "tune_thresholds", "evaluate", "cam"), secrets=("s3", "mlflow")),
-    _spec("register", "register", image="training", outputs=("register/registered.json",),
+    _spec("register", "register", image="training", outputs=C.outputs_of("register"),
           reads=("package", "evaluate", "train"), secrets=("s3", "mlflow")),
-    _spec("gate", "gate", image="training", outputs=("gate/gate.json",),
+    _spec("gate", "gate", image="training", outputs=C.outputs_of("gate"),
           reads=("register", "split", "train"), secrets=("s3", "gate")),
-    _spec("detect_train", "detect", "train", "--split-uri", f"{RUN}/split/split.parquet",
-          "--boxes-uri", f"{RUN}/deidentify/boxes.deid.parquet", "--epochs", "{{ params.detect_epochs }}",
+    _spec("detect_train", "detect", "train", "--split-uri", at(C.SPLIT),
+          "--boxes-uri", at(C.DEID_BOXES), "--epochs", "{{ params.detect_epochs }}",
           cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
-          outputs=("detect_train/metrics.json",), reads=("split", "deidentify"),
+          outputs=C.outputs_of("detect_train"), reads=("split", "deidentify"),
           secrets=("s3", "mlflow")),
 ]}
+
+
+def ordered(steps: dict[str, StepSpec]) -> list[str]:
+    """The steps' names in an order that runs every step after the steps it reads (the DAG's
+    order, from ``reads`` alone; ties keep the table's order)."""
+    done: list[str] = []
+    left = list(steps)
+    while left:
+        ready = next((n for n in left if all(r in done or r not in steps for r in steps[n].reads)),
+                     None)
+        if ready is None:
+            raise ValueError(f"the steps' reads form a cycle among {left}")
+        done.append(ready)
+        left.remove(ready)
+    return done
 
 
 PROMOTION_STEPS: dict[str, StepSpec] = {s.name: s for s in [
@@ -203,23 +220,23 @@ INFERENCE_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     _spec("infer_plan", "infer-plan", "--date", "{{ ds if ds is defined else '' }}",
           "--model-uri", input_ref("model_uri"), "--shards", "{{ params.shards }}",
           inputs=(("model_uri", "reference", "model_uri"),), reads=("reference",),
-          pos=("{{ params.incoming_uri }}",), image="training", outputs=("infer_plan/plan.json",),
+          pos=("{{ params.incoming_uri }}",), image="training", outputs=C.outputs_of("infer_plan"),
           secrets=("s3", "mlflow", "deid"), timeout_s=1800),
     # one mapped task per shard (the plan's "shards" list), each into its own run-folder shard
-    _spec("infer", "infer-shard", "--plan", f"{RUN}/infer_plan/plan.json",
+    _spec("infer", "infer-shard", "--plan", at(C.INFER_PLAN),
           "--shard", input_ref("shard"), expand=("shard", "infer_plan", "shards"),
           reads=("infer_plan",), pos=("{{ params.incoming_uri }}",), image="training",
           secrets=("s3", "mlflow", "deid"),
           cpu="2", memory="8Gi", ephemeral="8Gi", timeout_s=4 * 3600),
     # every shard's rows as the batch's one part of the date partition (atomic, rerun-safe)
-    _spec("infer_merge", "infer-merge", "--plan", f"{RUN}/infer_plan/plan.json",
+    _spec("infer_merge", "infer-merge", "--plan", at(C.INFER_PLAN),
           reads=("infer_plan", "infer"), timeout_s=1800),
     # optional (trigger parameter pacs_results, off by default): the champion's results on the
     # PACS-ingested studies back to the PACS as DICOM SR + Grad-CAM secondary capture, under the
     # original studies (identified data inside the hospital; ledger in the raw zone)
     _spec("pacs_report", "pacs-report", "--dataset", "{{ params.pacs_dataset }}", *RAW_ARGS,
           image="training", cpu="2", memory="8Gi", ephemeral="8Gi", retries=3, retry_delay_s=120,
-          timeout_s=4 * 3600, outputs=("pacs_report/report.json",), secrets=("s3", "mlflow", "pacs")),
+          timeout_s=4 * 3600, outputs=C.outputs_of("pacs_report"), secrets=("s3", "mlflow", "pacs")),
 ]}
 
 PACS_STEPS: dict[str, StepSpec] = {s.name: s for s in [
@@ -229,7 +246,7 @@ PACS_STEPS: dict[str, StepSpec] = {s.name: s for s in [
     _spec("pacs_ingest", "pacs-ingest", "--dataset", "{{ params.dataset }}",
           "--max-studies", "{{ params.max_studies }}", *RAW_ARGS,
           cpu="2", memory="4Gi", ephemeral="8Gi", retries=3, retry_delay_s=120, timeout_s=4 * 3600,
-          outputs=("pacs_ingest/report.json",), secrets=("s3", "deid", "pacs")),
+          outputs=C.outputs_of("pacs_ingest"), secrets=("s3", "deid", "pacs")),
 ]}
 
 DRIFT_STEPS: dict[str, StepSpec] = {s.name: s for s in [

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from fracture_ops.errors import ConfigError, FractureOpsError
+from fracture_ops import envvars
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-URL_ENV, USER_ENV, PASSWORD_ENV = "FRACTURE_OPS_PACS_URL", "FRACTURE_OPS_PACS_USERNAME", "FRACTURE_OPS_PACS_PASSWORD"
-CONNECTION_ENV = "FRACTURE_OPS_PACS_CONNECTION"  # the name errors give (Airflow connection id)
+URL_ENV, USER_ENV, PASSWORD_ENV = envvars.PACS_URL, envvars.PACS_USERNAME, envvars.PACS_PASSWORD
+CONNECTION_ENV = envvars.PACS_CONNECTION  # the name errors give (Airflow connection id)
 DEFAULT_CONNECTION = "fracture_ops_pacs"
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 

@@ -36,6 +36,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.errors import ConfigError, ErrorBudgetExceeded
@@ -391,7 +392,7 @@ def report_failure(cfg: PacsIngestConfig, exc: BaseException, attempt: str = "")
     attempt's own detailed report when it wrote one (an exceeded error budget)."""
     from fracture_ops.errors import FractureOpsError
 
-    uri = storage.join(cfg.output_dir(STEP), "report.json")
+    uri = storage.join(cfg.output_dir(STEP), catalog.PACS_INGEST_REPORT.file)
     kept = storage.read_json(uri) if attempt and storage.exists(uri) else {}
     base = kept if kept.get("attempt") == attempt else {}
     reason = str(exc) if isinstance(exc, FractureOpsError) else type(exc).__name__
@@ -481,7 +482,7 @@ def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None, attemp
                "instances_quarantined": len(quarantined), "manifest_rows": len(manifest),
                "listing_complete": complete, "watermark_moved": moved}
     out_dir = cfg.output_dir(STEP)
-    storage.write_json(storage.join(out_dir, "report.json"),
+    storage.write_json(storage.join(out_dir, catalog.PACS_INGEST_REPORT.file),
                        {**summary, "run_id": cfg.run_id, "attempt": attempt,
                         "run_failed": over_budget,
                         "quarantined": quarantined,

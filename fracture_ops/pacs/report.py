@@ -29,6 +29,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.errors import BadInputError, ConfigError
@@ -223,7 +224,7 @@ def pacs_report_step(cfg: PacsReportConfig, conn: PacsConnection | None = None) 
                "images_skipped": len(skipped), "studies_failed": len(failed)}
     out_dir = cfg.output_dir(STEP)
     # PHI-free: counts and pseudonymous image ids with reasons only
-    storage.write_json(storage.join(out_dir, "report.json"), {**summary, "skipped": skipped,
+    storage.write_json(storage.join(out_dir, catalog.PACS_REPORT.file), {**summary, "skipped": skipped,
                                                               "failed": failed})
     storage.mark_success(out_dir, summary)
     log.info("pacs-report: %d objects sent for %d studies (model %s v%s), %d images skipped",

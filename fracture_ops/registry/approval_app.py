@@ -34,6 +34,13 @@ import tempfile
 from datetime import UTC, datetime
 
 from fracture_ops.registry import guard
+from fracture_ops.registry.client import (
+    GATE_EVIDENCE,
+    TAG_APPROVED_AT,
+    TAG_EVIDENCE_BY,
+    TAG_EVIDENCE_SHA,
+    TAG_SIGNATURE,
+)
 from fracture_ops.registry.client import TAG_APPROVAL as APPROVAL
 from fracture_ops.registry.client import TAG_VERIFIED_BY as STAMP
 
@@ -207,7 +214,7 @@ def _sign_approval(name: str, version: str, user: str | None) -> dict:
                             f"{type(exc).__name__}: {str(exc)[:200]}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {STAMP: user or "", guard.TAG_APPROVED_AT: at, guard.TAG_SIGNATURE: bundle}
+    return {STAMP: user or "", TAG_APPROVED_AT: at, TAG_SIGNATURE: bundle}
 
 
 def _after(response):
@@ -229,7 +236,7 @@ def _after(response):
                 store.set_model_version_tag(name, version, ModelVersionTag(key, value))
             log.info("approval of %s v%s stamped and signed for %s", name, version, ctx.user)
         else:
-            for key in (STAMP, guard.TAG_APPROVED_AT, guard.TAG_SIGNATURE):
+            for key in (STAMP, TAG_APPROVED_AT, TAG_SIGNATURE):
                 try:
                     store.delete_model_version_tag(name, version, key)
                 except Exception:  # noqa: BLE001 - no stamp to remove
@@ -247,7 +254,7 @@ def _record_evidence(ctx: guard.Ctx) -> None:
 
     path = str(ctx.path_args.get("artifact_path", ""))
     m = guard.RUN_ARTIFACT.match(path)
-    if not m or m.group("rest") != guard.GATE_EVIDENCE:
+    if not m or m.group("rest") != GATE_EVIDENCE:
         return
     tmp = tempfile.mkdtemp(prefix="fo-evidence-")
     try:
@@ -256,7 +263,7 @@ def _record_evidence(ctx: guard.Ctx) -> None:
             sha = hashlib.sha256(fh.read()).hexdigest()
         store = _get_model_registry_store()
         for v in ctx.registry.versions_of_run(m.group("run")):
-            for key, value in ((guard.TAG_EVIDENCE_SHA, sha), (guard.TAG_EVIDENCE_BY, ctx.user or "")):
+            for key, value in ((TAG_EVIDENCE_SHA, sha), (TAG_EVIDENCE_BY, ctx.user or "")):
                 store.set_model_version_tag(v.name, v.version, ModelVersionTag(key, value))
         log.warning("gate evidence of run %s recorded (sha256 %s, by %s)", m.group("run"), sha,
                     ctx.user)

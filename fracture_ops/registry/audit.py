@@ -36,9 +36,10 @@ from datetime import UTC, datetime
 
 from fracture_ops import storage
 from fracture_ops.errors import BadInputError
+from fracture_ops import envvars
 
 log = logging.getLogger(__name__)
-AUDIT_ENV = "FRACTURE_OPS_AUDIT_URI"
+AUDIT_ENV = envvars.AUDIT_URI
 GENESIS = "0" * 64
 _NAME = re.compile(r"^(\d{12})\.json$")
 

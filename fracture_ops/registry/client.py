@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from fracture_ops import catalog
 from fracture_ops.errors import BadInputError, ConfigError, RegistryUnavailable
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,28 @@ TAG_GATE_CHAMPION = "gate.champion_version"  # the champion the gate compared ag
 TAG_GATE_REASONS = "gate.reasons"
 TAG_GATE_TEST_SET = "gate.test_set_hash"    # the test set both models scored
 TAG_GATE_EVIDENCE = "gate.evidence"
+# the gate's evidence in the version's own training run: the run artifact at the gate step's path
+GATE_EVIDENCE = catalog.GATE.path
+
+
+def gate_evidence_uri(run_id: str) -> str:
+    """``runs:/<run_id>/gate/gate.json``: where a version's gate evidence lives."""
+    return f"runs:/{run_id}/{GATE_EVIDENCE}"
 TAG_MODEL_CARD = "model_card"
+TAG_RUN_FOLDER = "run_folder"               # the training run's folder (set at registration)
+# set by the promotion step (the promoter identity)
 TAG_ROLLED_BACK = "rolled_back_at"
+TAG_PROMOTED_AT = "promoted_at"
+TAG_PROMOTED_FROM = "promoted_from"
+TAG_RETIRED_AT = "retired_at"
+TAG_SUPERSEDED_BY = "superseded_by"
+TAG_RESTORED_AT = "restored_at"
+# written by the registry server only (an approval's stamp time and signature, the gate
+# evidence's digest and writer)
+TAG_APPROVED_AT = "approval.at"
+TAG_SIGNATURE = "approval.signature"
+TAG_EVIDENCE_SHA = "gate.evidence.sha256"
+TAG_EVIDENCE_BY = "gate.evidence.by"
 # registered-model tag: ``seq:sha256`` of the model's newest audit record (set by the promoter only)
 TAG_AUDIT_HEAD = "audit.head"
 

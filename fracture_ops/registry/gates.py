@@ -24,19 +24,24 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError
 from fracture_ops.registry.client import (
     CHAMPION,
     CLASSIFIER,
+    GATE_EVIDENCE,
     TAG_GATE,
     TAG_GATE_CHAMPION,
     TAG_GATE_EVIDENCE,
     TAG_GATE_REASONS,
     TAG_GATE_TEST_SET,
+    TAG_RUN_FOLDER,
     alias_version,
+    gate_evidence_uri,
 )
+from fracture_ops import envvars
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +61,13 @@ class GateConfig(StepConfig):
     # the reference test set pinned for the model (deployment config, not a trigger param):
     # a split/manifest table whose rows with split == "test" (or all rows) every gate scores on
     reference_test_uri: str = Field(default_factory=lambda: os.environ.get(
-        "FRACTURE_OPS_REFERENCE_TEST_URI", ""))
+        envvars.REFERENCE_TEST_URI, ""))
     # without a pinned reference test set a gate would judge a challenger on its own test split:
     # in the cluster (the gpu profile's home) the gate then passes nothing; the local demo opts
     # out and says so in its evidence ($FRACTURE_OPS_REQUIRE_REFERENCE_TEST overrides)
     require_reference_test: bool = Field(default_factory=lambda: os.environ.get(
-        "FRACTURE_OPS_REQUIRE_REFERENCE_TEST",
-        "true" if os.environ.get("FRACTURE_OPS_RUNNER", "local").strip().lower() == "kubernetes"
+        envvars.REQUIRE_REFERENCE_TEST,
+        "true" if os.environ.get(envvars.RUNNER, "local").strip().lower() == "kubernetes"
         else "false").strip().lower() in ("1", "true", "yes"))
 
 
@@ -134,8 +139,8 @@ def _test_set(version, reference_uri: str = "") -> tuple[list[str], np.ndarray, 
     """The test images and labels: the pinned reference test set when one is configured, else
     the challenger's own test split (promotion then refuses it where a reference hash is
     pinned)."""
-    folder = version.tags.get("run_folder", "")
-    info = storage.read_json(storage.join(folder, "train", "model_info.json"))
+    folder = version.tags.get(TAG_RUN_FOLDER, "")
+    info = storage.read_json(storage.join(folder, catalog.MODEL_INFO.path))
     source = reference_uri or info["split_uri"]
     table = storage.read_parquet(source)
     test = table[table["split"] == "test"] if "split" in table.columns else table
@@ -167,7 +172,7 @@ def gate_step(cfg: GateConfig) -> dict:
     tracking.setup(CLASSIFIER)
     client = mlflow.MlflowClient()
     version_no = cfg.version or storage.read_json(
-        storage.join(cfg.output_dir("register"), "registered.json"))["version"]
+        storage.join(cfg.output_dir(catalog.REGISTERED.step), catalog.REGISTERED.file))["version"]
     version = client.get_model_version(cfg.model_name, version_no)
     images, y, cls, test_hash = _test_set(version, cfg.reference_test_uri)
     prob, dec = score_version(f"models:/{cfg.model_name}/{version_no}", images, cls)
@@ -194,15 +199,15 @@ def gate_step(cfg: GateConfig) -> dict:
                            champion_version=str(champion["version"]) if champion else "none")
     out = cfg.output_dir("gate")
     storage.reset_dir(out)
-    evidence_uri = storage.write_json(storage.join(out, "gate.json"),
+    evidence_uri = storage.write_json(storage.join(out, catalog.GATE.file),
                                       {"passed": result.passed, "reasons": result.reasons, **result.evidence})
     with mlflow.start_run(run_id=version.run_id):
         mlflow.log_dict({"passed": result.passed, "reasons": result.reasons, **result.evidence},
-                        "gate/gate.json")
+                        GATE_EVIDENCE)
     verdict = "passed" if result.passed else "failed"
     tags = {TAG_GATE: verdict, TAG_GATE_REASONS: "; ".join(result.reasons)[:4000] or "none",
             TAG_GATE_CHAMPION: str(champion["version"]) if champion else "none",
-            TAG_GATE_TEST_SET: test_hash, TAG_GATE_EVIDENCE: f"runs:/{version.run_id}/gate/gate.json"}
+            TAG_GATE_TEST_SET: test_hash, TAG_GATE_EVIDENCE: gate_evidence_uri(version.run_id)}
     for k, v in tags.items():
         client.set_model_version_tag(cfg.model_name, version_no, k, v)
     log.info("gate %s for %s v%s: %s", verdict, cfg.model_name, version_no, result.reasons or "all rules met")

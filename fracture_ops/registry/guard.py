@@ -39,32 +39,43 @@ from fracture_ops.registry.client import (
     CHALLENGER,
     CHAMPION,
     TAG_APPROVAL,
+    TAG_APPROVED_AT,
     TAG_AUDIT_HEAD,
+    TAG_EVIDENCE_BY,
+    TAG_EVIDENCE_SHA,
+    TAG_GATE,
+    TAG_GATE_CHAMPION,
+    TAG_GATE_EVIDENCE,
+    TAG_GATE_REASONS,
+    TAG_GATE_TEST_SET,
+    TAG_PROMOTED_AT,
+    TAG_PROMOTED_FROM,
+    TAG_RESTORED_AT,
+    TAG_RETIRED_AT,
+    TAG_ROLLED_BACK,
+    TAG_SIGNATURE,
+    TAG_SUPERSEDED_BY,
     TAG_VERIFIED_BY,
 )
+from fracture_ops import envvars
 
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 # version tags only the server writes (an approval's stamp and signature, gate evidence digest)
-TAG_APPROVED_AT = "approval.at"
-TAG_SIGNATURE = "approval.signature"
-TAG_EVIDENCE_SHA = "gate.evidence.sha256"
-TAG_EVIDENCE_BY = "gate.evidence.by"
 SERVER_ONLY_TAGS = (TAG_VERIFIED_BY, TAG_APPROVED_AT, TAG_SIGNATURE, TAG_EVIDENCE_SHA,
                     TAG_EVIDENCE_BY)
-GATE_EVIDENCE = "gate/gate.json"
 # version tags the gate writes, and those the promotion step writes
-GATE_TAGS = ("gate", "gate.champion_version", "gate.reasons", "gate.test_set_hash", "gate.evidence")
-PROMOTER_TAGS = ("rolled_back_at", "promoted_at", "promoted_from", "retired_at", "superseded_by",
-                 "restored_at")
+GATE_TAGS = (TAG_GATE, TAG_GATE_CHAMPION, TAG_GATE_REASONS, TAG_GATE_TEST_SET, TAG_GATE_EVIDENCE)
+PROMOTER_TAGS = (TAG_ROLLED_BACK, TAG_PROMOTED_AT, TAG_PROMOTED_FROM, TAG_RETIRED_AT,
+                 TAG_SUPERSEDED_BY, TAG_RESTORED_AT)
 # keys whose look-alikes (case, surrounding blanks) are refused: in the UI they would pass for these
-PROTECTED_KEYS = (TAG_APPROVAL, *SERVER_ONLY_TAGS, TAG_AUDIT_HEAD, "gate", "gate.champion_version")
+PROTECTED_KEYS = (TAG_APPROVAL, *SERVER_ONLY_TAGS, TAG_AUDIT_HEAD, TAG_GATE, TAG_GATE_CHAMPION)
 _SOURCE_RUN = (re.compile(r"^runs:/(?P<run>[0-9a-f]{32})(?:/.*)?$"),
                re.compile(r"^mlflow-artifacts:(?://[^/]+)?/[^/]+/(?P<run>[0-9a-f]{32})/artifacts(?:/.*)?$"))
 _SOURCE_MODEL = (re.compile(r"^models:/(?P<model>m-[0-9a-f]{32})/?$"),
                  re.compile(r"^mlflow-artifacts:(?://[^/]+)?/[^/]+/models/(?P<model>m-[0-9a-f]{32})"
                             r"/artifacts(?:/.*)?$"))
-ROLE_ENV = {"approvers": "FRACTURE_OPS_APPROVERS", "pipeline": "FRACTURE_OPS_PIPELINE_USERS",
-            "gate": "FRACTURE_OPS_GATE_USERS", "promoters": "FRACTURE_OPS_PROMOTERS"}
+ROLE_ENV = {"approvers": envvars.APPROVERS, "pipeline": envvars.PIPELINE_USERS,
+            "gate": envvars.GATE_USERS, "promoters": envvars.PROMOTERS}
 _API = re.compile(r"/(?:ajax-)?api/\d+\.\d+/?(?P<rest>.*)$")
 RUN_ARTIFACT = re.compile(r"^[^/]+/(?P<run>[0-9a-f]{32})/artifacts/(?P<rest>.+)$")
 _MODEL_ARTIFACT = re.compile(r"^[^/]+/models/(?P<model>m-[0-9a-f]{32})/artifacts/(?P<rest>.+)$")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import re
 
+from fracture_ops import catalog
 from fracture_ops import storage
 
 LICENCES = {
@@ -165,15 +166,15 @@ def cam_examples(report_uri: str, limit: int = 2) -> list[str]:
 def collect(run_folder: str, model_name: str, version: str, run_id: str, git_revision: str) -> dict:
     """Gather what the card needs from a training run's step folders."""
     j = lambda step, name: storage.read_json(storage.join(run_folder, step, name))  # noqa: E731
-    ingest = storage.join(run_folder, "ingest", "report.json")
-    manifest = storage.read_parquet(storage.join(run_folder, "split", "split.parquet"))
+    ingest = storage.join(run_folder, catalog.INGEST_REPORT.path)
+    manifest = storage.read_parquet(storage.join(run_folder, catalog.SPLIT.path))
     return {"model_name": model_name, "version": version, "run_id": run_id, "git_revision": git_revision,
-            "evaluation": j("evaluate", "evaluation.json"), "split": j("split", "report.json"),
-            "thresholds": j("tune_thresholds", "thresholds.json"),
-            "calibration": j("calibrate", "calibration.json"), "info": j("train", "model_info.json"),
+            "evaluation": j(catalog.EVALUATION.path), "split": j(catalog.SPLIT_REPORT.path),
+            "thresholds": j(catalog.THRESHOLDS.path),
+            "calibration": j(catalog.CALIBRATION.path), "info": j(catalog.MODEL_INFO.path),
             "sources": sorted(set(manifest["source"].astype(str))) if "source" in manifest else [],
             "ingest": storage.read_json(ingest) if storage.exists(ingest) else {},
-            "cam_images": cam_examples(storage.join(run_folder, "cam", "report.html"))}
+            "cam_images": cam_examples(storage.join(run_folder, catalog.CAM_REPORT.path))}
 
 
 def write_model_card(run_folder: str, out_dir: str, model_name: str, version: str, run_id: str,

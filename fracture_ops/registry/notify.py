@@ -19,9 +19,11 @@ import os
 import urllib.parse
 import urllib.request
 
+from fracture_ops import envvars
+
 log = logging.getLogger(__name__)
 CONN_ENV = "AIRFLOW_CONN_FRACTURE_OPS_NOTIFY"
-URL_ENV = "FRACTURE_OPS_NOTIFY_URL"
+URL_ENV = envvars.NOTIFY_URL
 
 
 def notify_url() -> str:

@@ -50,9 +50,16 @@ from fracture_ops.registry.client import (
     TAG_GATE,
     TAG_GATE_CHAMPION,
     TAG_ROLLED_BACK,
+    TAG_PROMOTED_AT,
+    TAG_PROMOTED_FROM,
+    TAG_RESTORED_AT,
+    TAG_RETIRED_AT,
+    TAG_SUPERSEDED_BY,
     TAG_VERIFIED_BY as STAMP,
     alias_version,
+    gate_evidence_uri,
 )
+from fracture_ops import envvars
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,7 @@ class PromotionConfig(StepConfig):
     section: ClassVar[str] = "promotion"
     model_name: str = CLASSIFIER
     approvers: list[str] = Field(default_factory=lambda: [
-        a.strip() for a in os.environ.get("FRACTURE_OPS_APPROVERS", "").split(",") if a.strip()])
+        a.strip() for a in os.environ.get(envvars.APPROVERS, "").split(",") if a.strip()])
     # deployment config, not a trigger param: $FRACTURE_OPS_AUDIT_URI (a folder or s3:// prefix
     # only the promoter writes); embedded default <artifact_root>/registry/audit
     audit_uri: str = Field(default_factory=lambda: os.environ.get(audit_store.AUDIT_ENV, ""))
@@ -71,17 +78,17 @@ class PromotionConfig(StepConfig):
     actor: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_USERNAME", "fracture-ops"))
     # the reference test set pinned for the model: evidence on another test set is refused
     reference_test_hash: str = Field(default_factory=lambda: os.environ.get(
-        "FRACTURE_OPS_REFERENCE_TEST_HASH", ""))
+        envvars.REFERENCE_TEST_HASH, ""))
     # None: required when the tracking server is remote (http/https), not for a local store
     require_server_stamp: bool | None = None
     # the gate identity (its server-recorded evidence digest is checked when the server stamps)
     gate_users: list[str] = Field(default_factory=lambda: [
-        a.strip() for a in os.environ.get("FRACTURE_OPS_GATE_USERS", "").split(",") if a.strip()])
+        a.strip() for a in os.environ.get(envvars.GATE_USERS, "").split(",") if a.strip()])
     # the approval server's public key: approvals are verified against the model's bytes
     approval_pubkey: str = Field(default_factory=lambda: os.environ.get(
-        "FRACTURE_OPS_APPROVAL_PUBKEY", ""))
+        envvars.APPROVAL_PUBKEY, ""))
     min_test_size: int = Field(default_factory=lambda: int(os.environ.get(
-        "FRACTURE_OPS_MIN_TEST_SIZE", "10")), ge=1,
+        envvars.MIN_TEST_SIZE, "10")), ge=1,
         description="fewest test images a gate may decide on (set it far higher for real use)")
 
     def stamp_required(self) -> bool:
@@ -177,7 +184,7 @@ def decide(version_tags: dict[str, str], approvers: list[str],
 def evidence_uri(version) -> str:
     """Where the gate's evidence of a version lives: its own training run's artifacts (written
     by the pipeline identity), never a location a tag names."""
-    return f"runs:/{version.run_id}/gate/gate.json"
+    return gate_evidence_uri(version.run_id)
 
 
 def verify_gate_evidence(cfg: PromotionConfig, version, champion_version: str | None,
@@ -197,7 +204,7 @@ def verify_gate_evidence(cfg: PromotionConfig, version, champion_version: str | 
 
     import mlflow
 
-    from fracture_ops.registry.guard import TAG_EVIDENCE_BY, TAG_EVIDENCE_SHA
+    from fracture_ops.registry.client import TAG_EVIDENCE_BY, TAG_EVIDENCE_SHA
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -358,12 +365,12 @@ def promote_if_approved(cfg: PromotionConfig, client=None) -> dict:
     # next pass from the intent (never from tags)
     append_audit(audit, {"action": "promoting", "actor": cfg.actor, **intent}, client, cfg.model_name)
     ts = now()
-    client.set_model_version_tag(cfg.model_name, version, "promoted_at", ts)
-    client.set_model_version_tag(cfg.model_name, version, "promoted_from", previous or "none")
+    client.set_model_version_tag(cfg.model_name, version, TAG_PROMOTED_AT, ts)
+    client.set_model_version_tag(cfg.model_name, version, TAG_PROMOTED_FROM, previous or "none")
     client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
     if previous is not None:
-        client.set_model_version_tag(cfg.model_name, previous, "retired_at", ts)
-        client.set_model_version_tag(cfg.model_name, previous, "superseded_by", version)
+        client.set_model_version_tag(cfg.model_name, previous, TAG_RETIRED_AT, ts)
+        client.set_model_version_tag(cfg.model_name, previous, TAG_SUPERSEDED_BY, version)
     record = append_audit(audit, {"action": "promoted", "actor": cfg.actor, **intent}, client,
                           cfg.model_name)
     return {"action": "promoted", **{k: record[k] for k in ("version", "previous_version", "approved_by")}}
@@ -423,8 +430,8 @@ def rollback(cfg: PromotionConfig, client=None) -> dict:
     ts = now()
     client.set_registered_model_alias(cfg.model_name, CHAMPION, previous)
     client.set_model_version_tag(cfg.model_name, current, TAG_ROLLED_BACK, ts)
-    client.set_model_version_tag(cfg.model_name, previous, "restored_at", ts)
-    client.delete_model_version_tag(cfg.model_name, previous, "superseded_by")
+    client.set_model_version_tag(cfg.model_name, previous, TAG_RESTORED_AT, ts)
+    client.delete_model_version_tag(cfg.model_name, previous, TAG_SUPERSEDED_BY)
     record = append_audit(cfg.audit_path(), {"action": "rolled_back", "model": cfg.model_name,
                                              "version": previous, "previous_version": current,
                                              "actor": cfg.actor}, client, cfg.model_name)

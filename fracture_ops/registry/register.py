@@ -14,6 +14,7 @@ import os
 import subprocess
 from typing import ClassVar
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError
@@ -23,9 +24,11 @@ from fracture_ops.registry.client import (
     TAG_APPROVAL,
     TAG_GATE,
     TAG_MODEL_CARD,
+    TAG_RUN_FOLDER,
     ensure_registered_model,
     find_version,
 )
+from fracture_ops import envvars
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class RegisterConfig(StepConfig):
 
 def git_revision() -> str:
     """``$FRACTURE_OPS_GIT_REVISION`` (set in images) or the checkout's HEAD, else ``unknown``."""
-    rev = os.environ.get("FRACTURE_OPS_GIT_REVISION")
+    rev = os.environ.get(envvars.GIT_REVISION)
     if rev:
         return rev
     try:
@@ -58,7 +61,7 @@ def version_tags(headline: dict, info: dict, run_folder: str) -> dict[str, str]:
     tags = {f"metric.{k}": f"{v:.4f}" for k, v in headline.items() if isinstance(v, (int, float))}
     tags.update({"manifest_hash": info.get("manifest_hash", ""), "split_hash": info.get("split_hash", ""),
                  "backbone": info.get("backbone", ""), "git_revision": git_revision(),
-                 "run_folder": run_folder, TAG_GATE: "pending", TAG_APPROVAL: "pending"})
+                 TAG_RUN_FOLDER: run_folder, TAG_GATE: "pending", TAG_APPROVAL: "pending"})
     return tags
 
 
@@ -111,9 +114,9 @@ def register_step(cfg: RegisterConfig) -> dict:
     for folder in (package_dir, eval_dir, train_dir):
         if not storage.is_complete(folder):
             raise BadInputError(f"register: {folder} has not finished (_SUCCESS missing)")
-    package = storage.read_json(storage.join(package_dir, "package.json"))
+    package = storage.read_json(storage.join(package_dir, catalog.PACKAGE.file))
     headline = storage.read_json(storage.join(eval_dir, storage.SUCCESS_MARKER)).get("headline", {})
-    info = storage.read_json(storage.join(train_dir, "model_info.json"))
+    info = storage.read_json(storage.join(train_dir, catalog.MODEL_INFO.file))
     tracking.setup(info.get("experiment", CLASSIFIER))
     run_folder = storage.join(cfg.artifact_root, "runs", cfg.run_id)
     version = register_model_version(package["model_uri"], package["mlflow_run_id"], cfg.model_name,
@@ -125,7 +128,7 @@ def register_step(cfg: RegisterConfig) -> dict:
                "model_uri": f"models:/{cfg.model_name}/{version.version}",
                "mlflow_run_id": package["mlflow_run_id"]}
     write_resolved(cfg, out)
-    storage.write_json(storage.join(out, "registered.json"), summary)
+    storage.write_json(storage.join(out, catalog.REGISTERED.file), summary)
     storage.mark_success(out, summary)
     return summary
 

@@ -23,10 +23,11 @@ import tempfile
 from pathlib import Path
 
 from fracture_ops.errors import BadInputError
+from fracture_ops import envvars
 
 log = logging.getLogger(__name__)
-KEY_ENV = "FRACTURE_OPS_APPROVAL_KEY"
-PUBKEY_ENV = "FRACTURE_OPS_APPROVAL_PUBKEY"
+KEY_ENV = envvars.APPROVAL_KEY
+PUBKEY_ENV = envvars.APPROVAL_PUBKEY
 STATEMENT = "approval.json"
 
 
@@ -112,7 +113,7 @@ def verify_registered(name: str, version: str, tags: dict, pubkey: str | None = 
     import mlflow
 
     from fracture_ops.registry.client import TAG_VERIFIED_BY
-    from fracture_ops.registry.guard import TAG_APPROVED_AT, TAG_SIGNATURE
+    from fracture_ops.registry.client import TAG_APPROVED_AT, TAG_SIGNATURE
 
     key = public_key(pubkey) if pubkey else public_key()
     if not key:

@@ -35,6 +35,7 @@ from typing import Any
 from collections.abc import Callable
 
 from fracture_ops.registry.client import TAG_APPROVAL, TAG_GATE
+from fracture_ops import envvars
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ SIGNATURE_HEADER = "x-mlflow-signature"
 DELIVERY_HEADER = "x-mlflow-delivery-id"
 TIMESTAMP_HEADER = "x-mlflow-timestamp"
 MAX_AGE_S = 300
-SECRET_ENV = "FRACTURE_OPS_WEBHOOK_SECRET"
+SECRET_ENV = envvars.WEBHOOK_SECRET
 MAX_BODY = 1 << 20
 
 

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import BadInputError
@@ -72,10 +73,10 @@ def package_step(cfg: PackageConfig) -> dict:
     train_dir = cfg.resolved("train_dir", "train")
     if not storage.is_complete(train_dir):
         raise BadInputError(f"package: training in {train_dir} has not finished (_SUCCESS missing)")
-    info = storage.read_json(storage.join(train_dir, "model_info.json"))
+    info = storage.read_json(storage.join(train_dir, catalog.MODEL_INFO.file))
     inputs = {"model": storage.join(train_dir, MODEL_FILE),
-              "calibration": cfg.resolved("calibration_uri", "calibrate", "calibration.json"),
-              "thresholds": cfg.resolved("thresholds_uri", "tune_thresholds", "thresholds.json")}
+              "calibration": cfg.resolved("calibration_uri", catalog.CALIBRATION.step, catalog.CALIBRATION.file),
+              "thresholds": cfg.resolved("thresholds_uri", catalog.THRESHOLDS.step, catalog.THRESHOLDS.file)}
     for name, uri in inputs.items():
         if not storage.exists(uri):
             raise BadInputError(f"package: {name} input not found: {uri}")
@@ -96,7 +97,7 @@ def package_step(cfg: PackageConfig) -> dict:
     summary = {"model_uri": model_info.model_uri, "mlflow_run_id": run.info.run_id,
                "run_model_uri": f"runs:/{run.info.run_id}/model"}
     write_resolved(cfg, out)
-    storage.write_json(storage.join(out, "package.json"), summary)
+    storage.write_json(storage.join(out, catalog.PACKAGE.file), summary)
     storage.mark_success(out, summary)
     return summary
 

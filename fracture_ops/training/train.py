@@ -36,6 +36,7 @@ from fracture_ops.model.outputs import (
     write_predictions,
 )
 from fracture_ops.registry.client import CLASSIFIER
+from fracture_ops import envvars
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def resume_key(cfg: TrainConfig) -> str:
 
 def _default_cache_dir(cfg: TrainConfig) -> str:
     """``$FRACTURE_OPS_CACHE_DIR/decoded`` (the pod's cache volume) or ``<artifact_root>/cache``."""
-    env = os.environ.get("FRACTURE_OPS_CACHE_DIR")
+    env = os.environ.get(envvars.CACHE_DIR)
     if env:
         return str(Path(env) / "decoded")
     if storage.is_s3(cfg.artifact_root):
@@ -337,7 +338,7 @@ def _local_folder(cfg: TrainConfig, out: str) -> Path:
     if not storage.is_s3(out):
         Path(out).mkdir(parents=True, exist_ok=True)
         return Path(out)
-    base = Path(os.environ.get("FRACTURE_OPS_CACHE_DIR") or tempfile.gettempdir())
+    base = Path(os.environ.get(envvars.CACHE_DIR) or tempfile.gettempdir())
     folder = base / "work" / cfg.run_id / "train"
     folder.mkdir(parents=True, exist_ok=True)
     return folder

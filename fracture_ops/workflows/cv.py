@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import write_resolved
 from fracture_ops.errors import ConfigError, ManifestError
@@ -108,7 +109,7 @@ def _fold_done(fold_cfg: TrainConfig, fold_table: pd.DataFrame) -> bool:
     from fracture_ops.data.manifest import manifest_hash, table_hash
 
     out = fold_cfg.output_dir(fold_cfg.step_folder)
-    key, info_uri = storage.join(out, "resume_key.txt"), storage.join(out, "model_info.json")
+    key, info_uri = storage.join(out, "resume_key.txt"), storage.join(out, catalog.MODEL_INFO.file)
     if not (storage.is_complete(out) and storage.exists(key) and storage.exists(info_uri)
             and storage.read_text(key).strip() == resume_key(fold_cfg)):
         return False
@@ -180,7 +181,7 @@ def cv_step(cfg: CVConfig) -> dict:
         else:
             train_step(fold_cfg)
         fold_dir = fold_cfg.output_dir(fold_cfg.step_folder)
-        preds = storage.read_parquet(storage.join(fold_dir, "predictions.parquet"))
+        preds = storage.read_parquet(storage.join(fold_dir, catalog.PREDICTIONS.file))
         val = preds[preds["split"] == "val"].assign(fold=k + 1)
         frames.append(val)
         histories.append([h["val_auroc"] for h in storage.read_json(storage.join(fold_dir, "history.json"))])
