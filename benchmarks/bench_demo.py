@@ -6,7 +6,7 @@ one key and learns nothing for another is a coin toss a new user loses half the 
 the demo's training path (synthetic data generated once, then ingest, validate, de-identify,
 split, train, calibrate, tune thresholds and evaluate, each step the command the DAG runs, through
 the local runner) with the trigger form's ``cpu-quick`` profile under ``--keys`` different keys,
-key ``i`` with seed ``i``, and applies the gate's own rules (:func:`fracture_ops.registry.gates.
+key ``i`` with seed ``i``, and applies the gate's own rules (:func:`fracture_ops.registry.gate.
 compare`, no champion: the floors on test AUROC and sensitivity) to each run's test-set figures.
 
 It prints one row per key (epochs run, the epoch kept, whether the training loss had moved by
@@ -58,7 +58,7 @@ def run_key(i: int, root: Path, manifest: Path, overrides: dict) -> dict:
     from fracture_ops.orchestration.local_runner import StepFailed, run_step
     from fracture_ops.orchestration.params import defaults
     from fracture_ops.orchestration.specs import TRAINING_STEPS, run_folder
-    from fracture_ops.registry.gates import GateConfig, compare
+    from fracture_ops.registry.gate import GateConfig, compare
 
     params = defaults(source_uri=str(manifest), layout="csv", artifact_root=str(root / "artifacts"),
                       profile="cpu-quick", seed=i, **overrides)

@@ -7,9 +7,9 @@ which holds identifying tables before de-identification). Step modules write and
 these entries (``catalog.SPLIT.file``); ``orchestration/specs.py`` builds the DAG's arguments and
 each step's ``outputs`` from them (:func:`outputs_of`), and the DAG's edges follow.
 
-A :class:`Command` is a ``fracture-ops`` subcommand: the module that implements it (explicitly,
-``configure_parser``/``run_cli``, or ``module:name`` for ``configure_<name>_parser`` and
-``run_<name>_cli``), its one-line help and a worked example (``tests/test_config_cli.py`` parses
+A :class:`Command` is a ``fracture-ops`` subcommand: the module that implements it and the two
+functions it calls there, by name (``configure_parser`` and ``run_cli`` unless a module holds
+several commands), its one-line help and a worked example (``tests/test_config_cli.py`` parses
 each). ``fracture_ops/cli.py`` builds its parser from :data:`COMMANDS`.
 
 Adding a step touches four files: its module, its entries here, its spec, its test
@@ -85,11 +85,14 @@ def outputs_of(step: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Command:
-    """One ``fracture-ops`` subcommand."""
+    """One ``fracture-ops`` subcommand: ``module.configure(parser)`` adds its arguments,
+    ``module.run(args) -> dict`` runs it."""
 
     module: str
     help: str
     example: str
+    configure: str = "configure_parser"
+    run: str = "run_cli"
 
 
 # the order is the order of ``fracture-ops --help``; the chain of a manual run shares one
@@ -103,7 +106,7 @@ COMMANDS: dict[str, Command] = {
     "validate": Command("fracture_ops.data.validation",
                         "validate a manifest and its images; quarantine bad rows",
                         "fracture-ops validate --run-id r1"),
-    "deidentify": Command("fracture_ops.deid.step",
+    "deidentify": Command("fracture_ops.deid.deidentify",
                           "de-identify DICOM (PS3.15 Annex E) in a folder or manifest",
                           "fracture-ops deidentify --run-id r1 --workers 2"),
     "deid": Command("fracture_ops.deid.review", "de-identification sign-off: `deid review OUTPUT "
@@ -149,26 +152,29 @@ COMMANDS: dict[str, Command] = {
     "register": Command("fracture_ops.registry.register",
                         "register the packaged model as the new challenger",
                         "fracture-ops register --run-id r1"),
-    "infer": Command("fracture_ops.inference.batch",
+    "infer": Command("fracture_ops.inference.infer",
                      "score new studies with the champion model into the prediction log",
                      "fracture-ops infer incoming/2026-12-07 --date 2026-12-07"),
-    "infer-plan": Command("fracture_ops.inference.shards:plan", "sharded inference, 1/3: split "
+    "infer-plan": Command("fracture_ops.inference.shards", "sharded inference, 1/3: split "
                           "the day's new studies into shards scored by one task each, with a "
                           "pinned model version",
-                          "fracture-ops infer-plan incoming/2026-12-07 --date 2026-12-07 --shards 4"),
-    "infer-shard": Command("fracture_ops.inference.shards:shard", "sharded inference, 2/3: score "
+                          "fracture-ops infer-plan incoming/2026-12-07 --date 2026-12-07 --shards 4",
+                          configure="configure_plan_parser", run="run_plan_cli"),
+    "infer-shard": Command("fracture_ops.inference.shards", "sharded inference, 2/3: score "
                            "one shard of a plan into the run folder",
-                           "fracture-ops infer-shard incoming/2026-12-07 --plan PLAN_URI --shard 0"),
-    "infer-merge": Command("fracture_ops.inference.shards:merge", "sharded inference, 3/3: write "
+                           "fracture-ops infer-shard incoming/2026-12-07 --plan PLAN_URI --shard 0",
+                           configure="configure_shard_parser", run="run_shard_cli"),
+    "infer-merge": Command("fracture_ops.inference.shards", "sharded inference, 3/3: write "
                            "every shard's rows as the batch's one part of the date partition",
-                           "fracture-ops infer-merge --plan PLAN_URI"),
+                           "fracture-ops infer-merge --plan PLAN_URI",
+                           configure="configure_merge_parser", run="run_merge_cli"),
     "reference": Command("fracture_ops.inference.reference",
                          "score the champion's validation split into its drift reference table",
                          "fracture-ops reference --split val"),
     "drift": Command("fracture_ops.monitoring.drift_step",
                      "Evidently drift report of the latest prediction-log window vs the reference",
                      "fracture-ops drift --date 2026-12-07 --window-days 7"),
-    "gate": Command("fracture_ops.registry.gates",
+    "gate": Command("fracture_ops.registry.gate",
                     "challenger vs champion on the same test set (never promotes)",
                     "fracture-ops gate --run-id r1"),
     "registry": Command("fracture_ops.registry.promotion",

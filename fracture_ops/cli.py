@@ -35,15 +35,11 @@ EPILOG = (
 
 
 def step_entry(command: str, which: str):
-    """A subcommand's ``configure_parser`` (``which="configure"``) or ``run_cli`` (``"run"``).
-
-    ``module:name`` in :data:`COMMANDS` names a module holding several subcommands, as
-    ``configure_<name>_parser`` and ``run_<name>_cli``.
-    """
-    module, _, name = COMMANDS[command][0].partition(":")
-    attr = (f"configure_{name}_parser" if which == "configure" else f"run_{name}_cli") if name \
-        else ("configure_parser" if which == "configure" else "run_cli")
-    return getattr(importlib.import_module(module), attr)
+    """A subcommand's configure function (``which="configure"``) or run function (``"run"``),
+    as its catalog entry names them."""
+    entry = catalog.COMMANDS[command]
+    return getattr(importlib.import_module(entry.module),
+                   entry.configure if which == "configure" else entry.run)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -395,3 +395,32 @@ def test_a_middle_step_touches_four_files(tmp_path):
          "-k", "not light_and_fast"],
         cwd=copy, env=env, capture_output=True, text=True, timeout=600)
     assert tests.returncode == 0, tests.stdout[-3000:]
+
+
+def test_commands_live_in_modules_named_after_them_or_in_the_documented_exceptions():
+    """Each catalog command's module is named after it, or the command is in ARCHITECTURE.md's
+    table of exceptions (with that module); the functions the catalog names exist there."""
+    import importlib
+
+    from fracture_ops import catalog
+
+    text = (REPO / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    documented = dict(re.findall(r"^\| `([a-z-]+)` \| `([\w/]+)\.py` \|", text, re.M))
+    actual = {}
+    for name, cmd in catalog.COMMANDS.items():
+        module = importlib.import_module(cmd.module)
+        assert callable(getattr(module, cmd.configure)) and callable(getattr(module, cmd.run)), name
+        if cmd.module.rsplit(".", 1)[1] != name.replace("-", "_"):
+            actual[name] = cmd.module.removeprefix("fracture_ops.").replace(".", "/")
+    assert actual == documented
+
+
+def test_calibration_and_thresholds_are_read_in_one_place():
+    """The calibrator and the thresholds a model applies are read only through
+    model/documents.py (``read_calibrator``, ``read_thresholds``): the steps and the packaged
+    model alike."""
+    hits = sorted({str(p.relative_to(REPO)) for p in (REPO / "fracture_ops").rglob("*.py")
+                   if "Calibrator.from_dict(" in p.read_text(encoding="utf-8")})
+    assert hits == ["fracture_ops/model/documents.py"], hits
+    pyfunc = (REPO / "fracture_ops" / "model" / "pyfunc.py").read_text(encoding="utf-8")
+    assert "read_calibrator(" in pyfunc and "read_thresholds(" in pyfunc and "json.load" not in pyfunc

@@ -123,7 +123,7 @@ def incoming(champion):
 
 
 def _infer(champion, incoming_uri, run_id, date=DATE, **kw):
-    from fracture_ops.inference.batch import InferConfig, infer_step
+    from fracture_ops.inference.infer import InferConfig, infer_step
 
     kw.setdefault("batch_size", 16)
     cfg = InferConfig(artifact_root=str(champion["art"]), run_id=run_id,
@@ -316,7 +316,7 @@ def test_error_budget_fails_and_leaves_the_partition_untouched(champion, incomin
 
 def test_config_and_registry_errors(champion, incoming, monkeypatch, tmp_path):
     from fracture_ops.config import load_config
-    from fracture_ops.inference.batch import InferConfig
+    from fracture_ops.inference.infer import InferConfig
 
     with pytest.raises(ConfigError):
         load_config(InferConfig, overrides={"date": "20-11-2026"})

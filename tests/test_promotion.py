@@ -102,7 +102,7 @@ def _gate(run: str, art: str, **rules):
     import mlflow
     from mlflow.server import get_app_client
 
-    from fracture_ops.registry.gates import GateConfig, gate_step
+    from fracture_ops.registry.gate import GateConfig, gate_step
 
     auth = get_app_client("fracture-ops", tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     try:

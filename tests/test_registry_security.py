@@ -193,7 +193,7 @@ class _FailingClient:
     lambda: ConnectionError("read timed out"),
 ], ids=["403", "500", "timeout"])
 def test_a_registry_that_cannot_be_read_fails_the_task_and_promotes_nothing(reg, make_exc):
-    from fracture_ops.registry.gates import GateConfig  # noqa: F401 - the gate shares the lookup
+    from fracture_ops.registry.gate import GateConfig  # noqa: F401 - the gate shares the lookup
     from fracture_ops.registry.client import alias_version
 
     v1 = _version(reg)
@@ -361,7 +361,7 @@ def test_checkpoints_this_package_writes_load_safely_and_restore_rng(tmp_path):
 def test_the_test_set_hash_covers_the_images_not_only_ids_and_labels(tmp_path):
     import pandas as pd
 
-    from fracture_ops.registry.gates import test_set_hash
+    from fracture_ops.registry.gate import test_set_hash
 
     def table(folder, payloads):
         folder.mkdir()
@@ -388,7 +388,7 @@ def test_the_test_set_hash_covers_the_images_not_only_ids_and_labels(tmp_path):
 def test_in_the_cluster_a_gate_without_a_pinned_reference_set_is_required(monkeypatch, env, required):
     """The gpu profile's home (pods) refuses to pass anything scored on the challenger's own
     split; the local demo opts out (its evidence says so)."""
-    from fracture_ops.registry.gates import GateConfig
+    from fracture_ops.registry.gate import GateConfig
 
     for k in ("FRACTURE_OPS_RUNNER", "FRACTURE_OPS_REQUIRE_REFERENCE_TEST",
               "FRACTURE_OPS_REFERENCE_TEST_URI"):

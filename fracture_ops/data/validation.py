@@ -86,7 +86,8 @@ class ValidateConfig(StepConfig):
 
     section: ClassVar[str] = "validate"
 
-    manifest_uri: str = Field(description="manifest to validate (Parquet, or CSV read as strings)")
+    manifest_uri: str = Field("", description="manifest to validate (Parquet, or CSV read as "
+                              "strings); empty: this run's ingest manifest in the raw zone")
     boxes_uri: str | None = Field(None, description="optional box side table (BOX_COLUMNS)")
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="error budget: fail when a "
                                     "larger share of the rows is quarantined")
@@ -343,6 +344,13 @@ def validate_step(cfg: ValidateConfig) -> dict:
         ManifestError: unreadable/empty manifest, missing columns, or failed table checks.
         ErrorBudgetExceeded: more than ``max_bad_fraction`` of the rows were quarantined.
     """
+    if not cfg.manifest_uri:  # a manual chain: this run's ingest output (and its boxes)
+        boxes = storage.join(cfg.raw_dir(catalog.INGEST_BOXES.step), catalog.INGEST_BOXES.file)
+        cfg = cfg.model_copy(update={
+            "manifest_uri": storage.join(cfg.raw_dir(catalog.INGEST_MANIFEST.step),
+                                         catalog.INGEST_MANIFEST.file),
+            "boxes_uri": cfg.boxes_uri or (boxes if storage.exists(boxes) else None)})
+        log.info("validate: this run's ingest manifest %s", cfg.manifest_uri)
     out, public = cfg.raw_dir("validate"), cfg.output_dir("validate")
     df = normalize_manifest(_read_table(cfg.manifest_uri))
     if df.empty:

@@ -28,7 +28,7 @@ from fracture_ops.errors import BadInputError
 from fracture_ops.model import prediction_log as layout
 from fracture_ops.inference.score import ScoreInput, load_scorer, score_inputs
 from fracture_ops.registry.client import resolve_model
-from fracture_ops.inference.batch import (
+from fracture_ops.inference.infer import (
     ScoringConfig,
     add_scoring_args,
     batch_id_for,

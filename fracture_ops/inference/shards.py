@@ -34,7 +34,7 @@ from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.errors import ConfigError, ErrorBudgetExceeded
-from fracture_ops.inference.batch import (
+from fracture_ops.inference.infer import (
     InferConfig,
     add_scoring_args,
     batch_summary,
@@ -103,7 +103,7 @@ def plan_step(cfg: PlanConfig) -> dict:
         over), ``batch_id``, ``model_uri`` (pinned), ``to_score`` and the counts of ``infer``.
 
     Raises:
-        ConfigError, BadInputError: as :func:`~fracture_ops.inference.batch.prepare_batch`.
+        ConfigError, BadInputError: as :func:`~fracture_ops.inference.infer.prepare_batch`.
     """
     b = prepare_batch(cfg)
     out_dir = cfg.output_dir(PLAN_STEP)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -61,8 +60,7 @@ class FractureClassifier(PythonModel):
     """pyfunc wrapper around the trained timm network plus calibration and thresholds."""
 
     def load_context(self, context) -> None:
-
-        from fracture_ops.model.calibrators import Calibrator
+        from fracture_ops.model.documents import read_calibrator, read_thresholds
         from fracture_ops.model.network import load_model
         from fracture_ops.model.preprocess import served_transform
 
@@ -77,13 +75,9 @@ class FractureClassifier(PythonModel):
         self.jpeg_draft = bool(tf.get("jpeg_draft", False))
         self.tta_hflip = bool(tf.get("tta_hflip", False))
         self.transform = served_transform(tf)
-        with open(context.artifacts["calibration"], encoding="utf-8") as fh:
-            doc = json.load(fh)
-        self.calibrator = Calibrator.from_dict(doc.get("calibrator", doc))
-        with open(context.artifacts["thresholds"], encoding="utf-8") as fh:
-            th = json.load(fh)
-        th = th.get("thresholds", th)
-        self.thresholds = np.array([float(th[c]) for c in self.class_names])
+        # the packaged documents, read as every step reads them (model/documents.py)
+        self.calibrator = read_calibrator(context.artifacts["calibration"], self.task)
+        self.thresholds, _ = read_thresholds(context.artifacts["thresholds"], self.class_names)
 
     def logits(self, images: list[np.ndarray], batch_size: int = BATCH_SIZE) -> np.ndarray:
         """Raw logits for decoded images (eval transform, CPU or the model's device)."""

@@ -232,7 +232,7 @@ def test_set_line(evaluation: dict) -> str:
     """The test figures the gate decides on, and whether the test set is large enough to decide:
     at least :data:`MIN_TEST_PER_OUTCOME` images of each outcome, and an AUROC interval that
     does not straddle the gate's floor."""
-    from fracture_ops.registry.gates import GateConfig
+    from fracture_ops.registry.gate import GateConfig
 
     floor = GateConfig.model_fields["min_auroc"].default
     cls = evaluation["class_names"][0]

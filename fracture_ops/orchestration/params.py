@@ -70,7 +70,7 @@ def dag_fields() -> dict[str, dict[str, tuple[type[BaseModel], str]]]:
     from fracture_ops.data.split import SplitConfig
     from fracture_ops.data.validation import ValidateConfig
     from fracture_ops.detection.yolo import DetectConfig
-    from fracture_ops.inference.batch import InferConfig
+    from fracture_ops.inference.infer import InferConfig
     from fracture_ops.inference.shards import PlanConfig
     from fracture_ops.monitoring.drift_step import DriftConfig
     from fracture_ops.pacs.ingest import PacsIngestConfig

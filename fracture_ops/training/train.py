@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from fracture_ops import storage
+from fracture_ops import catalog, storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.data.manifest import manifest_hash, table_hash
-from fracture_ops.errors import ManifestError
+from fracture_ops.errors import ConfigError, ManifestError
 from fracture_ops.model.network import BACKBONES
 from fracture_ops.model.outputs import (
     MODEL_INFO_FILE,
@@ -45,7 +45,8 @@ class TrainConfig(StepConfig):
     """Config of the ``train`` step."""
 
     section: ClassVar[str] = "train"
-    split_uri: str = ""
+    split_uri: str = Field("", description="the split step's table; empty: this run's split "
+                           "(<artifact_root>/runs/<run_id>/split/split.parquet)")
     task: Literal["binary", "multiclass", "multilabel"] = "binary"
     class_names: list[str] = ["fracture"]  # binary: the positive label
     label_column: str = "label"
@@ -169,6 +170,14 @@ class TrainConfig(StepConfig):
         return self
 
     @model_validator(mode="after")
+    def _this_runs_split(self) -> TrainConfig:
+        """No split given: this run's (a manual chain shares one --run-id)."""
+        if not self.split_uri:
+            object.__setattr__(self, "split_uri", storage.join(
+                self.output_dir(catalog.SPLIT.step), catalog.SPLIT.file))
+        return self
+
+    @model_validator(mode="after")
     def _refit_keeps_last(self) -> TrainConfig:
         """A refit has no validation images to choose an epoch on: it keeps the last weights."""
         if self.refit and self.weights != "last":
@@ -177,8 +186,9 @@ class TrainConfig(StepConfig):
 
 
 def _split_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    if not cfg.split_uri:
-        raise ManifestError("train: split_uri is required (the split step's split.parquet)")
+    if not storage.exists(cfg.split_uri):
+        raise ConfigError(f"train: no split table at {cfg.split_uri}: give the split step's "
+                          "split.parquet, or the --run-id of a run whose split step ran")
     table = storage.read_parquet(cfg.split_uri)
     parts = {s: table[table["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
     if cfg.refit:  # every training patient trains; nothing is held out but the test set

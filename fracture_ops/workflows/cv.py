@@ -151,8 +151,9 @@ def cv_step(cfg: CVConfig) -> dict:
     from fracture_ops import tracking
     from fracture_ops.cli_common import progress
 
-    if not cfg.split_uri:
-        raise ConfigError("cv: split_uri is required (a split.parquet or a manifest)")
+    if not storage.exists(cfg.split_uri):
+        raise ConfigError(f"cv: no split table at {cfg.split_uri}: give the split step's "
+                          "split.parquet, or the --run-id of a run whose split step ran")
     from fracture_ops.training.distributed import from_env
 
     if from_env().enabled:  # small data (cv's use) needs no second GPU; the folds are separate runs

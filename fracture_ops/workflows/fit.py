@@ -75,8 +75,9 @@ def fit_step(cfg: FitConfig) -> dict:
         ConfigError: no ``split_uri``.
         ManifestError: as ``train`` and ``cv``.
     """
-    if not cfg.split_uri:
-        raise ConfigError("fit: split_uri is required (the split step's split.parquet)")
+    if not storage.exists(cfg.split_uri):
+        raise ConfigError(f"fit: no split table at {cfg.split_uri}: give the split step's "
+                          "split.parquet, or the --run-id of a run whose split step ran")
     pool = training_pool(storage.read_parquet(cfg.split_uri))
     reason = _why_not_cv(pool, cfg)
     if reason:
@@ -143,7 +144,7 @@ def takes_cv_path(args: argparse.Namespace) -> bool:
 
     try:
         cfg = config_from_args(FitConfig, args, split_uri=args.split)
-        return bool(cfg.split_uri) and not _why_not_cv(
+        return storage.exists(cfg.split_uri) and not _why_not_cv(
             training_pool(storage.read_parquet(cfg.split_uri)), cfg)
     except (FractureOpsError, OSError, ValueError, KeyError):
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fracture_ops import catalog, storage
 from fracture_ops.deid.config import SECRET_ENV, DeidConfig
 from fracture_ops.errors import ConfigError
 
@@ -54,8 +55,14 @@ def run_cli(args) -> dict:
         from fracture_ops.deid.folder import deidentify_folder
 
         return deidentify_folder(args.input, args.output, cfg)
-    if cfg.manifest_uri:
-        from fracture_ops.deid.manifest import deidentify_manifest_step
+    if not cfg.manifest_uri:  # a manual chain: this run's validated manifest (and its boxes)
+        clean = storage.join(cfg.raw_dir(catalog.CLEAN_MANIFEST.step), catalog.CLEAN_MANIFEST.file)
+        if not storage.exists(clean):
+            raise ConfigError("nothing to do: give INPUT OUTPUT (folder mode) or --manifest URI "
+                              f"(run {cfg.run_id!r} has no validated manifest at {clean})")
+        boxes = storage.join(cfg.raw_dir(catalog.CLEAN_BOXES.step), catalog.CLEAN_BOXES.file)
+        cfg = cfg.model_copy(update={"manifest_uri": clean, "boxes_uri": cfg.boxes_uri or (
+            boxes if storage.exists(boxes) else "")})
+    from fracture_ops.deid.manifest import deidentify_manifest_step
 
-        return deidentify_manifest_step(cfg)
-    raise ConfigError("nothing to do: give INPUT OUTPUT (folder mode) or --manifest URI")
+    return deidentify_manifest_step(cfg)
