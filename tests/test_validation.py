@@ -394,5 +394,8 @@ def test_config_rejects_inverted_bounds():
     with pytest.raises(ConfigError, match="min_prevalence"):
         load_config(ValidateConfig, overrides={"manifest_uri": "m", "min_prevalence": 0.6,
                                                "max_prevalence": 0.4})
-    with pytest.raises(ConfigError, match="manifest_uri"):
-        load_config(ValidateConfig, overrides={})
+    # no manifest: this run's ingested one, refused by path when the run has none
+    cfg = load_config(ValidateConfig, overrides={"artifact_root": "/nonexistent/art",
+                                                 "run_id": "r9"})
+    with pytest.raises(ConfigError, match="run 'r9' has no ingested manifest at .*r9/ingest"):
+        validate_step(cfg)

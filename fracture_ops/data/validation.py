@@ -62,7 +62,7 @@ from fracture_ops.data.manifest import (
     normalize_manifest,
 )
 from fracture_ops.data.validation_report import render_html, summarise
-from fracture_ops.errors import ErrorBudgetExceeded, ManifestError
+from fracture_ops.errors import ConfigError, ErrorBudgetExceeded, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +350,9 @@ def validate_step(cfg: ValidateConfig) -> dict:
             "manifest_uri": storage.join(cfg.raw_dir(catalog.INGEST_MANIFEST.step),
                                          catalog.INGEST_MANIFEST.file),
             "boxes_uri": cfg.boxes_uri or (boxes if storage.exists(boxes) else None)})
+        if not storage.exists(cfg.manifest_uri):
+            raise ConfigError(f"validate: no manifest given, and run {cfg.run_id!r} has no "
+                              f"ingested manifest at {cfg.manifest_uri}")
         log.info("validate: this run's ingest manifest %s", cfg.manifest_uri)
     out, public = cfg.raw_dir("validate"), cfg.output_dir("validate")
     df = normalize_manifest(_read_table(cfg.manifest_uri))

@@ -165,7 +165,7 @@ def cam_examples(report_uri: str, limit: int = 2) -> list[str]:
 
 def collect(run_folder: str, model_name: str, version: str, run_id: str, git_revision: str) -> dict:
     """Gather what the card needs from a training run's step folders."""
-    j = lambda step, name: storage.read_json(storage.join(run_folder, step, name))  # noqa: E731
+    j = lambda path: storage.read_json(storage.join(run_folder, path))  # noqa: E731
     ingest = storage.join(run_folder, catalog.INGEST_REPORT.path)
     manifest = storage.read_parquet(storage.join(run_folder, catalog.SPLIT.path))
     return {"model_name": model_name, "version": version, "run_id": run_id, "git_revision": git_revision,
