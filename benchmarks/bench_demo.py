@@ -35,8 +35,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FRACTURE_OPS_NO_PROGRESS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STEPS = ["ingest", "validate", "deidentify", "split", "train", "calibrate", "tune_thresholds",
-         "evaluate"]
+
+
+def steps() -> list[str]:
+    """The demo's steps up to the evaluation, in the DAG's order (from the specs)."""
+    from fracture_ops.orchestration.demo import DATA_STEPS, MODEL_STEPS
+
+    chain = DATA_STEPS + MODEL_STEPS
+    return chain[:chain.index("evaluate") + 1]
 
 
 def key_for(i: int) -> str:
@@ -54,7 +60,7 @@ def _value(text: str):
 def run_key(i: int, root: Path, manifest: Path, overrides: dict) -> dict:
     """The demo's training path under key ``i`` and seed ``i``; the gate's verdict on its test
     figures."""
-    from fracture_ops import storage
+    from fracture_ops import catalog, storage
     from fracture_ops.orchestration.local_runner import StepFailed, run_step
     from fracture_ops.orchestration.params import defaults
     from fracture_ops.orchestration.specs import TRAINING_STEPS, run_folder
@@ -67,7 +73,7 @@ def run_key(i: int, root: Path, manifest: Path, overrides: dict) -> dict:
     log = root / f"key{i}.log"
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        for name in STEPS:
+        for name in steps():
             try:
                 run_step(TRAINING_STEPS[name], {"params": params, "run_id": run_id},
                          emit=lambda line: fh.write(line + "\n"))
@@ -75,8 +81,8 @@ def run_key(i: int, root: Path, manifest: Path, overrides: dict) -> dict:
                 return {"key": i, "failed": f"{name}: {exc}", "seconds": time.perf_counter() - t0}
     seconds = time.perf_counter() - t0
     folder = run_folder(params, run_id)
-    ev = storage.read_json(storage.join(folder, "evaluate", "evaluation.json"))
-    info = storage.read_json(storage.join(folder, "train", "model_info.json"))
+    ev = storage.read_json(storage.join(folder, catalog.EVALUATION.path))
+    info = storage.read_json(storage.join(folder, catalog.MODEL_INFO.path))
     history = storage.read_json(storage.join(folder, "train", "history.json"))
     cls = ev["class_names"][0]
     m = ev["metrics"]["per_class"][cls]

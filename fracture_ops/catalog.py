@@ -73,6 +73,21 @@ PACS_INGEST_REPORT = Artifact("pacs_ingest", "report.json", "json", about="studi
 
 
 
+# what each step of a manual chain reads when no input is given (and what the DAG passes it):
+# the artifact of the step before. A step in the middle changes its successor's entry here.
+INPUTS: dict[str, Artifact] = {
+    "validate": INGEST_MANIFEST,
+    "deidentify": CLEAN_MANIFEST,
+    "split": DEID_MANIFEST,
+    "train": SPLIT,  # the DAG's train task (fit), and train and cv run by hand
+}
+
+
+def input_of(step: str) -> Artifact:
+    """The artifact ``step`` reads from the step before it (:data:`INPUTS`)."""
+    return INPUTS[step]
+
+
 def artifacts() -> tuple[Artifact, ...]:
     """Every artifact of the catalog (the module's ``Artifact`` constants, wherever defined)."""
     return tuple(v for v in dict(globals()).values() if isinstance(v, Artifact))

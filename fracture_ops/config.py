@@ -17,9 +17,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fracture_ops import storage
+from fracture_ops import catalog, envvars, storage
 from fracture_ops.errors import ConfigError
-from fracture_ops import envvars
 
 DEFAULT_ARTIFACT_ROOT_ENV = envvars.ARTIFACT_ROOT
 RAW_ROOT_ENV = envvars.RAW_ROOT
@@ -73,6 +72,21 @@ class StepConfig(BaseModel):
     def output_dir(self, step: str) -> str:
         """``<artifact_root>/runs/<run_id>/<step>``: the dataset store (no identifiers)."""
         return storage.step_dir(self.artifact_root, self.run_id, step)
+
+    def run_input(self, step: str) -> str:
+        """This run's input of ``step`` when none is given: the catalog's ``input_of(step)``,
+        the artifact the step before it wrote in this run, in its zone.
+
+        Raises:
+            ConfigError: that step has not finished in this run (no ``_SUCCESS``: it never ran,
+                failed, or exceeded its error budget), so nothing it left is used.
+        """
+        art = catalog.input_of(step)
+        folder = self.raw_dir(art.step) if art.zone == "raw" else self.output_dir(art.step)
+        if not storage.is_complete(folder):
+            raise ConfigError(f"{step}: no input given, and step {art.step!r} of run "
+                              f"{self.run_id!r} has not finished ({folder} has no _SUCCESS)")
+        return storage.join(folder, art.file)
 
     def raw_dir(self, step: str) -> str:
         """``<raw_root>/runs/<run_id>/<step>``: the raw zone, the only place where the steps

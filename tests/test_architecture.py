@@ -322,6 +322,8 @@ TOY_CATALOG = '''
 DENOISED = Artifact("denoise", "manifest.denoised.parquet", "parquet", about="toy step output")
 COMMANDS["denoise"] = Command("fracture_ops.data.denoise", "toy: copy the manifest",
                               "fracture-ops denoise MANIFEST --run-id r1")
+INPUTS["denoise"] = DEID_MANIFEST
+INPUTS["split"] = DENOISED
 '''
 
 TOY_TEST = '''from fracture_ops.data.denoise import DenoiseConfig, denoise_step
@@ -359,14 +361,13 @@ def test_a_middle_step_touches_four_files(tmp_path):
         f.write(TOY_CATALOG)
     specs = copy / "fracture_ops" / "orchestration" / "specs.py"
     text = specs.read_text()
-    split = ('    _spec("split", "split", "--seed", "{{ params.seed }}", pos=(at(C.DEID_MANIFEST),),\n'
+    split = ('    _spec("split", "split", "--seed", "{{ params.seed }}", '
+             'pos=(at(C.input_of("split")),),\n'
              '          outputs=C.outputs_of("split"), reads=("deidentify",)),\n')
     assert split in text
     specs.write_text(text.replace(split, (
-        '    _spec("denoise", "denoise", pos=(at(C.DEID_MANIFEST),), reads=("deidentify",),\n'
-        '          outputs=C.outputs_of("denoise")),\n'
-        '    _spec("split", "split", "--seed", "{{ params.seed }}", pos=(at(C.DENOISED),),\n'
-        '          outputs=C.outputs_of("split"), reads=("denoise",)),\n')))
+        '    _spec("denoise", "denoise", pos=(at(C.input_of("denoise")),), reads=("deidentify",),\n'
+        '          outputs=C.outputs_of("denoise")),\n' + split.replace('"deidentify"', '"denoise"'))))
     (copy / "tests" / "test_denoise.py").write_text(TOY_TEST)
     status = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True,
                             check=True).stdout.split("\n")
@@ -378,13 +379,18 @@ def test_a_middle_step_touches_four_files(tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "toy: copy the manifest" in run.stdout, run.stderr[-2000:]
     probe = ("from fracture_ops.orchestration import demo, specs; import json; "
-             "s = specs.TRAINING_STEPS; print(json.dumps([demo.DATA_STEPS, list(s['split'].args), "
-             "list(s['denoise'].outputs)]))")
+             "from fracture_ops.data.split import SplitConfig, split_step\n"
+             "s = specs.TRAINING_STEPS\n"
+             "try:\n    split_step(SplitConfig(artifact_root='/nonexistent', run_id='r1'))\n"
+             "except Exception as e:\n    err = str(e)\n"
+             "print(json.dumps([demo.DATA_STEPS, list(s['split'].args), list(s['denoise'].outputs),"
+             " err]))")
     run = subprocess.run([sys.executable, "-c", probe], cwd=copy, env=env, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    data_steps, split_args, outputs = json.loads(run.stdout)
+    data_steps, split_args, outputs, by_hand = json.loads(run.stdout)
     assert data_steps == ["ingest", "validate", "deidentify", "denoise", "split"]
+    assert "step 'denoise' of run 'r1' has not finished" in by_hand  # a manual chain follows
     assert split_args[-1].endswith("/denoise/manifest.denoised.parquet")
     assert outputs == ["denoise/manifest.denoised.parquet"]
     tests = subprocess.run(

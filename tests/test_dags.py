@@ -164,7 +164,10 @@ def test_rendered_training_pod(tmp_path):
     local = command_for(TRAINING_STEPS["train"], context)
     assert c["command"] == ["fracture-ops"] and Path(local[0]).name == "fracture-ops"
     assert c["args"] == local[1:]
-    assert "--epochs" in c["args"] and "s3://fracture-ops-artifacts/runs/manual__2026-01-01T00-00-00-00-00/split/split.parquet" in c["args"]
+    from fracture_ops.catalog import input_of
+
+    run = "s3://fracture-ops-artifacts/runs/manual__2026-01-01T00-00-00-00-00"
+    assert "--epochs" in c["args"] and f"{run}/{input_of('train').path}" in c["args"]
     assert op.startup_timeout_seconds >= 900 and op.on_finish_action.value == "delete_pod"
     # valid against the Kubernetes schema
     import kubernetes_validate

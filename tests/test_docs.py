@@ -101,6 +101,18 @@ def test_own_data_guide_runs_as_written(tmp_path, monkeypatch, caplog):
     # split (bad input, exit 3, saying so), and a run without a split is refused by name
     assert main([*commands[3], *root]) == 3 and "too few" in caplog.text
     fit = next(c for c in commands if c[0] == "fit")
-    assert main([*fit, *root]) == 2 and "no split table at" in caplog.text
+    assert main([*fit, *root]) == 2 and "step 'split' of run 'r1' has not finished" in caplog.text
+    # a step that went over its error budget leaves no _SUCCESS: the next one refuses its files
+    bad = src / "bad.csv"
+    bad.write_text(csv_text.replace(",fracture,", ",Fracture,"))
+    assert main(["ingest", str(bad), "--layout", "csv", "--run-id", "r2", *root]) == 0
+    assert main(["validate", "--run-id", "r2", *root]) == 4
+    caplog.clear()
+    assert main(["deidentify", "--run-id", "r2", *root]) == 2
+    assert "step 'validate' of run 'r2' has not finished" in caplog.text
+    # a failed rerun of ingest leaves nothing for validate to take
+    assert main(["ingest", str(src / "missing.csv"), "--layout", "csv", "--run-id", "r1", *root]) != 0
+    caplog.clear()
+    assert main(["validate", "--run-id", "r1", *root]) == 2 and "has not finished" in caplog.text
     conf = json.loads(re.search(r"--conf '(\{.*\})'", bash).group(1))
     assert set(conf) <= set(dag_params("fracture_training")), conf

@@ -397,5 +397,5 @@ def test_config_rejects_inverted_bounds():
     # no manifest: this run's ingested one, refused by path when the run has none
     cfg = load_config(ValidateConfig, overrides={"artifact_root": "/nonexistent/art",
                                                  "run_id": "r9"})
-    with pytest.raises(ConfigError, match="run 'r9' has no ingested manifest at .*r9/ingest"):
+    with pytest.raises(ConfigError, match="step 'ingest' of run 'r9' has not finished .*r9/ingest"):
         validate_step(cfg)

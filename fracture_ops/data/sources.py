@@ -458,13 +458,14 @@ def ingest_step(cfg: IngestConfig) -> dict:
         options["require_images"] = cfg.require_images
     if cfg.layout == "csv" and cfg.columns:
         options["columns"] = cfg.columns
-    df, boxes, notes = load_source(cfg.source_uri, cfg.layout, **options)
     purged = storage.purge_expired(storage.join(cfg.raw_root, "runs"))
     if purged:
         log.info("ingest: %d expired raw-zone run folder(s) deleted", len(purged))
+    # a rerun that fails leaves no earlier output behind for the steps after it to take
     raw, out = cfg.raw_dir("ingest"), cfg.output_dir("ingest")
     storage.reset_dir(raw)
     storage.reset_dir(out)
+    df, boxes, notes = load_source(cfg.source_uri, cfg.layout, **options)
     storage.set_expiry(raw.rsplit("/", 1)[0] if storage.is_s3(raw) else str(Path(raw).parent),
                        cfg.raw_retention_days)
     public = {

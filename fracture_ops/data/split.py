@@ -23,7 +23,7 @@ from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.data.manifest import table_hash
-from fracture_ops.errors import ConfigError, LeakageError, ManifestError
+from fracture_ops.errors import LeakageError, ManifestError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -139,12 +139,8 @@ def split_report(table: pd.DataFrame, label_col: str = "label", fixed_rows: int 
 
 def split_step(cfg: SplitConfig) -> dict:
     """Read the manifest, split it, check leakage, write ``split.parquet`` and ``report.json``."""
-    if not cfg.manifest_uri:  # a manual chain: this run's de-identified manifest
-        cfg = cfg.model_copy(update={"manifest_uri": storage.join(
-            cfg.output_dir(catalog.DEID_MANIFEST.step), catalog.DEID_MANIFEST.file)})
-        if not storage.exists(cfg.manifest_uri):
-            raise ConfigError(f"split: no manifest given, and run {cfg.run_id!r} has no "
-                              f"de-identified manifest at {cfg.manifest_uri}")
+    if not cfg.manifest_uri:  # a manual chain: this run's finished de-identification
+        cfg = cfg.model_copy(update={"manifest_uri": cfg.run_input("split")})
     manifest = storage.read_parquet(cfg.manifest_uri)
     fixed = None
     if cfg.fixed_test_uri:

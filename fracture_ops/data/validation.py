@@ -62,7 +62,7 @@ from fracture_ops.data.manifest import (
     normalize_manifest,
 )
 from fracture_ops.data.validation_report import render_html, summarise
-from fracture_ops.errors import ConfigError, ErrorBudgetExceeded, ManifestError
+from fracture_ops.errors import ErrorBudgetExceeded, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -344,15 +344,12 @@ def validate_step(cfg: ValidateConfig) -> dict:
         ManifestError: unreadable/empty manifest, missing columns, or failed table checks.
         ErrorBudgetExceeded: more than ``max_bad_fraction`` of the rows were quarantined.
     """
-    if not cfg.manifest_uri:  # a manual chain: this run's ingest output (and its boxes)
-        boxes = storage.join(cfg.raw_dir(catalog.INGEST_BOXES.step), catalog.INGEST_BOXES.file)
+    if not cfg.manifest_uri:  # a manual chain: this run's finished ingest (and its boxes)
+        manifest = cfg.run_input("validate")
+        boxes = storage.join(manifest.rsplit("/", 1)[0], catalog.INGEST_BOXES.file)
         cfg = cfg.model_copy(update={
-            "manifest_uri": storage.join(cfg.raw_dir(catalog.INGEST_MANIFEST.step),
-                                         catalog.INGEST_MANIFEST.file),
+            "manifest_uri": manifest,
             "boxes_uri": cfg.boxes_uri or (boxes if storage.exists(boxes) else None)})
-        if not storage.exists(cfg.manifest_uri):
-            raise ConfigError(f"validate: no manifest given, and run {cfg.run_id!r} has no "
-                              f"ingested manifest at {cfg.manifest_uri}")
         log.info("validate: this run's ingest manifest %s", cfg.manifest_uri)
     out, public = cfg.raw_dir("validate"), cfg.output_dir("validate")
     df = normalize_manifest(_read_table(cfg.manifest_uri))

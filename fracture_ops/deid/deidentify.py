@@ -32,7 +32,7 @@ def configure_parser(parser) -> None:
                      "quarantined files with their reasons), audit.jsonl. A file whose burned-in "
                      "text cannot be removed is quarantined (listed, never written); a file with "
                      "an unread letter-like region inside the body is held under held/ until "
-                     "`fracture-ops deid-review OUTPUT --approve ID` releases it. Other options: "
+                     "`fracture-ops deid review OUTPUT --approve ID` releases it. Other options: "
                      "--set pixels.keep_tokens=[L,R] --set pixels.verifiers=[] ...")
 
 
@@ -55,12 +55,9 @@ def run_cli(args) -> dict:
         from fracture_ops.deid.folder import deidentify_folder
 
         return deidentify_folder(args.input, args.output, cfg)
-    if not cfg.manifest_uri:  # a manual chain: this run's validated manifest (and its boxes)
-        clean = storage.join(cfg.raw_dir(catalog.CLEAN_MANIFEST.step), catalog.CLEAN_MANIFEST.file)
-        if not storage.exists(clean):
-            raise ConfigError("nothing to do: give INPUT OUTPUT (folder mode) or --manifest URI "
-                              f"(run {cfg.run_id!r} has no validated manifest at {clean})")
-        boxes = storage.join(cfg.raw_dir(catalog.CLEAN_BOXES.step), catalog.CLEAN_BOXES.file)
+    if not cfg.manifest_uri:  # a manual chain: this run's finished validation (and its boxes)
+        clean = cfg.run_input("deidentify")
+        boxes = storage.join(clean.rsplit("/", 1)[0], catalog.CLEAN_BOXES.file)
         cfg = cfg.model_copy(update={"manifest_uri": clean, "boxes_uri": cfg.boxes_uri or (
             boxes if storage.exists(boxes) else "")})
     from fracture_ops.deid.manifest import deidentify_manifest_step

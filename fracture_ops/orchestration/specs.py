@@ -135,14 +135,14 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           outputs=C.outputs_of("ingest")),
     _spec("validate", "validate", "--boxes", at(C.INGEST_BOXES),
           "--max-bad-fraction", "{{ params.max_bad_fraction }}", *RAW_ARGS,
-          pos=(at(C.INGEST_MANIFEST),), reads=("ingest",), outputs=C.outputs_of("validate")),
+          pos=(at(C.input_of("validate")),), reads=("ingest",), outputs=C.outputs_of("validate")),
     # OCR of burned-in text runs one worker process per requested CPU (each ~300 MB of models)
-    _spec("deidentify", "deidentify", "--manifest", at(C.CLEAN_MANIFEST),
+    _spec("deidentify", "deidentify", "--manifest", at(C.input_of("deidentify")),
           "--set", "boxes_uri=" + at(C.CLEAN_BOXES), "--workers", "2", *RAW_ARGS,
           outputs=C.outputs_of("deidentify"),
           reads=("validate",),
           cpu="2", memory="4Gi", ephemeral="8Gi", secrets=("s3", "deid")),
-    _spec("split", "split", "--seed", "{{ params.seed }}", pos=(at(C.DEID_MANIFEST),),
+    _spec("split", "split", "--seed", "{{ params.seed }}", pos=(at(C.input_of("split")),),
           outputs=C.outputs_of("split"), reads=("deidentify",)),
     # model-size fields through the trigger form's profile (params.resolve_profile); a small data
     # set is cross-validated, then refitted on every training patient (workflows/fit.py)
@@ -158,7 +158,7 @@ TRAINING_STEPS: dict[str, StepSpec] = {s.name: s for s in [
           # the de-identified boxes (absent when the data set has none) for box supervision
           "--boxes-uri", at(C.DEID_BOXES),
           "--box-weight", "{{ params.box_weight }}", "--global-pool", "{{ params.global_pool }}",
-          pos=(at(C.SPLIT),),
+          pos=(at(C.input_of("train")),),
           cpu="4", memory="16Gi", ephemeral="20Gi", gpu=1, image="training", timeout_s=6 * 3600,
           outputs=C.outputs_of("train"), reads=("split", "deidentify"),
           secrets=("s3", "mlflow"), gpus_param="gpus", nodes_param="nodes"),

@@ -40,6 +40,7 @@ from fracture_ops.registry.client import (
     TAG_RUN_FOLDER,
     alias_version,
     gate_evidence_uri,
+    model_uri,
 )
 from fracture_ops import envvars
 
@@ -175,12 +176,12 @@ def gate_step(cfg: GateConfig) -> dict:
         storage.join(cfg.output_dir(catalog.REGISTERED.step), catalog.REGISTERED.file))["version"]
     version = client.get_model_version(cfg.model_name, version_no)
     images, y, cls, test_hash = _test_set(version, cfg.reference_test_uri)
-    prob, dec = score_version(f"models:/{cfg.model_name}/{version_no}", images, cls)
+    prob, dec = score_version(model_uri(cfg.model_name, version=version_no), images, cls)
     challenger = model_scores(y, prob, dec, cfg.ece_bins) | {"version": version_no}
     champion = None
     champ = alias_version(client, cfg.model_name, CHAMPION)
     if champ is not None and str(champ.version) != str(version_no):
-        prob_c, dec_c = score_version(f"models:/{cfg.model_name}/{champ.version}", images, cls)
+        prob_c, dec_c = score_version(model_uri(cfg.model_name, version=champ.version), images, cls)
         champion = model_scores(y, prob_c, dec_c, cfg.ece_bins) | {"version": str(champ.version)}
     result = compare(challenger, champion, cfg)
     if not cfg.reference_test_uri:

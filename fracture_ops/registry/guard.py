@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from fracture_ops.registry.client import (
     CHALLENGER,
     CHAMPION,
+    GATE_EVIDENCE,
     TAG_APPROVAL,
     TAG_APPROVED_AT,
     TAG_AUDIT_HEAD,
@@ -216,7 +217,7 @@ def _version_tag(ctx: Ctx) -> None:
         # the gate's verdict is the gate's; the pipeline only marks a new version "pending"
         if ctx.user and ctx.user in ctx.roles.gate:
             return
-        if (key == "gate" and value == "pending" and ctx.endpoint.endswith("set-tag")
+        if (key == TAG_GATE and value == "pending" and ctx.endpoint.endswith("set-tag")
                 and (version is None or not version.tags.get(TAG_EVIDENCE_SHA))):
             return  # registration marks a new version "pending" (blocks nothing it should not)
         raise Refused(f"user {ctx.user!r} may not write {key} (gate identity only)")
@@ -326,7 +327,8 @@ def _artifact(ctx: Ctx) -> None:
         raise Refused(f"artifact path {path!r} is not under the artifact root of an existing run "
                       "or logged model")
     versions = registry.versions_of_run(run_id) if run_id else []
-    if where == "run" and (rest == "gate" or rest.startswith("gate/")):
+    gate_dir = GATE_EVIDENCE.rsplit("/", 1)[0]  # the gate step's folder of the run's artifacts
+    if where == "run" and (rest == gate_dir or rest.startswith(gate_dir + "/")):
         _need(ctx, "gate", "write gate evidence")
         if ctx.endpoint != "mlflow-artifacts/artifacts/<path:artifact_path>" or ctx.method != "PUT":
             raise Refused("gate evidence is written with one PUT (no multipart, no delete)")

@@ -172,7 +172,7 @@ def decide(version_tags: dict[str, str], approvers: list[str],
                        "approval names no approver (approved_by tag missing)")
     if who not in approvers:
         return False, f"approver {who!r} is not on the approvers list"
-    if version_tags.get("gate") != "passed":
+    if version_tags.get(TAG_GATE) != "passed":
         return False, f"gate verdict is {version_tags.get('gate', 'missing')!r}, not 'passed'"
     gated_against = version_tags.get(TAG_GATE_CHAMPION, "")
     if gated_against != (champion_version or "none"):
@@ -295,7 +295,7 @@ def _notify_waiting(cfg: PromotionConfig, audit: str, records: list[dict], chall
                       and str(r.get("version")) == version for r in records):
         return
     links = notify.ui_links(mlflow.get_tracking_uri(), cfg.model_name, version, challenger.run_id)
-    message = notify.waiting_message(cfg.model_name, version, challenger.tags.get("gate", "missing"),
+    message = notify.waiting_message(cfg.model_name, version, challenger.tags.get(TAG_GATE, "missing"),
                                      links)
     try:
         notify.send(url, message)

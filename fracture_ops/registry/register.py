@@ -27,6 +27,7 @@ from fracture_ops.registry.client import (
     TAG_RUN_FOLDER,
     ensure_registered_model,
     find_version,
+    model_uri,
 )
 from fracture_ops import envvars
 
@@ -125,7 +126,7 @@ def register_step(cfg: RegisterConfig) -> dict:
     storage.reset_dir(out)
     card_uri = attach_model_card(run_folder, out, cfg.model_name, version, package["mlflow_run_id"])
     summary = {"model_card": card_uri, "model_name": cfg.model_name, "version": str(version.version), "alias": CHALLENGER,
-               "model_uri": f"models:/{cfg.model_name}/{version.version}",
+               "model_uri": model_uri(cfg.model_name, version=version.version),
                "mlflow_run_id": package["mlflow_run_id"]}
     write_resolved(cfg, out)
     storage.write_json(storage.join(out, catalog.REGISTERED.file), summary)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from fracture_ops import catalog, storage
+from fracture_ops import storage
 from fracture_ops.config import StepConfig, write_resolved
 from fracture_ops.data.manifest import manifest_hash, table_hash
 from fracture_ops.errors import ConfigError, ManifestError
@@ -45,8 +45,8 @@ class TrainConfig(StepConfig):
     """Config of the ``train`` step."""
 
     section: ClassVar[str] = "train"
-    split_uri: str = Field("", description="the split step's table; empty: this run's split "
-                           "(<artifact_root>/runs/<run_id>/split/split.parquet)")
+    split_uri: str = Field("", description="the split step's table; empty: this run's "
+                           "(the step before train in the catalog, once it has finished)")
     task: Literal["binary", "multiclass", "multilabel"] = "binary"
     class_names: list[str] = ["fracture"]  # binary: the positive label
     label_column: str = "label"
@@ -169,13 +169,12 @@ class TrainConfig(StepConfig):
             raise ConfigError("head_warmup_epochs needs the cosine or none scheduler, not plateau")
         return self
 
-    @model_validator(mode="after")
-    def _this_runs_split(self) -> TrainConfig:
-        """No split given: this run's (a manual chain shares one --run-id)."""
-        if not self.split_uri:
-            object.__setattr__(self, "split_uri", storage.join(
-                self.output_dir(catalog.SPLIT.step), catalog.SPLIT.file))
-        return self
+    def with_split(self) -> TrainConfig:
+        """This config with its split table: the given one, else this run's (a manual chain
+        shares one --run-id; refused unless the step before finished)."""
+        if self.split_uri:
+            return self
+        return self.model_copy(update={"split_uri": self.run_input("train")})
 
     @model_validator(mode="after")
     def _refit_keeps_last(self) -> TrainConfig:
@@ -187,8 +186,7 @@ class TrainConfig(StepConfig):
 
 def _split_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     if not storage.exists(cfg.split_uri):
-        raise ConfigError(f"train: no split table at {cfg.split_uri}: give the split step's "
-                          "split.parquet, or the --run-id of a run whose split step ran")
+        raise ConfigError(f"train: no split table at {cfg.split_uri}")
     table = storage.read_parquet(cfg.split_uri)
     parts = {s: table[table["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
     if cfg.refit:  # every training patient trains; nothing is held out but the test set
@@ -393,6 +391,7 @@ def train_step(cfg: TrainConfig) -> dict:
     from fracture_ops.training import distributed
     from fracture_ops.model.network import resolve_device
 
+    cfg = cfg.with_split()
     dist, device = distributed.init(resolve_device(cfg.device))
     # no collective follows fit: the other ranks return while rank 0 predicts, writes and
     # uploads (however long that takes; torchrun waits for every rank)

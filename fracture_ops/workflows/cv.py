@@ -151,9 +151,9 @@ def cv_step(cfg: CVConfig) -> dict:
     from fracture_ops import tracking
     from fracture_ops.cli_common import progress
 
+    cfg = cfg.with_split()
     if not storage.exists(cfg.split_uri):
-        raise ConfigError(f"cv: no split table at {cfg.split_uri}: give the split step's "
-                          "split.parquet, or the --run-id of a run whose split step ran")
+        raise ConfigError(f"cv: no split table at {cfg.split_uri}")
     from fracture_ops.training.distributed import from_env
 
     if from_env().enabled:  # small data (cv's use) needs no second GPU; the folds are separate runs

@@ -75,9 +75,9 @@ def fit_step(cfg: FitConfig) -> dict:
         ConfigError: no ``split_uri``.
         ManifestError: as ``train`` and ``cv``.
     """
+    cfg = cfg.with_split()
     if not storage.exists(cfg.split_uri):
-        raise ConfigError(f"fit: no split table at {cfg.split_uri}: give the split step's "
-                          "split.parquet, or the --run-id of a run whose split step ran")
+        raise ConfigError(f"fit: no split table at {cfg.split_uri}")
     pool = training_pool(storage.read_parquet(cfg.split_uri))
     reason = _why_not_cv(pool, cfg)
     if reason:
@@ -143,7 +143,7 @@ def takes_cv_path(args: argparse.Namespace) -> bool:
     from fracture_ops.errors import FractureOpsError
 
     try:
-        cfg = config_from_args(FitConfig, args, split_uri=args.split)
+        cfg = config_from_args(FitConfig, args, split_uri=args.split).with_split()
         return storage.exists(cfg.split_uri) and not _why_not_cv(
             training_pool(storage.read_parquet(cfg.split_uri)), cfg)
     except (FractureOpsError, OSError, ValueError, KeyError):
