@@ -266,7 +266,7 @@ def test_a_model_fine_tuned_from_package_weights_is_scored_as_it_was_trained(
     test = preds[preds["split"] == "test"]
     uris = storage.read_parquet(split["split_uri"]).set_index("image_id")["image_uri"]
     (tmp_path / "cal.json").write_text(json.dumps({"method": "none", "task": "binary"}))
-    (tmp_path / "th.json").write_text(json.dumps({"fracture": 0.5}))
+    (tmp_path / "th.json").write_text(json.dumps({"thresholds": {"fracture": 0.5}}))
     clf = FractureClassifier()
     clf.load_context(types.SimpleNamespace(artifacts={
         "model": str(Path(out["train_dir"]) / "model.pt"),

@@ -151,14 +151,14 @@ def cv_step(cfg: CVConfig) -> dict:
     from fracture_ops import tracking
     from fracture_ops.cli_common import progress
 
-    cfg = cfg.with_split()
-    if not storage.exists(cfg.split_uri):
-        raise ConfigError(f"cv: no split table at {cfg.split_uri}")
     from fracture_ops.training.distributed import from_env
 
     if from_env().enabled:  # small data (cv's use) needs no second GPU; the folds are separate runs
         raise ConfigError("cv runs in one process: run it without torchrun (fit takes the cv "
                           "path only below cv_below_images training images)")
+    cfg = cfg.with_split()
+    if not storage.exists(cfg.split_uri):
+        raise ConfigError(f"cv: no split table at {cfg.split_uri}")
     out = cfg.output_dir(STEP)
     pool = training_pool(storage.read_parquet(cfg.split_uri))
     fold = assign_folds(pool, outcome_strata(pool, cfg), cfg.folds, cfg.seed)
