@@ -20,7 +20,7 @@ from fracture_ops.deid.config import SECRET_ENV, DeidConfig, PixelConfig
 from fracture_ops.deid.dicom import deidentify_dicom_bytes, header_phi_values
 from fracture_ops.deid.folder import deidentify_folder
 from fracture_ops.deid.images import scrub_image_bytes
-from fracture_ops.deid.ocr import RapidOcrEngine, engine_available, get_engine
+from fracture_ops.deid.ocr import RapidOcrEngine, _detect_gray, engine_available, get_engine
 from fracture_ops.deid.phi_text import (
     contains_phi,
     date_variants,
@@ -144,6 +144,10 @@ def test_faster_sessions_find_and_read_exactly_what_rapidocr_own_sessions_do():
     prec.session = OrtInferSession(dict(cfg["Rec"], **one))
     assert not pdet.infer.session.get_session_options().enable_cpu_mem_arena
     assert boxes and plain.locate(img) == boxes
+    # the greyscale detection path feeds the network what rapidocr's own call does
+    for view in (img, 255 - img, np.ascontiguousarray(img[:333, :517])):
+        quads, _ = pdet(np.stack([view] * 3, axis=-1))
+        assert len(quads) and np.array_equal(_detect_gray(det, view), quads)
     assert plain.read(img, boxes) == texts and any("55012" in t for t, _ in texts)
 
 
@@ -153,6 +157,68 @@ def test_tesseract_reads_the_frame_it_is_given():
     ImageDraw.Draw(pil).text((20, 60), "SMITH 40427", fill=240, font=ImageFont.load_default(size=48))
     words = [t.text for t in get_engine("tesseract").detect(np.asarray(pil))]
     assert "40427" in words and "SMITH" in words
+
+
+def test_verification_mosaic_reads_side_band_words_at_their_frame_position(monkeypatch):
+    """The side bands go to Tesseract in overlapping pieces, shelf-packed: every word comes back
+    at its place in the frame, a word lying across a cut between two pieces included, and the
+    mosaic holds about the bands' own area (not a canvas as tall as the film)."""
+    from fracture_ops.deid import verify
+
+    h, w = 1500, 1800
+    pil = Image.new("L", (w, h), 255)
+    draw, font = ImageDraw.Draw(pil), ImageFont.load_default(size=30)
+    regions = verify.verification_regions((h, w), 0.1)
+    pieces = [c for r in regions for c in verify._chunks(r, 64)]
+    # a word on every piece's cut: the top of each lower piece of the left band
+    left = sorted([p for p in pieces if p[0] == 0 and p[2] <= 180], key=lambda p: p[1])[1:]
+    spots = [(10, 40), (w - 170, h - 80), (1610, 700)] + [(8, p[1] - 12) for p in left]
+    words = [str(40427 + 1111 * k) for k in range(len(spots))]
+    for (x, y), word in zip(spots, words):
+        draw.text((x, y), word, fill=0, font=font)
+    sizes = []
+    real_detect = get_engine("tesseract").detect
+
+    class Spy:
+        def detect(self, canvas):
+            sizes.append(canvas.shape)
+            return real_detect(canvas)
+
+    got = [(tb.text, tb.box) for tb in verify.read_regions(Spy(), np.asarray(pil), regions)]
+    assert len(left) >= 2
+    for (x, y), word in zip(spots, words):  # read (a digit may be misread) where it was drawn
+        assert any(sum(a == c for a, c in zip(text, word)) >= 4 and abs(b[0] - x) <= 12 and abs(b[1] - y) <= 20
+                   for text, b in got), (word, (x, y), got)
+    band_area = sum((r[2] - r[0]) * (r[3] - r[1]) for r in regions)
+    assert sizes[0][0] * sizes[0][1] <= 1.5 * band_area, (sizes, band_area)  # 2.9x before
+
+
+def test_verification_rendering_is_computed_only_where_it_is_read():
+    from fracture_ops.deid.strokes import z_view, z_view_regions
+    from fracture_ops.deid.verify import verification_regions
+
+    rng = np.random.default_rng(5)
+    gray = rng.integers(0, 256, (400, 530), dtype=np.uint8)
+    regions = verification_regions(gray.shape, 0.1, [(200, 180, 300, 200)])
+    full, part = z_view(gray), z_view_regions(gray, regions)
+    inside = np.zeros(gray.shape, bool)
+    for x0, y0, x1, y1 in regions:
+        inside[y0:y1, x0:x1] = True
+    assert len(regions) == 5 and np.array_equal(part[inside], full[inside])
+    assert (part[~inside] == 255).all() and (full[~inside] == 0).any()
+
+
+def test_shelf_packing_never_overlaps_pieces():
+    from fracture_ops.deid.verify import pack
+
+    rng = np.random.default_rng(3)
+    sizes = [(int(rng.integers(5, 300)), int(rng.integers(5, 400))) for _ in range(40)]
+    place, height, width = pack(sizes, 16)
+    canvas = np.zeros((height, width), int)
+    for (x, y), (h, w) in zip(place, sizes):
+        canvas[y:y + h + 16, x:x + w + 16] += 1  # with its margin
+        assert y + h <= height and x + w <= width
+    assert canvas.max() == 1
 
 
 # ------------------------------------------------------------------ real radiographs

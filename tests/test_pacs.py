@@ -6,6 +6,7 @@ connection."""
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from PIL import Image
 
 from fracture_ops.pacs import orthanc_local
 from fracture_ops.pacs.dicomweb import PacsAuthError, PacsConnection, PacsUnavailable
@@ -710,3 +712,76 @@ def test_pacs_down_never_signals_a_process_that_reused_a_stale_pid(tmp_path):
     finally:
         os.killpg(stranger.pid, signal.SIGKILL)
         stranger.wait()
+
+
+def test_held_instances_wait_outside_the_dataset_until_deid_review_releases_them(orthanc, tmp_path):
+    """Instances with letters in the body that no engine reads are held by pacs-ingest (not in
+    the manifest, kept under held/ with the row they would have had); `deid review DATASET
+    --approve` releases exactly the approved one into images/, its study's part and the
+    manifest (bound to the reviewed bytes; its link to the original UIDs already in the raw
+    zone), `--reject` marks the other rejected, and the next run fetches nothing again."""
+    import hashlib
+
+    import fracture_ops.deid.pixels as pixels
+    from fracture_ops.cli import main as cli_main
+    from fracture_ops.data.synthetic_dicom import fake_patient, write_phi_dicom
+    from fracture_ops.deid.config import DeidConfig, load_keys
+    from tests.test_deid_review import _film
+
+    _clear(orthanc)
+    datasets = []
+    for k, body_text in enumerate([True, False, True]):  # studies A (held + clean), B (held)
+        study, inst = (0, k) if k < 2 else (1, 0)
+        film = np.asarray(Image.open(io.BytesIO(_film(k, body_text)))).astype(np.uint16) * 16
+        phi = fake_patient(np.random.default_rng(300 + study))
+        path = tmp_path / f"held-{k}.dcm"
+        write_phi_dicom(path, film, seed=700 + study * 10 + inst, modality="DX",
+                        patient_name=phi["patient_name"], patient_id=phi["patient_id"],
+                        birth_date=phi["birth_date"], study_date="20240610",
+                        accession=phi["accession"], institution=phi["institution"])
+        datasets.append(pydicom.dcmread(path))
+    _store(orthanc, datasets)
+    keys = load_keys(DeidConfig(artifact_root=str(tmp_path), allow_dev_secret=True))
+    ids = [keys.image_id(d.SOPInstanceUID) for d in datasets]
+    assert datasets[0].StudyInstanceUID == datasets[1].StudyInstanceUID != datasets[2].StudyInstanceUID
+    with pytest.MonkeyPatch.context() as mp:  # the recogniser never reads the body's letters
+        real_reads = pixels._reads_as_text
+        mp.setattr(pixels, "_reads_as_text", lambda box, text, *a: real_reads(box, text, *a)
+                   and "W" not in text.upper() and "K" not in text.upper())
+        summary = pacs_ingest_step(_cfg(tmp_path, "h1", dataset="held", max_bad_fraction=0.9),
+                                   conn=_conn(orthanc))
+    root = tmp_path / "art" / "pacs" / "held"
+    assert summary["instances_written"] == 1 and summary["instances_quarantined"] == 2
+    assert list(_manifest(tmp_path, "held")["image_id"]) == [ids[1]]
+    held_bytes = (root / "held" / f"{ids[0]}.dcm").read_bytes()
+    assert (root / "held" / f"{ids[2]}.dcm").exists() and not (root / "images" / f"{ids[0]}.dcm").exists()
+    links = pd.concat(pd.read_parquet(p) for p in (tmp_path / "art-raw" / "pacs" / "held" / "links").glob("*.parquet"))
+    assert set(links["image_id"]) == set(ids)  # held ones linked too, for their results later
+    gallery = (tmp_path / "art" / "runs" / "h1" / "pacs_ingest" / "gallery.html").read_text()
+    assert f"fracture-ops deid review {root} --approve {ids[0][:16]}" in gallery
+
+    # a held instance whose bytes changed is refused
+    tampered = root / "held" / f"{ids[2]}.dcm"
+    original = tampered.read_bytes()
+    tampered.write_bytes(original + b"\0")
+    assert cli_main(["deid", "review", str(root), "--approve", ids[2][:12]]) == 3
+    tampered.write_bytes(original)
+
+    assert cli_main(["deid", "review", str(root), "--approve", ids[0][:12], "--reject",
+                     ids[2][:12], "--reviewer", "privacy-officer"]) == 0
+    manifest = _manifest(tmp_path, "held")
+    assert sorted(manifest["image_id"]) == sorted(ids[:2])
+    released = manifest.set_index("image_id").loc[ids[0]]
+    assert released["image_uri"].endswith(f"images/{ids[0]}.dcm") and released["view"]
+    assert released["patient_id"] == manifest.set_index("image_id").loc[ids[1]]["patient_id"]
+    assert (root / "images" / f"{ids[0]}.dcm").read_bytes() == held_bytes
+    assert not (root / "held" / f"{ids[0]}.dcm").exists() and not tampered.exists()
+    quarantine = [x for p in (root / "quarantine").glob("*.json") for x in json.loads(p.read_text())]
+    assert [(x["image_id"], x["reason"]) for x in quarantine] == [(ids[2], "rejected in review")]
+    sign_off = [json.loads(x) for x in (root / "review.jsonl").read_text().splitlines()]
+    assert [(x["input"], x["decision"], x["reviewer"]) for x in sign_off] == [
+        (ids[0], "approved", "privacy-officer"), (ids[2], "rejected", "privacy-officer")]
+    assert sign_off[0]["sha256"] == hashlib.sha256(held_bytes).hexdigest()
+    assert cli_main(["deid", "review", str(root), "--list"]) == 0
+    again = pacs_ingest_step(_cfg(tmp_path, "h2", dataset="held"), conn=_conn(orthanc))
+    assert again["studies_ingested"] == 0 and sorted(_manifest(tmp_path, "held")["image_id"]) == sorted(ids[:2])

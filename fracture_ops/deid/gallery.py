@@ -43,7 +43,7 @@ def categories(rec: dict) -> list[str]:
     return cats
 
 
-def _card(rec: dict, thumbs: dict[str, str], releasable: bool) -> str:
+def _card(rec: dict, thumbs: dict[str, str], target: str) -> str:
     e = html.escape
     pixels = rec.get("pixels") or {}
     thumb = thumbs.get(rec.get("output", ""))
@@ -57,8 +57,8 @@ def _card(rec: dict, thumbs: dict[str, str], releasable: bool) -> str:
         lines.append(f'{pixels.get("regions", 0)} region(s) blanked, '
                      f'{pixels.get("held", 0)} held, {pixels.get("kept_markers", 0)} marker(s) '
                      "kept")
-    if rec["status"] == "held" and releasable:
-        lines.append(f'release: <code>fracture-ops deid review OUTPUT --approve '
+    if rec["status"] == "held":
+        lines.append(f'release: <code>fracture-ops deid review {e(target)} --approve '
                      f'{e(rec["input"][:16])}</code>')
     if rec.get("review"):
         r = rec["review"]
@@ -69,9 +69,9 @@ def _card(rec: dict, thumbs: dict[str, str], releasable: bool) -> str:
 
 
 def render_gallery(report: dict, records: list[dict], thumbs: dict[str, str],
-                   releasable: bool = True) -> str:
-    """The gallery page (see the module docstring); ``releasable``: held files can be released
-    with ``deid review`` (a deidentify output), else they stay held (a PACS ingest's)."""
+                   target: str = "OUTPUT") -> str:
+    """The gallery page (see the module docstring); ``target``: the folder ``deid review``
+    releases held files from (a deidentify output, or a PACS data set's folder)."""
     e = html.escape
     counts = {c: sum(c in categories(r) for r in records) for c, _ in _CATEGORIES}
     buttons = "".join(f'<button type="button" data-filter="{c}">{e(label)} ({counts[c]})'
@@ -80,12 +80,11 @@ def render_gallery(report: dict, records: list[dict], thumbs: dict[str, str],
     # held and quarantined first: they are what a reviewer must look at
     order = {"held": 0, "quarantined": 1}
     shown.sort(key=lambda r: order.get(r["status"], 2))
-    cards = "".join(_card(r, thumbs, releasable) for r in shown)
-    how = ("<code>fracture-ops deid review OUTPUT --approve ID [ID ...]</code>, OUTPUT being "
-           f"this page's folder (or <code>--reject ID</code>); decisions are appended to "
-           f"<code>{SIGN_OFF}</code>."
-           if releasable else "held instances stay under <code>held/</code> in the raw zone, "
-           "outside the dataset manifest.")
+    cards = "".join(_card(r, thumbs, target) for r in shown)
+    where = ("OUTPUT being this page's folder" if target == "OUTPUT"
+             else "in the data set's folder, where held instances wait under <code>held/</code>")
+    how = (f"<code>fracture-ops deid review {e(target)} --approve ID [ID ...]</code> ({where}; "
+           f"or <code>--reject ID</code>); decisions are appended to <code>{SIGN_OFF}</code>.")
     summary = ", ".join(f"{v} {k}" for k, v in report["counts"].items())
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>De-identification review gallery</title><style>
@@ -119,7 +118,7 @@ document.querySelectorAll('.bar button').forEach(function (b) {{
 
 
 def write_gallery(out_dir: str, report: dict, records: list[dict],
-                  thumbs: dict[str, str] | None = None, releasable: bool = True) -> str:
+                  thumbs: dict[str, str] | None = None, target: str = "OUTPUT") -> str:
     """Write ``gallery.html`` (and its thumbnails, for re-rendering after a review); its URI."""
     thumbs_uri = storage.join(out_dir, THUMBS)
     if thumbs is None:
@@ -127,5 +126,5 @@ def write_gallery(out_dir: str, report: dict, records: list[dict],
     else:
         storage.write_text(thumbs_uri, json.dumps(thumbs))
     uri = storage.join(out_dir, GALLERY)
-    storage.write_text(uri, render_gallery(report, records, thumbs, releasable))
+    storage.write_text(uri, render_gallery(report, records, thumbs, target))
     return uri

@@ -8,6 +8,8 @@ Pure functions on boxes ``(x0, y0, x1, y1)`` (exclusive ends) and 8-bit frames; 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from fracture_ops.deid.ocr import Box
@@ -114,11 +116,22 @@ def _text_colour(gray: np.ndarray, boxes: list[Box]) -> int | None:
     return best
 
 
+_LAST = threading.local()  # the last (gray, colour, components): a frame's decide and fit share
+
+
 def _glyphs(gray: np.ndarray, colour: int) -> np.ndarray:
-    """Connected components of exactly the text colour: rows of (x, y, w, h, area)."""
+    """Connected components of exactly the text colour: rows of (x, y, w, h, area).
+
+    The scrub asks twice for the same rendering (deciding, then fitting the boxes); the last
+    answer is kept with the array it came from (renderings are never changed in place: each
+    round makes a new one), so the second ask costs nothing."""
     import cv2
 
+    last = getattr(_LAST, "value", None)
+    if last is not None and last[0] is gray and last[1] == colour:
+        return last[2]
     _, _, stats, _ = cv2.connectedComponentsWithStats((gray == colour).astype(np.uint8), 8)
+    _LAST.value = (gray, colour, stats[1:])
     return stats[1:]
 
 

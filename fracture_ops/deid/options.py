@@ -24,4 +24,9 @@ class ScrubOptions:
     pad_x_factor: float = 2.0  # left/right padding as a multiple of the vertical padding
     border_band: float = 0.1  # outer fraction of each side where annotations are written
     stroke_view: bool = True  # also detect on the contrast-independent stroke rendering
+    # the window rendering's polarities for detection: "both" (text drawn white or black is dark
+    # on light in one of them); "neg" or "pos" save one detection pass (~0.2 s of a 2.7 MP film)
+    # but lose coverage: measured on the real DICOMs (an institution line 54 % covered with one
+    # polarity chosen per film) and on kept field labels
+    window_polarity: str = "both"
     verify_patterns: bool = True  # identifier-like words in the verification read fail closed

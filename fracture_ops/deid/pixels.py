@@ -5,7 +5,8 @@ boxes it blanked, the regions it held for a person and what the verification rea
 and PNG/JPEG callers (:mod:`fracture_ops.deid.dicom`, :mod:`fracture_ops.deid.images`) decode,
 call :func:`scrub_frames`, and write back.
 
-Finding: the detector looks at the stored window in both polarities and at a stroke rendering
+Finding: the detector looks at the stored window in both polarities (``window_polarity``) and at
+a stroke rendering
 (:mod:`.strokes`: letters of either polarity on any background, so that text crossing from a dark
 background onto bright bone, or grey on grey, is found); boxes are merged into lines
 (:mod:`.lines`).
@@ -57,7 +58,7 @@ from fracture_ops.deid.strokes import (
     extend_along_strokes,
     neighbour_lines,
     in_border_band,
-    z_view,
+    z_view_regions,
     looks_like_text,
     glyphs,
     stroke_view,
@@ -296,18 +297,19 @@ def _inside(box: Box, kept: list[Box]) -> bool:
 def _locate(engine: TextEngine, gray: np.ndarray, opts: ScrubOptions,
             scale: float | None = None, window: bool = True,
             strokes: np.ndarray | None = None) -> list[Box]:
-    """Text-line boxes on the window rendering (both polarities; ``window``) and, with
+    """Text-line boxes on the window rendering (``window``; inverted, or in both polarities:
+    ``opts.window_polarity``) and, with
     ``stroke_view``, on the stroke rendering (text of either polarity on any background,
     :mod:`.strokes`; ``strokes``: its glyph mask, when already computed)."""
     views = [gray] if window or not opts.stroke_view else []
     if opts.stroke_view:
         views.append(stroke_view(gray) if strokes is None
-                     else np.where(strokes, 0, 255).astype(np.uint8))
+                     else np.where(strokes, np.uint8(0), np.uint8(255)))
     boxes: list[Box] = []
     for view in views:
         kwargs = {} if scale is None else {"scale": scale}
-        if view is not gray:
-            kwargs["polarity"] = "pos"  # dark strokes on white
+        # dark strokes on white; the window in the options' polarity
+        kwargs["polarity"] = "pos" if view is not gray else opts.window_polarity
         try:
             boxes += engine.locate(view, **kwargs)
         except TypeError:  # a site's engine without scale/polarity arguments
@@ -340,8 +342,8 @@ def _residual(gray: np.ndarray, engine: TextEngine, verifiers: list[TextEngine],
         elif _near(b, frame.blanked) and not _is_tall(b):
             found.append(b)  # a fragment of blanked text (a clipped first or last letter)
     if verifiers:
-        view = z_view(gray)
         regions = verification_regions(gray.shape, opts.border_band, frame.blanked)
+        view = z_view_regions(gray, regions)
         for verifier in verifiers:
             for tb in read_regions(verifier, view, regions):
                 if not tb.text or _inside(tb.box, frame.kept):

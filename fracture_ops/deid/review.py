@@ -9,6 +9,13 @@ from ``held/`` to where the run would have written it (and, in manifest mode, ad
 ``manifest.deid.parquet``), a rejection deletes it (the input is then listed as quarantined).
 ``audit.jsonl``, ``report.json``, ``gallery.html`` and ``_SUCCESS`` are rewritten to match. A file
 whose bytes changed since the run is refused: what was reviewed is what is released.
+
+A PACS data set (``pacs-ingest``'s folder, ``OUTPUT`` = the data set's folder) keeps each held
+instance under ``held/`` with a record of the manifest row it would have had; an approval moves
+it to ``images/``, adds that row to its study's part and rebuilds ``manifest.parquet`` (the
+study's link to the original UIDs is already in the raw zone, so results go back to the PACS as
+for any other instance); a rejection deletes it and marks it rejected in the study's quarantine
+list. Decisions go to the data set's ``review.jsonl``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ def configure_parser(parser) -> None:
     rev = sub.add_parser("review", help="release (--approve) or reject files held for review",
                          description=__doc__.split("\n\n")[1])
     rev.add_argument("output", metavar="OUTPUT",
-                     help="a deidentify output folder (folder mode) or step folder (manifest mode)")
+                     help="a deidentify output folder (folder mode), step folder (manifest mode) "
+                          "or PACS data set folder (pacs-ingest's, holding parts/ and held/)")
     rev.add_argument("--approve", nargs="+", default=[], metavar="ID",
                      help="input ids (the first 8+ characters shown in the gallery) to release")
     rev.add_argument("--reject", nargs="+", default=[], metavar="ID",
@@ -129,7 +137,10 @@ def review(out_dir: str, approve: list[str], reject: list[str], reviewer: str) -
         raise ConfigError("deid review: give --approve ID ... and/or --reject ID ...")
     audit_uri = storage.join(out_dir, "audit.jsonl")
     if not storage.exists(audit_uri):
-        raise BadInputError("deid review: OUTPUT holds no audit.jsonl (not a deidentify output)")
+        if _is_store(out_dir):
+            return review_store(out_dir, approve, reject, reviewer)
+        raise BadInputError("deid review: OUTPUT holds no audit.jsonl (not a deidentify output) "
+                            "and no parts/ (not a PACS data set)")
     records = [json.loads(line) for line in storage.read_text(audit_uri).splitlines() if line]
     at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     wanted = [(_find(records, i), "approved") for i in approve] + \
@@ -165,11 +176,115 @@ def review(out_dir: str, approve: list[str], reject: list[str], reviewer: str) -
             "gallery": gallery}
 
 
+def _is_store(root: str) -> bool:
+    """A data set stored as parts (``pacs-ingest``'s), whose held instances wait in ``held/``."""
+    return storage.exists(storage.join(root, "parts"))
+
+
+def _held_records(root: str) -> list[tuple[str, dict]]:
+    folder = storage.join(root, "held")
+    uris = storage.list_files(folder, (".json",)) if storage.exists(folder) else []
+    return [(uri, storage.read_json(uri)) for uri in sorted(uris)]
+
+
+def _mark_quarantine(root: str, rec: dict, reason: str | None) -> None:
+    """The study's quarantine list without this instance (``reason`` None), or with its new
+    reason."""
+    uri = storage.join(root, "quarantine", f"{rec['part']}.json")
+    if not storage.exists(uri):
+        return
+    entries = storage.read_json(uri)
+    if reason is None:
+        entries = [x for x in entries if x.get("image_id") != rec["input"]]
+    else:
+        for x in entries:
+            if x.get("image_id") == rec["input"]:
+                x["reason"] = reason
+    storage.write_json(uri, entries)
+
+
+def _decide_held(root: str, rec: dict, decision: str, reviewer: str, at: str) -> dict:
+    """Apply one decision to a held instance of a PACS data set; the sign-off line."""
+    from fracture_ops.data.parts import add_to_part
+
+    held_uri = storage.join(root, *rec["output"].split("/"))
+    digest = _sha256(held_uri)
+    if digest != rec.get("sha256"):
+        raise BadInputError(f"deid review: the held instance {rec['input'][:16]} changed since "
+                            "it was held (its SHA-256 differs); refusing to release it")
+    if decision == "approved":
+        if not storage.exists(storage.join(root, "parts", f"{rec['part']}.parquet")):
+            raise BadInputError(f"deid review: the study of {rec['input'][:16]} is not recorded "
+                                "yet (its run stopped over the error budget): run pacs-ingest "
+                                "again, then review what it holds")
+        final = f"images/{rec['input']}.dcm"
+        target = storage.join(root, *final.split("/"))
+        if storage.exists(target) and _sha256(target) != digest:  # the same bytes: a resumed
+            raise BadInputError(f"deid review: {final} already exists; not overwritten")
+        storage.write_bytes(target, storage.read_bytes(held_uri))
+        add_to_part(root, rec["part"], {**rec["row"], "image_uri": target})
+        storage.delete(held_uri)
+        _mark_quarantine(root, rec, None)
+        rec.update(status="deidentified", output=final)
+    else:
+        storage.delete(held_uri)
+        _mark_quarantine(root, rec, "rejected in review")
+        rec.update(status="quarantined", reason="rejected in review")
+        rec.pop("output", None)
+    rec["review"] = {"decision": decision, "reviewer": reviewer, "at": at}
+    return {"input": rec["input"], "decision": decision, "reviewer": reviewer, "at": at,
+            "sha256": digest}
+
+
+def review_store(root: str, approve: list[str], reject: list[str], reviewer: str) -> dict:
+    """:func:`review` for a PACS data set (see the module docstring).
+
+    Returns:
+        ``{"approved": n, "rejected": n, "held": n still held, "manifest": uri}``.
+    """
+    from fracture_ops.data.parts import MANIFEST, rebuild_manifest
+    from fracture_ops.deid.gallery import SIGN_OFF
+
+    held = _held_records(root)
+    records = [rec for _, rec in held]
+    at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    wanted = [(_find(records, i), "approved") for i in approve] + \
+        [(_find(records, i), "rejected") for i in reject]
+    if len({id(r) for r, _ in wanted}) != len(wanted):
+        raise ConfigError("deid review: an id is given twice (or both approved and rejected)")
+    uris = {id(rec): uri for uri, rec in held}
+    lines, done = [], Counter()
+    for rec, decision in wanted:
+        if rec["status"] != "held":
+            log.info("deid review: %s is %s, not held: nothing to do", rec["input"][:16],
+                     rec["status"])
+            continue
+        lines.append(_decide_held(root, rec, decision, reviewer, at))
+        storage.write_json(uris[id(rec)], rec)
+        done[decision] += 1
+    sign_off = storage.join(root, SIGN_OFF)
+    before = storage.read_text(sign_off) if storage.exists(sign_off) else ""
+    storage.write_text(sign_off, before + "".join(json.dumps(x, sort_keys=True) + "\n"
+                                                  for x in lines))
+    manifest = storage.write_parquet(storage.join(root, MANIFEST), rebuild_manifest(root))
+    still = sum(r["status"] == "held" for r in records)
+    log.info("deid review: %d approved, %d rejected by %s; %d still held; manifest %s",
+             done["approved"], done["rejected"], reviewer, still, manifest)
+    return {"approved": done["approved"], "rejected": done["rejected"], "held": still,
+            "manifest": manifest}
+
+
 def run_cli(args) -> dict:
     """``fracture-ops deid review``."""
     if args.list:
-        records = [json.loads(x) for x in storage.read_text(
-            storage.join(args.output, "audit.jsonl")).splitlines() if x]
+        audit = storage.join(args.output, "audit.jsonl")
+        if storage.exists(audit):
+            records = [json.loads(x) for x in storage.read_text(audit).splitlines() if x]
+        elif _is_store(args.output):
+            records = [rec for _, rec in _held_records(args.output)]
+        else:
+            raise BadInputError("deid review: OUTPUT holds no audit.jsonl (not a deidentify "
+                                "output) and no parts/ (not a PACS data set)")
         held = [r for r in records if r["status"] == "held"]
         for r in held:
             print(f"{r['input'][:16]}  {r['output']}  {r['reason']}")

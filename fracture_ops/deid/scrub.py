@@ -33,8 +33,9 @@ class PixelTextRemains(FileRejected):
 def _engine_options(name: str, pixcfg) -> dict:
     if name == "rapidocr":
         return {"target_side": pixcfg.target_side, "threads": pixcfg.threads}
-    if name == "tesseract":  # it reads a mosaic of border bands at their own resolution
-        return {"threads": pixcfg.threads, "max_side": 2400}
+    if name == "tesseract":  # it reads a mosaic of border bands at their own resolution, in a
+        # rendering whose ink is always dark on white (strokes.z_view): no inverted second read
+        return {"threads": pixcfg.threads, "max_side": 2400, "invert_lines": False}
     return {}
 
 

@@ -53,7 +53,10 @@ def _above_noise(s: np.ndarray, side: int, min_strength: float) -> np.ndarray:
                         interpolation=cv2.INTER_AREA)
     noise = cv2.medianBlur(coarse, max(3, (window // step) | 1))
     noise = cv2.resize(noise, (s.shape[1], s.shape[0]), interpolation=cv2.INTER_LINEAR)
-    return s > np.maximum(min_strength, 3.0 * noise.astype(np.float32) + 4.0)
+    # s > max(min_strength, 3 * noise + 4) in whole numbers: a table from noise to the largest
+    # value that is not above it (255: nothing is)
+    table = np.minimum(np.maximum(np.floor(min_strength), 3 * np.arange(256) + 4), 255)
+    return s > cv2.LUT(noise, table.astype(np.uint8))
 
 
 def glyphs(gray: np.ndarray, side: int | None = None, min_strength: float = 8.0
@@ -87,7 +90,7 @@ def stroke_view(gray: np.ndarray, side: int | None = None) -> np.ndarray:
     """The detection rendering: letter-like strokes of either polarity as black ink on white
     (uint8), whatever the background under them (:func:`glyphs`)."""
     _, mask = glyphs(gray, side)
-    return np.where(mask, 0, 255).astype(np.uint8)
+    return np.where(mask, np.uint8(0), np.uint8(255))
 
 
 def z_view(gray: np.ndarray, k: int = 21, threshold: float = 1.2) -> np.ndarray:
@@ -101,7 +104,21 @@ def z_view(gray: np.ndarray, k: int = 21, threshold: float = 1.2) -> np.ndarray:
     mean = cv2.blur(f, (k, k))
     sd = np.sqrt(np.maximum(cv2.blur(f * f, (k, k)) - mean * mean, 0))
     z = np.abs(f - mean) / (sd + 4.0)
-    return np.where(z > threshold, 0, 255).astype(np.uint8)
+    return np.where(z > threshold, np.uint8(0), np.uint8(255))
+
+
+def z_view_regions(gray: np.ndarray, regions, k: int = 21) -> np.ndarray:
+    """:func:`z_view` computed only where it is read (each region with the filter's reach
+    around it; white elsewhere): the same pixels inside the regions, for a fraction of the
+    work when the regions are the border bands."""
+    out = np.full(gray.shape[:2], 255, np.uint8)
+    m = k // 2 + 1
+    h, w = gray.shape[:2]
+    for x0, y0, x1, y1 in regions:
+        cx0, cy0, cx1, cy1 = max(x0 - m, 0), max(y0 - m, 0), min(x1 + m, w), min(y1 + m, h)
+        z = z_view(gray[cy0:cy1, cx0:cx1], k)
+        out[y0:y1, x0:x1] = z[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0]
+    return out
 
 
 def _glyphs_in_row(comps: np.ndarray, box: Box, vertical: bool) -> np.ndarray:

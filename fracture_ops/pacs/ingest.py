@@ -39,6 +39,7 @@ from pydantic import Field, field_validator
 from fracture_ops import catalog
 from fracture_ops import storage
 from fracture_ops.config import StepConfig
+from fracture_ops.data.parts import MANIFEST, commit_part, part_files, rebuild_manifest
 from fracture_ops.errors import ConfigError, ErrorBudgetExceeded
 from fracture_ops.pacs.dicomweb import (
     PacsAuthError,
@@ -256,6 +257,21 @@ class Ingest:
                                           fields=["SOPInstanceUID"])))
                    for series in self.wanted_series(study))
 
+    def _hold(self, image_id: str, done, reason: str, row: dict, part: str) -> None:
+        """Keep a held instance out of the data set, under ``held/``: its de-identified bytes and
+        the record ``deid review`` releases it by (the manifest row it would have had, the
+        SHA-256 of the bytes a person reviews, its study's key)."""
+        import hashlib
+
+        name = f"held/{image_id}.dcm"
+        storage.write_bytes(storage.join(self.root, *name.split("/")), done.data)
+        record = {"input": image_id, "status": "held", "reason": reason, "output": name,
+                  "sha256": hashlib.sha256(done.data).hexdigest(), "part": part,
+                  "row": row, "pixels": done.pixels}
+        storage.write_json(storage.join(self.root, "held", f"{image_id}.json"), record)
+        self.gallery.append({k: v for k, v in record.items() if k not in ("row", "sha256")})
+        self.thumbs[name] = done.thumbnail
+
     def study(self, study: str) -> tuple[list[dict], list[dict], list[dict]]:
         """Fetch, de-identify and write one study's wanted instances: ``(rows, quarantined,
         links)``; a link ties an image id to the original study, series and SOP instance UIDs
@@ -296,14 +312,21 @@ class Ingest:
                                 self.keys.uid(study), reason)
                     continue
                 done = with_thumbnail(done)
+                view = _code(ds, "ViewPosition", VIEWS, "UNKNOWN")
+                side = _code(ds, "ImageLaterality", LATERALITIES, "") or _code(ds, "Laterality", LATERALITIES, "U")
+                row = {"image_id": image_id, "image_uri": None, "patient_id": done.result.patient,
+                       "study_id": done.result.study_uid, "label": None, "view": view,
+                       "laterality": side,
+                       "body_region": str(ds.get("BodyPartExamined", "") or "unknown").strip().lower(),
+                       "source": "pacs", "modality": str(ds.get("Modality", "")),
+                       "text_regions_blanked": int((done.pixels or {}).get("regions", 0))}
+                # the link in the raw zone for held instances too: one released later by
+                # `deid review` can have its results sent back like any other
+                links.append({"image_id": image_id, "study_uid": study, "series_uid": series, "sop_uid": sop})
                 if is_held(done):  # not released into the dataset: a person looks first
-                    name = f"held/{image_id}.dcm"
-                    storage.write_bytes(storage.join(self.root, *name.split("/")), done.data)
                     reason = held_reason(done.pixels)
+                    self._hold(image_id, done, reason, row, self.keys.uid(study))
                     bad.append({"study_id": self.keys.uid(study), "image_id": image_id, "reason": reason})
-                    self.gallery.append({"input": image_id, "status": "held", "reason": reason,
-                                         "output": name, "pixels": done.pixels})
-                    self.thumbs[name] = done.thumbnail
                     log.warning("pacs-ingest: instance %s of study %s %s", image_id,
                                 self.keys.uid(study), reason)
                     continue
@@ -312,16 +335,8 @@ class Ingest:
                                      "pixels": done.pixels})
                 if done.thumbnail:
                     self.thumbs[name] = done.thumbnail
-                uri = storage.write_bytes(storage.join(self.root, *name.split("/")), done.data)
-                view = _code(ds, "ViewPosition", VIEWS, "UNKNOWN")
-                side = _code(ds, "ImageLaterality", LATERALITIES, "") or _code(ds, "Laterality", LATERALITIES, "U")
-                links.append({"image_id": image_id, "study_uid": study, "series_uid": series, "sop_uid": sop})
-                rows.append({"image_id": image_id, "image_uri": uri, "patient_id": done.result.patient,
-                             "study_id": done.result.study_uid, "label": None, "view": view,
-                             "laterality": side,
-                             "body_region": str(ds.get("BodyPartExamined", "") or "unknown").strip().lower(),
-                             "source": "pacs", "modality": str(ds.get("Modality", "")),
-                             "text_regions_blanked": int((done.pixels or {}).get("regions", 0))})
+                row["image_uri"] = storage.write_bytes(storage.join(self.root, *name.split("/")), done.data)
+                rows.append(row)
         return rows, bad, links
 
 
@@ -334,31 +349,11 @@ def _write_gallery(out_dir: str, run: Ingest) -> str:
     counts = Counter(r["status"] for r in run.gallery)
     report = {"counts": {"instances": len(run.gallery), **{k: counts[k] for k in
                                                            ("deidentified", "held", "quarantined")}}}
-    uri = write_gallery(out_dir, report, run.gallery, run.thumbs, releasable=False)
-    log.info("pacs-ingest: review gallery %s: %d instance(s) held for review (kept under held/ "
-             "in the raw zone, not in the manifest), %d quarantined", uri, counts["held"],
-             counts["quarantined"])
+    uri = write_gallery(out_dir, report, run.gallery, run.thumbs, target=run.root)
+    log.info("pacs-ingest: review gallery %s: %d instance(s) held for review (under %s/held, "
+             "not in the manifest until `fracture-ops deid review %s --approve ID`), %d "
+             "quarantined", uri, counts["held"], run.root, run.root, counts["quarantined"])
     return uri
-
-
-def _parts(root: str) -> dict[str, str]:
-    """Pseudonymous study UID -> part file, for the studies already ingested."""
-    folder = storage.join(root, "parts")
-    return {uri.rsplit("/", 1)[-1][:-len(".parquet")]: uri
-            for uri in (storage.list_files(folder, (".parquet",)) if storage.exists(folder) else [])}
-
-
-def rebuild_manifest(root: str):
-    """The dataset manifest: every part's rows, canonical columns, sorted by image id."""
-    import pandas as pd
-
-    from fracture_ops.data.manifest import normalize_manifest
-
-    frames = [storage.read_parquet(uri) for uri in sorted(_parts(root).values())]
-    frames = [f for f in frames if len(f)]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["image_id", "image_uri", "patient_id", "study_id", "label"])
-    return normalize_manifest(table)
 
 
 def pacs_ingest_step(cfg: PacsIngestConfig, deid_cfg=None, conn: PacsConnection | None = None) -> dict:
@@ -425,7 +420,7 @@ def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None, attemp
     except Exception as exc:  # an answer we cannot read; its text may quote identifiers
         raise PacsRequestError(f"pacs-ingest: the PACS's study search answer could not be read "
                                f"({type(exc).__name__})") from None
-    done = _parts(run.root)
+    done = part_files(run.root)
     # a study is fetched when it has no part yet, or when the PACS now holds more of its
     # instances than when it was fetched (instances still arriving from the modality)
     # the study-level count is a cheap first look (it also counts other modalities and the results
@@ -461,15 +456,15 @@ def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None, attemp
             quarantined += bad
             held.append((part, bad, date_))
         else:
-            _commit(run.root, *part)
+            commit_part(run.root, *part)
     attempted = written + len(quarantined)
     over_budget = bool(attempted) and len(quarantined) / attempted > cfg.max_bad_fraction
     if not over_budget:  # a systemic fault (every instance refused) leaves these to a rerun
         for part, bad, _ in held:
             storage.write_json(storage.join(run.root, "quarantine", f"{part[0]}.json"), bad)
-            _commit(run.root, *part)
+            commit_part(run.root, *part)
     manifest = rebuild_manifest(run.root)
-    manifest_uri = storage.write_parquet(storage.join(run.root, "manifest.parquet"), manifest)
+    manifest_uri = storage.write_parquet(storage.join(run.root, MANIFEST), manifest)
     again = [f["date"] for f in failed] + ([d for _, _, d in held] if over_budget else [])
     watermark = next_watermark(state.get("watermark"), [d for d, _ in todo], again, complete)
     moved = bool(watermark) and watermark != state.get("watermark") and not cfg.backfill
@@ -497,17 +492,6 @@ def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None, attemp
              "manifest %d rows", written, len(todo) - len(failed), len(quarantined), len(failed),
              len(manifest))
     return summary
-
-
-def _commit(root: str, key: str, rows: list[dict], instances: int) -> None:
-    """Record one study as ingested: its instance count, then its part (the part last: its
-    presence means every instance of the study is written or quarantined)."""
-    import pandas as pd
-
-    storage.write_json(storage.join(root, "parts", f"{key}.json"),
-                       {"instances": instances, "counted": "wanted_series"})
-    storage.write_parquet(storage.join(root, "parts", f"{key}.parquet"),
-                          pd.DataFrame(rows, columns=list(rows[0]) if rows else ["image_id"]))
 
 
 def _recorded_instances(root: str, key: str) -> tuple[int, bool]:
