@@ -241,3 +241,46 @@ def test_untunable_class_falls_back_and_documents_stay_strict_json(tmp_path):
     assert doc["fallback_classes"] == ["hand"] and doc["thresholds"]["hand"] == 0.5
     assert doc["val"]["hand"]["sensitivity"] is None
     assert doc["thresholds"]["elbow"] != 0.5
+
+
+def _calibrated_rows(tmp_path, name, scale, n_patients, seed):
+    """Binary predictions whose validation logits are the true log-odds times ``scale``."""
+    rng = np.random.default_rng(seed)
+    n = 2 * n_patients
+    true = rng.normal(0, 1.5, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-true))).astype(int)
+    import pandas as pd
+
+    df = pd.DataFrame({"image_id": [f"i{k}" for k in range(n)],
+                       "patient_id": [f"p{k // 2}" for k in range(n)],
+                       "split": ["val"] * n, "y_fracture": y, "logit_fracture": true * scale})
+    return _write(tmp_path / name, df, ["fracture"])
+
+
+def test_a_calibration_that_does_not_lower_cross_validated_nll_is_not_applied(tmp_path):
+    """Logits that are already calibrated: an isotonic map fitted on 30 validation rows is a
+    staircase that does worse on rows it did not see, so the identity is kept, and said. Logits
+    four times too confident: temperature scaling lowers the cross-validated NLL and is kept.
+    ``--no-require-cv-gain`` applies a calibrator regardless."""
+    from fracture_ops.model.documents import read_calibrator
+
+    calibrated = _calibrated_rows(tmp_path, "cal", 1.0, 15, seed=1)
+    out = calibrate_step(CalibrateConfig(artifact_root=str(tmp_path / "a1"),
+                                         predictions_uri=calibrated, method="isotonic"))
+    doc = json.loads(Path(out["calibration_uri"]).read_text())
+    assert out["applied"] is False and out["method"] == "none"
+    assert doc["calibrator"]["method"] == "none" and doc["requested_method"] == "isotonic"
+    assert doc["cv_check"]["nll_after"] >= doc["cv_check"]["nll_before"] and "did not" in doc["why"]
+    assert read_calibrator(out["calibration_uri"], "binary").method == "none"
+
+    inflated = _calibrated_rows(tmp_path, "inf", 4.0, 200, seed=2)
+    out = calibrate_step(CalibrateConfig(artifact_root=str(tmp_path / "a2"),
+                                         predictions_uri=inflated, method="temperature"))
+    doc = json.loads(Path(out["calibration_uri"]).read_text())
+    assert out["applied"] is True and doc["calibrator"]["method"] == "temperature"
+    assert doc["cv_check"]["nll_after"] < doc["cv_check"]["nll_before"]
+    assert doc["calibrator"]["temperature"][0] == pytest.approx(4.0, rel=0.3)
+
+    forced = calibrate_step(CalibrateConfig(artifact_root=str(tmp_path / "a3"), method="isotonic",
+                                            predictions_uri=calibrated, require_cv_gain=False))
+    assert forced["applied"] is True and forced["method"] == "isotonic"

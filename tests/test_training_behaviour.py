@@ -267,3 +267,18 @@ def test_the_model_card_names_the_starting_weights():
                     "0.1.0), file SHA-256 `ab12`, licence Apache-2.0; ImageNet-1k EfficientNet-Lite0")
     assert "from scratch" in _weights_line(None)
     assert "not recorded" in _weights_line(NOT_RECORDED)
+
+
+def test_the_model_card_says_whether_calibration_was_applied_and_its_effect_on_test():
+    from fracture_ops.registry.model_card import _calibration_text
+
+    kept = _calibration_text({"calibrator": {"method": "none"}, "applied": False,
+                              "requested_method": "isotonic", "why": "isotonic did not lower the "
+                              "cross-validated NLL", "val": {"ece_before": 0.1, "ece_after": 0.1}},
+                             {"ece_uncalibrated": 0.059, "ece_calibrated": 0.059})
+    assert kept.startswith("Not applied (`isotonic` requested): isotonic did not lower")
+    assert "on test 0.0590 before, 0.0590 after" in kept
+    worse = _calibration_text({"calibrator": {"method": "temperature"}, "applied": True,
+                               "val": {"ece_before": 0.2, "ece_after": 0.05}},
+                              {"ece_uncalibrated": 0.059, "ece_calibrated": 0.190})
+    assert worse.startswith("Method `temperature`") and "on test 0.0590 before, 0.1900 after" in worse

@@ -74,6 +74,21 @@ def _weights_line(pretrained) -> str:
     return text
 
 
+def _calibration_text(cal: dict, test: dict) -> str:
+    """What calibration did: the method applied (or why none was), ECE on validation and on
+    test before and after (a calibration that made test worse is there to see)."""
+    nan = float("nan")
+    method = cal.get("calibrator", {}).get("method")
+    if cal.get("applied") is False:
+        head = f"Not applied (`{cal.get('requested_method')}` requested): {cal.get('why')}."
+    else:
+        head = f"Method `{method}`, fitted on validation" + (f" ({cal['why']})" if cal.get("why") else "") + "."
+    ece = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    return (f"{head} ECE on validation {ece(cal.get('val', {}).get('ece_before', nan))} before, "
+            f"{ece(cal.get('val', {}).get('ece_after', nan))} after; on test "
+            f"{ece(test.get('ece_uncalibrated'))} before, {ece(test.get('ece_calibrated'))} after.")
+
+
 def build_markdown(ctx: dict) -> str:
     """The card as Markdown from the run's reports (``ctx``: see :func:`collect`)."""
     ev, split, th, cal = ctx["evaluation"], ctx["split"], ctx["thresholds"], ctx["calibration"]
@@ -107,10 +122,7 @@ def build_markdown(ctx: dict) -> str:
         *([f"Not evaluated: {', '.join(skipped)}"] if skipped else []),
         "## Thresholds", f"Tuned on validation by `{th.get('method')}`: "
         + ", ".join(f"{c} {t:.4f}" for c, t in th.get("thresholds", {}).items()),
-        "## Calibration", f"Method `{cal.get('calibrator', {}).get('method')}`, fitted on validation; ECE on "
-        f"validation {cal.get('val', {}).get('ece_before', float('nan')):.4f} before, "
-        f"{cal.get('val', {}).get('ece_after', float('nan')):.4f} after; ECE on test "
-        f"{ev.get('calibration', {}).get('ece_calibrated', float('nan')):.4f}.",
+        "## Calibration", _calibration_text(cal, ev.get("calibration", {})),
         "## Grad-CAM examples", f"{len(ctx['cam_images'])} example(s) below; the full report is logged "
         "with the run (`explain/gradcam_report.html`).",
         "## Known limitations", *[f"- {x}" for x in LIMITATIONS],
