@@ -62,6 +62,8 @@ MODEL_INFO = Artifact("train", "model_info.json", "json", about="what was traine
 CALIBRATION = Artifact("calibrate", "calibration.json", "json", about="the fitted calibrator")
 THRESHOLDS = Artifact("tune_thresholds", "thresholds.json", "json", about="per-class thresholds")
 EVALUATION = Artifact("evaluate", "evaluation.json", "json", about="metrics with intervals")
+EVALUATION_REPORT = Artifact("evaluate", "evaluation.html", "html",
+                             about="the report: curves with bands, thresholds, studies, regions")
 CAM_REPORT = Artifact("cam", "report.html", "html", about="Grad-CAM report")
 PACKAGE = Artifact("package", "package.json", "json", about="the logged MLflow model")
 REGISTERED = Artifact("register", "registered.json", "json", about="the registered version")

@@ -647,8 +647,29 @@ def test_tesseract_thread_limit_stays_out_of_this_process(monkeypatch):
     pil = Image.fromarray(img)
     ImageDraw.Draw(pil).text((10, 40), "ID 7361647728", fill=240,
                              font=ImageFont.load_default(size=30))
-    words = get_engine("tesseract").detect(np.asarray(pil))
+    words = get_engine("tesseract", backend="cli").detect(np.asarray(pil))
     assert any("7361647728" in w.text for w in words)
     import os
 
     assert "OMP_THREAD_LIMIT" not in os.environ
+
+
+@pytest.mark.skipif(not engine_available("tesseract"), reason="tesseract-ocr is not installed")
+def test_tesseract_in_process_reads_what_the_program_reads():
+    """The default backend keeps Tesseract loaded in this process (tesserocr, Debian's models);
+    it finds the same words at the same places as the tesseract program, both polarities and
+    page modes, and says which it is in its version (the audit records it)."""
+    import tesserocr  # noqa: F401 - a dependency on Linux x86-64: its absence is a failure here
+
+    api, cli = get_engine("tesseract"), get_engine("tesseract", backend="cli")
+    assert "in process" in api.version and "in process" not in cli.version
+    for fill, bg in ((240, 20), (15, 230)):
+        pil = Image.new("L", (900, 260), bg)
+        draw = ImageDraw.Draw(pil)
+        draw.text((20, 30), "OKONKWO 40427", fill=fill, font=ImageFont.load_default(size=40))
+        draw.text((420, 160), "DOB 1968-02-22", fill=fill, font=ImageFont.load_default(size=30))
+        img = np.asarray(pil)
+        a, c = api.detect(img), cli.detect(img)
+        assert [w.text for w in a] == [w.text for w in c] and len(a) == 4
+        assert all(max(abs(p - q) for p, q in zip(x.box, y.box)) <= 3 for x, y in zip(a, c))
+        assert api.read(img, [(0, 0, 450, 100)])[0][0] == cli.read(img, [(0, 0, 450, 100)])[0][0]

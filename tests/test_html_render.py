@@ -1,5 +1,6 @@
 """The HTML a person reads renders in headless Chromium (Debian's package) with no console errors
-and no request leaving loopback: Grad-CAM report, model card, a drift report and the drift index.
+and no request leaving loopback: Grad-CAM report, model card, evaluation report, a drift report
+and the drift index.
 Screenshots are saved beside the test's temporary files."""
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def pages(tmp_path_factory):
             part / "part-test.parquet")
         drift = drift_step(DriftConfig(artifact_root=art, run_id="drift", date=date, log_mlflow=False))
     return {"cam": f"{run}/cam/report.html", "card": card, "drift": drift["report_uri"],
+            "evaluation": f"{run}/evaluate/evaluation.html",
             "index": drift["index_uri"], "out": tmp}
 
 
@@ -81,6 +83,8 @@ CASES = {
     "cam": ["Top positive predictions", "False negatives", "False positives"],
     "card": ["Intended use", "Test metrics (95% CI, bootstrap resampling patients)", "Known limitations"],
     "drift": ["Drift detected"],
+    "evaluation": ["Metrics", "Operating points at the tuned thresholds", "ROC and precision-recall",
+                   "Calibration before and after", "Confusion", "Study level", "By body region"],
     "index": ["Drift reports"],
 }
 

@@ -766,6 +766,13 @@ def test_held_instances_wait_outside_the_dataset_until_deid_review_releases_them
     tampered.write_bytes(original + b"\0")
     assert cli_main(["deid", "review", str(root), "--approve", ids[2][:12]]) == 3
     tampered.write_bytes(original)
+    # so is a held record edited to name another file (a path out of the data set)
+    record = root / "held" / f"{ids[2]}.json"
+    kept = record.read_text()
+    record.write_text(kept.replace(f'"held/{ids[2]}.dcm"', '"held/../../../outside.dcm"'))
+    assert cli_main(["deid", "review", str(root), "--reject", ids[2][:12]]) == 3
+    assert cli_main(["deid", "review", str(root), "--list"]) == 3 and tampered.exists()
+    record.write_text(kept)
 
     assert cli_main(["deid", "review", str(root), "--approve", ids[0][:12], "--reject",
                      ids[2][:12], "--reviewer", "privacy-officer"]) == 0

@@ -25,6 +25,7 @@ import getpass
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 
 from fracture_ops import catalog
@@ -181,10 +182,35 @@ def _is_store(root: str) -> bool:
     return storage.exists(storage.join(root, "parts"))
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def _held_records(root: str) -> list[tuple[str, dict]]:
+    """The held records of a PACS data set, each checked to name only its own files: a record
+    edited to point elsewhere (another file, a path out of the folder) is refused, not obeyed."""
     folder = storage.join(root, "held")
     uris = storage.list_files(folder, (".json",)) if storage.exists(folder) else []
-    return [(uri, storage.read_json(uri)) for uri in sorted(uris)]
+    out = []
+    for uri in sorted(uris):
+        rec = storage.read_json(uri)
+        if not _well_formed(rec, uri.rsplit("/", 1)[-1][:-len(".json")]):
+            raise BadInputError(f"deid review: held record {uri.rsplit('/', 1)[-1]} is not one "
+                                "pacs-ingest wrote (its id, study, row or file differ); refusing "
+                                "to act on this data set until it is restored or removed")
+        out.append((uri, rec))
+    return out
+
+
+def _well_formed(rec: dict, stem: str) -> bool:
+    """A held record names only its own files: its id is its file name, its study key a plain
+    token, its row that image, and its output the one its status allows."""
+    ident, part, status = str(rec.get("input", "")), str(rec.get("part", "")), rec.get("status")
+    output = {"held": f"held/{ident}.dcm", "deidentified": f"images/{ident}.dcm",
+              "quarantined": None}
+    return (bool(_TOKEN.fullmatch(ident)) and bool(_TOKEN.fullmatch(part))
+            and ".." not in ident + part and stem == ident and status in output
+            and rec.get("output") == output[status] and isinstance(rec.get("row"), dict)
+            and rec["row"].get("image_id") == ident and isinstance(rec.get("sha256"), str))
 
 
 def _mark_quarantine(root: str, rec: dict, reason: str | None) -> None:

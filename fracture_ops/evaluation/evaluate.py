@@ -2,7 +2,8 @@
 
 Reads the predictions folder, applies the calibrator and thresholds fitted on validation (or none
 and 0.5 each), evaluates the chosen split (default ``test``) and writes ``evaluation.json``,
-``roc.png``, ``pr.png``, ``confusion.png`` and ``reliability.png`` under ``runs/<run_id>/evaluate``.
+``roc.png``, ``pr.png``, ``confusion.png``, ``reliability.png`` and the HTML report
+``evaluation.html`` (:mod:`fracture_ops.evaluation.report`) under ``runs/<run_id>/evaluate``.
 When the predictions carry a ``body_region`` column, the metrics are repeated per region.
 Definitions of every metric are in :mod:`fracture_ops.evaluation.metrics`, of the intervals in
 :mod:`fracture_ops.evaluation.bootstrap`.
@@ -25,6 +26,7 @@ from fracture_ops import storage
 from fracture_ops.config import StepConfig
 from fracture_ops.evaluation import plots
 from fracture_ops.evaluation.bootstrap import bootstrap_ci
+from fracture_ops.evaluation.report import build_report_html
 from fracture_ops.evaluation.metrics import (
     Mode,
     compute_metrics,
@@ -254,8 +256,13 @@ def evaluate_step(cfg: EvaluateConfig) -> dict:
     storage.reset_dir(out_dir)
     uri = storage.write_json(storage.join(out_dir, EVALUATION_FILE), report)
     pngs = _write_plots(out_dir, y, probs, task, class_names, thresholds, cfg.ece_bins)
+    page = build_report_html(report, y, probs, probabilities(z, task), rows, task, class_names,
+                             thresholds, cfg.ece_bins, seed=cfg.seed)
+    html_uri = storage.write_text(storage.join(out_dir, catalog.EVALUATION_REPORT.file), page)
+    log.info("evaluate: report %s", html_uri)
     summary = {
         "evaluation_uri": uri,
+        "report_uri": html_uri,
         "plots": pngs,
         "split": cfg.split,
         "n_images": report["n_images"],

@@ -89,11 +89,30 @@ def plot_pr(
     return to_png(fig)
 
 
+def _luminance(rgb) -> float:
+    """WCAG relative luminance of an sRGB colour (components 0-1)."""
+    c = np.asarray(rgb[:3], dtype=float)
+    c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2])
+
+
+def contrast(a, b) -> float:
+    """WCAG contrast ratio of two colours (1 to 21)."""
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def text_colour(cell_rgb) -> tuple[float, float, float]:
+    """Black or white, whichever contrasts more with the cell it is written on."""
+    black, white = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return black if contrast(black, cell_rgb) >= contrast(white, cell_rgb) else white
+
+
 def _draw_matrix(ax, matrix: np.ndarray, labels: list[str], title: str) -> None:
-    ax.imshow(matrix, cmap="Blues")
-    high = matrix.max() / 2 if matrix.size and matrix.max() else 0
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(int(v)), ha="center", va="center", color="white" if v > high else "black")
+    image = ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):  # the count in the colour its own cell calls for
+        ax.text(j, i, str(int(v)), ha="center", va="center", fontsize="large",
+                color=text_colour(image.cmap(image.norm(v))))
     ticks = list(range(len(labels)))
     ax.set_xticks(ticks, labels, rotation=45 if len(labels) > 2 else 0)
     ax.set_yticks(ticks, labels)

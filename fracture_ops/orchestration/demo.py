@@ -261,7 +261,8 @@ def _print_outputs(params: dict, run_id: str, steps: list[str]) -> None:
         print(f"  {name:16s} {run}/{name}/")
     print(f"  validation report  {run}/{catalog.VALIDATE_REPORT.path}")
     if "evaluate" in steps:
-        print(f"  evaluation report  {run}/{catalog.EVALUATION.path}")
+        print(f"  evaluation report  {run}/{catalog.EVALUATION_REPORT.path} (metrics: "
+              f"{catalog.EVALUATION.file})")
         print("  " + test_set_line(json.loads(Path(run, catalog.EVALUATION.path).read_text())))
         print(f"  Grad-CAM report    {run}/{catalog.CAM_REPORT.path}")
         package = json.loads(Path(run, catalog.PACKAGE.path).read_text())

@@ -329,7 +329,7 @@ def _predictions(parts, targets, logits, class_names) -> pd.DataFrame:
     for s, lg in logits.items():
         df = parts[s][["image_id", "patient_id"]].copy()
         df["split"] = s
-        for col in ("body_region", "view", "laterality"):
+        for col in ("body_region", "view", "laterality", "study_id"):
             if col in parts[s].columns:
                 df[col] = parts[s][col].values
         for k, (y_col, logit_col) in enumerate(zip(label_columns(class_names),
