@@ -81,7 +81,7 @@ def operating_table(y: np.ndarray, pred: np.ndarray, class_names: list[str],
 
 
 def study_level(y: np.ndarray, probs: np.ndarray, study_ids: np.ndarray, class_names: list[str],
-                thresholds) -> list[dict]:
+                thresholds, task: str = "binary") -> list[dict]:
     """Per class over studies: a study is positive when any of its images is and scores the
     highest probability of its images; AUROC and the operating point at the threshold."""
     from sklearn.metrics import roc_auc_score
@@ -91,8 +91,7 @@ def study_level(y: np.ndarray, probs: np.ndarray, study_ids: np.ndarray, class_n
     ps = np.full((len(studies), y.shape[1]), -np.inf)
     np.maximum.at(ys, inverse, y)
     np.maximum.at(ps, inverse, probs)
-    out = operating_table(ys, (ps >= np.asarray(thresholds)[None, :]).astype(int), class_names,
-                          thresholds)
+    out = operating_table(ys, decisions(ps, task, thresholds), class_names, thresholds)
     for k, row in enumerate(out):
         row["studies"] = len(studies)
         row["auroc"] = float(roc_auc_score(ys[:, k], ps[:, k])) if both_classes(ys[:, k]) else None
@@ -208,7 +207,7 @@ def build_report_html(report: dict, y: np.ndarray, probs: np.ndarray, uncalibrat
                                          "confusion matrices")]
     parts.append("<h2>Study level</h2>")
     if "study_id" in rows.columns and rows["study_id"].notna().all():
-        st = study_level(y, probs, rows["study_id"].to_numpy(), class_names, thresholds)
+        st = study_level(y, probs, rows["study_id"].to_numpy(), class_names, thresholds, task)
         parts.append(_table(["class", "studies", "AUROC", "sensitivity", "specificity", "PPV",
                              "NPV"], [[r["class"], r["studies"], r["auroc"], r["sensitivity"],
                                        r["specificity"], r["ppv"], r["npv"]] for r in st], "studies"))
