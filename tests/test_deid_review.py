@@ -170,3 +170,85 @@ def test_gallery_renders_in_chromium_and_filters(reviewed_run):
         browser.close()
     assert errors == []
     assert total == 4 and visible == held and again == total
+
+
+def _store_with_held(root: Path, n: int = 2) -> list[str]:
+    """A PACS data set in pacs-ingest's layout: study K with one released row and ``n`` held
+    instances (records as ``pacs-ingest`` writes them)."""
+    import pandas as pd
+
+    from fracture_ops.data.parts import commit_part
+
+    row = {"image_id": "I0", "image_uri": str(root / "images" / "I0.dcm"), "patient_id": "P1",
+           "study_id": "K1", "label": None, "view": "AP", "laterality": "L",
+           "body_region": "wrist", "source": "pacs", "modality": "DX", "text_regions_blanked": 1}
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "I0.dcm").write_bytes(b"released")
+    commit_part(str(root), "K1", [row], 1 + n)
+    ids = [f"I{k}0000000" for k in range(1, n + 1)]
+    (root / "held").mkdir()
+    (root / "quarantine").mkdir()
+    (root / "quarantine" / "K1.json").write_text(json.dumps(
+        [{"study_id": "K1", "image_id": i, "reason": "held for review"} for i in ids]))
+    for i in ids:
+        data = f"held bytes {i}".encode()
+        (root / "held" / f"{i}.dcm").write_bytes(data)
+        (root / "held" / f"{i}.json").write_text(json.dumps({
+            "input": i, "status": "held", "reason": "held for review", "output": f"held/{i}.dcm",
+            "sha256": hashlib.sha256(data).hexdigest(), "part": "K1",
+            "row": {**row, "image_id": i, "image_uri": str(root / "images" / f"{i}.dcm")}}))
+    pd.DataFrame([row]).to_parquet(root / "manifest.parquet")
+    return ids
+
+
+def test_a_review_cut_short_anywhere_is_finished_by_the_same_command(tmp_path, monkeypatch):
+    """A crash at each step of an approval leaves a data set the same command completes: the
+    image, its one row, no quarantine entry, one record saying approved, no held file."""
+    import pandas as pd
+
+    import fracture_ops.deid.review as review_mod
+    from fracture_ops import storage
+
+    steps = ["write_bytes", "_mark_quarantine", "write_json", "delete"]
+    for step in steps:
+        root = tmp_path / step
+        (held_id, _) = _store_with_held(root)
+        if step.startswith("_"):
+            real = getattr(review_mod, step)
+            target, name = review_mod, step
+        else:
+            real = getattr(storage, step)
+            target, name = storage, step
+
+        def boom(*a, **k):
+            raise OSError("cut short")
+
+        monkeypatch.setattr(target, name, boom)
+        with pytest.raises(OSError):
+            review_mod.review_store(str(root), [held_id], [], "officer")
+        monkeypatch.setattr(target, name, real)
+        review_mod.review_store(str(root), [held_id], [], "officer")
+        part = pd.read_parquet(root / "parts" / "K1.parquet")
+        assert sorted(part["image_id"]) == ["I0", held_id], step
+        assert (root / "images" / f"{held_id}.dcm").read_bytes() == f"held bytes {held_id}".encode()
+        assert not (root / "held" / f"{held_id}.dcm").exists(), step
+        assert json.loads((root / "held" / f"{held_id}.json").read_text())["status"] == "deidentified"
+        assert [x["image_id"] for x in json.loads((root / "quarantine" / "K1.json").read_text())] == ["I20000000"]
+        assert sorted(pd.read_parquet(root / "manifest.parquet")["image_id"]) == ["I0", held_id]
+
+
+def test_malformed_held_records_are_refused_not_obeyed(tmp_path):
+    from fracture_ops.cli import main as cli_main
+
+    root = tmp_path / "ds"
+    first, second = _store_with_held(root)
+    record = root / "held" / f"{second}.json"
+    good = record.read_text()
+    for bad in ("[1, 2]", "{not json", json.dumps({**json.loads(good), "part": "K9"}),
+                json.dumps({**json.loads(good), "input": 12345678}),
+                good.replace(f'"held/{second}.dcm"', '"held/../../outside.dcm"')):
+        record.write_text(bad)
+        assert cli_main(["deid", "review", str(root), "--approve", first]) == 3, bad
+        assert cli_main(["deid", "review", str(root), "--list"]) == 3
+    record.write_text(good)
+    assert cli_main(["deid", "review", str(root), "--approve", first]) == 0

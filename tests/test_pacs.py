@@ -774,12 +774,24 @@ def test_held_instances_wait_outside_the_dataset_until_deid_review_releases_them
     assert cli_main(["deid", "review", str(root), "--list"]) == 3 and tampered.exists()
     record.write_text(kept)
 
-    assert cli_main(["deid", "review", str(root), "--approve", ids[0][:12], "--reject",
-                     ids[2][:12], "--reviewer", "privacy-officer"]) == 0
+    # one refused id stops the whole batch before anything moves (the other stays held)
+    tampered.write_bytes(original + b"\0")
+    assert cli_main(["deid", "review", str(root), "--approve", ids[0][:12], ids[2][:12]]) == 3
+    assert (root / "held" / f"{ids[0]}.dcm").exists() and not (root / "images" / f"{ids[0]}.dcm").exists()
+    assert not (root / "review.jsonl").exists()
+    tampered.write_bytes(original)
+
+    with pytest.MonkeyPatch.context() as mp:  # a relative OUTPUT: the row keeps the data set's form
+        mp.chdir(root.parent)
+        assert cli_main(["deid", "review", "held", "--approve", ids[0][:12], "--reject",
+                         ids[2][:12], "--reviewer", "privacy-officer"]) == 0
+    assert cli_main(["deid", "review", str(root), "--approve", ids[0][:12]]) == 0  # the same: no-op
+    assert cli_main(["deid", "review", str(root), "--reject", ids[0][:12]]) == 3  # final
     manifest = _manifest(tmp_path, "held")
     assert sorted(manifest["image_id"]) == sorted(ids[:2])
     released = manifest.set_index("image_id").loc[ids[0]]
-    assert released["image_uri"].endswith(f"images/{ids[0]}.dcm") and released["view"]
+    assert released["image_uri"] == str(root / "images" / f"{ids[0]}.dcm") and released["view"]
+    assert manifest.set_index("image_id").loc[ids[1]]["image_uri"] == str(root / "images" / f"{ids[1]}.dcm")
     assert released["patient_id"] == manifest.set_index("image_id").loc[ids[1]]["patient_id"]
     assert (root / "images" / f"{ids[0]}.dcm").read_bytes() == held_bytes
     assert not (root / "held" / f"{ids[0]}.dcm").exists() and not tampered.exists()
@@ -792,3 +804,25 @@ def test_held_instances_wait_outside_the_dataset_until_deid_review_releases_them
     assert cli_main(["deid", "review", str(root), "--list"]) == 0
     again = pacs_ingest_step(_cfg(tmp_path, "h2", dataset="held"), conn=_conn(orthanc))
     assert again["studies_ingested"] == 0 and sorted(_manifest(tmp_path, "held")["image_id"]) == sorted(ids[:2])
+    # study A grows: fetched again, the person's decisions stand (approved: released, not held
+    # again; rejected B untouched), the new instance joins
+    late = tmp_path / "held-late.dcm"
+    phi = fake_patient(np.random.default_rng(300))
+    film = np.asarray(Image.open(io.BytesIO(_film(5, False)))).astype(np.uint16) * 16
+    write_phi_dicom(late, film, seed=705, modality="DX", patient_name=phi["patient_name"],
+                    patient_id=phi["patient_id"], birth_date=phi["birth_date"],
+                    study_date="20240610", accession=phi["accession"], institution=phi["institution"])
+    extra = pydicom.dcmread(late)
+    extra.StudyInstanceUID = datasets[0].StudyInstanceUID
+    _store(orthanc, [extra])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pixels, "_reads_as_text", lambda box, text, *a: real_reads(box, text, *a)
+                   and "W" not in text.upper() and "K" not in text.upper())
+        grown = pacs_ingest_step(_cfg(tmp_path, "h3", dataset="held", max_bad_fraction=0.9),
+                                 conn=_conn(orthanc))
+    assert grown["studies_grown"] == 1 and grown["instances_quarantined"] == 0
+    new_id = keys.image_id(extra.SOPInstanceUID)
+    assert sorted(_manifest(tmp_path, "held")["image_id"]) == sorted([*ids[:2], new_id])
+    assert json.loads((root / "held" / f"{ids[0]}.json").read_text())["status"] == "deidentified"
+    assert not (root / "held" / f"{ids[0]}.dcm").exists()
+    assert not list((root / "quarantine").glob(f"{keys.uid(datasets[0].StudyInstanceUID)}.json"))

@@ -239,14 +239,11 @@ class RapidOcrEngine:
 
 @dataclass
 class TesseractEngine:
-    """Tesseract (``apt-get install tesseract-ocr tesseract-ocr-eng``: the binary and its models).
+    """Debian's Tesseract through ``pytesseract`` (``apt-get install tesseract-ocr``).
 
-    Two ways to run it, the same models: ``api`` keeps one Tesseract loaded in this process
-    through ``tesserocr`` (its wheel bundles libtesseract; the models are Debian's), so a call
-    costs the recognition only; ``cli`` starts the ``tesseract`` program through ``pytesseract``
-    for every call, which loads the models each time (measured here: 80 ms of a small image's
-    90 ms, 0.146 s against 0.046 s on a 2.7 MP film's border mosaic). ``auto`` (default) takes
-    ``api`` where ``tesserocr`` imports and the models are found, else ``cli``.
+    (A build kept loaded in the process through ``tesserocr`` was tried: 3x faster per read,
+    but its bundled libtesseract 5.5.4 read 553 of 656 side-band identifiers at 16 px where
+    Debian's 5.3.0 program read 585: the verification read stays with the program.)
 
     Args:
         min_conf: words below this confidence (0-100) are ignored.
@@ -264,7 +261,6 @@ class TesseractEngine:
     max_side: int = 800
     threads: int = 1
     invert_lines: bool = True
-    backend: str = "auto"
     name: str = "tesseract"
 
     def __post_init__(self) -> None:
@@ -275,56 +271,8 @@ class TesseractEngine:
         if shutil.which("tesseract") is None:
             raise EngineUnavailable("tesseract engine needs the tesseract binary: "
                                     "apt-get install tesseract-ocr tesseract-ocr-eng")
-        if self.backend not in ("auto", "api", "cli"):
-            raise ValueError(f"tesseract backend must be auto, api or cli, got {self.backend!r}")
         self._tess = pytesseract
-        self._local = threading.local()
-        self._tessdata = _tessdata_dir() if self.backend != "cli" else None
-        if self.backend == "api" and self._tessdata is None:
-            raise EngineUnavailable("tesseract api backend needs `pip install tesserocr` and "
-                                    "Debian's tesseract-ocr-eng models")
         self.version = str(pytesseract.get_tesseract_version())
-        if self._tessdata is not None:
-            import tesserocr
-
-            self.version = (f"{tesserocr.tesseract_version().split()[1]} in process "
-                            f"(tesserocr {version_of('tesserocr')}; cli {self.version})")
-
-    def _api(self):
-        """This thread's loaded Tesseract (one per thread: an API object is not thread-safe)."""
-        api = getattr(self._local, "api", None)
-        if api is None:
-            import tesserocr
-
-            api = tesserocr.PyTessBaseAPI(path=self._tessdata, lang="eng")
-            api.SetVariable("tessedit_do_invert", "1" if self.invert_lines else "0")
-            self._local.api = api
-        return api
-
-    def _words_api(self, small: np.ndarray, psm: int) -> list[tuple[str, float, tuple]]:
-        """(text, confidence 0-100, (x, y, w, h)) of each word, read in process."""
-        import tesserocr
-        from PIL import Image
-
-        api = self._api()
-        api.SetPageSegMode(psm)
-        api.SetImage(Image.fromarray(small))
-        api.SetSourceResolution(70)  # what the program assumes for an image without one
-        api.Recognize()
-        level, out = tesserocr.RIL.WORD, []
-        iterator = api.GetIterator()
-        if iterator is None:
-            return out
-        for word in tesserocr.iterate_level(iterator, level):
-            try:
-                text = word.GetUTF8Text(level)
-            except RuntimeError:  # an empty word
-                continue
-            box = word.BoundingBox(level)
-            if box is not None:
-                out.append((text, float(word.Confidence(level)),
-                            (box[0], box[1], box[2] - box[0], box[3] - box[1])))
-        return out
 
     def _words(self, gray: np.ndarray, psm: int) -> list[TextBox]:
         import os
@@ -334,9 +282,6 @@ class TesseractEngine:
 
         scale = min(1.0, self.max_side / max(gray.shape[:2]))
         small = _resize(gray, scale)
-        if self._tessdata is not None:
-            return self._boxes(self._words_api(np.ascontiguousarray(small), psm), scale,
-                               gray.shape)
         with _TESS_ENV_LOCK, tempfile.TemporaryDirectory(prefix="fo-tess-") as tmp:
             # the thread limit is for the tesseract child process only; the image goes to it as
             # an uncompressed PGM (pytesseract's own PNG encoding took as long as the read)
@@ -381,37 +326,6 @@ class TesseractEngine:
 
     def detect(self, gray: np.ndarray) -> list[TextBox]:
         return self._words(gray, self.psm)
-
-
-def version_of(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
-
-
-def _tessdata_dir() -> str | None:
-    """Debian's Tesseract model folder (with ``eng.traineddata``) when ``tesserocr`` imports,
-    else None: ``$TESSDATA_PREFIX``, then the folder ``tesseract --list-langs`` names."""
-    import os
-    import re
-    import subprocess
-
-    try:
-        import tesserocr  # noqa: F401
-    except ImportError:
-        return None
-    candidates = [os.environ.get("TESSDATA_PREFIX", "")]
-    try:
-        listed = subprocess.run(["tesseract", "--list-langs"], capture_output=True, text=True,
-                                timeout=30)
-        found = re.search(r'"([^"]+)"', listed.stdout + listed.stderr)
-        candidates.append(found.group(1) if found else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    for folder in candidates:
-        if folder and os.path.isfile(os.path.join(folder, "eng.traineddata")):
-            return folder.rstrip("/") + "/"
-    return None
 
 
 _ENGINES = {"rapidocr": RapidOcrEngine, "tesseract": TesseractEngine}

@@ -192,8 +192,11 @@ def _held_records(root: str) -> list[tuple[str, dict]]:
     uris = storage.list_files(folder, (".json",)) if storage.exists(folder) else []
     out = []
     for uri in sorted(uris):
-        rec = storage.read_json(uri)
-        if not _well_formed(rec, uri.rsplit("/", 1)[-1][:-len(".json")]):
+        try:
+            rec = storage.read_json(uri)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or not _well_formed(rec, uri.rsplit("/", 1)[-1][:-len(".json")]):
             raise BadInputError(f"deid review: held record {uri.rsplit('/', 1)[-1]} is not one "
                                 "pacs-ingest wrote (its id, study, row or file differ); refusing "
                                 "to act on this data set until it is restored or removed")
@@ -204,13 +207,18 @@ def _held_records(root: str) -> list[tuple[str, dict]]:
 def _well_formed(rec: dict, stem: str) -> bool:
     """A held record names only its own files: its id is its file name, its study key a plain
     token, its row that image, and its output the one its status allows."""
-    ident, part, status = str(rec.get("input", "")), str(rec.get("part", "")), rec.get("status")
+    ident, part, status = rec.get("input"), rec.get("part"), rec.get("status")
+    if not (isinstance(ident, str) and isinstance(part, str) and isinstance(rec.get("row"), dict)):
+        return False
+    row = rec["row"]
     output = {"held": f"held/{ident}.dcm", "deidentified": f"images/{ident}.dcm",
               "quarantined": None}
     return (bool(_TOKEN.fullmatch(ident)) and bool(_TOKEN.fullmatch(part))
             and ".." not in ident + part and stem == ident and status in output
-            and rec.get("output") == output[status] and isinstance(rec.get("row"), dict)
-            and rec["row"].get("image_id") == ident and isinstance(rec.get("sha256"), str))
+            and rec.get("output") == output[status] and row.get("image_id") == ident
+            and row.get("study_id") == part and isinstance(rec.get("sha256"), str)
+            and isinstance(rec.get("reason", ""), str)
+            and str(row.get("image_uri") or f"images/{ident}.dcm").endswith(f"images/{ident}.dcm"))
 
 
 def _mark_quarantine(root: str, rec: dict, reason: str | None) -> None:
@@ -229,13 +237,14 @@ def _mark_quarantine(root: str, rec: dict, reason: str | None) -> None:
     storage.write_json(uri, entries)
 
 
-def _decide_held(root: str, rec: dict, decision: str, reviewer: str, at: str) -> dict:
-    """Apply one decision to a held instance of a PACS data set; the sign-off line."""
-    from fracture_ops.data.parts import add_to_part
-
+def _check_held(root: str, rec: dict, decision: str) -> str:
+    """Refuse a decision that cannot be carried out whole (checked for every id before any is
+    acted on); the SHA-256 of the held bytes."""
     held_uri = storage.join(root, *rec["output"].split("/"))
+    if not storage.exists(held_uri):
+        raise BadInputError(f"deid review: the held file of {rec['input'][:16]} is missing")
     digest = _sha256(held_uri)
-    if digest != rec.get("sha256"):
+    if digest != rec["sha256"]:
         raise BadInputError(f"deid review: the held instance {rec['input'][:16]} changed since "
                             "it was held (its SHA-256 differs); refusing to release it")
     if decision == "approved":
@@ -243,33 +252,49 @@ def _decide_held(root: str, rec: dict, decision: str, reviewer: str, at: str) ->
             raise BadInputError(f"deid review: the study of {rec['input'][:16]} is not recorded "
                                 "yet (its run stopped over the error budget): run pacs-ingest "
                                 "again, then review what it holds")
-        final = f"images/{rec['input']}.dcm"
-        target = storage.join(root, *final.split("/"))
+        target = storage.join(root, "images", f"{rec['input']}.dcm")
         if storage.exists(target) and _sha256(target) != digest:  # the same bytes: a resumed
-            raise BadInputError(f"deid review: {final} already exists; not overwritten")
+            raise BadInputError(f"deid review: images/{rec['input']}.dcm already exists with "
+                                "other bytes; not overwritten")
+    return digest
+
+
+def _decide_held(root: str, uri: str, rec: dict, decision: str, digest: str, line: dict) -> None:
+    """Carry out one checked decision. The held file goes last, after the part, the quarantine
+    list, the sign-off line and the record: a run cut short anywhere before is finished by the
+    same command again (a repeated step writes what it wrote)."""
+    from fracture_ops.data.parts import add_to_part
+    from fracture_ops.deid.gallery import SIGN_OFF
+
+    held_uri = storage.join(root, *rec["output"].split("/"))
+    if decision == "approved":
+        target = storage.join(root, "images", f"{rec['input']}.dcm")
         storage.write_bytes(target, storage.read_bytes(held_uri))
-        add_to_part(root, rec["part"], {**rec["row"], "image_uri": target})
-        storage.delete(held_uri)
+        # the manifest's form of the path: the one pacs-ingest gave its row (the same folder)
+        add_to_part(root, rec["part"], {**rec["row"], "image_uri": rec["row"].get("image_uri")
+                                        or target})
         _mark_quarantine(root, rec, None)
-        rec.update(status="deidentified", output=final)
+        rec.update(status="deidentified", output=f"images/{rec['input']}.dcm")
     else:
-        storage.delete(held_uri)
         _mark_quarantine(root, rec, "rejected in review")
-        rec.update(status="quarantined", reason="rejected in review")
-        rec.pop("output", None)
-    rec["review"] = {"decision": decision, "reviewer": reviewer, "at": at}
-    return {"input": rec["input"], "decision": decision, "reviewer": reviewer, "at": at,
-            "sha256": digest}
+        rec.update(status="quarantined", reason="rejected in review", output=None)
+    rec["review"] = {k: line[k] for k in ("decision", "reviewer", "at")}
+    sign_off = storage.join(root, SIGN_OFF)
+    before = storage.read_text(sign_off) if storage.exists(sign_off) else ""
+    storage.write_text(sign_off, before + json.dumps(line, sort_keys=True) + "\n")
+    storage.write_json(uri, rec)
+    storage.delete(held_uri)
 
 
 def review_store(root: str, approve: list[str], reject: list[str], reviewer: str) -> dict:
-    """:func:`review` for a PACS data set (see the module docstring).
+    """:func:`review` for a PACS data set (see the module docstring). Every decision is checked
+    before any is carried out; a decision already taken is repeated as a no-op, and the other
+    one refused (a decision is final).
 
     Returns:
         ``{"approved": n, "rejected": n, "held": n still held, "manifest": uri}``.
     """
     from fracture_ops.data.parts import MANIFEST, rebuild_manifest
-    from fracture_ops.deid.gallery import SIGN_OFF
 
     held = _held_records(root)
     records = [rec for _, rec in held]
@@ -279,19 +304,25 @@ def review_store(root: str, approve: list[str], reject: list[str], reviewer: str
     if len({id(r) for r, _ in wanted}) != len(wanted):
         raise ConfigError("deid review: an id is given twice (or both approved and rejected)")
     uris = {id(rec): uri for uri, rec in held}
-    lines, done = [], Counter()
+    plan = []
     for rec, decision in wanted:
         if rec["status"] != "held":
-            log.info("deid review: %s is %s, not held: nothing to do", rec["input"][:16],
-                     rec["status"])
+            before = (rec.get("review") or {}).get("decision")
+            if before != decision:
+                raise BadInputError(f"deid review: {rec['input'][:16]} was already "
+                                    f"{before or rec['status']}; a decision is final")
+            leftover = storage.join(root, "held", f"{rec['input']}.dcm")
+            if storage.exists(leftover):  # a run cut short after the record: finish it
+                storage.delete(leftover)
+            log.info("deid review: %s was already %s: nothing to do", rec["input"][:16], before)
             continue
-        lines.append(_decide_held(root, rec, decision, reviewer, at))
-        storage.write_json(uris[id(rec)], rec)
+        plan.append((rec, decision, _check_held(root, rec, decision)))
+    done = Counter()
+    for rec, decision, digest in plan:
+        line = {"input": rec["input"], "decision": decision, "reviewer": reviewer, "at": at,
+                "sha256": digest}
+        _decide_held(root, uris[id(rec)], rec, decision, digest, line)
         done[decision] += 1
-    sign_off = storage.join(root, SIGN_OFF)
-    before = storage.read_text(sign_off) if storage.exists(sign_off) else ""
-    storage.write_text(sign_off, before + "".join(json.dumps(x, sort_keys=True) + "\n"
-                                                  for x in lines))
     manifest = storage.write_parquet(storage.join(root, MANIFEST), rebuild_manifest(root))
     still = sum(r["status"] == "held" for r in records)
     log.info("deid review: %d approved, %d rejected by %s; %d still held; manifest %s",
@@ -313,7 +344,7 @@ def run_cli(args) -> dict:
                                 "output) and no parts/ (not a PACS data set)")
         held = [r for r in records if r["status"] == "held"]
         for r in held:
-            print(f"{r['input'][:16]}  {r['output']}  {r['reason']}")
+            print(f"{r['input'][:16]}  {r['output']}  {r.get('reason', '')}")
         return {"held": len(held)}
     reviewer = args.reviewer or getpass.getuser()
     return review(args.output, args.approve, args.reject, reviewer)

@@ -78,65 +78,38 @@ def verification_regions(shape, band: float, lines=()) -> list[tuple[int, int, i
     return [r for r in regions if r[2] > r[0] and r[3] > r[1]]
 
 
-def _chunks(region, overlap: int):
-    """A tall region cut into overlapping pieces about twice as tall as it is wide (a line of
-    text up to ``overlap`` pixels high lies whole in at least one), so that the mosaic packs
-    the side bands into a short row instead of laying them out at their full height."""
-    x0, y0, x1, y1 = region
-    w, h = x1 - x0, y1 - y0
-    step = max(2 * w, 4 * overlap)
-    if h <= step + overlap:
-        return [region]
-    out, y = [], y0
-    while True:
-        out.append((x0, y, x1, min(y + step + overlap, y1)))
-        if y + step + overlap >= y1:
-            return out
-        y += step
-
-
-def pack(sizes: list[tuple[int, int]], gap: int) -> tuple[list[tuple[int, int]], int, int]:
-    """First-fit shelf packing: (x, y) of each (height, width) piece, tallest first, on the
-    first shelf with room left (shelves as wide as the widest piece); and the canvas's
-    (height, width)."""
-    width = max(w for _, w in sizes) + gap
-    place: list[tuple[int, int]] = [(0, 0)] * len(sizes)
-    shelves: list[list[int]] = []  # [y, height, x used]
-    for k in sorted(range(len(sizes)), key=lambda k: -sizes[k][0]):
-        h, w = sizes[k]
-        shelf = next((s for s in shelves if s[2] + w + gap <= width), None)
-        if shelf is None:
-            y = shelves[-1][0] + shelves[-1][1] + gap if shelves else 0
-            shelf = [y, h, 0]
-            shelves.append(shelf)
-        place[k] = (shelf[2], shelf[0])
-        shelf[2] += w + gap
-    height = shelves[-1][0] + shelves[-1][1] + gap if shelves else gap
-    return place, height, width
-
-
-def read_regions(engine, view, regions, upscale_below: int = 600, max_side: int = 2400,
-                 overlap: int = 64):
+def read_regions(engine, view, regions, upscale_below: int = 600, max_side: int = 2400):
     """Words an engine reads in the given regions of ``view``, boxes in frame coordinates.
 
     The regions are packed into one mosaic (one engine call: Tesseract loads its model per
-    call), each separated by a blank margin: tall regions (the side bands) in overlapping
-    pieces (:func:`_chunks`), all of them shelf-packed (:func:`pack`), so the mosaic holds
-    little more than the regions' own pixels. Regions of a small frame are enlarged twice
-    (small text); a mosaic longer than ``max_side`` is shrunk to it. A word read in the
-    overlap of two pieces is reported from each.
+    call), each separated by a blank margin; regions of a small frame are enlarged twice
+    (small text), a mosaic longer than ``max_side`` is shrunk to it.
     """
     import cv2
 
     grow = 2.0 if min(view.shape[:2]) < upscale_below else 1.0
     gap = 16
-    pieces = [c for r in regions for c in (_chunks(r, overlap) if r[3] - r[1] > r[2] - r[0]
-                                           else [r])]
-    crops = [view[y0:y1, x0:x1] for x0, y0, x1, y1 in pieces]
-    place, height, width = pack([c.shape[:2] for c in crops], gap)
-    canvas = np.full((height, width), 255, np.uint8)
-    for (x, y), c in zip(place, crops):
-        canvas[y:y + c.shape[0], x:x + c.shape[1]] = c
+    crops = [view[y0:y1, x0:x1] for x0, y0, x1, y1 in regions]
+    # rows of the mosaic: the wide regions one under another, then the tall ones side by side
+    wide = [k for k, c in enumerate(crops) if c.shape[1] >= c.shape[0]]
+    tall = [k for k, c in enumerate(crops) if c.shape[1] < c.shape[0]]
+    width = max([crops[k].shape[1] for k in wide] + [sum(crops[k].shape[1] + gap for k in tall)])
+    height = sum(crops[k].shape[0] + gap for k in wide) + max([crops[k].shape[0] for k in tall],
+                                                              default=0)
+    canvas = np.full((height + gap, width + gap), 255, np.uint8)
+    place = {}
+    y = 0
+    for k in wide:
+        h, w = crops[k].shape
+        canvas[y:y + h, :w] = crops[k]
+        place[k] = (0, y)
+        y += h + gap
+    x = 0
+    for k in tall:
+        h, w = crops[k].shape
+        canvas[y:y + h, x:x + w] = crops[k]
+        place[k] = (x, y)
+        x += w + gap
     scale = min(grow, max_side / max(canvas.shape))
     if scale != 1.0:
         canvas = cv2.resize(canvas, None, fx=scale, fy=scale,
@@ -145,10 +118,10 @@ def read_regions(engine, view, regions, upscale_below: int = 600, max_side: int 
     for tb in engine.detect(np.ascontiguousarray(canvas)):
         bx = [v / scale for v in tb.box]
         cx, cy = (bx[0] + bx[2]) / 2, (bx[1] + bx[3]) / 2
-        for k, (px, py) in enumerate(place):
+        for k, (px, py) in place.items():
             h, w = crops[k].shape
             if px <= cx < px + w and py <= cy < py + h:
-                x0, y0 = pieces[k][0] - px, pieces[k][1] - py
+                x0, y0 = regions[k][0] - px, regions[k][1] - py
                 words.append(tb._replace(box=(int(bx[0] + x0), int(bx[1] + y0),
                                               int(bx[2] + x0) + 1, int(bx[3] + y0) + 1)))
                 break

@@ -257,6 +257,29 @@ class Ingest:
                                           fields=["SOPInstanceUID"])))
                    for series in self.wanted_series(study))
 
+    def _held_record(self, image_id: str) -> tuple[str, dict | None]:
+        uri = storage.join(self.root, "held", f"{image_id}.json")
+        return uri, (storage.read_json(uri) if storage.exists(uri) else None)
+
+    def _decided(self, image_id: str, data: bytes) -> str | None:
+        """A person's decision on exactly these bytes (``approved``, ``rejected``), from an
+        earlier review of this instance; None when there is none (or the bytes differ: new
+        bytes need a new look)."""
+        import hashlib
+
+        _, rec = self._held_record(image_id)
+        if not isinstance(rec, dict) or rec.get("sha256") != hashlib.sha256(data).hexdigest():
+            return None
+        return (rec.get("review") or {}).get("decision") if rec.get("status") != "held" else None
+
+    def _drop_stale_hold(self, image_id: str) -> None:
+        """An instance released now that an earlier run held and nobody decided on: its held
+        file and record go (a decided record stays: it is the sign-off's context)."""
+        uri, rec = self._held_record(image_id)
+        if isinstance(rec, dict) and rec.get("status") == "held":
+            storage.delete(storage.join(self.root, "held", f"{image_id}.dcm"))
+            storage.delete(uri)
+
     def _hold(self, image_id: str, done, reason: str, row: dict, part: str) -> None:
         """Keep a held instance out of the data set, under ``held/``: its de-identified bytes and
         the record ``deid review`` releases it by (the manifest row it would have had, the
@@ -265,6 +288,8 @@ class Ingest:
 
         name = f"held/{image_id}.dcm"
         storage.write_bytes(storage.join(self.root, *name.split("/")), done.data)
+        # the row as released: its path in the form of this data set's other rows
+        row = {**row, "image_uri": storage.join(self.root, "images", f"{image_id}.dcm")}
         record = {"input": image_id, "status": "held", "reason": reason, "output": name,
                   "sha256": hashlib.sha256(done.data).hexdigest(), "part": part,
                   "row": row, "pixels": done.pixels}
@@ -323,13 +348,20 @@ class Ingest:
                 # the link in the raw zone for held instances too: one released later by
                 # `deid review` can have its results sent back like any other
                 links.append({"image_id": image_id, "study_uid": study, "series_uid": series, "sop_uid": sop})
-                if is_held(done):  # not released into the dataset: a person looks first
+                decided = self._decided(image_id, done.data)
+                if decided == "rejected":  # a person rejected these very bytes before
+                    reason = "rejected in review"
+                    bad.append({"study_id": self.keys.uid(study), "image_id": image_id, "reason": reason})
+                    self.gallery.append({"input": image_id, "status": "quarantined", "reason": reason})
+                    continue
+                if is_held(done) and decided != "approved":  # a person looks first
                     reason = held_reason(done.pixels)
                     self._hold(image_id, done, reason, row, self.keys.uid(study))
                     bad.append({"study_id": self.keys.uid(study), "image_id": image_id, "reason": reason})
                     log.warning("pacs-ingest: instance %s of study %s %s", image_id,
                                 self.keys.uid(study), reason)
                     continue
+                self._drop_stale_hold(image_id)
                 name = f"images/{image_id}.dcm"
                 self.gallery.append({"input": image_id, "status": "deidentified", "output": name,
                                      "pixels": done.pixels})
@@ -456,6 +488,9 @@ def _ingest(cfg: PacsIngestConfig, deid_cfg, conn: PacsConnection | None, attemp
             quarantined += bad
             held.append((part, bad, date_))
         else:
+            stale = storage.join(run.root, "quarantine", f"{key}.json")
+            if storage.exists(stale):  # an earlier fetch of this study refused or held some
+                storage.delete(stale)
             commit_part(run.root, *part)
     attempted = written + len(quarantined)
     over_budget = bool(attempted) and len(quarantined) / attempted > cfg.max_bad_fraction
