@@ -115,7 +115,7 @@ def test_steps_end_to_end_write_every_artifact_and_rerun_identically(tmp_path, t
     expected = {
         "calibrate": {"calibration.json"},
         "tune_thresholds": {"thresholds.json"},
-        "evaluate": {"evaluation.json", *PLOTS},
+        "evaluate": {"evaluation.json", "evaluation.html", *PLOTS},
     }
     snapshot = {}
     for step, files in expected.items():
