@@ -22,7 +22,8 @@ import html
 import numpy as np
 
 from fracture_ops.evaluation import plots
-from fracture_ops.evaluation.metrics import both_classes, expected_calibration_error
+from fracture_ops.evaluation.bootstrap import patient_weights
+from fracture_ops.evaluation.metrics import both_classes, expected_calibration_error, roc_auc
 from fracture_ops.model.outputs import decisions
 
 DISCLAIMER = "Research and education use only, not for clinical use."
@@ -30,13 +31,12 @@ GRID = np.linspace(0.0, 1.0, 101)
 
 
 def _resamples(patient_ids: np.ndarray, n: int, seed: int):
-    """Image index arrays of ``n`` patient-level resamples (all images of a drawn patient)."""
-    rng = np.random.default_rng(seed)
-    patients, inverse = np.unique(patient_ids, return_inverse=True)
-    members = [np.flatnonzero(inverse == k) for k in range(len(patients))]
-    for _ in range(n):
-        drawn = rng.integers(0, len(patients), len(patients))
-        yield np.concatenate([members[k] for k in drawn])
+    """Image index arrays of ``n`` patient-level resamples (all images of a drawn patient, as
+    many times as it was drawn), from the evaluation's own resampler."""
+    weights = patient_weights(patient_ids, n, np.random.default_rng(seed)).astype(np.int64)
+    images = np.arange(len(patient_ids))
+    for b in range(n):
+        yield np.repeat(images, weights[:, b])
 
 
 def curve_bands(y: np.ndarray, p: np.ndarray, patient_ids: np.ndarray, n: int = 200,
@@ -84,8 +84,6 @@ def study_level(y: np.ndarray, probs: np.ndarray, study_ids: np.ndarray, class_n
                 thresholds, task: str = "binary") -> list[dict]:
     """Per class over studies: a study is positive when any of its images is and scores the
     highest probability of its images; AUROC and the operating point at the threshold."""
-    from sklearn.metrics import roc_auc_score
-
     studies, inverse = np.unique(study_ids.astype(str), return_inverse=True)
     ys = np.zeros((len(studies), y.shape[1]))
     ps = np.full((len(studies), y.shape[1]), -np.inf)
@@ -94,7 +92,7 @@ def study_level(y: np.ndarray, probs: np.ndarray, study_ids: np.ndarray, class_n
     out = operating_table(ys, decisions(ps, task, thresholds), class_names, thresholds)
     for k, row in enumerate(out):
         row["studies"] = len(studies)
-        row["auroc"] = float(roc_auc_score(ys[:, k], ps[:, k])) if both_classes(ys[:, k]) else None
+        row["auroc"] = roc_auc(ys[:, k], ps[:, k]) if both_classes(ys[:, k]) else None
     return out
 
 
